@@ -1,0 +1,173 @@
+"""Data loaders (CIFAR-10 tarball in the official format, folders, shapes), per-seed noise, grids and
+FID/IS through clean-fid's own API with a small stand-in feature network (no Inception offline)."""
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common as C
+
+
+def _make_cifar_tarball(path, n_per_batch=20):
+    """A tarball laid out like cifar-10-python.tar.gz: cifar-10-batches-py/data_batch_{1..5}, test_batch."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+            obj = {b"data": data, b"labels": list(rng.integers(0, 10, n_per_batch))} if name != "batches.meta" else {}
+            batches[name] = data
+            blob = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return batches
+
+
+def test_cifar10_official_format(tmp_path, monkeypatch):
+    batches = _make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(C, "CIFAR10_MD5", hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest())
+    train = C.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert train.shape == (100, 3, 32, 32) and train.dtype == torch.uint8
+    expected = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(train.numpy(), expected)
+    test = C.load_cifar10(str(tmp_path), split="test")
+    assert np.array_equal(test.numpy(), batches["test_batch"].reshape(-1, 3, 32, 32))
+
+
+def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
+    with pytest.raises(RuntimeError) as e:
+        C.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")   # wrong md5 -> re-download -> clear error
+    with pytest.raises(RuntimeError, match="place it at"):
+        C.load_dataset("cifar10", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="32x32"):
+        C.load_dataset("cifar10", image_size=64, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar100'"):
+        C.load_dataset("cifar100")
+
+
+def test_folder_dataset_crops_and_resizes(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 30), (64, 64), (20, 50)]):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = C.load_dataset(f"folder:{tmp_path}", image_size=16)
+    assert data.shape == (3, 3, 16, 16) and data.dtype == torch.uint8
+    with pytest.raises(ValueError, match="no images"):
+        C.load_dataset(f"folder:{tmp_path / 'empty'}", image_size=16)
+
+
+def test_shapes_is_deterministic_per_image():
+    a, b = C.make_shapes(6, 16, seed=3), C.make_shapes(6, 16, seed=3)
+    assert torch.equal(a, b)
+    assert torch.equal(C.make_shapes(2, 16, seed=3), a[:2])           # image i depends only on (seed, i)
+    assert not torch.equal(C.make_shapes(6, 16, seed=4), a)
+    assert C.make_shapes(3, 32).shape == (3, 3, 32, 32)
+    assert a.float().std() > 20                                       # not blank
+
+
+def test_sample_batch_is_in_range_and_flips():
+    data = C.make_shapes(8, 8)
+    g = torch.Generator().manual_seed(0)
+    x = C.sample_batch(data, 64, g)
+    assert x.shape == (64, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    originals = C.to_float(data)
+    flipped = sum(any(torch.equal(xi, o.flip(2)) and not torch.equal(xi, o) for o in originals) for xi in x)
+    assert 10 < flipped < 54
+
+
+def test_uint8_round_trip():
+    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert torch.equal(C.to_uint8(C.to_float(u)), u)
+
+
+def test_seeded_noise_is_independent_of_batching():
+    fn = lambda z: z.tanh()
+    a = C.generate(fn, list(range(10)), (3, 4, 4), batch_size=3, device="cpu")
+    b = C.generate(fn, list(range(10)), (3, 4, 4), batch_size=7, device="cpu")
+    assert torch.equal(a, b)
+    assert torch.equal(C.seeded_noise([5], (3, 4, 4))[0], C.seeded_noise([1, 5], (3, 4, 4))[1])
+
+
+def test_sample_to_folder_resumes_and_shards(tmp_path):
+    calls = []
+    fn = lambda z: (calls.append(len(z)), z.clamp(-1, 1))[1]
+    C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu", rank=0, world=2)   # seeds 0, 2, 4
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000002.png", "000004.png"]
+    C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu")                   # only 1, 3, 5 are new
+    assert len(os.listdir(tmp_path)) == 6 and calls == [3, 3]
+    img = np.asarray(Image.open(tmp_path / "000003.png"))
+    assert np.array_equal(img, C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy())
+
+
+def test_save_grid(tmp_path):
+    C.save_grid(torch.zeros(10, 3, 8, 8), str(tmp_path / "g.png"), nrow=4)
+    assert Image.open(tmp_path / "g.png").size == (4 * 9 + 1, 3 * 9 + 1)
+
+
+class StandIn:
+    """A small fixed feature network with Inception's interface: 64-d features of images in [0, 255]
+    (clean-fid resizes to 299 first in 'clean' mode), and 10-way softmax 'class' probabilities."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(64, 3 * 8 * 8, generator=g) / 50
+        self.c = torch.randn(10, 3 * 8 * 8, generator=g) / 50
+
+    def _flat(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x / 255, 8).flatten(1)
+
+    def features(self, x, mode):
+        return self._flat(x) @ self.w.T
+
+    def probs(self, x):
+        return torch.softmax(self._flat(x) @ self.c.T * 20, 1)
+
+
+def _write_pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def test_fid_is_through_clean_fid_with_stand_in(tmp_path):
+    shapes = C.make_shapes(200, 16, seed=0)
+    _write_pngs(tmp_path / "ref", shapes[:100])
+    _write_pngs(tmp_path / "same", shapes[100:])
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (100, 3, 16, 16), dtype=np.uint8))
+    _write_pngs(tmp_path / "noise", noise)
+    det = StandIn()
+    same = C.fid_is(str(tmp_path / "same"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"), batch_size=50)
+    far = C.fid_is(str(tmp_path / "noise"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"), batch_size=50)
+    assert set(same) == {"fid", "fid_clean", "is", "is_std"}
+    assert far["fid"] > 5 * same["fid"] and far["fid_clean"] > 5 * same["fid_clean"]
+    assert 1.0 <= same["is"] <= 10.0
+    with pytest.raises(ValueError, match="reference images"):
+        C.fid_is(str(tmp_path / "same"), "shapes", inception=det, modes=("clean",))
+
+
+def test_inception_score_limits():
+    uniform = np.full((100, 10), 0.1)
+    assert C.inception_score(uniform)[0] == pytest.approx(1.0)
+    onehot = np.eye(10)[np.arange(100) % 10]
+    assert C.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_missing_inception_weights_error_is_one_line(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
+    with pytest.raises(RuntimeError) as e:
+        C.Inception(str(tmp_path / "inception-2015-12-05.pt"))
+    assert "--inception" in str(e.value) and "\n" not in str(e.value)
