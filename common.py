@@ -17,6 +17,7 @@ and is cast to float32; `t` is in the schedule's own units (integer timesteps fo
 """
 import argparse
 import dataclasses
+from dataclasses import asdict, dataclass, fields
 import hashlib
 import io
 import json
@@ -294,11 +295,900 @@ def ddim_sample(net, schedule, param, z, times, clip=False, eta=0.0, generator=N
 # ================================================================================================
 # nets
 # ================================================================================================
-# (merged from nets_wip.py)
+# Both networks take (x, t): x is (B, C, H, W); t is a float tensor (B,) or a scalar, in the time
+# units of the model's own training code (Ho et al. and DDPM-IP: integer 0..T-1 as float;
+# improved-diffusion with rescale_timesteps: t * 1000 / T). Fractional t is fine everywhere.
+
+
+
+
+def timestep_embedding(t, dim, order="cos_sin"):
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), computed in fp32.
+    'cos_sin' (ADM, DiT): [cos, sin] with frequencies 10000^(-k/half).
+    'sin_cos' (Ho et al.; diffusers flip_sin_to_cos=False, freq_shift=1): [sin, cos], 10000^(-k/(half-1))."""
+    half = dim // 2
+    divisor = half if order == "cos_sin" else half - 1
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / divisor)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()] if order == "cos_sin" else [args.sin(), args.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _batch_t(t, x):
+    """t as a float32 tensor of shape (B,) on x's device; a scalar or a 1-element t is broadcast."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def _attend(qkv, heads):
+    """Multi-head softmax attention. qkv: (B, T, 3C), laid out as [q | k | v], each split into heads
+    of C/heads channels. Returns (B, T, C). Scale (C/heads)^-1/2 as in all source models."""
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+# ---- U-Net -----------------------------------------------------------------------------------
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3            # 6 for ADM's learned variance: [eps, v]
+    ch: int = 128                    # base channels; the time MLP is ch -> 4ch -> 4ch
+    ch_mult: tuple = (1, 2, 2, 2)    # channels per resolution level, times ch
+    num_res_blocks: int = 2          # per level on the way down (num_res_blocks + 1 on the way up)
+    attn_resolutions: tuple = (16,)  # resolutions (pixels) that get attention after every res block
+    num_heads: int = 1
+    num_head_channels: int = -1      # > 0: heads = channels // num_head_channels (overrides num_heads)
+    dropout: float = 0.0
+    scale_shift: bool = False        # ADM: GN(h) * (1 + scale) + shift; Ho: GN(h + emb)
+    resblock_updown: bool = False    # BigGAN-style res blocks do the resampling (DDPM-IP, PD)
+    down_pad: str = "asym"           # conv downsampling: 'asym' (Ho: pad right/bottom) | 'sym' (ADM: pad 1)
+    time_emb: str = "sin_cos"        # 'sin_cos' (Ho) | 'cos_sin' (ADM)
+    norm_eps: float = 1e-6           # GroupNorm(32) eps: Ho 1e-6, ADM 1e-5
+    qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
+
+
+def _heads(cfg, channels):
+    if cfg.num_head_channels > 0:
+        if channels % cfg.num_head_channels:
+            raise ValueError(f"num_head_channels={cfg.num_head_channels} does not divide {channels} channels")
+        return channels // cfg.num_head_channels
+    return cfg.num_heads
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> [resample] -> conv -> add time (or scale-shift) -> GN -> SiLU -> dropout -> conv,
+    plus a skip (1x1 conv where the channel count changes). resample 'down' (avg-pool) / 'up'
+    (nearest) is applied to both paths after the first GN+SiLU, as in BigGAN/ADM."""
+
+    def __init__(self, c_in, c_out, emb_dim, cfg, resample=None):
+        super().__init__()
+        self.scale_shift, self.resample = cfg.scale_shift, resample
+        self.norm1 = nn.GroupNorm(32, c_in, eps=cfg.norm_eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * c_out if cfg.scale_shift else c_out)
+        self.norm2 = nn.GroupNorm(32, c_out, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))
+        if self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+        h = self.conv1(h)
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
+
+    def __init__(self, channels, heads, eps):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(32, channels, eps=eps)
+        self.qkv = nn.Linear(channels, 3 * channels)  # rows [q | k | v], each split into heads
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.proj(_attend(self.qkv(h), self.heads))
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv; 'asym' pads right/bottom by one (Ho et al.), 'sym' pads 1 all round (ADM)."""
+
+    def __init__(self, channels, pad):
+        super().__init__()
+        self.asym = pad == "asym"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asym else 1)
+
+    def forward(self, x, emb=None):  # emb: same call as a resampling ResBlock
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asym else x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: res blocks, optional attention after each, optional resampler."""
+
+    def __init__(self, res, attn, resample):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn) if attn else None
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021). Skips are pushed after
+    the stem, after every down res block (+attention) and after every downsampler; each up res block
+    concatenates one. `down` runs from full resolution, `up` from the coarsest level (forward order).
+    zero_init: ADM's zero init of each res block's last conv, attention output and the output conv
+    (for training from scratch; loaded checkpoints overwrite it)."""
+
+    def __init__(self, cfg: UNetConfig, zero_init=False):
+        super().__init__()
+        self.config = cfg
+        ch, L, R = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        def attention(level, c, n):  # n attention blocks if this level's resolution has attention
+            if cfg.image_size >> level not in cfg.attn_resolutions:
+                return None
+            return [Attention(c, _heads(cfg, c), cfg.norm_eps) for _ in range(n)]
+
+        skips, c = [ch], ch  # channels of the skip stack
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(cfg.ch_mult):
+            res = []
+            for _ in range(R):
+                res.append(ResBlock(c, ch * mult, emb_dim, cfg))
+                c = ch * mult
+                skips.append(c)
+            resample = None
+            if i < L - 1:
+                resample = ResBlock(c, c, emb_dim, cfg, "down") if cfg.resblock_updown else Downsample(c, cfg.down_pad)
+                skips.append(c)
+            self.down.append(Level(res, attention(i, c, R), resample))
+
+        self.mid_res1 = ResBlock(c, c, emb_dim, cfg)
+        self.mid_attn = Attention(c, _heads(cfg, c), cfg.norm_eps)
+        self.mid_res2 = ResBlock(c, c, emb_dim, cfg)
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            res = []
+            for _ in range(R + 1):
+                res.append(ResBlock(c + skips.pop(), ch * mult, emb_dim, cfg))
+                c = ch * mult
+            resample = None
+            if i > 0:
+                resample = ResBlock(c, c, emb_dim, cfg, "up") if cfg.resblock_updown else Upsample(c)
+            self.up.append(Level(res, attention(i, c, R + 1), resample))
+
+        self.norm_out = nn.GroupNorm(32, c, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+        if zero_init:
+            last = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+            last += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.conv_out]
+            for layer in last:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(_batch_t(t, x), self.config.ch, self.config.time_emb).to(x.dtype))
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for j, block in enumerate(level.res):
+                h = block(h, emb)
+                if level.attn is not None:
+                    h = level.attn[j](h)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+                hs.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        for level in self.up:
+            for j, block in enumerate(level.res):
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+                if level.attn is not None:
+                    h = level.attn[j](h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ---- DiT-style ViT (Peebles & Xie 2023), unconditional --------------------------------------
+
+@dataclass
+class DiTConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3   # 6 for learned variance
+    patch_size: int = 2
+    hidden: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+
+
+def _pos_embed_2d(dim, grid):
+    """Fixed 2D sin-cos position embedding (grid*grid, dim): half the channels encode the row, half the column."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]       # (grid, dim/4)
+    emb1d = torch.cat([pos.sin(), pos.cos()], dim=1)                            # (grid, dim/2)
+    rows = emb1d[:, None, :].expand(grid, grid, -1)
+    cols = emb1d[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=2).reshape(grid * grid, dim).float()
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with adaLN-Zero: the time embedding sets shift/scale/gate of both branches."""
+
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"),
+                                 nn.Linear(int(hidden * mlp_ratio), hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=2)
+        x = x + gate1 * self.proj(_attend(self.qkv(_modulate(self.norm1(x), shift1, scale1)), self.heads))
+        return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """Patchify (conv) + fixed 2D sin-cos positions -> adaLN-Zero blocks -> final adaLN layer -> unpatchify.
+    With the adaLN-Zero init (zeroed modulation and output layers) the output is exactly zero at init."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        p, D = cfg.patch_size, cfg.hidden
+        self.patch = nn.Conv2d(cfg.in_channels, D, p, stride=p)
+        self.register_buffer("pos", _pos_embed_2d(D, cfg.image_size // p), persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.out = nn.Linear(D, p * p * cfg.out_channels)
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch.weight.view(D, -1))
+        nn.init.zeros_(self.patch.bias)
+        for lin in (self.time_mlp[0], self.time_mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.ada[1] for b in self.blocks] + [self.ada_out[1], self.out]:  # adaLN-Zero
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, t):
+        B, _, H, W = x.shape
+        p, C = self.config.patch_size, self.config.out_channels
+        c = self.time_mlp(timestep_embedding(_batch_t(t, x), 256, "cos_sin").to(x.dtype))
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada_out(c)[:, None].chunk(2, dim=2)
+        h = self.out(_modulate(self.norm_out(h), shift, scale))  # (B, T, p*p*C)
+        h = h.view(B, H // p, W // p, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
+
+
+# ---- presets, build_net / net_config ---------------------------------------------------------
+
+_ADM = dict(scale_shift=True, time_emb="cos_sin", norm_eps=1e-5)
+UNET_PRESETS = {
+    # Ho et al. CIFAR-10 (= diffusers google/ddpm-cifar10-32, pesser/ermongroup ports): 35,746,307 params
+    "ddpm_cifar10": UNetConfig(dropout=0.1),
+    # DDIM CelebA 64x64 (ermongroup/ddim, Luhman & Luhman's CelebA teacher): 78,700,803 params
+    "ddim_celeba64": UNetConfig(image_size=64, ch_mult=(1, 2, 2, 2, 4), dropout=0.1),
+    # Ho et al. 256 px (diffusers google/ddpm-{cat,church,bedroom,celebahq}-256): 113,673,219 params
+    "ddpm_256": UNetConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4)),
+    # DDPM-IP ADM baseline = DKDM CIFAR-10 / ImageNet-32 teacher (57M-CNN.yaml): 57,094,662 params
+    "adm_cifar10_57m": UNetConfig(out_channels=6, num_res_blocks=3, attn_resolutions=(16, 8), num_head_channels=32,
+                                  dropout=0.3, resblock_updown=True, qkv_layout="new", **_ADM),
+    # DDPM-IP CelebA 64 teacher of DKDM (295M-CNN.yaml)
+    "adm_celeba64_295m": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                    attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                    resblock_updown=True, qkv_layout="new", **_ADM),
+    # improved-diffusion cifar10_uncond_50M_500K (t fed as t*1000/4000): 52,546,438 params
+    "iddpm_cifar10": UNetConfig(out_channels=6, num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4,
+                                dropout=0.3, down_pad="sym", qkv_layout="legacy", **_ADM),
+    # Salimans & Ho progressive distillation CIFAR-10 base model
+    "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.2,
+                             resblock_updown=True, **_ADM),
+    # CPU tests
+    "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
+                       resblock_updown=True, **_ADM),
+}
+DIT_PRESETS = {
+    "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),
+    "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),
+    "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),
+}
+
+
+def unet_config(name) -> UNetConfig:
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset '{name}'; expected one of {', '.join(UNET_PRESETS)}")
+    return UNET_PRESETS[name]
+
+
+def dit_config(name) -> DiTConfig:
+    if name not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset '{name}'; expected one of {', '.join(DIT_PRESETS)}")
+    return DIT_PRESETS[name]
+
+
+def net_preset(name) -> dict:
+    """build_net() dict of a U-Net or DiT preset."""
+    if name in UNET_PRESETS:
+        return {"arch": "unet", **_jsonable(asdict(UNET_PRESETS[name]))}
+    if name in DIT_PRESETS:
+        return {"arch": "dit", **_jsonable(asdict(DIT_PRESETS[name]))}
+    raise ValueError(f"unknown network preset '{name}'; expected one of {', '.join([*UNET_PRESETS, *DIT_PRESETS])}")
+
+
+def _jsonable(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _make_config(cls, d):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def build_net(cfg: dict, zero_init=False) -> nn.Module:
+    """cfg = {'arch': 'unet'|'dit', **config fields} (missing fields take the dataclass defaults).
+    zero_init applies to the U-Net only (DiT always uses its adaLN-Zero init)."""
+    cfg = dict(cfg)
+    arch = cfg.pop("arch", None)
+    if arch == "unet":
+        return UNet(_make_config(UNetConfig, cfg), zero_init=zero_init)
+    if arch == "dit":
+        return DiT(_make_config(DiTConfig, cfg))
+    raise ValueError(f"network config has arch={arch!r}; expected 'unet' or 'dit'")
+
+
+def net_config(net) -> dict:
+    """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
+    return {"arch": "unet" if isinstance(net, UNet) else "dit", **_jsonable(asdict(net.config))}
+
+
+def make_net(preset, **overrides):
+    """A network from a preset name (NET_PRESETS) with some config fields overridden (None = keep).
+    Fields a network type does not have (dropout for the DiT) are ignored."""
+    cfg = net_preset(preset)
+    cfg.update({k: v for k, v in overrides.items() if v is not None and k in cfg})
+    return build_net(cfg, zero_init=True)
 
 # ================================================================================================
 # teachers
 # ================================================================================================
+
+# ---- key maps: diffusers / ermongroup (Ho et al. ports) / guided-diffusion <-> ours ----------
+# One table drives all maps: _unet_modules lists every parametrised module of UNet(cfg) with a
+# format-neutral place; a per-format function names that place; per-kind tables name the leaves.
+# Each of our tensors corresponds to one checkpoint tensor (with 1x1 conv dims squeezed), except the
+# attention qkv, which is three tensors (diffusers, ermongroup) or one fused tensor in a head order.
+
+FORMAT_NAMES = {"diffusers": "diffusers", "ermongroup": "ermongroup/pesser", "guided": "guided-diffusion"}
+
+
+def _unet_modules(cfg):
+    """(our module path, kind, place) for every parametrised module of UNet(cfg), in forward order."""
+    L, R = len(cfg.ch_mult), cfg.num_res_blocks
+    has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
+    yield "time_mlp.0", "plain", ("time", 0)
+    yield "time_mlp.2", "plain", ("time", 1)
+    yield "conv_in", "plain", ("conv_in",)
+    for i in range(L):
+        for j in range(R):
+            yield f"down.{i}.res.{j}", "res", ("down", i, j)
+            if has_attn[i]:
+                yield f"down.{i}.attn.{j}", "attn", ("down_attn", i, j)
+        if i < L - 1:
+            yield f"down.{i}.resample", "res" if cfg.resblock_updown else "downconv", ("downsample", i)
+    yield "mid_res1", "res", ("mid", 0)
+    yield "mid_attn", "attn", ("mid", 1)
+    yield "mid_res2", "res", ("mid", 2)
+    for u in range(L):
+        i = L - 1 - u  # resolution level of up block u
+        for j in range(R + 1):
+            yield f"up.{u}.res.{j}", "res", ("up", i, j)
+            if has_attn[i]:
+                yield f"up.{u}.attn.{j}", "attn", ("up_attn", i, j)
+        if i > 0:
+            yield f"up.{u}.resample", "res" if cfg.resblock_updown else "upconv", ("upsample", i)
+    yield "norm_out", "plain", ("norm_out",)
+    yield "conv_out", "plain", ("conv_out",)
+
+
+def _diffusers_path(place, cfg):
+    L = len(cfg.ch_mult)
+    match place:
+        case ("time", n): return f"time_embedding.linear_{n + 1}"
+        case ("conv_in",) | ("conv_out",): return place[0]
+        case ("norm_out",): return "conv_norm_out"
+        case ("down", i, j): return f"down_blocks.{i}.resnets.{j}"
+        case ("down_attn", i, j): return f"down_blocks.{i}.attentions.{j}"
+        case ("downsample", i): return f"down_blocks.{i}.downsamplers.0"
+        case ("mid", n): return ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"][n]
+        case ("up", i, j): return f"up_blocks.{L - 1 - i}.resnets.{j}"
+        case ("up_attn", i, j): return f"up_blocks.{L - 1 - i}.attentions.{j}"
+        case ("upsample", i): return f"up_blocks.{L - 1 - i}.upsamplers.0"
+
+
+def _ermongroup_path(place, cfg):
+    match place:
+        case ("time", n): return f"temb.dense.{n}"
+        case ("conv_in",) | ("norm_out",) | ("conv_out",): return place[0]
+        case ("down", i, j): return f"down.{i}.block.{j}"
+        case ("down_attn", i, j): return f"down.{i}.attn.{j}"
+        case ("up", i, j): return f"up.{i}.block.{j}"  # Ho's `up` is indexed by resolution level
+        case ("up_attn", i, j): return f"up.{i}.attn.{j}"
+        case ("downsample", i): return f"down.{i}.downsample"
+        case ("upsample", i): return f"up.{i}.upsample"
+        case ("mid", n): return ["mid.block_1", "mid.attn_1", "mid.block_2"][n]
+
+
+def _guided_path(place, cfg):
+    L, R = len(cfg.ch_mult), cfg.num_res_blocks
+    has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
+    match place:
+        case ("time", n): return f"time_embed.{2 * n}"
+        case ("conv_in",): return "input_blocks.0.0"
+        case ("norm_out",): return "out.0"
+        case ("conv_out",): return "out.2"
+        case ("down", i, j): return f"input_blocks.{1 + i * (R + 1) + j}.0"
+        case ("down_attn", i, j): return f"input_blocks.{1 + i * (R + 1) + j}.1"
+        case ("downsample", i): return f"input_blocks.{(i + 1) * (R + 1)}.0"
+        case ("mid", n): return f"middle_block.{n}"
+        case ("up", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.0"
+        case ("up_attn", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.1"
+        case ("upsample", i): return f"output_blocks.{(L - 1 - i) * (R + 1) + R}.{2 if has_attn[i] else 1}"
+
+
+_PATHS = {"diffusers": _diffusers_path, "ermongroup": _ermongroup_path, "guided": _guided_path}
+# leaf names: ours -> theirs
+_RES_LEAVES = {
+    "diffusers": dict(norm1="norm1", conv1="conv1", emb_proj="time_emb_proj", norm2="norm2", conv2="conv2", skip="conv_shortcut"),
+    "ermongroup": dict(norm1="norm1", conv1="conv1", emb_proj="temb_proj", norm2="norm2", conv2="conv2", skip="nin_shortcut"),
+    "guided": dict(norm1="in_layers.0", conv1="in_layers.2", emb_proj="emb_layers.1", norm2="out_layers.0",
+                   conv2="out_layers.3", skip="skip_connection"),
+}
+_ATTN_NORM = {"diffusers": "group_norm", "ermongroup": "norm", "guided": "norm"}
+_ATTN_PROJ = {"diffusers": "to_out.0", "ermongroup": "proj_out", "guided": "proj_out"}
+_ATTN_QKV = {"diffusers": ("to_q", "to_k", "to_v"), "ermongroup": ("q", "k", "v"), "guided": ("qkv",)}
+_LINEAR_DIMS = {"diffusers": 0, "ermongroup": 2, "guided": 1}  # trailing 1-dims of their attention projections
+_DOWNCONV = {"diffusers": "conv", "ermongroup": "conv", "guided": "op"}
+_OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+@dataclass
+class _Entry:
+    """Our tensor `ours` <-> checkpoint tensors `theirs` (concatenated along dim 0 when several).
+    pad: trailing singleton dims theirs carries (1x1 conv weights); legacy_heads > 0: the fused qkv
+    rows are in per-head [q, k, v] order (improved-diffusion) instead of our [q | k | v]."""
+    ours: str
+    theirs: tuple
+    pad: int = 0
+    legacy_heads: int = 0
+
+    def to_ours(self, tensors):
+        x = torch.cat([t.reshape(t.shape[:t.dim() - self.pad]) for t in tensors])
+        if self.legacy_heads:  # rows (heads, 3, d) -> (3, heads, d)
+            x = x.reshape(self.legacy_heads, 3, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        return x
+
+    def to_theirs(self, x):
+        if self.legacy_heads:  # rows (3, heads, d) -> (heads, 3, d)
+            x = x.reshape(3, self.legacy_heads, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        return [t.reshape(*t.shape, *[1] * self.pad).clone() for t in x.chunk(len(self.theirs))]
+
+
+def _meta_state(cfg):
+    """Our state dict for cfg with shapes only (no memory)."""
+    with torch.device("meta"):
+        return UNet(cfg).state_dict()
+
+
+def _join(*parts):
+    return ".".join(p for p in parts if p)
+
+
+def _entries(cfg, fmt):
+    """The _Entry list mapping UNet(cfg)'s tensors to format fmt, and our (meta) state dict."""
+    ours = _meta_state(cfg)
+    path_of, out = _PATHS[fmt], []
+    for mine, kind, place in _unet_modules(cfg):
+        theirs = path_of(place, cfg)
+        if kind == "plain":
+            leaves = {"": ""}
+        elif kind == "downconv":
+            leaves = {"conv": _DOWNCONV[fmt]}
+        elif kind == "upconv":
+            leaves = {"conv": "conv"}
+        elif kind == "res":
+            leaves = {a: b for a, b in _RES_LEAVES[fmt].items() if f"{mine}.{a}.weight" in ours}
+        else:  # attention
+            leaves = {"norm": _ATTN_NORM[fmt]}
+            heads = _heads(cfg, ours[f"{mine}.norm.weight"].shape[0])
+            for p in ("weight", "bias"):
+                pad = _LINEAR_DIMS[fmt] if p == "weight" else 0
+                out.append(_Entry(f"{mine}.qkv.{p}", tuple(f"{theirs}.{q}.{p}" for q in _ATTN_QKV[fmt]), pad,
+                                  heads if fmt == "guided" and cfg.qkv_layout == "legacy" else 0))
+                out.append(_Entry(f"{mine}.proj.{p}", (f"{theirs}.{_ATTN_PROJ[fmt]}.{p}",), pad))
+        for a, b in leaves.items():
+            for p in ("weight", "bias"):
+                out.append(_Entry(_join(mine, a, p), (_join(theirs, b, p),)))
+    assert sorted(e.ours for e in out) == sorted(ours), "key table out of sync with UNet"
+    return out, ours
+
+
+def _preset_name(cfg):
+    return next((n for n, c in UNET_PRESETS.items() if c == cfg), None)
+
+
+def _label(cfg):
+    name = _preset_name(cfg)
+    return f"'{name}'" if name else "(custom)"
+
+
+def _check(sd, expected, what, cfg):
+    """ValueError (one line) unless sd has exactly the expected keys and shapes."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    hint = "pass --teacher-format/--teacher-config to match the checkpoint"
+    if missing or unexpected:
+        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
+        raise ValueError(f"checkpoint has {len(sd)} tensors in {what} format but config {_label(cfg)} expects "
+                         f"{len(expected)} ({detail}); {hint}")
+    bad = [k for k in expected if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"checkpoint tensor '{k}' ({what} format) has shape {tuple(sd[k].shape)} but config {_label(cfg)} "
+                         f"expects {tuple(expected[k].shape)} ({len(bad)} shape mismatches); {hint}")
+
+
+def _format_fits_config(cfg, fmt):
+    """ValueError unless checkpoints of format fmt can hold UNet(cfg)."""
+    if fmt == "guided" and cfg.qkv_layout not in ("legacy", "new"):
+        raise ValueError(f"guided-diffusion checkpoints fuse qkv, but the config has qkv_layout={cfg.qkv_layout!r}; "
+                         "use 'legacy' (improved-diffusion) or 'new' (use_new_attention_order=True)")
+    ho = dict(scale_shift=False, resblock_updown=False, down_pad="asym", time_emb="sin_cos", num_heads=1, num_head_channels=-1)
+    wrong = {k: getattr(cfg, k) for k, v in ho.items() if getattr(cfg, k) != v}
+    if fmt == "ermongroup" and wrong:
+        raise ValueError(f"ermongroup/pesser checkpoints hold Ho et al.'s architecture, but config {_label(cfg)} has {wrong}")
+
+
+def _expected(cfg, fmt):
+    """(entries, {checkpoint key: meta tensor of the expected shape}) for UNet(cfg) in format fmt."""
+    _format_fits_config(cfg, fmt)
+    entries, ours = _entries(cfg, fmt)
+    return entries, {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(ours[e.ours]))}
+
+
+def _from(sd, cfg, fmt):
+    entries, expected = _expected(cfg, fmt)
+    _check(sd, expected, FORMAT_NAMES[fmt], cfg)
+    return {e.ours: e.to_ours([sd[k] for k in e.theirs]) for e in entries}
+
+
+def _to(sd, cfg, fmt):
+    _format_fits_config(cfg, fmt)
+    entries, ours = _entries(cfg, fmt)
+    _check(sd, ours, "our", cfg)
+    return {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(sd[e.ours]))}
+
+
+def from_diffusers(sd, cfg: UNetConfig):
+    """diffusers UNet2DModel state dict -> ours. Accepts the old attention names (query/key/value/proj_attn)."""
+    def rename(k):
+        parts = k.split(".")
+        if "attentions" in parts and len(parts) > parts.index("attentions") + 2:
+            i = parts.index("attentions") + 2
+            parts[i] = _OLD_DIFFUSERS_ATTN.get(parts[i], parts[i])
+        return ".".join(parts)
+    return _from({rename(k): v for k, v in sd.items()}, cfg, "diffusers")
+
+
+def from_ermongroup(sd, cfg: UNetConfig = None):
+    """Ho et al. PyTorch port (ermongroup/ddim, pesser/pytorch_diffusion) state dict -> ours.
+    Without cfg the architecture is read from the keys (see unet_config_from_ermongroup)."""
+    return _from(sd, cfg or unet_config_from_ermongroup(sd), "ermongroup")
+
+
+def to_ermongroup(sd, cfg: UNetConfig):
+    return _to(sd, cfg, "ermongroup")
+
+
+def from_guided(sd, cfg: UNetConfig):
+    """improved-diffusion / guided-diffusion / DDPM-IP state dict -> ours (cfg.qkv_layout says the qkv order)."""
+    return _from(sd, cfg, "guided")
+
+
+def to_guided(sd, cfg: UNetConfig):
+    return _to(sd, cfg, "guided")
+
+
+def infer_format(sd) -> str:
+    """'ours' | 'diffusers' | 'ermongroup' | 'guided', from the time-embedding key names."""
+    for key, fmt in (("time_mlp.0.weight", "ours"), ("time_embedding.linear_1.weight", "diffusers"),
+                     ("temb.dense.0.weight", "ermongroup"), ("time_embed.0.weight", "guided")):
+        if key in sd:
+            return fmt
+    first = next(iter(sd), None)
+    raise ValueError(f"cannot tell the format of a checkpoint with {len(sd)} tensors (first '{first}'); expected "
+                     "diffusers, ermongroup/pesser or guided-diffusion key names; pass --teacher-format")
+
+
+def unet_config_from_ermongroup(sd) -> UNetConfig:
+    """Architecture of a Ho et al. port from its keys. The checkpoint does not store the image size, so it
+    assumes Ho et al.'s attention at 16x16 (true of all released models); dropout is unknown (0)."""
+    try:
+        ch, in_ch = sd["conv_in.weight"].shape[:2]
+        levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
+        R = sum(1 for k in sd if k.startswith("down.0.block.") and k.endswith(".conv1.weight"))
+        mult = tuple(sd[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+        attn_levels = [i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd]
+        out_ch = sd["conv_out.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a complete ermongroup/pesser state dict (looking for {e}); pass --teacher-format") from None
+    if not attn_levels:
+        raise ValueError("ermongroup/pesser checkpoint has no attention, so its image size is unknown; pass --teacher-config")
+    size = 16 << attn_levels[0]
+    return UNetConfig(image_size=size, in_channels=in_ch, out_channels=out_ch, ch=ch, ch_mult=mult, num_res_blocks=R,
+                      attn_resolutions=tuple(size >> i for i in attn_levels))
+
+
+# UNet2DModel.__init__ defaults (diffusers 0.42), used for the keys a config.json leaves out
+_DIFFUSERS_DEFAULTS = dict(
+    _class_name="UNet2DModel", sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2D", up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
+    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
+    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
+    add_attention=True, class_embed_type=None, num_class_embeds=None)
+
+
+def unet_config_from_diffusers(config: dict) -> UNetConfig:
+    """UNetConfig from a diffusers UNet2DModel config.json dict. A missing key takes diffusers' default
+    (attention_head_dim: 8 channels per head); attention_head_dim null means one head per block."""
+    c = {**_DIFFUSERS_DEFAULTS, **config}
+
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"unsupported diffusers UNet config: {what}")
+
+    for key, want in (("_class_name", "UNet2DModel"), ("act_fn", "silu"), ("norm_num_groups", 32),
+                      ("center_input_sample", False), ("time_embedding_type", "positional"),
+                      ("mid_block_type", "UNetMidBlock2D"), ("mid_block_scale_factor", 1), ("add_attention", True),
+                      ("class_embed_type", None), ("num_class_embeds", None)):
+        need(c[key] == want, f"{key}={c[key]!r} (need {want!r})")
+    chans, size = list(c["block_out_channels"]), c["sample_size"]
+    ch, L = chans[0], len(chans)
+    need(all(x % ch == 0 for x in chans), f"block_out_channels={chans} are not multiples of the first")
+    need(c["time_embedding_dim"] in (None, 4 * ch), f"time_embedding_dim={c['time_embedding_dim']} (need 4*{ch})")
+    shift = c["resnet_time_scale_shift"]
+    need(shift in ("default", "scale_shift"), f"resnet_time_scale_shift={shift!r}")
+    need(c["attn_norm_num_groups"] in ((32,) if shift == "scale_shift" else (None, 32)),
+         f"attn_norm_num_groups={c['attn_norm_num_groups']} with resnet_time_scale_shift={shift!r} "
+         "(the mid attention needs GroupNorm(32): set attn_norm_num_groups=32)")
+    emb = {(False, 1): "sin_cos", (True, 0): "cos_sin"}.get((c["flip_sin_to_cos"], c["freq_shift"]))
+    need(emb is not None, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} (need False/1 or True/0)")
+    if isinstance(size, (list, tuple)):
+        need(size[0] == size[1], f"sample_size={size} (square only)")
+        size = size[0]
+    need(isinstance(size, int), f"sample_size={size!r}")
+
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    need(len(down) == L and len(up) == L, "block type lists and block_out_channels differ in length")
+    down_kind = {"DownBlock2D": "conv", "AttnDownBlock2D": c["downsample_type"], "ResnetDownsampleBlock2D": "resnet"}
+    up_kind = {"UpBlock2D": "conv", "AttnUpBlock2D": c["upsample_type"], "ResnetUpsampleBlock2D": "resnet"}
+    for t in down:
+        need(t in down_kind, f"down block type {t!r} (supported: {', '.join(down_kind)})")
+    for t in up:
+        need(t in up_kind, f"up block type {t!r} (supported: {', '.join(up_kind)})")
+    attn = [t.startswith("Attn") for t in down]
+    need(attn == [t.startswith("Attn") for t in reversed(up)], f"attention levels differ between {down} and {up}")
+    resample = {down_kind[t] for t in down[:-1]} | {up_kind[t] for t in up[:-1]}  # the last blocks do not resample
+    need(len(resample) <= 1 and resample <= {"conv", "resnet"}, f"mixed or unknown resampling {sorted(resample)}")
+
+    head_dim = c["attention_head_dim"]
+    return UNetConfig(
+        image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], ch=ch,
+        ch_mult=tuple(x // ch for x in chans), num_res_blocks=c["layers_per_block"],
+        attn_resolutions=tuple(size >> i for i in range(L) if attn[i]),
+        num_heads=1, num_head_channels=-1 if head_dim is None else head_dim, dropout=c["dropout"],
+        scale_shift=shift == "scale_shift", resblock_updown=resample == {"resnet"},
+        down_pad="asym" if c["downsample_padding"] == 0 else "sym", time_emb=emb, norm_eps=c["norm_eps"])
+
+
+def infer_preset(sd, fmt) -> str:
+    """Name of the one U-Net preset whose keys and shapes in format fmt equal sd's; ValueError otherwise."""
+    def fits(cfg):
+        try:
+            want = _expected(cfg, fmt)[1]
+        except ValueError:  # the format cannot hold this preset
+            return False
+        return want.keys() == sd.keys() and all(sd[k].shape == t.shape for k, t in want.items())
+
+    names = [n for n, cfg in UNET_PRESETS.items() if fits(cfg)]
+    if len(names) == 1:
+        return names[0]
+    found = f"matches presets {names}" if names else "matches no preset"
+    raise ValueError(f"checkpoint has {len(sd)} tensors in {FORMAT_NAMES[fmt]} format and {found}; "
+                     "pass --teacher-config with a preset name or a JSON U-Net config")
+
+
+# ---- reading weights, hub download, teacher loaders -----------------------------------------
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path) -> dict:
+    """Read a .safetensors file without the safetensors package. Layout: u64 little-endian header
+    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": ...},
+    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base, out = 8 + n, {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+            dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
+            begin, end = info["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor '{name}' has {end - begin} bytes but shape {shape} of {info['dtype']}")
+            f.seek(base + begin)
+            buf = bytearray(f.read(end - begin))
+            out[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+    return out
+
+
+def read_weights(path) -> dict:
+    """State dict from .safetensors or a torch file (.bin/.pt/.ckpt, weights_only)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def hub_download(repo_id, filename, cache_dir=None, revision="main"):
+    """Path of a cached copy of https://huggingface.co/{repo_id}/resolve/{revision}/{filename}
+    (HF_ENDPOINT overrides the host), downloaded once (atomically) without huggingface_hub."""
+    dest = os.path.join(cache_dir or os.path.join(CACHE_DIR, "hub"), repo_id.replace("/", "--"), revision, filename)
+    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo_id}/resolve/{revision}/{filename}"
+    return download(url, dest, what=f"{repo_id}/{filename}")
+
+
+def load_diffusers_dir(path_or_repo, device="cpu", cache_dir=None, revision="main"):
+    """(net, info) from a diffusers UNet2DModel: a local folder (config.json next to the weights, or in
+    unet/) or a hub repo id (flat layout, e.g. google/ddpm-cifar10-32). Weights: .safetensors, else .bin.
+    info = {'format', 'config': config.json, 'scheduler': scheduler_config.json or None, 'net': net_config}."""
+    local = os.path.isdir(path_or_repo)
+    if not local and (path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~"))):
+        raise ValueError(f"{path_or_repo} is neither a folder nor a hub repo id like google/ddpm-cifar10-32")
+
+    def find(name):
+        if local:
+            paths = [os.path.join(path_or_repo, sub, name) for sub in ("", "unet", "scheduler")]
+            return next((p for p in paths if os.path.exists(p)), None)
+        return hub_download(path_or_repo, name, cache_dir, revision)
+
+    def find_optional(name):
+        try:
+            return find(name)
+        except RuntimeError:
+            return None
+
+    config_path = find("config.json")
+    if config_path is None:
+        raise ValueError(f"{path_or_repo} has no config.json (nor unet/config.json); expected a diffusers UNet2DModel folder")
+    weights = find_optional("diffusion_pytorch_model.safetensors") or find("diffusion_pytorch_model.bin")
+    if weights is None:
+        raise ValueError(f"{path_or_repo} has neither diffusion_pytorch_model.safetensors nor .bin")
+    scheduler_path = find_optional("scheduler_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    scheduler = None
+    if scheduler_path:
+        with open(scheduler_path) as f:
+            scheduler = json.load(f)
+    cfg = unet_config_from_diffusers(config)
+    net = UNet(cfg)
+    net.load_state_dict(from_diffusers(read_weights(weights), cfg))
+    return net.to(device).eval(), {"format": "diffusers", "config": config, "scheduler": scheduler, "net": net_config(net)}
+
+
+def _unwrap_state_dict(obj):
+    """The tensor dict inside a training checkpoint: ermongroup/ddim saves a list [model, optimizer, epoch,
+    step, (ema)], of which the last all-tensor dict (the EMA if present) is taken; DataParallel's
+    'module.' prefix is dropped."""
+    if isinstance(obj, (list, tuple)):
+        dicts = [o for o in obj if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values())]
+        if not dicts:
+            raise ValueError("checkpoint is a list without a state dict in it")
+        obj = dicts[-1]
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_original(path, fmt=None, config=None, device="cpu"):
+    """(net, info) from a .pt/.ckpt/.safetensors state dict in ermongroup/pesser or guided-diffusion format.
+    fmt: inferred from the keys when None. config: preset name, UNetConfig, or dict of UNetConfig fields;
+    when None it is the one preset matching the checkpoint's keys and shapes (for ermongroup files
+    matching none, the architecture read from the keys)."""
+    sd = _unwrap_state_dict(read_weights(path))
+    fmt = fmt or infer_format(sd)
+    if fmt not in ("ermongroup", "guided"):
+        raise ValueError(f"{path} is in {fmt} format; load_original reads ermongroup/pesser or guided-diffusion files")
+    if config is None:
+        try:
+            config = infer_preset(sd, fmt)
+        except ValueError:
+            if fmt != "ermongroup":
+                raise
+            config = unet_config_from_ermongroup(sd)
+    if isinstance(config, str):
+        config = unet_config(config)
+    if isinstance(config, dict):  # UNetConfig fields, or a net_config() dict
+        config = _make_config(UNetConfig, {k: v for k, v in config.items() if k != "arch"})
+    net = UNet(config)
+    net.load_state_dict(from_ermongroup(sd, config) if fmt == "ermongroup" else from_guided(sd, config))
+    return net.to(device).eval(), {"format": fmt, "preset": _preset_name(config), "net": net_config(net)}
+
 
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
 
@@ -344,10 +1234,7 @@ def load_teacher(spec, device="cpu", fmt=None, preset=None):
     the model was distilled for or None, 'source': spec}. The diffusers scheduler's clip_sample is not
     part of info: deterministic DDIM teachers run unclipped (see teacher_checkpoints.md).
     """
-    is_dir, is_file = os.path.isdir(spec), os.path.isfile(spec)
-    if not is_dir and not is_file and (spec.count("/") != 1 or spec.startswith((".", "/"))):
-        raise ValueError(f"teacher {spec!r} is neither a file, a directory nor a hub id like google/ddpm-cifar10-32")
-    if is_file:
+    if os.path.isfile(spec) and not spec.endswith(".safetensors"):
         obj = torch.load(spec, map_location="cpu", weights_only=False)
         if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
             net = build_net(obj["net_config"])
@@ -355,14 +1242,17 @@ def load_teacher(spec, device="cpu", fmt=None, preset=None):
             info = dict(schedule=Schedule(**obj["schedule"]), param=obj["param"], var=obj.get("var", "fixed_small"),
                         steps=obj.get("steps"), source=spec)
             return net.to(device).eval().requires_grad_(False), info
-        net, preset = load_original(obj, fmt=fmt, preset=preset)
-        if preset not in ORIGINAL_INFO:
-            raise ValueError(f"no schedule is known for preset {preset!r}: expected one of {sorted(ORIGINAL_INFO)}")
-        meta = ORIGINAL_INFO[preset]
+    if os.path.isfile(spec):
+        net, found = load_original(spec, fmt=fmt, config=preset)
+        if found["preset"] not in ORIGINAL_INFO:
+            raise ValueError(f"{spec}: no schedule is known for its architecture; expected one of {sorted(ORIGINAL_INFO)}")
+        meta = ORIGINAL_INFO[found["preset"]]
     else:
-        net, sched = load_diffusers(spec, cache_dir=os.path.join(CACHE_DIR, "hub"))
-        meta = _scheduler_info(sched)
-        if getattr(net, "config", None) is not None and net.config.get("out_channels") == 6:
+        net, found = load_diffusers_dir(spec, cache_dir=os.path.join(CACHE_DIR, "hub"))
+        if found["scheduler"] is None:
+            raise ValueError(f"{spec} has no scheduler_config.json: cannot tell its noise schedule")
+        meta = _scheduler_info(found["scheduler"])
+        if found["config"].get("out_channels") == 6:
             meta["var"] = "learned_range"
     info = dict(schedule=Schedule(**meta["schedule"]), param=meta["param"], var=meta["var"], steps=None, source=spec)
     return net.to(device).eval().requires_grad_(False), info

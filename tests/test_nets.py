@@ -1,0 +1,365 @@
+"""nets room: the U-Net and DiT, presets, and the teacher key maps / loaders.
+
+The loading tests build diffusers UNet2DModel models offline (random weights, perturbed so that zero
+inits hide nothing), save them the way the hub stores them, and check that our loader reproduces
+diffusers' outputs. ermongroup and guided-diffusion files are produced with our inverse maps."""
+import dataclasses
+import io
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import (DiT, UNet, UNetConfig, build_net, dit_config, from_diffusers, from_ermongroup, from_guided,
+                      hub_download, infer_format, infer_preset, load_diffusers_dir, load_original, net_config,
+                      net_preset, read_safetensors, to_ermongroup, to_guided, unet_config, unet_config_from_diffusers)
+
+# google/ddpm-cifar10-32 config.json (reference notes §1.1; attention_head_dim null = one head)
+DDPM_CIFAR10 = {
+    "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+             "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}
+# small ADM-style diffusers configs: scale-shift, several heads, 6 outputs, cos/sin embedding, eps 1e-5
+ADM_SMALL = dict(sample_size=16, out_channels=6, block_out_channels=(32, 64, 64), layers_per_block=2,
+                 attention_head_dim=16, resnet_time_scale_shift="scale_shift", downsample_padding=1,
+                 flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, attn_norm_num_groups=32)
+ADM_VARIANTS = {
+    "resnet_updown": dict(down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                          up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                          downsample_type="resnet", upsample_type="resnet"),
+    "conv_sym": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+# a small Ho et al.-style config, ours and diffusers'
+HO_SMALL = UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+HO_SMALL_DIFFUSERS = dict(DDPM_CIFAR10, sample_size=16, block_out_channels=[32, 64], layers_per_block=1,
+                          down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+
+
+@torch.no_grad()
+def perturb(net, seed, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def one_line_error(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and len(msg) > 20
+    return msg
+
+
+@pytest.fixture(scope="module")
+def ddpm(tmp_path_factory):
+    """diffusers ddpm-cifar10-32 architecture with perturbed random weights, saved as safetensors + configs."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    ref = perturb(UNet2DModel(**DDPM_CIFAR10).eval(), 1)
+    folder = tmp_path_factory.mktemp("ddpm")
+    ref.save_pretrained(folder)
+    (folder / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 999])
+    with torch.no_grad():
+        y = ref(x, t).sample
+    net, info = load_diffusers_dir(str(folder))
+    return dict(ref=ref, folder=folder, x=x, t=t, y=y, net=net, info=info)
+
+
+def test_ddpm_cifar10_from_diffusers_exact(ddpm):
+    assert sum(p.numel() for p in ddpm["ref"].parameters()) == 35_746_307
+    assert ddpm["ref"].down_blocks[1].attentions[0].heads == 1
+    assert os.path.exists(ddpm["folder"] / "diffusion_pytorch_model.safetensors")
+    net, info = ddpm["net"], ddpm["info"]
+    assert not net.training and info["scheduler"]["variance_type"] == "fixed_large"
+    assert dataclasses.replace(net.config, dropout=0.1) == unet_config("ddpm_cifar10")
+    with torch.no_grad():
+        diff = max_diff(net(ddpm["x"], ddpm["t"].float()), ddpm["y"])
+    print(f"ddpm_cifar10 diffusers vs ours max|diff| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_diffusers_old_attention_names_and_bin_fallback(tmp_path):
+    from diffusers import UNet2DModel
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    ref = perturb(UNet2DModel(**HO_SMALL_DIFFUSERS).eval(), 6)
+    ref.save_pretrained(tmp_path / "new")
+    net = load_diffusers_dir(str(tmp_path / "new"))[0]
+    assert net.config == HO_SMALL
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 637])
+    with torch.no_grad():
+        assert max_diff(net(x, t), ref(x, t).sample) <= 1e-5
+
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for k, v in read_safetensors(str(tmp_path / "new" / "diffusion_pytorch_model.safetensors")).items():
+        for new, o in old.items():
+            k = k.replace(f".{new}.", f".{o}.")
+        renamed[k] = v
+    assert any(".proj_attn." in k for k in renamed) and not any(".to_q." in k for k in renamed)
+    assert_same_state(from_diffusers(renamed, HO_SMALL), net.state_dict())
+    with pytest.raises(ValueError) as e:
+        from_diffusers({k: v for k, v in renamed.items() if "conv_out" not in k}, HO_SMALL)
+    assert "2 missing, e.g. 'conv_out.weight'" in one_line_error(e)
+    (tmp_path / "old").mkdir()
+    shutil.copy(tmp_path / "new" / "config.json", tmp_path / "old")
+    save_file(renamed, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
+    assert_same_state(load_diffusers_dir(str(tmp_path / "old"))[0].state_dict(), net.state_dict())
+
+    ref.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not os.path.exists(tmp_path / "bin" / "diffusion_pytorch_model.safetensors")
+    assert_same_state(load_diffusers_dir(str(tmp_path / "bin"))[0].state_dict(), net.state_dict())
+
+
+def test_ermongroup_naming(ddpm):
+    cfg, ours = ddpm["net"].config, ddpm["net"].state_dict()
+    ho = to_ermongroup(ours, cfg)
+    assert len(ho) == 328 and infer_format(ho) == "ermongroup"
+    shapes = {"temb.dense.0.weight": (512, 128), "conv_in.weight": (128, 3, 3, 3), "down.1.attn.1.q.weight": (256, 256, 1, 1),
+              "down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1), "down.0.downsample.conv.weight": (128, 128, 3, 3),
+              "mid.attn_1.proj_out.weight": (256, 256, 1, 1), "up.1.attn.2.v.weight": (256, 256, 1, 1),
+              "up.0.block.2.conv1.weight": (128, 256, 3, 3), "up.3.upsample.conv.weight": (256, 256, 3, 3),
+              "norm_out.weight": (128,), "conv_out.weight": (3, 128, 3, 3)}
+    for k, s in shapes.items():
+        assert tuple(ho[k].shape) == s, k
+    assert "up.0.upsample.conv.weight" not in ho and "down.3.downsample.conv.weight" not in ho
+    assert_same_state(from_ermongroup(ho), ours)  # config read from the keys
+    assert infer_preset(ho, "ermongroup") == "ddpm_cifar10"
+    net = UNet(unet_config("ddpm_cifar10")).eval()
+    net.load_state_dict(from_ermongroup(ho, net.config))
+    with torch.no_grad():
+        diff = max_diff(net(ddpm["x"], ddpm["t"].float()), ddpm["y"])
+    print(f"ermongroup file vs diffusers max|diff| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_ermongroup_ddim_list_checkpoint_and_inferred_config(tmp_path):
+    torch.manual_seed(0)
+    net = perturb(UNet(HO_SMALL).eval(), 2)
+    ho = to_ermongroup(net.state_dict(), HO_SMALL)
+    ema = {f"module.{k}": v for k, v in ho.items()}  # ddim: [model, optimizer, epoch, step, ema], DataParallel names
+    torch.save([{f"module.{k}": 0 * v for k, v in ho.items()}, {"state": {}, "param_groups": []}, 3, 100, ema],
+               tmp_path / "ckpt.pth")
+    loaded, info = load_original(str(tmp_path / "ckpt.pth"))
+    assert info["preset"] is None and loaded.config.attn_resolutions == (16,)  # image size inferred as 32
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([5.0, 700.0])), net(x, torch.tensor([5.0, 700.0])))
+
+
+@pytest.mark.parametrize("variant", list(ADM_VARIANTS))
+def test_adm_style_diffusers_and_guided(variant, tmp_path):
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    ref = perturb(UNet2DModel(**ADM_SMALL, **ADM_VARIANTS[variant]).eval(), 3)
+    assert ref.down_blocks[1].attentions[0].heads == 4
+    ref.save_pretrained(tmp_path / "diffusers")
+    net, info = load_diffusers_dir(str(tmp_path / "diffusers"))
+    cfg = net.config
+    assert cfg.resblock_updown == (variant == "resnet_updown") and cfg.down_pad == "sym"
+    assert (cfg.scale_shift, cfg.time_emb, cfg.norm_eps, cfg.num_head_channels, cfg.attn_resolutions) == \
+        (True, "cos_sin", 1e-5, 16, (8, 4))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.7, 501.25])  # fractional t
+    with torch.no_grad():
+        y = ref(x, t).sample
+        diff = max_diff(net(x, t), y)
+    print(f"ADM-style ({variant}) diffusers vs ours max|diff| = {diff:.2e}")
+    assert y.shape == (2, 6, 16, 16) and diff <= 1e-5
+
+    # guided-diffusion naming, both fused-qkv layouts: keys, shapes and a lossless round trip
+    for layout in ("legacy", "new"):
+        gcfg = dataclasses.replace(cfg, qkv_layout=layout)
+        g = to_guided(net.state_dict(), gcfg)
+        assert infer_format(g) == "guided"
+        assert tuple(g["input_blocks.4.1.qkv.weight"].shape) == (192, 64, 1)
+        assert tuple(g["middle_block.1.proj_out.weight"].shape) == (64, 64, 1)
+        assert tuple(g["input_blocks.1.0.emb_layers.1.weight"].shape) == (64, 128)  # 2C: scale, shift
+        assert tuple(g["out.2.weight"].shape) == (6, 32, 3, 3) and "time_embed.2.bias" in g
+        if variant == "resnet_updown":
+            assert "input_blocks.3.0.in_layers.2.weight" in g and "output_blocks.5.2.out_layers.3.weight" in g
+        else:
+            assert "input_blocks.3.0.op.weight" in g and "output_blocks.5.2.conv.weight" in g
+        assert_same_state(from_guided(g, gcfg), net.state_dict())
+        torch.save(g, tmp_path / f"{layout}.pt")
+        loaded, _ = load_original(str(tmp_path / f"{layout}.pt"), config=dataclasses.asdict(gcfg))
+        assert_same_state(loaded.state_dict(), net.state_dict())
+
+
+def reference_fused_attention(x, g, prefix, heads, layout):
+    """ADM attention block written from the layout descriptions: qkv is a conv1d with 3C outputs;
+    'legacy' reshapes to (B*heads, 3*d, T) (each head's [q,k,v] contiguous), 'new' chunks q,k,v first
+    and then splits heads; q and k are each scaled by d^-1/4."""
+    B, C, H, W = x.shape
+    T, d = H * W, C // heads
+    h = F.group_norm(x, 32, g[f"{prefix}.norm.weight"], g[f"{prefix}.norm.bias"], eps=1e-5).reshape(B, C, T)
+    qkv = F.conv1d(h, g[f"{prefix}.qkv.weight"], g[f"{prefix}.qkv.bias"])
+    if layout == "legacy":
+        q, k, v = qkv.reshape(B * heads, 3 * d, T).split(d, dim=1)
+    else:
+        q, k, v = (z.reshape(B * heads, d, T) for z in qkv.chunk(3, dim=1))
+    s = d ** -0.25
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q * s, k * s), dim=-1)
+    a = torch.einsum("bts,bcs->bct", w, v).reshape(B, C, T)
+    return x + F.conv1d(a, g[f"{prefix}.proj_out.weight"], g[f"{prefix}.proj_out.bias"]).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_fused_qkv_layouts_numerically(layout):
+    cfg = dataclasses.replace(unet_config("tiny"), qkv_layout=layout)
+    torch.manual_seed(0)
+    net = perturb(UNet(cfg).eval(), 4, scale=0.1)
+    g = to_guided(net.state_dict(), cfg)
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        ours = net.mid_attn(x)
+        right = reference_fused_attention(x, g, "middle_block.1", 2, layout)
+        wrong = reference_fused_attention(x, g, "middle_block.1", 2, {"legacy": "new", "new": "legacy"}[layout])
+    assert max_diff(ours, right) <= 1e-5
+    assert max_diff(ours, wrong) > 1e-3  # the two orders really differ
+
+
+def test_published_parameter_counts_and_preset_inference():
+    counts = {"ddpm_cifar10": 35_746_307, "adm_cifar10_57m": 57_094_662, "iddpm_cifar10": 52_546_438}
+    for name, n in counts.items():
+        with torch.device("meta"):
+            net = UNet(unet_config(name))
+        assert sum(p.numel() for p in net.parameters()) == n, name
+        if name == "ddpm_cifar10":
+            assert infer_preset(to_ermongroup(net.state_dict(), net.config), "ermongroup") == name
+        else:
+            g = to_guided(net.state_dict(), net.config)
+            assert len(g) == {"adm_cifar10_57m": 494, "iddpm_cifar10": 446}[name]
+            assert infer_preset(g, "guided") == name
+
+
+def test_build_net_and_net_config_round_trip():
+    for name in ("tiny", "dit_tiny"):
+        net = build_net(net_preset(name))
+        cfg = json.loads(json.dumps(net_config(net)))
+        assert cfg == net_preset(name)
+        build_net(cfg).load_state_dict(net.state_dict())
+    zero = build_net(net_preset("tiny"), zero_init=True)
+    assert torch.equal(zero(torch.randn(1, 3, 16, 16), 10.0), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError) as e:
+        build_net({"arch": "unet", "channels": 3})
+    one_line_error(e)
+
+
+def test_dit_shapes_and_adaln_zero():
+    cfg = dataclasses.replace(dit_config("dit_tiny"), out_channels=6)
+    net = DiT(cfg).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.0, 999.5])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), torch.zeros(2, 6, 16, 16))  # adaLN-Zero: exactly zero at init
+        perturb(net, 5, scale=0.05)
+        y = net(x, t)
+        assert y.shape == (2, 6, 16, 16) and y.abs().min() > 0 and torch.isfinite(y).all()
+        assert torch.allclose(net(x, 500.0), net(x, torch.tensor([500.0, 500.0])))
+
+
+def test_mismatched_checkpoints_raise_one_line():
+    torch.manual_seed(0)
+    ho = to_ermongroup(UNet(HO_SMALL).state_dict(), HO_SMALL)
+    with pytest.raises(ValueError) as e:
+        from_ermongroup(ho, unet_config("ddpm_cifar10"))
+    assert "ermongroup" in one_line_error(e) and "'ddpm_cifar10' expects 328" in str(e.value)
+    bad = dict(ho, **{"conv_in.weight": torch.zeros(32, 3, 5, 5)})
+    with pytest.raises(ValueError) as e:
+        from_ermongroup(bad, HO_SMALL)
+    assert "shape" in one_line_error(e)
+    with pytest.raises(ValueError) as e:
+        from_guided(ho, unet_config("iddpm_cifar10"))
+    one_line_error(e)
+    with pytest.raises(ValueError) as e:
+        infer_format({"foo.weight": torch.zeros(1)})
+    one_line_error(e)
+    with pytest.raises(ValueError) as e:
+        infer_preset(to_guided(UNet(unet_config("tiny")).state_dict(), unet_config("tiny")), "guided")
+    assert one_line_error(e)  # 'tiny' has qkv_layout 'separate': no guided preset fits
+    with pytest.raises(ValueError) as e:
+        unet_config_from_diffusers(dict(DDPM_CIFAR10, down_block_types=["CrossAttnDownBlock2D"] * 4))
+    assert "CrossAttnDownBlock2D" in one_line_error(e)
+    with pytest.raises(ValueError) as e:
+        unet_config_from_diffusers(dict(ADM_SMALL, **ADM_VARIANTS["conv_sym"], attn_norm_num_groups=None))
+    one_line_error(e)
+
+
+def test_diffusers_attention_head_dim_default():
+    assert unet_config_from_diffusers(DDPM_CIFAR10).num_head_channels == -1  # null: one head
+    missing = {k: v for k, v in DDPM_CIFAR10.items() if k != "attention_head_dim"}
+    assert unet_config_from_diffusers(missing).num_head_channels == 8  # diffusers' default
+
+
+def test_read_safetensors_matches_package(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
+               "bf16": torch.randn(2, 3, 1, 1, generator=g).bfloat16(), "i64": torch.arange(-3, 4),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    ours, theirs = read_safetensors(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "t.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, data, fail_after=None):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+        self.fail_after = fail_after
+
+    def read(self, n=-1):
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError("connection reset")
+        return super().read(min(n, 1000) if n > 0 else n)
+
+
+def test_hub_download(tmp_path, monkeypatch):
+    data = os.urandom(5000)
+    requests = []
+
+    def fake_urlopen(url, timeout=None):
+        requests.append(url)
+        if "broken" in url:
+            return FakeResponse(data, fail_after=2000)
+        if "missing" in url:
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        return FakeResponse(data)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    path = hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123")
+    assert requests == ["https://mirror.example/google/ddpm-cifar10-32/resolve/abc123/config.json"]
+    assert open(path, "rb").read() == data
+    assert hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123") == path
+    assert len(requests) == 1  # cache hit: no second request
+
+    for repo in ("org/broken", "org/missing"):
+        with pytest.raises(RuntimeError) as e:
+            hub_download(repo, "diffusion_pytorch_model.safetensors", str(tmp_path))
+        msg = one_line_error(e)
+        assert f"https://mirror.example/{repo}/resolve/main/diffusion_pytorch_model.safetensors" in msg
+        assert str(tmp_path) in msg
+        folder = tmp_path / repo.replace("/", "--") / "main"
+        assert os.listdir(folder) == []  # atomic: no partial or temp file left behind
