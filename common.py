@@ -346,7 +346,8 @@ class UNetConfig:
     resblock_updown: bool = False    # BigGAN-style res blocks do the resampling (DDPM-IP, PD)
     down_pad: str = "asym"           # conv downsampling: 'asym' (Ho: pad right/bottom) | 'sym' (ADM: pad 1)
     time_emb: str = "sin_cos"        # 'sin_cos' (Ho) | 'cos_sin' (ADM)
-    norm_eps: float = 1e-6           # GroupNorm(32) eps: Ho 1e-6, ADM 1e-5
+    norm_eps: float = 1e-6           # GroupNorm eps: Ho 1e-6, ADM 1e-5
+    norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
 
 
@@ -366,10 +367,10 @@ class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim, cfg, resample=None):
         super().__init__()
         self.scale_shift, self.resample = cfg.scale_shift, resample
-        self.norm1 = nn.GroupNorm(32, c_in, eps=cfg.norm_eps)
+        self.norm1 = nn.GroupNorm(cfg.norm_groups, c_in, eps=cfg.norm_eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * c_out if cfg.scale_shift else c_out)
-        self.norm2 = nn.GroupNorm(32, c_out, eps=cfg.norm_eps)
+        self.norm2 = nn.GroupNorm(cfg.norm_groups, c_out, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -394,10 +395,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
 
-    def __init__(self, channels, heads, eps):
+    def __init__(self, channels, heads, cfg):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(32, channels, eps=eps)
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
         self.qkv = nn.Linear(channels, 3 * channels)  # rows [q | k | v], each split into heads
         self.proj = nn.Linear(channels, channels)
 
@@ -459,7 +460,7 @@ class UNet(nn.Module):
         def attention(level, c, n):  # n attention blocks if this level's resolution has attention
             if cfg.image_size >> level not in cfg.attn_resolutions:
                 return None
-            return [Attention(c, _heads(cfg, c), cfg.norm_eps) for _ in range(n)]
+            return [Attention(c, _heads(cfg, c), cfg) for _ in range(n)]
 
         skips, c = [ch], ch  # channels of the skip stack
         self.down = nn.ModuleList()
@@ -476,7 +477,7 @@ class UNet(nn.Module):
             self.down.append(Level(res, attention(i, c, R), resample))
 
         self.mid_res1 = ResBlock(c, c, emb_dim, cfg)
-        self.mid_attn = Attention(c, _heads(cfg, c), cfg.norm_eps)
+        self.mid_attn = Attention(c, _heads(cfg, c), cfg)
         self.mid_res2 = ResBlock(c, c, emb_dim, cfg)
 
         self.up = nn.ModuleList()
@@ -490,7 +491,7 @@ class UNet(nn.Module):
                 resample = ResBlock(c, c, emb_dim, cfg, "up") if cfg.resblock_updown else Upsample(c)
             self.up.append(Level(res, attention(i, c, R + 1), resample))
 
-        self.norm_out = nn.GroupNorm(32, c, eps=cfg.norm_eps)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, c, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
         if zero_init:
             last = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
@@ -637,7 +638,7 @@ UNET_PRESETS = {
                              resblock_updown=True, **_ADM),
     # CPU tests
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
-                       resblock_updown=True, **_ADM),
+                       resblock_updown=True, norm_groups=8, **_ADM),
 }
 DIT_PRESETS = {
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),
@@ -1738,12 +1739,12 @@ class TeacherConfig:
     param: str = field("eps", "network output: eps | x | v | both")
     weighting: str = field("snr", "loss weighting: snr (eps-MSE) | trunc_snr | snr_plus_one (v-MSE) | const (x-MSE)")
     var: str = field("fixed_large", "variance type recorded for ancestral sampling")
-    updates: int = field(4000, "parameter updates")
-    batch: int = field(64, "global batch size")
-    lr: float = field(2e-4, "Adam learning rate")
-    warmup: int = field(200, "linear warm-up updates")
+    updates: int = field(1500, "parameter updates")
+    batch: int = field(32, "global batch size")
+    lr: float = field(5e-4, "Adam learning rate")
+    warmup: int = field(100, "linear warm-up updates")
     weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
-    ema: float = field(0.999, "EMA decay")
+    ema: float = field(0.995, "EMA decay")
     grad_clip: float = field(1.0, "clip the global gradient norm (0 = off)")
     seed: int = field(0, "seed")
     device: str = field("auto", "auto | cpu | cuda[:N]")
@@ -1827,6 +1828,7 @@ def cached_teacher(cfg=None):
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
     cfg = cfg or TeacherConfig()
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "device", "log_every")}
+    recipe["net"] = net_preset(cfg.net)
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(CACHE_DIR, "teachers", f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt")
     if not os.path.exists(path):

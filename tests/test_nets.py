@@ -205,13 +205,13 @@ def test_adm_style_diffusers_and_guided(variant, tmp_path):
         assert_same_state(loaded.state_dict(), net.state_dict())
 
 
-def reference_fused_attention(x, g, prefix, heads, layout):
+def reference_fused_attention(x, g, prefix, heads, layout, groups=32):
     """ADM attention block written from the layout descriptions: qkv is a conv1d with 3C outputs;
     'legacy' reshapes to (B*heads, 3*d, T) (each head's [q,k,v] contiguous), 'new' chunks q,k,v first
     and then splits heads; q and k are each scaled by d^-1/4."""
     B, C, H, W = x.shape
     T, d = H * W, C // heads
-    h = F.group_norm(x, 32, g[f"{prefix}.norm.weight"], g[f"{prefix}.norm.bias"], eps=1e-5).reshape(B, C, T)
+    h = F.group_norm(x, groups, g[f"{prefix}.norm.weight"], g[f"{prefix}.norm.bias"], eps=1e-5).reshape(B, C, T)
     qkv = F.conv1d(h, g[f"{prefix}.qkv.weight"], g[f"{prefix}.qkv.bias"])
     if layout == "legacy":
         q, k, v = qkv.reshape(B * heads, 3 * d, T).split(d, dim=1)
@@ -232,8 +232,8 @@ def test_fused_qkv_layouts_numerically(layout):
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
         ours = net.mid_attn(x)
-        right = reference_fused_attention(x, g, "middle_block.1", 2, layout)
-        wrong = reference_fused_attention(x, g, "middle_block.1", 2, {"legacy": "new", "new": "legacy"}[layout])
+        right = reference_fused_attention(x, g, "middle_block.1", 2, layout, cfg.norm_groups)
+        wrong = reference_fused_attention(x, g, "middle_block.1", 2, {"legacy": "new", "new": "legacy"}[layout], cfg.norm_groups)
     assert max_diff(ours, right) <= 1e-5
     assert max_diff(ours, wrong) > 1e-3  # the two orders really differ
 
