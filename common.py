@@ -300,8 +300,6 @@ def ddim_sample(net, schedule, param, z, times, clip=False, eta=0.0, generator=N
 # improved-diffusion with rescale_timesteps: t * 1000 / T). Fractional t is fine everywhere.
 
 
-
-
 def timestep_embedding(t, dim, order="cos_sin"):
     """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), computed in fp32.
     'cos_sin' (ADM, DiT): [cos, sin] with frequencies 10000^(-k/half).
@@ -1193,14 +1191,6 @@ def load_original(path, fmt=None, config=None, device="cpu"):
 
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
 
-# Public teachers whose hub files carry no schedule we can trust verbatim, with what the papers used.
-KNOWN_TEACHERS = {
-    "google/ddpm-cifar10-32": "Ho et al. 2020 CIFAR-10 (EMA), 35.7M, linear beta, eps, fixed_large",
-    "google/ddpm-celebahq-256": "Ho et al. 2020 CelebA-HQ 256, linear beta, eps, fixed_small",
-    "google/ddpm-church-256": "Ho et al. 2020 LSUN church 256, linear beta, eps, fixed_small",
-    "google/ddpm-bedroom-256": "Ho et al. 2020 LSUN bedroom 256, linear beta, eps, fixed_small",
-}
-
 # Schedules and parameterisations of original (non-diffusers) checkpoints, by the preset the keys imply.
 ORIGINAL_INFO = {
     "ddpm_cifar10": dict(schedule=dict(kind="linear", T=1000), param="eps", var="fixed_large"),
@@ -1421,18 +1411,6 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); use it as --teacher instead")
     return ckpt
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resume_path(out_dir, resume, name="ckpt.pt"):
@@ -1756,11 +1734,6 @@ class TeacherConfig:
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH")
 
 
-def make_schedule(kind, **kw):
-    """Schedule by name: the discrete ones over T=1000 timesteps, or the continuous log-SNR cosine."""
-    return Schedule(kind, **kw)
-
-
 def train_teacher(cfg):
     """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample
     grid. Returns the checkpoint path; the checkpoint loads with load_teacher."""
@@ -1771,7 +1744,7 @@ def train_teacher(cfg):
         start_run(out_dir, cfg)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed).to(device)
-    schedule = make_schedule(cfg.schedule)
+    schedule = Schedule(cfg.schedule)
     out_ch = 3 * (2 if cfg.param == "both" else 1) + (3 if cfg.var == "learned_range" else 0)
     net = make_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
     ema = make_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
