@@ -29,6 +29,9 @@ model; RMSE to the teacher's 16-step DDIM output over 64 samples):
     steps                   8       4       2       1
     student               0.019   0.039   0.058   0.078
     undistilled DDIM      0.039   0.100   0.190   0.297
+From the shared eps shapes teacher (linear, eps) the 'both' student starts at 0.47 at 8 steps (x = alpha^2 x(eps)
+until its x head is learned) and needs far longer rounds: 0.25 / 0.21 / 0.19 after 150 / 600 / 1500 updates
+of 16 -> 8 steps, against 0.069 for that teacher's own 8-step DDIM.
 """
 import dataclasses
 import math
@@ -38,8 +41,8 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PARAMS, WEIGHTINGS, TeacherConfig, autocast, bcast, build_net, cached_teacher, ddim_sample,
-                    ddim_step, denoise, eps_from_x, fid_is, field, generate, load_checkpoint, load_dataset,
+from common import (DATASETS, PARAMS, WEIGHTINGS, TeacherConfig, autocast, bcast, build_net, cached_teacher,
+                    ddim_sample, ddim_step, denoise, eps_from_x, fid_is, field, generate, load_checkpoint, load_dataset,
                     load_teacher, log_row, lr_at, net_config, parse_config, pd_target, pick_device, posterior,
                     resume_path, rmse, sample_batch, sample_to_folder, sampler_times, save_checkpoint, save_grid,
                     start_run, train_teacher, unit_grid, weighted_loss, write_metrics)
@@ -67,7 +70,7 @@ class Config:
     base_warmup: int = field(1000, "base lr warm-up updates (official config)")
     base_weight_decay: float = field(0.001, "base decoupled weight decay (app. E)")
     base_ema: float = field(0.9999, "base EMA decay (app. E); the student starts from the EMA weights")
-    base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE) instead of --out/base")
+    base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE), not --out/base")
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
     start_steps: int = field(8192, "teacher sampling steps at the start (sec. 5.2: 8192 for CIFAR-10)")
     end_steps: int = field(1, "student sampling steps of the last round")
@@ -91,7 +94,8 @@ class Config:
     eval_clip: bool = field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval; the distillation "
                                   "targets follow --teacher-clip)")
     fid_samples: int = field(0, "FID/IS samples per model and round (0 = off; the paper uses 50000)")
-    fid_teacher: bool = field(False, "also FID the undistilled teacher at each round's steps (fig. 4; costly at large N)")
+    fid_teacher: bool = field(False, "also FID the undistilled teacher at each round's steps (fig. 4; costly at "
+                                     "large N)")
     inception: str = field("", "path of the Inception weights for FID/IS (default: download once)")
     stochastic: str = field("", "app. F sampler for the students: comma-separated gammas in [0, 1] (log-variance "
                                 "between the lower (0) and upper (1) bound); empty = off")
@@ -255,7 +259,8 @@ def sample_and_score(cfg, name, sample_fn, data, device, want_fid):
             return images, {"fid": None, "is": None}
         folder = sample_to_folder(sample_fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name),
                                   data.shape[1:], cfg.batch, device)
-    ref = None if cfg.data == "cifar10" else write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
+    ref = None if cfg.data == "cifar10" else write_pngs(data[:cfg.fid_samples],
+                                                        os.path.join(cfg.out, "samples", "data"))
     return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref)
 
 
@@ -294,6 +299,11 @@ def as_teacher(cfg, student, param, schedule, var, N, step, elapsed):
                 elapsed=elapsed)
 
 
+def snapshot(net, param):
+    """A teacher as stored in ckpt.pt: the teacher of the round a resume starts in."""
+    return {"net_config": net_config(net), "weights": net.state_dict(), "param": param}
+
+
 def distill(cfg, spec, teacher0, info, data, device, state=None):
     """Rounds of Alg. 2 from teacher0, resumable inside a round and across rounds. Returns the metrics rows."""
     schedule, path = info["schedule"], os.path.join(cfg.out, "ckpt.pt")
@@ -304,9 +314,9 @@ def distill(cfg, spec, teacher0, info, data, device, state=None):
         reference, scores = sample_and_score(cfg, f"teacher_{cfg.start_steps}", fn, data, device, True)
         results = [{"model": "teacher", "steps": cfg.start_steps, "round": 0, "sampler": "ddim",
                     "rmse_to_reference": 0.0, "fid": scores["fid"], "is": scores["is"]}]
-        state = {"round": 0, "step": 0, "optimizer": None, "teacher": {"net_config": net_config(teacher0),
-                 "weights": teacher0.state_dict(), "param": info["param"]}, "results": results,
-                 "reference": reference, "grid_rows": [reference[:cfg.grid].repeat(2, 1, 1, 1)], "elapsed": 0.0}
+        state = {"round": 0, "step": 0, "optimizer": None, "teacher": snapshot(teacher0, info["param"]),
+                 "results": results, "reference": reference, "elapsed": 0.0,
+                 "grid_rows": [reference[:cfg.grid].repeat(2, 1, 1, 1)]}  # the reference above both halves
     reference, results, grid_rows, elapsed = state["reference"], state["results"], state["grid_rows"], state["elapsed"]
     teacher = build_net(state["teacher"]["net_config"]).to(device)
     teacher.load_state_dict(state["teacher"]["weights"])
@@ -330,7 +340,7 @@ def distill(cfg, spec, teacher0, info, data, device, state=None):
                             optimizer=optimizer, round=round_, teacher=teacher_state, gen=gen.get_state(),
                             results=results, reference=reference, grid_rows=grid_rows, teacher_spec=spec)
 
-        teacher_state = {"net_config": net_config(teacher), "weights": teacher.state_dict(), "param": t_param}
+        teacher_state = snapshot(teacher, t_param)
         clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and t_param == "eps")
         student.train()
         loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
@@ -373,22 +383,25 @@ def distill(cfg, spec, teacher0, info, data, device, state=None):
         save_checkpoint(os.path.join(cfg.out, f"student_{N}steps.pt"),
                         **as_teacher(cfg, student, s_param, schedule, var, N, updates, elapsed), optimizer=None)
         teacher, t_param = student, s_param
-        save_state(r + 1, 0, None, {"net_config": net_config(teacher), "weights": teacher.state_dict(), "param": t_param})
+        save_state(r + 1, 0, None, snapshot(teacher, t_param))
     return results
 
 
 def check(cfg):
     """One-line errors for bad flags."""
     problems = [(cfg.param not in PARAMS, f"--param {cfg.param}: expected one of {', '.join(PARAMS)}"),
-                (cfg.weighting not in WEIGHTINGS, f"--weighting {cfg.weighting}: expected one of {', '.join(WEIGHTINGS)}"),
+                (cfg.weighting not in WEIGHTINGS,
+                 f"--weighting {cfg.weighting}: expected one of {', '.join(WEIGHTINGS)}"),
                 (cfg.divisor not in (2, 4), f"--divisor {cfg.divisor}: expected 2 or 4"),
                 (cfg.eps_student not in ("both", "eps"), f"--eps-student {cfg.eps_student}: expected both or eps"),
-                (cfg.teacher_clip not in ("auto", "yes", "no"), f"--teacher-clip {cfg.teacher_clip}: expected auto, yes or no"),
+                (cfg.teacher_clip not in ("auto", "yes", "no"),
+                 f"--teacher-clip {cfg.teacher_clip}: expected auto, yes or no"),
                 (not 1 <= cfg.end_steps < cfg.start_steps or cfg.start_steps % cfg.end_steps
                  or (cfg.start_steps // cfg.end_steps) & (cfg.start_steps // cfg.end_steps - 1),
                  f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected 1 <= end < start with "
                  "start/end a power of 2"),
-                (cfg.updates_per_round < 1 or cfg.final_rounds_factor < 1, "--updates-per-round and --final-rounds-factor must be >= 1"),
+                (cfg.updates_per_round < 1 or cfg.final_rounds_factor < 1,
+                 "--updates-per-round and --final-rounds-factor must be >= 1"),
                 (cfg.dtype not in ("fp32", "bf16", "fp16"), f"--dtype {cfg.dtype}: expected fp32, bf16 or fp16"),
                 (cfg.eval_samples < 1 or cfg.batch < 1, "--eval-samples and --batch must be >= 1")]
     try:
@@ -419,7 +432,7 @@ def main(argv=None):
         raise SystemExit(f"error: {spec} was distilled for {info['steps']} steps; pass --start-steps {info['steps']}")
     size = net_config(teacher0).get("image_size")
     if size and size != data.shape[-1]:
-        raise SystemExit(f"error: the teacher works at {size}x{size} but the data is {data.shape[-1]}x{data.shape[-1]}; "
+        raise SystemExit(f"error: the teacher works at {size}x{size}, the data at {data.shape[-1]}x{data.shape[-1]}; "
                          f"pass --image-size {size}")
     return distill(cfg, spec, teacher0, info, data.to(device), device, state)
 

@@ -126,7 +126,7 @@ def test_resume_inside_a_round_reproduces_an_uninterrupted_run(tmp_path, monkeyp
     resumed, log = _run(tmp_path / "b", *flags)
     assert [(r["round"], r["update"]) for r in log] == [(1, 2), (1, 4), (1, 6), (1, 8), (2, 2), (2, 4), (2, 6), (2, 8)]
     assert resumed["results"] == straight["results"]
-    a, b = C.load_checkpoint(tmp_path / "a" / "student_1steps.pt"), C.load_checkpoint(tmp_path / "b" / "student_1steps.pt")
+    a, b = (C.load_checkpoint(tmp_path / run / "student_1steps.pt") for run in ("a", "b"))
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
@@ -154,7 +154,7 @@ def test_eps_teacher_in_ddpm_cifar10_format_to_one_step(tmp_path):
     student, param = P.make_student(teacher, "eps", "both")
     assert param == "both" and C.net_config(student)["out_channels"] == 6
     schedule, z = info["schedule"], torch.randn(2, 3, 16, 16)
-    for u in (0.05, 0.5, 1.0):   # x = sigma^2 * 0 + alpha^2 x(eps_teacher): the teacher as SNR grows, bounded as SNR -> 0
+    for u in (0.05, 0.5, 1.0):  # x = sigma^2 0 + alpha^2 x(eps_teacher): the teacher at high SNR, bounded as SNR -> 0
         t = schedule.time(u)
         alpha = schedule.alpha_sigma(t)[0]
         x_student, eps_student = C.denoise(student, schedule, param, z, t)
