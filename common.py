@@ -1484,6 +1484,18 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, r
     return folder
 
 
+def write_pngs(images_uint8, folder):
+    """Images (N, C, H, W) uint8 as numbered PNGs, e.g. real images as the FID reference of datasets without
+    clean-fid statistics. Written once: into a temp folder, renamed when complete."""
+    from PIL import Image
+    if not os.path.isdir(folder):
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        for i, im in enumerate(images_uint8.permute(0, 2, 3, 1).cpu().numpy()):
+            Image.fromarray(im.squeeze()).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
 

@@ -34,7 +34,7 @@ import torch
 from common import (DATASETS, TeacherConfig, autocast, build_net, cached_teacher, ddim_sample, ema_update, fid_is,
                     field, generate, load_checkpoint, load_dataset, load_teacher, log_row, lr_at, net_config,
                     parse_config, pick_device, resume_path, rmse, sample_to_folder, sampler_times, save_checkpoint,
-                    save_grid, seeded_noise, start_run, write_json, write_metrics, x_eps_from_output)
+                    save_grid, seeded_noise, start_run, write_json, write_metrics, write_pngs, x_eps_from_output)
 
 
 @dataclasses.dataclass
@@ -362,18 +362,6 @@ def images_per_second(sample_fn, shape, batch, device, repeats):
     return repeats * batch / (time.time() - t0)
 
 
-def real_folder(cfg, folder):
-    """The dataset's images as PNGs (FID reference for datasets without clean-fid statistics), written once."""
-    from PIL import Image
-    if not os.path.isdir(folder):
-        images = load_dataset(cfg.data, cfg.image_size).permute(0, 2, 3, 1).numpy()
-        os.makedirs(folder + ".tmp", exist_ok=True)
-        for i, im in enumerate(images):
-            Image.fromarray(im).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
-        os.replace(folder + ".tmp", folder)
-    return folder
-
-
 @torch.no_grad()
 def evaluate(cfg, teacher_net, info, times, shape, device):
     schedule, param = info["schedule"], info["param"]
@@ -428,7 +416,8 @@ def evaluate(cfg, teacher_net, info, times, shape, device):
 
     # FID / IS (Table 1), 50k samples on noise seeds no training pair used.
     if cfg.fid:
-        ref = None if cfg.data == "cifar10" else cfg.fid_ref or real_folder(cfg, os.path.join(cfg.out, "fid_real"))
+        ref = None if cfg.data == "cifar10" else \
+            cfg.fid_ref or write_pngs(load_dataset(cfg.data, cfg.image_size), os.path.join(cfg.out, "fid_real"))
         for row, fn, name in ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher")):
             if name == "teacher" and not cfg.fid_teacher:
                 continue

@@ -45,7 +45,7 @@ from common import (DATASETS, PARAMS, WEIGHTINGS, TeacherConfig, autocast, bcast
                     ddim_sample, ddim_step, denoise, eps_from_x, fid_is, field, generate, load_checkpoint, load_dataset,
                     load_teacher, log_row, lr_at, net_config, parse_config, pd_target, pick_device, posterior,
                     resume_path, rmse, sample_batch, sample_to_folder, sampler_times, save_checkpoint, save_grid,
-                    start_run, train_teacher, unit_grid, weighted_loss, write_metrics)
+                    start_run, train_teacher, unit_grid, weighted_loss, write_metrics, write_pngs)
 
 
 @dataclasses.dataclass
@@ -239,16 +239,6 @@ def stochastic(net, schedule, param, steps, gamma, clip, generator):
             logvar = gamma * var_hi.log() + (1 - gamma) * var_lo.log()
             z = mean + (0.5 * logvar).exp() * torch.randn(z.shape, generator=generator, device=z.device)
     return sample
-
-
-def write_pngs(images_uint8, folder):
-    """Real images as PNGs, the FID reference of datasets other than cifar10."""
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
-    for i, im in enumerate(images_uint8.permute(0, 2, 3, 1).cpu().numpy()):
-        if not os.path.exists(os.path.join(folder, f"{i:06d}.png")):
-            Image.fromarray(im).save(os.path.join(folder, f"{i:06d}.png"))
-    return folder
 
 
 def sample_and_score(cfg, name, sample_fn, data, device, want_fid):

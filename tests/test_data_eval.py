@@ -111,6 +111,15 @@ def test_sample_to_folder_resumes_and_shards(tmp_path):
     assert np.array_equal(img, C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy())
 
 
+def test_write_pngs_once(tmp_path):
+    images = C.make_shapes(3, 8)
+    folder = C.write_pngs(images, str(tmp_path / "ref"))
+    assert sorted(os.listdir(folder)) == ["000000.png", "000001.png", "000002.png"]
+    assert np.array_equal(np.asarray(Image.open(os.path.join(folder, "000002.png"))), images[2].permute(1, 2, 0).numpy())
+    C.write_pngs(C.make_shapes(5, 8), folder)                       # already complete: left alone
+    assert len(os.listdir(folder)) == 3
+
+
 def test_save_grid(tmp_path):
     C.save_grid(torch.zeros(10, 3, 8, 8), str(tmp_path / "g.png"), nrow=4)
     assert Image.open(tmp_path / "g.png").size == (4 * 9 + 1, 3 * 9 + 1)
