@@ -16,6 +16,7 @@ and is cast to float32; `t` is in the schedule's own units (integer timesteps fo
 [0, 1] for the continuous one); `schedule.net_time(t)` is what the network is fed.
 """
 import argparse
+import copy
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 import hashlib
@@ -144,52 +145,87 @@ def v_from_x_eps(x, eps, alpha, sigma):
     return alpha * eps - sigma * x        # eq. 26: v = cos(phi) eps - sin(phi) x
 
 
-PARAMS = ("eps", "x", "v", "both")
+PARAMS = ("eps", "x", "v", "both", "resid")
 
 
 def x_eps_from_output(out, z, alpha, sigma, param):
-    """Network output -> (x_pred, eps_pred). `out` may carry extra channels (learned variance) after
-    the mean channels; 'both' reads out[:, :C] as x and out[:, C:2C] as eps and mixes them as
-    x = sigma^2 x_direct + alpha^2 x(eps) (Salimans & Ho sec. 4, third option)."""
+    """Network output -> (x_pred, eps_pred). `out` may carry extra channels (learned variance) after the
+    mean channels. 'both' reads out[:, :C] as x and out[:, C:2C] as eps and mixes them as
+    x = sigma^2 x_direct + alpha^2 x(eps) (Salimans & Ho sec. 4, third option); 'resid' is x = z - out,
+    the unit-coefficient read-out of Luhman & Luhman's official one-step student."""
     C = z.shape[1]
     if param == "eps":
         eps = out[:, :C]
         return x_from_eps(z, eps, alpha, sigma), eps
     if param == "x":
         x = out[:, :C]
-        return x, eps_from_x(z, x, alpha, sigma)
-    if param == "v":
-        v = out[:, :C]
-        return x_from_v(z, v, alpha, sigma), eps_from_v(z, v, alpha, sigma)
-    if param == "both":
+    elif param == "v":
+        return x_from_v(z, out[:, :C], alpha, sigma), eps_from_v(z, out[:, :C], alpha, sigma)
+    elif param == "both":
         x = sigma ** 2 * out[:, :C] + alpha ** 2 * x_from_eps(z, out[:, C:2 * C], alpha, sigma)
-        return x, eps_from_x(z, x, alpha, sigma)
-    raise ValueError(f"unknown parameterisation {param!r}: expected one of {PARAMS}")
+    elif param == "resid":
+        x = z - out[:, :C]
+    else:
+        raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
+    return x, eps_from_x(z, x, alpha, sigma)
 
 
-def denoise(net, schedule, param, z, t, clip=False):
-    """One network call at time t (scalar or (B,)): returns (x_pred, eps_pred) in float32.
-    With clip, x_pred is clipped to [-1, 1] and eps re-derived from it (as Salimans & Ho's sampler)."""
-    t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
-    alpha, sigma = (bcast(v, z) for v in schedule.alpha_sigma(t))
-    out = net(z, schedule.net_time(t).to(z.device)).float()
-    x, eps = x_eps_from_output(out, z, alpha, sigma, param)
-    if clip:
-        x = x.clamp(-1, 1)
-        eps = eps_from_x(z, x, alpha, sigma)
-    return x, eps
+class Denoiser:
+    """A network read as a denoiser (k-diffusion's wrapper idea): (z_t, t) -> (x_pred, eps_pred).
+    Carries the schedule, the output parameterisation, the variance type of ancestral sampling
+    ('fixed_small', 'fixed_large' or 'learned_range') and, for distilled students, the step count they
+    were trained for. `t` is in the schedule's own units; gradients flow (wrap calls in no_grad to sample)."""
+
+    def __init__(self, net, schedule, param, var="fixed_small", steps=None, source=""):
+        if param not in PARAMS:
+            raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
+        self.net, self.schedule, self.param, self.var, self.steps, self.source = net, schedule, param, var, steps, source
+
+    def full(self, z, t, clip=False):
+        """(x_pred, eps_pred, v): v are the learned-range variance channels in [-1, 1], or None. With clip,
+        x_pred is clipped to [-1, 1] and eps re-derived from it (Salimans & Ho's and DDPM's samplers)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
+        alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
+        out = self.net(z, self.schedule.net_time(t).to(z.device)).float()
+        x, eps = x_eps_from_output(out, z, alpha, sigma, self.param)
+        if clip:
+            x = x.clamp(-1, 1)
+            eps = eps_from_x(z, x, alpha, sigma)
+        C = z.shape[1] * (2 if self.param == "both" else 1)
+        return x, eps, out[:, C:C + z.shape[1]] if self.var == "learned_range" else None
+
+    def __call__(self, z, t, clip=False):
+        return self.full(z, t, clip)[:2]
+
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    def train(self, mode=True):
+        self.net.train(mode).requires_grad_(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def copy(self, net=None, **changes):
+        """A trainable copy (a student starts as its teacher): same fields, a deep copy of the net (or `net`)."""
+        fields_ = dict(schedule=self.schedule, param=self.param, var=self.var, steps=self.steps, source=self.source)
+        return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**fields_, **changes}).train()
+
+    def state(self):
+        """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
+        return dict(net_config=net_config(self.net), model=self.net.state_dict(), schedule=self.schedule.spec(),
+                    param=self.param, var=self.var, steps=self.steps)
 
 
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
     """Deterministic DDIM (Song et al. 2021 eq. 12 with eta = 0; Salimans & Ho eq. 8):
     z_s = alpha_s x_pred + sigma_s eps_pred. With (alpha_s, sigma_s) = (1, 0) it returns x_pred."""
     return alpha_s * x_pred + sigma_s * eps_pred
-
-
-def ddim_eta_step(x_pred, eps_pred, alpha_t, sigma_t, alpha_s, sigma_s, eta, noise):
-    """DDIM with eta > 0 (Song et al. 2021 eq. 12, 16): sigma_eta = eta sqrt(s_s^2/s_t^2) sqrt(1 - a_t^2/a_s^2)."""
-    sig_eta = eta * (sigma_s / sigma_t) * (1 - (alpha_t / alpha_s) ** 2).clamp_min(0).sqrt()
-    return alpha_s * x_pred + (sigma_s ** 2 - sig_eta ** 2).clamp_min(0).sqrt() * eps_pred + sig_eta * noise
 
 
 def posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s):
@@ -202,28 +238,25 @@ def posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s):
     return mean, (1 - r) * sigma_s ** 2, (1 - r) * sigma_t ** 2
 
 
-def ancestral_logvar(var_small, var_large, var_type, v=None):
-    """Log-variance of an ancestral step: 'fixed_small', 'fixed_large' (Ho et al. 2020 sec. 3.2) or
-    'learned_range', log Sigma = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1)/2
-    (Nichol & Dhariwal 2021 eq. 15, v the network's extra output channels in [-1, 1])."""
-    log_small = torch.log(var_small.clamp_min(1e-20))
-    log_large = torch.log(var_large.clamp_min(1e-20))
-    if var_type == "fixed_small":
-        return log_small
-    if var_type == "fixed_large":
-        return log_large
-    if var_type == "learned_range":
-        frac = (v + 1) / 2
-        return frac * log_large + (1 - frac) * log_small
-    raise ValueError(f"unknown variance type {var_type!r}: expected fixed_small, fixed_large or learned_range")
+def variance_frac(var, v=None):
+    """Where an ancestral step's log-variance sits between the lower (0) and upper (1) bound: 'fixed_small' 0,
+    'fixed_large' 1 (Ho et al. 2020 sec. 3.2), 'learned_range' (v + 1)/2 (Nichol & Dhariwal 2021 eq. 15)."""
+    if var == "learned_range":
+        return (v + 1) / 2
+    if var in ("fixed_small", "fixed_large"):
+        return float(var == "fixed_large")
+    raise ValueError(f"unknown variance type {var!r}: expected fixed_small, fixed_large or learned_range")
 
 
-def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, var_type="fixed_small", v=None):
-    """One stochastic step z_t -> z_s: posterior mean plus exp(logvar/2) noise; no noise into the data
-    (sigma_s = 0)."""
+def ancestral_logvar(var_small, var_large, frac):
+    """frac log var_large + (1 - frac) log var_small (N&D eq. 15; Salimans & Ho app. F's gamma is frac)."""
+    return frac * torch.log(var_large.clamp_min(1e-20)) + (1 - frac) * torch.log(var_small.clamp_min(1e-20))
+
+
+def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=0.0):
+    """One stochastic step z_t -> z_s: posterior mean plus exp(logvar/2) noise; no noise into the data."""
     mean, var_small, var_large = posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s)
-    logvar = ancestral_logvar(var_small, var_large, var_type, v)
-    return mean + (sigma_s > 0).float() * torch.exp(0.5 * logvar) * noise
+    return mean + (sigma_s > 0).float() * torch.exp(0.5 * ancestral_logvar(var_small, var_large, frac)) * noise
 
 
 def gaussian_kl(mean1, logvar1, mean2, logvar2):
@@ -232,13 +265,39 @@ def gaussian_kl(mean1, logvar1, mean2, logvar2):
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def pd_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp):
-    """Progressive-distillation target x~ (Salimans & Ho app. G, eq. 43): the x that makes one student
-    DDIM step t -> t'' land exactly on the teacher's two-step result z_t''.
-    x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
-    When t'' is the end of sampling (alpha, sigma) = (1, 0), x~ = z_t'' = the teacher's last x_pred."""
-    ratio = sigma_tpp / sigma_t
-    return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
+def step_gaussian(schedule, z_t, t, x_pred, frac):
+    """p(z_{t-1} | z_t) of a discrete-time model predicting x_pred: (mean, logvar), the posterior mean and the
+    log-variance frac of the way from beta~_t to beta_t, with beta~_0 := beta~_1 (Nichol & Dhariwal's clipped
+    posterior variance). At t = 0 the 'step' is the decoder to the data: mean = x_pred, variance beta_0."""
+    t = torch.as_tensor(t, device=z_t.device).long().expand(z_t.shape[0])
+    first = (t == 0).view(-1, *[1] * (z_t.dim() - 1))
+    a_t, s_t = (bcast(v, z_t) for v in schedule.alpha_sigma(t))
+    a_s, s_s = (bcast(v, z_t) for v in schedule.alpha_sigma((t - 1).clamp_min(0)))
+    mean, var_small, var_large = posterior(z_t, x_pred, a_t, s_t, torch.where(first, 1.0, a_s),
+                                           torch.where(first, 0.0, s_s))
+    (a1, s1), (a0, s0) = schedule.alpha_sigma(1), schedule.alpha_sigma(0)
+    var_small_1 = (1 - (a1 * s0) ** 2 / (s1 * a0) ** 2) * s0 ** 2
+    return mean, ancestral_logvar(torch.where(first, var_small_1.to(z_t.device), var_small), var_large, frac)
+
+
+def discretized_gaussian_nll(x, mean, logvar):
+    """-log p(x) of 8-bit data in [-1, 1] under N(mean, e^logvar) integrated over each pixel's bin of width 2/255,
+    the edge bins open (Ho et al. 2020 sec. 3.3, the decoder L_0)."""
+    cdf = lambda v: 0.5 * (1 + torch.erf((v - mean) * torch.exp(-0.5 * logvar) / math.sqrt(2)))
+    upper = torch.where(x > 0.999, 1.0, cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, 0.0, cdf(x - 1 / 255))
+    return -torch.log((upper - lower).clamp_min(1e-12))
+
+
+def vlb_terms(schedule, z_t, t, x, x_pred, v):
+    """L_t of the variational bound, in bits per dimension, shape (B,): KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t))
+    for t > 0 and the decoder NLL -log p(x | z_0) at t = 0 (Nichol & Dhariwal eq. 4-6), p with a learned-range
+    variance read from v. Pass x_pred detached for their L_hybrid (the vlb then trains the variance only)."""
+    mean_q, logvar_q = step_gaussian(schedule, z_t, t, x, 0.0)
+    mean_p, logvar_p = step_gaussian(schedule, z_t, t, x_pred, variance_frac("learned_range", v))
+    kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p).flatten(1).mean(1)
+    nll = discretized_gaussian_nll(x, mean_p, logvar_p).flatten(1).mean(1)
+    return torch.where(torch.as_tensor(t, device=z_t.device) == 0, nll, kl) / math.log(2.0)
 
 
 def ddim_timesteps(T, steps, skip="uniform"):
@@ -256,39 +315,48 @@ def ddim_timesteps(T, steps, skip="uniform"):
     elif skip == "linspace":
         seq = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
     else:
-        raise ValueError(f"unknown skip {skip!r}: expected uniform, quad, trailing or linspace")
+        raise ValueError(f"unknown skip {skip!r}: expected uniform, quad, trailing, linspace or unit")
     return [int(t) for t in seq[::-1]]
 
 
-def unit_grid(steps):
-    """Salimans & Ho's continuous N-step grid, descending: t_i = i/N for i = N..1 (the step from 1/N
-    goes to the data)."""
-    return [i / steps for i in range(steps, 0, -1)]
+SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
 
 
 def sampler_times(schedule, steps, skip="uniform"):
-    """The times of a `steps`-step deterministic sampler in the schedule's own units."""
+    """The times of a `steps`-step sampler in the schedule's own units, descending. 'unit' is Salimans & Ho's
+    continuous grid t_i = i/N, i = N..1 (the step from 1/N goes to the data), mapped by schedule.time."""
     if schedule.discrete and skip != "unit":
         return ddim_timesteps(schedule.T, steps, skip)
-    return [schedule.time(u) for u in unit_grid(steps)]
+    return [schedule.time(i / steps) for i in range(steps, 0, -1)]
 
 
 @torch.no_grad()
-def ddim_sample(net, schedule, param, z, times, clip=False, eta=0.0, generator=None):
+def ddim_sample(den, z, times, clip=False):
     """DDIM from noise z at times[0] through times[1:], then one last step to the data (alpha = 1,
     sigma = 0) that returns the final x_pred, as in ermongroup/ddim and Salimans & Ho's sampler.
     Repeated times (the quad sequence has some) are identity steps."""
     for i, t in enumerate(times):
-        x, eps = denoise(net, schedule, param, z, t, clip=clip)
+        x_pred, eps_pred = den(z, t, clip=clip)
         if i + 1 == len(times):
-            return x
-        alpha_s, sigma_s = schedule.alpha_sigma(times[i + 1])
-        if eta > 0:
-            alpha_t, sigma_t = schedule.alpha_sigma(t)
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
-            z = ddim_eta_step(x, eps, alpha_t, sigma_t, alpha_s, sigma_s, eta, noise)
-        else:
-            z = ddim_step(x, eps, alpha_s, sigma_s)
+            return x_pred
+        z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
+    return z
+
+
+@torch.no_grad()
+def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
+    """Ancestral sampling through `times`, the last step returning x_pred (Ho et al. alg. 2 on a respaced grid).
+    frac: the log-variance between the posterior's lower (0) and upper (1) bound; None = the denoiser's own
+    (variance_frac of den.var, learned per pixel for 'learned_range'). The noise of step k of sample i comes
+    from seeds[i] alone (seeded_noise stream k + 1), so samples do not depend on the batch they ran in."""
+    for k, t in enumerate(times):
+        x_pred, _, v = den.full(z, t, clip=clip)
+        if k + 1 == len(times):
+            return x_pred
+        (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(times[k + 1])
+        noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
+        f = variance_frac(den.var, v) if frac is None else frac
+        z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
     return z
 
 
@@ -614,7 +682,7 @@ class DiT(nn.Module):
 # ---- presets, build_net / net_config ---------------------------------------------------------
 
 _ADM = dict(scale_shift=True, time_emb="cos_sin", norm_eps=1e-5)
-UNET_PRESETS = {
+PRESETS = {
     # Ho et al. CIFAR-10 (= diffusers google/ddpm-cifar10-32, pesser/ermongroup ports): 35,746,307 params
     "ddpm_cifar10": UNetConfig(dropout=0.1),
     # DDIM CelebA 64x64 (ermongroup/ddim, Luhman & Luhman's CelebA teacher): 78,700,803 params
@@ -637,434 +705,156 @@ UNET_PRESETS = {
     # CPU tests
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
                        resblock_updown=True, norm_groups=8, **_ADM),
-}
-DIT_PRESETS = {
+    # DiT-style ViTs (Peebles & Xie 2023: S/2, B/2) and a CPU one
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),
     "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),
     "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),
 }
 
 
-def unet_config(name) -> UNetConfig:
-    if name not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset '{name}'; expected one of {', '.join(UNET_PRESETS)}")
-    return UNET_PRESETS[name]
-
-
-def dit_config(name) -> DiTConfig:
-    if name not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset '{name}'; expected one of {', '.join(DIT_PRESETS)}")
-    return DIT_PRESETS[name]
-
-
-def net_preset(name) -> dict:
-    """build_net() dict of a U-Net or DiT preset."""
-    if name in UNET_PRESETS:
-        return {"arch": "unet", **_jsonable(asdict(UNET_PRESETS[name]))}
-    if name in DIT_PRESETS:
-        return {"arch": "dit", **_jsonable(asdict(DIT_PRESETS[name]))}
-    raise ValueError(f"unknown network preset '{name}'; expected one of {', '.join([*UNET_PRESETS, *DIT_PRESETS])}")
-
-
-def _jsonable(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _make_config(cls, d):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of {sorted(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def build_net(cfg: dict, zero_init=False) -> nn.Module:
-    """cfg = {'arch': 'unet'|'dit', **config fields} (missing fields take the dataclass defaults).
-    zero_init applies to the U-Net only (DiT always uses its adaLN-Zero init)."""
-    cfg = dict(cfg)
-    arch = cfg.pop("arch", None)
-    if arch == "unet":
-        return UNet(_make_config(UNetConfig, cfg), zero_init=zero_init)
-    if arch == "dit":
-        return DiT(_make_config(DiTConfig, cfg))
-    raise ValueError(f"network config has arch={arch!r}; expected 'unet' or 'dit'")
+def build_net(cfg, zero_init=True, **overrides):
+    """A network from a preset name, a config dataclass, or a net_config() dict ({'arch': 'unet'|'dit', ...}),
+    with config fields overridden (None = keep; fields the architecture lacks, e.g. dropout for the DiT, are
+    ignored). zero_init: ADM's zero init of the U-Net's output layers for training from scratch (the DiT
+    always uses its adaLN-Zero init); loading a checkpoint overwrites it anyway."""
+    if isinstance(cfg, str):
+        if cfg not in PRESETS:
+            raise ValueError(f"unknown network preset {cfg!r}: expected one of {', '.join(PRESETS)}")
+        cfg = PRESETS[cfg]
+    if isinstance(cfg, dict):
+        cfg = dict(cfg)
+        cls = {"unet": UNetConfig, "dit": DiTConfig}.get(cfg.pop("arch", None))
+        if cls is None:
+            raise ValueError(f"network config {cfg} has no arch 'unet' or 'dit'")
+        names = {f.name for f in fields(cls)}
+        if set(cfg) - names:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(set(cfg) - names)}")
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    names = {f.name for f in fields(cfg)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
+    return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else DiT(cfg)
 
 
 def net_config(net) -> dict:
     """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
-    return {"arch": "unet" if isinstance(net, UNet) else "dit", **_jsonable(asdict(net.config))}
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(net.config).items()}
+    return {"arch": "unet" if isinstance(net, UNet) else "dit", **cfg}
 
-
-def make_net(preset, **overrides):
-    """A network from a preset name (NET_PRESETS) with some config fields overridden (None = keep).
-    Fields a network type does not have (dropout for the DiT) are ignored."""
-    cfg = net_preset(preset)
-    cfg.update({k: v for k, v in overrides.items() if v is not None and k in cfg})
-    return build_net(cfg, zero_init=True)
 
 # ================================================================================================
 # teachers
 # ================================================================================================
+# load_teacher(spec) reads what users pass as --teacher: a checkpoint of this project, a diffusers
+# UNet2DModel folder, or a hub id (google/ddpm-cifar10-32 and the DDPM family). Original ermongroup/pesser
+# and guided-diffusion files are converted once by tools/convert_teacher.py into a project checkpoint.
 
-# ---- key maps: diffusers / ermongroup (Ho et al. ports) / guided-diffusion <-> ours ----------
-# One table drives all maps: _unet_modules lists every parametrised module of UNet(cfg) with a
-# format-neutral place; a per-format function names that place; per-kind tables name the leaves.
-# Each of our tensors corresponds to one checkpoint tensor (with 1x1 conv dims squeezed), except the
-# attention qkv, which is three tensors (diffusers, ermongroup) or one fused tensor in a head order.
+CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
 
-FORMAT_NAMES = {"diffusers": "diffusers", "ermongroup": "ermongroup/pesser", "guided": "guided-diffusion"}
-
-
-def _unet_modules(cfg):
-    """(our module path, kind, place) for every parametrised module of UNet(cfg), in forward order."""
-    L, R = len(cfg.ch_mult), cfg.num_res_blocks
-    has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
-    yield "time_mlp.0", "plain", ("time", 0)
-    yield "time_mlp.2", "plain", ("time", 1)
-    yield "conv_in", "plain", ("conv_in",)
-    for i in range(L):
-        for j in range(R):
-            yield f"down.{i}.res.{j}", "res", ("down", i, j)
-            if has_attn[i]:
-                yield f"down.{i}.attn.{j}", "attn", ("down_attn", i, j)
-        if i < L - 1:
-            yield f"down.{i}.resample", "res" if cfg.resblock_updown else "downconv", ("downsample", i)
-    yield "mid_res1", "res", ("mid", 0)
-    yield "mid_attn", "attn", ("mid", 1)
-    yield "mid_res2", "res", ("mid", 2)
-    for u in range(L):
-        i = L - 1 - u  # resolution level of up block u
-        for j in range(R + 1):
-            yield f"up.{u}.res.{j}", "res", ("up", i, j)
-            if has_attn[i]:
-                yield f"up.{u}.attn.{j}", "attn", ("up_attn", i, j)
-        if i > 0:
-            yield f"up.{u}.resample", "res" if cfg.resblock_updown else "upconv", ("upsample", i)
-    yield "norm_out", "plain", ("norm_out",)
-    yield "conv_out", "plain", ("conv_out",)
-
-
-def _diffusers_path(place, cfg):
-    L = len(cfg.ch_mult)
-    match place:
-        case ("time", n): return f"time_embedding.linear_{n + 1}"
-        case ("conv_in",) | ("conv_out",): return place[0]
-        case ("norm_out",): return "conv_norm_out"
-        case ("down", i, j): return f"down_blocks.{i}.resnets.{j}"
-        case ("down_attn", i, j): return f"down_blocks.{i}.attentions.{j}"
-        case ("downsample", i): return f"down_blocks.{i}.downsamplers.0"
-        case ("mid", n): return ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"][n]
-        case ("up", i, j): return f"up_blocks.{L - 1 - i}.resnets.{j}"
-        case ("up_attn", i, j): return f"up_blocks.{L - 1 - i}.attentions.{j}"
-        case ("upsample", i): return f"up_blocks.{L - 1 - i}.upsamplers.0"
-
-
-def _ermongroup_path(place, cfg):
-    match place:
-        case ("time", n): return f"temb.dense.{n}"
-        case ("conv_in",) | ("norm_out",) | ("conv_out",): return place[0]
-        case ("down", i, j): return f"down.{i}.block.{j}"
-        case ("down_attn", i, j): return f"down.{i}.attn.{j}"
-        case ("up", i, j): return f"up.{i}.block.{j}"  # Ho's `up` is indexed by resolution level
-        case ("up_attn", i, j): return f"up.{i}.attn.{j}"
-        case ("downsample", i): return f"down.{i}.downsample"
-        case ("upsample", i): return f"up.{i}.upsample"
-        case ("mid", n): return ["mid.block_1", "mid.attn_1", "mid.block_2"][n]
-
-
-def _guided_path(place, cfg):
-    L, R = len(cfg.ch_mult), cfg.num_res_blocks
-    has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
-    match place:
-        case ("time", n): return f"time_embed.{2 * n}"
-        case ("conv_in",): return "input_blocks.0.0"
-        case ("norm_out",): return "out.0"
-        case ("conv_out",): return "out.2"
-        case ("down", i, j): return f"input_blocks.{1 + i * (R + 1) + j}.0"
-        case ("down_attn", i, j): return f"input_blocks.{1 + i * (R + 1) + j}.1"
-        case ("downsample", i): return f"input_blocks.{(i + 1) * (R + 1)}.0"
-        case ("mid", n): return f"middle_block.{n}"
-        case ("up", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.0"
-        case ("up_attn", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.1"
-        case ("upsample", i): return f"output_blocks.{(L - 1 - i) * (R + 1) + R}.{2 if has_attn[i] else 1}"
-
-
-_PATHS = {"diffusers": _diffusers_path, "ermongroup": _ermongroup_path, "guided": _guided_path}
-# leaf names: ours -> theirs
-_RES_LEAVES = {
-    "diffusers": dict(norm1="norm1", conv1="conv1", emb_proj="time_emb_proj", norm2="norm2", conv2="conv2", skip="conv_shortcut"),
-    "ermongroup": dict(norm1="norm1", conv1="conv1", emb_proj="temb_proj", norm2="norm2", conv2="conv2", skip="nin_shortcut"),
-    "guided": dict(norm1="in_layers.0", conv1="in_layers.2", emb_proj="emb_layers.1", norm2="out_layers.0",
-                   conv2="out_layers.3", skip="skip_connection"),
-}
-_ATTN_NORM = {"diffusers": "group_norm", "ermongroup": "norm", "guided": "norm"}
-_ATTN_PROJ = {"diffusers": "to_out.0", "ermongroup": "proj_out", "guided": "proj_out"}
-_ATTN_QKV = {"diffusers": ("to_q", "to_k", "to_v"), "ermongroup": ("q", "k", "v"), "guided": ("qkv",)}
-_LINEAR_DIMS = {"diffusers": 0, "ermongroup": 2, "guided": 1}  # trailing 1-dims of their attention projections
-_DOWNCONV = {"diffusers": "conv", "ermongroup": "conv", "guided": "op"}
-_OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-@dataclass
-class _Entry:
-    """Our tensor `ours` <-> checkpoint tensors `theirs` (concatenated along dim 0 when several).
-    pad: trailing singleton dims theirs carries (1x1 conv weights); legacy_heads > 0: the fused qkv
-    rows are in per-head [q, k, v] order (improved-diffusion) instead of our [q | k | v]."""
-    ours: str
-    theirs: tuple
-    pad: int = 0
-    legacy_heads: int = 0
-
-    def to_ours(self, tensors):
-        x = torch.cat([t.reshape(t.shape[:t.dim() - self.pad]) for t in tensors])
-        if self.legacy_heads:  # rows (heads, 3, d) -> (3, heads, d)
-            x = x.reshape(self.legacy_heads, 3, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-        return x
-
-    def to_theirs(self, x):
-        if self.legacy_heads:  # rows (3, heads, d) -> (heads, 3, d)
-            x = x.reshape(3, self.legacy_heads, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-        return [t.reshape(*t.shape, *[1] * self.pad).clone() for t in x.chunk(len(self.theirs))]
-
-
-def _meta_state(cfg):
-    """Our state dict for cfg with shapes only (no memory)."""
-    with torch.device("meta"):
-        return UNet(cfg).state_dict()
-
-
-def _join(*parts):
-    return ".".join(p for p in parts if p)
-
-
-def _entries(cfg, fmt):
-    """The _Entry list mapping UNet(cfg)'s tensors to format fmt, and our (meta) state dict."""
-    ours = _meta_state(cfg)
-    path_of, out = _PATHS[fmt], []
-    for mine, kind, place in _unet_modules(cfg):
-        theirs = path_of(place, cfg)
-        if kind == "plain":
-            leaves = {"": ""}
-        elif kind == "downconv":
-            leaves = {"conv": _DOWNCONV[fmt]}
-        elif kind == "upconv":
-            leaves = {"conv": "conv"}
-        elif kind == "res":
-            leaves = {a: b for a, b in _RES_LEAVES[fmt].items() if f"{mine}.{a}.weight" in ours}
-        else:  # attention
-            leaves = {"norm": _ATTN_NORM[fmt]}
-            heads = _heads(cfg, ours[f"{mine}.norm.weight"].shape[0])
-            for p in ("weight", "bias"):
-                pad = _LINEAR_DIMS[fmt] if p == "weight" else 0
-                out.append(_Entry(f"{mine}.qkv.{p}", tuple(f"{theirs}.{q}.{p}" for q in _ATTN_QKV[fmt]), pad,
-                                  heads if fmt == "guided" and cfg.qkv_layout == "legacy" else 0))
-                out.append(_Entry(f"{mine}.proj.{p}", (f"{theirs}.{_ATTN_PROJ[fmt]}.{p}",), pad))
-        for a, b in leaves.items():
-            for p in ("weight", "bias"):
-                out.append(_Entry(_join(mine, a, p), (_join(theirs, b, p),)))
-    assert sorted(e.ours for e in out) == sorted(ours), "key table out of sync with UNet"
-    return out, ours
-
-
-def _preset_name(cfg):
-    return next((n for n, c in UNET_PRESETS.items() if c == cfg), None)
-
-
-def _label(cfg):
-    name = _preset_name(cfg)
-    return f"'{name}'" if name else "(custom)"
-
-
-def _check(sd, expected, what, cfg):
-    """ValueError (one line) unless sd has exactly the expected keys and shapes."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    hint = "pass --teacher-format/--teacher-config to match the checkpoint"
-    if missing or unexpected:
-        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
-        raise ValueError(f"checkpoint has {len(sd)} tensors in {what} format but config {_label(cfg)} expects "
-                         f"{len(expected)} ({detail}); {hint}")
-    bad = [k for k in expected if tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ValueError(f"checkpoint tensor '{k}' ({what} format) has shape {tuple(sd[k].shape)} but config {_label(cfg)} "
-                         f"expects {tuple(expected[k].shape)} ({len(bad)} shape mismatches); {hint}")
-
-
-def _format_fits_config(cfg, fmt):
-    """ValueError unless checkpoints of format fmt can hold UNet(cfg)."""
-    if fmt == "guided" and cfg.qkv_layout not in ("legacy", "new"):
-        raise ValueError(f"guided-diffusion checkpoints fuse qkv, but the config has qkv_layout={cfg.qkv_layout!r}; "
-                         "use 'legacy' (improved-diffusion) or 'new' (use_new_attention_order=True)")
-    ho = dict(scale_shift=False, resblock_updown=False, down_pad="asym", time_emb="sin_cos", num_heads=1, num_head_channels=-1)
-    wrong = {k: getattr(cfg, k) for k, v in ho.items() if getattr(cfg, k) != v}
-    if fmt == "ermongroup" and wrong:
-        raise ValueError(f"ermongroup/pesser checkpoints hold Ho et al.'s architecture, but config {_label(cfg)} has {wrong}")
-
-
-def _expected(cfg, fmt):
-    """(entries, {checkpoint key: meta tensor of the expected shape}) for UNet(cfg) in format fmt."""
-    _format_fits_config(cfg, fmt)
-    entries, ours = _entries(cfg, fmt)
-    return entries, {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(ours[e.ours]))}
-
-
-def _from(sd, cfg, fmt):
-    entries, expected = _expected(cfg, fmt)
-    _check(sd, expected, FORMAT_NAMES[fmt], cfg)
-    return {e.ours: e.to_ours([sd[k] for k in e.theirs]) for e in entries}
-
-
-def _to(sd, cfg, fmt):
-    _format_fits_config(cfg, fmt)
-    entries, ours = _entries(cfg, fmt)
-    _check(sd, ours, "our", cfg)
-    return {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(sd[e.ours]))}
-
-
-def from_diffusers(sd, cfg: UNetConfig):
-    """diffusers UNet2DModel state dict -> ours. Accepts the old attention names (query/key/value/proj_attn)."""
-    def rename(k):
-        parts = k.split(".")
-        if "attentions" in parts and len(parts) > parts.index("attentions") + 2:
-            i = parts.index("attentions") + 2
-            parts[i] = _OLD_DIFFUSERS_ATTN.get(parts[i], parts[i])
-        return ".".join(parts)
-    return _from({rename(k): v for k, v in sd.items()}, cfg, "diffusers")
-
-
-def from_ermongroup(sd, cfg: UNetConfig = None):
-    """Ho et al. PyTorch port (ermongroup/ddim, pesser/pytorch_diffusion) state dict -> ours.
-    Without cfg the architecture is read from the keys (see unet_config_from_ermongroup)."""
-    return _from(sd, cfg or unet_config_from_ermongroup(sd), "ermongroup")
-
-
-def to_ermongroup(sd, cfg: UNetConfig):
-    return _to(sd, cfg, "ermongroup")
-
-
-def from_guided(sd, cfg: UNetConfig):
-    """improved-diffusion / guided-diffusion / DDPM-IP state dict -> ours (cfg.qkv_layout says the qkv order)."""
-    return _from(sd, cfg, "guided")
-
-
-def to_guided(sd, cfg: UNetConfig):
-    return _to(sd, cfg, "guided")
-
-
-def infer_format(sd) -> str:
-    """'ours' | 'diffusers' | 'ermongroup' | 'guided', from the time-embedding key names."""
-    for key, fmt in (("time_mlp.0.weight", "ours"), ("time_embedding.linear_1.weight", "diffusers"),
-                     ("temb.dense.0.weight", "ermongroup"), ("time_embed.0.weight", "guided")):
-        if key in sd:
-            return fmt
-    first = next(iter(sd), None)
-    raise ValueError(f"cannot tell the format of a checkpoint with {len(sd)} tensors (first '{first}'); expected "
-                     "diffusers, ermongroup/pesser or guided-diffusion key names; pass --teacher-format")
-
-
-def unet_config_from_ermongroup(sd) -> UNetConfig:
-    """Architecture of a Ho et al. port from its keys. The checkpoint does not store the image size, so it
-    assumes Ho et al.'s attention at 16x16 (true of all released models); dropout is unknown (0)."""
-    try:
-        ch, in_ch = sd["conv_in.weight"].shape[:2]
-        levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
-        R = sum(1 for k in sd if k.startswith("down.0.block.") and k.endswith(".conv1.weight"))
-        mult = tuple(sd[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        attn_levels = [i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd]
-        out_ch = sd["conv_out.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"not a complete ermongroup/pesser state dict (looking for {e}); pass --teacher-format") from None
-    if not attn_levels:
-        raise ValueError("ermongroup/pesser checkpoint has no attention, so its image size is unknown; pass --teacher-config")
-    size = 16 << attn_levels[0]
-    return UNetConfig(image_size=size, in_channels=in_ch, out_channels=out_ch, ch=ch, ch_mult=mult, num_res_blocks=R,
-                      attn_resolutions=tuple(size >> i for i in attn_levels))
-
-
-# UNet2DModel.__init__ defaults (diffusers 0.42), used for the keys a config.json leaves out
+# UNet2DModel.__init__ defaults (diffusers 0.42) for the keys a config.json leaves out ...
 _DIFFUSERS_DEFAULTS = dict(
-    _class_name="UNet2DModel", sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    sample_size=None, in_channels=3, out_channels=3, time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D", up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
-    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
-    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-    add_attention=True, class_embed_type=None, num_class_embeds=None)
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, downsample_padding=1, downsample_type="conv",
+    upsample_type="conv", dropout=0.0, attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None,
+    norm_eps=1e-5, resnet_time_scale_shift="default")
+# ... and the keys whose default is the only value our U-Net implements
+_DIFFUSERS_FIXED = dict(
+    _class_name="UNet2DModel", act_fn="silu", center_input_sample=False, time_embedding_type="positional",
+    mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True, class_embed_type=None,
+    num_class_embeds=None)
+_RESAMPLING = {"DownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet", "UpBlock2D": "conv",
+               "ResnetUpsampleBlock2D": "resnet"}  # Attn{Down,Up}Block2D: downsample_type / upsample_type
 
 
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
-    """UNetConfig from a diffusers UNet2DModel config.json dict. A missing key takes diffusers' default
-    (attention_head_dim: 8 channels per head); attention_head_dim null means one head per block."""
+    """Our UNetConfig for a diffusers UNet2DModel config.json (DDPM and ADM block types). A missing key takes
+    diffusers' default (attention_head_dim: 8 channels per head); attention_head_dim null is one head."""
     c = {**_DIFFUSERS_DEFAULTS, **config}
 
     def need(ok, what):
         if not ok:
             raise ValueError(f"unsupported diffusers UNet config: {what}")
 
-    for key, want in (("_class_name", "UNet2DModel"), ("act_fn", "silu"), ("norm_num_groups", 32),
-                      ("center_input_sample", False), ("time_embedding_type", "positional"),
-                      ("mid_block_type", "UNetMidBlock2D"), ("mid_block_scale_factor", 1), ("add_attention", True),
-                      ("class_embed_type", None), ("num_class_embeds", None)):
-        need(c[key] == want, f"{key}={c[key]!r} (need {want!r})")
-    chans, size = list(c["block_out_channels"]), c["sample_size"]
+    for key, want in _DIFFUSERS_FIXED.items():
+        need(c.get(key, want) == want, f"{key}={c.get(key)!r} (need {want!r})")
+    chans, size, groups, shift = list(c["block_out_channels"]), c["sample_size"], c["norm_num_groups"], \
+        c["resnet_time_scale_shift"]
     ch, L = chans[0], len(chans)
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    need(isinstance(size, int), f"sample_size={size!r} (need one int)")
     need(all(x % ch == 0 for x in chans), f"block_out_channels={chans} are not multiples of the first")
-    need(c["time_embedding_dim"] in (None, 4 * ch), f"time_embedding_dim={c['time_embedding_dim']} (need 4*{ch})")
-    shift = c["resnet_time_scale_shift"]
+    need(c["time_embedding_dim"] in (None, 4 * ch), f"time_embedding_dim={c['time_embedding_dim']} (need {4 * ch})")
     need(shift in ("default", "scale_shift"), f"resnet_time_scale_shift={shift!r}")
-    need(c["attn_norm_num_groups"] in ((32,) if shift == "scale_shift" else (None, 32)),
+    need(c["attn_norm_num_groups"] == groups or (c["attn_norm_num_groups"] is None and shift == "default"),
          f"attn_norm_num_groups={c['attn_norm_num_groups']} with resnet_time_scale_shift={shift!r} "
-         "(the mid attention needs GroupNorm(32): set attn_norm_num_groups=32)")
+         f"(the mid attention needs GroupNorm({groups}): set attn_norm_num_groups={groups})")
     emb = {(False, 1): "sin_cos", (True, 0): "cos_sin"}.get((c["flip_sin_to_cos"], c["freq_shift"]))
-    need(emb is not None, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} (need False/1 or True/0)")
-    if isinstance(size, (list, tuple)):
-        need(size[0] == size[1], f"sample_size={size} (square only)")
-        size = size[0]
-    need(isinstance(size, int), f"sample_size={size!r}")
-
+    need(emb is not None, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} "
+                          "(need False/1 or True/0)")
+    need(c["downsample_padding"] in (0, 1), f"downsample_padding={c['downsample_padding']}")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
-    need(len(down) == L and len(up) == L, "block type lists and block_out_channels differ in length")
-    down_kind = {"DownBlock2D": "conv", "AttnDownBlock2D": c["downsample_type"], "ResnetDownsampleBlock2D": "resnet"}
-    up_kind = {"UpBlock2D": "conv", "AttnUpBlock2D": c["upsample_type"], "ResnetUpsampleBlock2D": "resnet"}
-    for t in down:
-        need(t in down_kind, f"down block type {t!r} (supported: {', '.join(down_kind)})")
-    for t in up:
-        need(t in up_kind, f"up block type {t!r} (supported: {', '.join(up_kind)})")
+    kinds = dict(_RESAMPLING, AttnDownBlock2D=c["downsample_type"], AttnUpBlock2D=c["upsample_type"])
+    need(all(t in kinds and "Down" in t for t in down) and all(t in kinds and "Up" in t for t in up),
+         f"block types {down} / {up} (supported: {', '.join(kinds)})")
+    need(len(down) == L == len(up), "block type lists and block_out_channels differ in length")
     attn = [t.startswith("Attn") for t in down]
     need(attn == [t.startswith("Attn") for t in reversed(up)], f"attention levels differ between {down} and {up}")
-    resample = {down_kind[t] for t in down[:-1]} | {up_kind[t] for t in up[:-1]}  # the last blocks do not resample
+    resample = {kinds[t] for t in down[:-1] + up[:-1]}  # the last block of each path does not resample
     need(len(resample) <= 1 and resample <= {"conv", "resnet"}, f"mixed or unknown resampling {sorted(resample)}")
-
     head_dim = c["attention_head_dim"]
     return UNetConfig(
         image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], ch=ch,
         ch_mult=tuple(x // ch for x in chans), num_res_blocks=c["layers_per_block"],
-        attn_resolutions=tuple(size >> i for i in range(L) if attn[i]),
-        num_heads=1, num_head_channels=-1 if head_dim is None else head_dim, dropout=c["dropout"],
+        attn_resolutions=tuple(size >> i for i in range(L) if attn[i]), num_heads=1,
+        num_head_channels=-1 if head_dim is None else head_dim, dropout=c["dropout"],
         scale_shift=shift == "scale_shift", resblock_updown=resample == {"resnet"},
-        down_pad="asym" if c["downsample_padding"] == 0 else "sym", time_emb=emb, norm_eps=c["norm_eps"])
+        down_pad="asym" if c["downsample_padding"] == 0 else "sym", time_emb=emb, norm_eps=c["norm_eps"],
+        norm_groups=groups)
 
 
-def infer_preset(sd, fmt) -> str:
-    """Name of the one U-Net preset whose keys and shapes in format fmt equal sd's; ValueError otherwise."""
-    def fits(cfg):
-        try:
-            want = _expected(cfg, fmt)[1]
-        except ValueError:  # the format cannot hold this preset
-            return False
-        return want.keys() == sd.keys() and all(sd[k].shape == t.shape for k, t in want.items())
-
-    names = [n for n, cfg in UNET_PRESETS.items() if fits(cfg)]
-    if len(names) == 1:
-        return names[0]
-    found = f"matches presets {names}" if names else "matches no preset"
-    raise ValueError(f"checkpoint has {len(sd)} tensors in {FORMAT_NAMES[fmt]} format and {found}; "
-                     "pass --teacher-config with a preset name or a JSON U-Net config")
+# Our tensor names -> diffusers UNet2DModel's: replaced in order in "." + name + "." (our fused attention qkv is
+# [to_q; to_k; to_v]; a resampler is a conv or, in ADM, a res block)
+_DIFFUSERS_NAMES = (
+    (".time_mlp.0.", ".time_embedding.linear_1."), (".time_mlp.2.", ".time_embedding.linear_2."),
+    (".norm_out.", ".conv_norm_out."), (".mid_res1.", ".mid_block.resnets.0."), (".mid_res2.", ".mid_block.resnets.1."),
+    (".mid_attn.", ".mid_block.attentions.0."), (".down.", ".down_blocks."), (".up.", ".up_blocks."),
+    (".res.", ".resnets."), (".attn.", ".attentions."), (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."),
+    (".norm.", ".group_norm."), (".proj.", ".to_out.0."))
+_OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
-# ---- reading weights, hub download, teacher loaders -----------------------------------------
+def _diffusers_name(key):
+    """Our tensor name -> diffusers UNet2DModel's, e.g. up.1.resample.conv.weight -> up_blocks.1.upsamplers.0.conv.weight."""
+    name = f".{key}."
+    for ours, theirs in _DIFFUSERS_NAMES:
+        name = name.replace(ours, theirs)
+    return name[1:-1].replace("resample", f"{key.split('.')[0]}samplers.0")
+
+
+def from_diffusers(sd, cfg: UNetConfig):
+    """A diffusers UNet2DModel state dict as UNet(cfg)'s: the same tensors, renamed (both spellings of the
+    attention names); q, k and v are concatenated into our fused qkv. One-line ValueError on a mismatch."""
+    for old, new in _OLD_ATTENTION.items():
+        sd = {k.replace(old, new): v for k, v in sd.items()}
+    with torch.device("meta"):
+        ours = UNet(cfg).state_dict()
+    names, want = {}, {}
+    for key, t in ours.items():
+        name = _diffusers_name(key)
+        names[key] = [name.replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in name else [name]
+        want.update((n, (t.shape[0] // len(names[key]), *t.shape[1:])) for n in names[key])
+    missing, extra = [n for n in want if n not in sd], [n for n in sd if n not in want]
+    if missing or extra:
+        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (("missing", missing),
+                                                                                ("unexpected", extra)) if ks)
+        raise ValueError(f"the diffusers weights have {len(sd)} tensors, config.json describes {len(want)} ({detail})")
+    bad = [n for n in want if tuple(sd[n].shape) != want[n]]
+    if bad:
+        raise ValueError(f"diffusers tensor '{bad[0]}' has shape {tuple(sd[bad[0]].shape)} but config.json implies "
+                         f"{want[bad[0]]} ({len(bad)} shape mismatches)")
+    return {key: torch.cat([sd[n] for n in ns]) for key, ns in names.items()}
+
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -1072,33 +862,44 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def read_safetensors(path) -> dict:
-    """Read a .safetensors file without the safetensors package. Layout: u64 little-endian header
-    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": ...},
-    then the raw little-endian tensor bytes (offsets relative to the end of the header)."""
+    """A .safetensors file without the safetensors package. Layout: u64 little-endian header length N, N bytes
+    of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": ...}, then the raw
+    little-endian tensor bytes (offsets counted from the end of the header)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        base, out = 8 + n, {}
+        header, out = json.loads(f.read(n)), {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-            dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
-            begin, end = info["data_offsets"]
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{path}: tensor '{name}' has {end - begin} bytes but shape {shape} of {info['dtype']}")
-            f.seek(base + begin)
+            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            f.seek(8 + n + begin)
             buf = bytearray(f.read(end - begin))
+            if len(buf) != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor '{name}' of shape {shape} has {len(buf)} bytes of {info['dtype']}")
             out[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
     return out
 
 
-def read_weights(path) -> dict:
-    """State dict from .safetensors or a torch file (.bin/.pt/.ckpt, weights_only)."""
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_weights(path):
+    """What a .safetensors file or a torch file (.pt, .pth, .bin, .ckpt) holds, read with weights_only=True:
+    tensors and plain data only, so that a malicious file cannot run code. One-line ValueError otherwise."""
+    try:
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a weights file, or holds Python objects besides tensors and plain data "
+                         "(not unpickled: that could run code)") from None
+    except Exception as e:  # missing, truncated, corrupt
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {str(e) or 'truncated'})".split("\n")[0]) from None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def hub_download(repo_id, filename, cache_dir=None, revision="main"):
@@ -1109,144 +910,78 @@ def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     return download(url, dest, what=f"{repo_id}/{filename}")
 
 
-def load_diffusers_dir(path_or_repo, device="cpu", cache_dir=None, revision="main"):
-    """(net, info) from a diffusers UNet2DModel: a local folder (config.json next to the weights, or in
-    unet/) or a hub repo id (flat layout, e.g. google/ddpm-cifar10-32). Weights: .safetensors, else .bin.
-    info = {'format', 'config': config.json, 'scheduler': scheduler_config.json or None, 'net': net_config}."""
-    local = os.path.isdir(path_or_repo)
-    if not local and (path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~"))):
-        raise ValueError(f"{path_or_repo} is neither a folder nor a hub repo id like google/ddpm-cifar10-32")
-
-    def find(name):
-        if local:
-            paths = [os.path.join(path_or_repo, sub, name) for sub in ("", "unet", "scheduler")]
-            return next((p for p in paths if os.path.exists(p)), None)
-        return hub_download(path_or_repo, name, cache_dir, revision)
-
-    def find_optional(name):
+def load_diffusers(spec, cache_dir=None, revision="main"):
+    """(UNet, scheduler_config.json as a dict or None) of a diffusers UNet2DModel: a local folder (config.json
+    and weights at the top or in unet/, scheduler_config.json at the top or in scheduler/) or a hub repo id
+    (flat layout, as google/ddpm-cifar10-32). Weights: diffusion_pytorch_model.safetensors, else .bin."""
+    def find(name, sub, required=True):
+        if os.path.isdir(spec):
+            path = next((p for p in (os.path.join(spec, name), os.path.join(spec, sub, name)) if os.path.isfile(p)), None)
+            if path is None and required:
+                raise ValueError(f"{spec} has no {name} (nor {sub}/{name}): not a diffusers UNet2DModel folder")
+            return path
         try:
-            return find(name)
+            return hub_download(spec, name, cache_dir, revision)
         except RuntimeError:
+            if required:
+                raise
             return None
 
-    config_path = find("config.json")
-    if config_path is None:
-        raise ValueError(f"{path_or_repo} has no config.json (nor unet/config.json); expected a diffusers UNet2DModel folder")
-    weights = find_optional("diffusion_pytorch_model.safetensors") or find("diffusion_pytorch_model.bin")
-    if weights is None:
-        raise ValueError(f"{path_or_repo} has neither diffusion_pytorch_model.safetensors nor .bin")
-    scheduler_path = find_optional("scheduler_config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    scheduler = None
-    if scheduler_path:
-        with open(scheduler_path) as f:
-            scheduler = json.load(f)
-    cfg = unet_config_from_diffusers(config)
+    cfg = unet_config_from_diffusers(_read_json(find("config.json", "unet")))
+    weights = find("diffusion_pytorch_model.safetensors", "unet", False) or find("diffusion_pytorch_model.bin", "unet")
     net = UNet(cfg)
     net.load_state_dict(from_diffusers(read_weights(weights), cfg))
-    return net.to(device).eval(), {"format": "diffusers", "config": config, "scheduler": scheduler, "net": net_config(net)}
+    scheduler = find("scheduler_config.json", "scheduler", False)
+    return net, _read_json(scheduler) if scheduler else None
 
 
-def _unwrap_state_dict(obj):
-    """The tensor dict inside a training checkpoint: ermongroup/ddim saves a list [model, optimizer, epoch,
-    step, (ema)], of which the last all-tensor dict (the EMA if present) is taken; DataParallel's
-    'module.' prefix is dropped."""
-    if isinstance(obj, (list, tuple)):
-        dicts = [o for o in obj if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values())]
-        if not dicts:
-            raise ValueError("checkpoint is a list without a state dict in it")
-        obj = dicts[-1]
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+def _diffusers_diffusion(sched, out_channels):
+    """(Schedule, param, var) from a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler keys)."""
+    s = {**dict(beta_schedule="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, trained_betas=None,
+                prediction_type="epsilon", variance_type="fixed_small"), **sched}
+    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
+    param = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}.get(s["prediction_type"])
+    var = "learned_range" if out_channels == 6 else s["variance_type"].removesuffix("_log")
+    if kind is None or param is None or s["trained_betas"] is not None or (var == "learned_range") != (
+            out_channels == 6) or var not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, prediction_type="
+                         f"{s['prediction_type']!r}, variance_type={s['variance_type']!r}, trained_betas "
+                         f"{'given' if s['trained_betas'] is not None else 'none'}")
+    betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
+    return Schedule(kind, s["num_train_timesteps"], **betas), param, var
 
 
-def load_original(path, fmt=None, config=None, device="cpu"):
-    """(net, info) from a .pt/.ckpt/.safetensors state dict in ermongroup/pesser or guided-diffusion format.
-    fmt: inferred from the keys when None. config: preset name, UNetConfig, or dict of UNetConfig fields;
-    when None it is the one preset matching the checkpoint's keys and shapes (for ermongroup files
-    matching none, the architecture read from the keys)."""
-    sd = _unwrap_state_dict(read_weights(path))
-    fmt = fmt or infer_format(sd)
-    if fmt not in ("ermongroup", "guided"):
-        raise ValueError(f"{path} is in {fmt} format; load_original reads ermongroup/pesser or guided-diffusion files")
-    if config is None:
-        try:
-            config = infer_preset(sd, fmt)
-        except ValueError:
-            if fmt != "ermongroup":
-                raise
-            config = unet_config_from_ermongroup(sd)
-    if isinstance(config, str):
-        config = unet_config(config)
-    if isinstance(config, dict):  # UNetConfig fields, or a net_config() dict
-        config = _make_config(UNetConfig, {k: v for k, v in config.items() if k != "arch"})
-    net = UNet(config)
-    net.load_state_dict(from_ermongroup(sd, config) if fmt == "ermongroup" else from_guided(sd, config))
-    return net.to(device).eval(), {"format": fmt, "preset": _preset_name(config), "net": net_config(net)}
-
-
-CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
-
-# Schedules and parameterisations of original (non-diffusers) checkpoints, by the preset the keys imply.
-ORIGINAL_INFO = {
-    "ddpm_cifar10": dict(schedule=dict(kind="linear", T=1000), param="eps", var="fixed_large"),
-    "adm_cifar10_57m": dict(schedule=dict(kind="cosine", T=1000), param="eps", var="learned_range"),
-    "iddpm_cifar10": dict(schedule=dict(kind="cosine", T=4000, t_scale=0.25), param="eps", var="learned_range"),
-}
-
-
-def _scheduler_info(sched):
-    """diffusers scheduler_config.json -> our schedule spec, parameterisation and variance type."""
-    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-    if sched.get("beta_schedule", "linear") not in kinds:
-        raise ValueError(f"unsupported beta_schedule {sched['beta_schedule']!r}: expected linear or squaredcos_cap_v2")
-    params = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}
-    spec = dict(kind=kinds[sched.get("beta_schedule", "linear")], T=sched.get("num_train_timesteps", 1000))
-    if spec["kind"] == "linear":
-        spec.update(beta_start=sched.get("beta_start", 1e-4), beta_end=sched.get("beta_end", 0.02))
-    var = {"fixed_large": "fixed_large", "fixed_small": "fixed_small", "learned_range": "learned_range"}
-    return dict(schedule=spec, param=params[sched.get("prediction_type", "epsilon")],
-                var=var.get(sched.get("variance_type", "fixed_small"), "fixed_small"))
-
-
-def load_teacher(spec, device="cpu", fmt=None, preset=None):
-    """Load a diffusion model as a teacher: returns (net, info).
-
-    spec: a hub id ('google/ddpm-cifar10-32', fetched once into CACHE_DIR), a local diffusers directory
-    (config.json + weights), an original checkpoint (ermongroup/pesser or guided/improved-diffusion
-    state dict; format inferred from its keys or named by `fmt`, architecture inferred or named by
-    `preset`), or a checkpoint written by this project (its EMA weights).
-    net(x, t) returns the source model's raw output for x and t in the source's own time units.
-    info: {'schedule': Schedule, 'param': eps|x|v|both, 'var': variance type, 'steps': sampling steps
-    the model was distilled for or None, 'source': spec}. The diffusers scheduler's clip_sample is not
-    part of info: deterministic DDIM teachers run unclipped (see teacher_checkpoints.md).
-    """
-    if os.path.isfile(spec) and not spec.endswith(".safetensors"):
-        obj = torch.load(spec, map_location="cpu", weights_only=False)
-        if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
-            net = build_net(obj["net_config"])
-            net.load_state_dict(obj["ema"] if obj.get("ema") is not None else obj["model"])
-            info = dict(schedule=Schedule(**obj["schedule"]), param=obj["param"], var=obj.get("var", "fixed_small"),
-                        steps=obj.get("steps"), source=spec)
-            return net.to(device).eval().requires_grad_(False), info
+def load_teacher(spec, device="cpu"):
+    """A frozen Denoiser (eval mode) from one of
+      a checkpoint of this project (format distill-ref/1; its EMA weights when it has them)
+      a diffusers UNet2DModel folder: config.json, weights, scheduler_config.json
+      a hub id of one, exactly 'owner/name' (google/ddpm-cifar10-32), downloaded once into CACHE_DIR/hub.
+    den.net(x, t) is the source's raw output for t in the source's own units. The scheduler's clip_sample is
+    not kept: deterministic DDIM teachers run unclipped (teacher_checkpoints.md sec. 5). Original
+    ermongroup/pesser and guided-diffusion files are converted first with tools/convert_teacher.py."""
+    parts = spec.split("/")
+    is_hub_id = len(parts) == 2 and all(p and p[0] not in ".~" for p in parts) and not os.path.splitext(spec)[1]
     if os.path.isfile(spec):
-        net, found = load_original(spec, fmt=fmt, config=preset)
-        if found["preset"] not in ORIGINAL_INFO:
-            raise ValueError(f"{spec}: no schedule is known for its architecture; expected one of {sorted(ORIGINAL_INFO)}")
-        meta = ORIGINAL_INFO[found["preset"]]
+        obj = read_weights(spec)
+        if not (isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT):
+            raise ValueError(f"{spec} is not a checkpoint of this project (format {CKPT_FORMAT}); convert an original "
+                             f"ermongroup/pesser or guided-diffusion file first: python tools/convert_teacher.py "
+                             f"{spec} teacher.pt")
+        net = build_net(obj["net_config"])
+        net.load_state_dict(obj["ema"] if obj.get("ema") is not None else obj["model"])
+        den = Denoiser(net, Schedule(**obj["schedule"]), obj["param"], obj["var"], obj.get("steps"), spec)
+    elif os.path.isdir(spec) or is_hub_id:
+        try:
+            net, sched = load_diffusers(spec, os.path.join(CACHE_DIR, "hub"))
+        except RuntimeError as e:  # a failed download: spec is not local, and not (or not yet) on the hub
+            raise ValueError(f"{spec} is no local file or folder, and as a hub id: {e}") from None
+        if sched is None:
+            raise ValueError(f"{spec} has no scheduler_config.json, so its noise schedule is unknown")
+        den = Denoiser(net, *_diffusers_diffusion(sched, net.config.out_channels), source=spec)
     else:
-        net, found = load_diffusers_dir(spec, cache_dir=os.path.join(CACHE_DIR, "hub"))
-        if found["scheduler"] is None:
-            raise ValueError(f"{spec} has no scheduler_config.json: cannot tell its noise schedule")
-        meta = _scheduler_info(found["scheduler"])
-        if found["config"].get("out_channels") == 6:
-            meta["var"] = "learned_range"
-    info = dict(schedule=Schedule(**meta["schedule"]), param=meta["param"], var=meta["var"], steps=None, source=spec)
-    return net.to(device).eval().requires_grad_(False), info
+        raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a diffusers "
+                         "folder or a hub id like google/ddpm-cifar10-32)")
+    return den.to(device).eval()
 
 
 # ================================================================================================
@@ -1282,10 +1017,10 @@ def download(url, path, md5=None, what="file"):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") from None
+        raise ValueError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") from None
     if md5 is not None and _md5(tmp) != md5:
         os.remove(tmp)
-        raise RuntimeError(f"{url} downloaded with the wrong md5 (expected {md5}); place a good copy at {path}")
+        raise ValueError(f"{url} downloaded with the wrong md5 (expected {md5}); place a good copy at {path}")
     os.replace(tmp, path)
     return path
 
@@ -1295,11 +1030,15 @@ def load_cifar10(data_dir, split="train"):
     path = download(CIFAR10_URL, os.path.join(data_dir, "cifar-10-python.tar.gz"), CIFAR10_MD5, "CIFAR-10")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     arrays = {}
-    with tarfile.open(path, "r:gz") as tar:
-        for member in tar.getmembers():
-            if os.path.basename(member.name) in names:
-                arrays[os.path.basename(member.name)] = pickle.load(tar.extractfile(member), encoding="bytes")[b"data"]
-    return torch.from_numpy(np.concatenate([arrays[n] for n in names]).reshape(-1, 3, 32, 32))
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                if os.path.basename(member.name) in names:
+                    arrays[os.path.basename(member.name)] = pickle.load(tar.extractfile(member), encoding="bytes")[b"data"]
+        return torch.from_numpy(np.concatenate([arrays[n] for n in names]).reshape(-1, 3, 32, 32))
+    except (tarfile.TarError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); delete it to "
+                         "download it again") from None
 
 
 def load_folder(path, image_size):
@@ -1311,7 +1050,10 @@ def load_folder(path, image_size):
         raise ValueError(f"no images ({', '.join(exts)}) found below {path!r}")
     out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
-        im = Image.open(f).convert("RGB")
+        try:
+            im = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{f} is not a readable image ({e}); remove it from {path}") from None
         s = min(im.size)
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
         out[i] = np.asarray(im.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC))
@@ -1352,11 +1094,15 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
     """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
     is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
     data_dir = data_dir or os.path.join(CACHE_DIR, "data")
+    if image_size is not None and image_size < 8:
+        raise ValueError(f"--image-size {image_size}: expected at least 8 (or 0 where it means the teacher's size)")
     if name == "cifar10":
         if image_size not in (None, 32):
             raise ValueError(f"cifar10 images are 32x32, not {image_size}: drop --image-size or use folder:PATH")
         return load_cifar10(data_dir)
     if name.startswith("folder:"):
+        if not os.path.isdir(name[len("folder:"):]):
+            raise ValueError(f"--data {name}: no such folder")
         return load_folder(name[len("folder:"):], image_size or 32)
     if name == "shapes":
         return make_shapes(n_shapes, image_size or 32, seed)
@@ -1392,12 +1138,12 @@ CKPT_FORMAT = "distill-ref/1"
 
 
 def save_checkpoint(path, **state):
-    """Write one self-describing checkpoint atomically (temp file in the same folder, then rename).
-    Expected keys: net_config, model, ema, schedule (Schedule.spec()), param, var, steps, method,
-    config, optimizer, step, rng, elapsed; anything else a method needs to resume."""
+    """Write one self-describing checkpoint atomically (temp file in the same folder, then rename), readable
+    with torch.load(weights_only=True): tensors, numbers, strings, lists, dicts and None only.
+    Keys: den.state() (net_config, model, schedule, param, var, steps) with ema, method, config, optimizer,
+    step, ... and whatever else a method needs to resume. load_teacher reads the EMA weights if present."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         torch.save({"format": CKPT_FORMAT, **state}, tmp)
         os.replace(tmp, path)
@@ -1407,39 +1153,40 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint of this project (weights_only: a file cannot run code), or a one-line ValueError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated, corrupt, or holding objects other than plain data
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "delete it or pass another path") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); use it as --teacher instead")
+        raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); "
+                         "a foreign model goes through tools/convert_teacher.py")
     return ckpt
-
-
-def resume_path(out_dir, resume, name="ckpt.pt"):
-    """--resume: 'auto' -> out_dir/name if it exists, '' or 'none' -> None, else a path that must exist."""
-    if resume in ("", "none", None):
-        return None
-    path = os.path.join(out_dir, name) if resume == "auto" else resume
-    if resume != "auto" and not os.path.exists(path):
-        raise ValueError(f"--resume {resume}: no such checkpoint")
-    return path if os.path.exists(path) else None
 
 
 # ================================================================================================
 # evaluation
 # ================================================================================================
 
-def seeded_noise(seeds, shape, device="cpu"):
-    """Noise for a list of seeds: sample i depends only on seeds[i], whatever the batch size, device or
-    number of GPUs (EDM's per-seed generation). (len(seeds), *shape) float32."""
+def seeded_noise(seeds, shape, device="cpu", stream=0):
+    """Noise for a list of seeds: sample i depends only on (seeds[i], stream), whatever the batch size, device or
+    number of GPUs (EDM's per-seed generation); stream k > 0 gives a sampler's k-th independent draw.
+    (len(seeds), *shape) float32."""
     out = torch.empty((len(seeds), *shape))
     for i, seed in enumerate(seeds):
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+        s = int(seed) if stream == 0 else int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(s))
     return out.to(device)
 
 
 @torch.no_grad()
 def generate(sample_fn, seeds, shape, batch_size, device):
-    """Run sample_fn(z) -> images in [-1, 1] over per-seed noise in batches; returns a CPU tensor."""
-    out = [sample_fn(seeded_noise(seeds[i:i + batch_size], shape, device)).float().cpu()
+    """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches; returns a CPU tensor."""
+    seeds = list(seeds)
+    out = [sample_fn(seeded_noise(seeds[i:i + batch_size], shape, device), seeds[i:i + batch_size]).float().cpu()
            for i in range(0, len(seeds), batch_size)]
     return torch.cat(out)
 
@@ -1449,9 +1196,16 @@ def rmse(a, b):
     return float(((a.float() - b.float()) ** 2).mean().sqrt())
 
 
+def save_png(image_uint8, path):
+    """One (C, H, W) uint8 image as a PNG, written atomically: a file that exists is complete."""
+    from PIL import Image
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(image_uint8.permute(1, 2, 0).cpu().numpy().squeeze()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def save_grid(images, path, nrow=8):
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid with 1-pixel gaps."""
-    from PIL import Image
     x = to_uint8(images.cpu())
     n, c, h, w = x.shape
     ncol = min(nrow, n)
@@ -1461,22 +1215,21 @@ def save_grid(images, path, nrow=8):
         r, k = divmod(i, ncol)
         grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = x[i]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze()).save(path)
+    save_png(grid, path)
 
 
 @torch.no_grad()
-def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, rank=0, world=1):
-    """Write n samples as PNGs named by seed (seed0 .. seed0+n-1) into folder; files already there are
-    kept, so an interrupted run resumes. Ranks split the seeds (seeds[rank::world])."""
-    from PIL import Image
+def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
+    """Write n samples as PNGs named by seed (seed0 .. seed0+n-1) into folder, each written atomically, so an
+    interrupted run resumes where it stopped. The folder belongs to one model: a method that retrains a
+    model must give it a fresh folder."""
     os.makedirs(folder, exist_ok=True)
-    todo = [s for s in range(seed0 + rank, seed0 + n, world) if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))]
+    todo = [s for s in range(seed0, seed0 + n) if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))]
     t0 = time.time()
     for i in range(0, len(todo), batch_size):
         seeds = todo[i:i + batch_size]
-        images = to_uint8(sample_fn(seeded_noise(seeds, shape, device))).permute(0, 2, 3, 1).cpu().numpy()
-        for s, im in zip(seeds, images):
-            Image.fromarray(im.squeeze()).save(os.path.join(folder, f"{s:06d}.png"))
+        for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
+            save_png(im, os.path.join(folder, f"{s:06d}.png"))
         done = i + len(seeds)
         print(f"\rsampling {done}/{len(todo)} ({done / (time.time() - t0):.1f} img/s)", end="", file=sys.stderr)
     if todo:
@@ -1487,11 +1240,11 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, r
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs, e.g. real images as the FID reference of datasets without
     clean-fid statistics. Written once: into a temp folder, renamed when complete."""
-    from PIL import Image
     if not os.path.isdir(folder):
-        os.makedirs(folder + ".tmp", exist_ok=True)
-        for i, im in enumerate(images_uint8.permute(0, 2, 3, 1).cpu().numpy()):
-            Image.fromarray(im.squeeze()).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        os.makedirs(folder + ".tmp")
+        for i, im in enumerate(images_uint8):
+            save_png(im, os.path.join(folder + ".tmp", f"{i:06d}.png"))
         os.replace(folder + ".tmp", folder)
     return folder
 
@@ -1511,8 +1264,8 @@ class Inception:
         if not os.path.exists(path):
             try:
                 download(INCEPTION_URL, path, what="Inception weights")
-            except RuntimeError as e:
-                raise RuntimeError(f"Inception weights unavailable: {e}; or pass --inception PATH") from None
+            except ValueError as e:
+                raise ValueError(f"Inception weights unavailable: {e}; or pass --inception PATH") from None
         self.base = torch.jit.load(path, map_location=device).eval()
 
     def features(self, x, mode):
@@ -1527,7 +1280,8 @@ class Inception:
 def _load_pngs(folder):
     from PIL import Image
     files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
-    return torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+    images = [np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def inception_score(probs, splits=10):
@@ -1539,28 +1293,54 @@ def inception_score(probs, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, modes=("legacy_tensorflow", "clean"),
-           batch_size=200):
-    """FID of a folder of generated PNGs through clean-fid, in each mode, and the Inception Score.
-    cifar10 uses clean-fid's reference statistics of the 50k *train* images (what the papers compare
-    against); any other dataset needs ref_folder (real images as PNGs). `inception` is an Inception
-    (or a stand-in with the same features/probs methods). Returns {'fid', 'fid_clean', 'is', 'is_std'}."""
-    from cleanfid import fid as cleanfid
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), with the usual eps*I retry when
+    the product is singular. Our own, because clean-fid 0.1.35 calls scipy's sqrtm(disp=False), which
+    scipy 1.18 removed; the result is the same as clean-fid's."""
+    from scipy import linalg
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None,
+           modes=("legacy_tensorflow", "clean"), batch_size=200):
+    """FID of a folder of generated PNGs in each of clean-fid's modes (features through clean-fid's resizing),
+    and the Inception Score. cifar10 is compared with clean-fid's statistics of the 50k *train* images (what
+    the papers compare against; downloaded once, or `stats` = an .npz with mu and sigma, for 'legacy_tensorflow',
+    for offline machines); any other dataset needs ref_folder (real images as PNGs). `inception` is a path or
+    an object with the features/probs methods of Inception. Returns {'fid', 'fid_clean' (not with `stats`), 'is', 'is_std'}."""
+    from cleanfid import features as cf_features, fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
+    feats = lambda path, mode: cleanfid.get_folder_features(
+        path, model=lambda x: det.features(x.float(), mode), num_workers=0, batch_size=batch_size,
+        device=torch.device(device), mode=mode, verbose=False)
     out = {}
     for mode in modes:
-        kw = dict(mode=mode, custom_feat_extractor=lambda x, m=mode: det.features(x.float(), m), num_workers=0,
-                  batch_size=batch_size, device=torch.device(device), verbose=False)
-        try:
-            if dataset == "cifar10":
-                score = cleanfid.compute_fid(folder, dataset_name="cifar10", dataset_res=32, dataset_split="train", **kw)
-            elif ref_folder is not None:
-                score = cleanfid.compute_fid(folder, ref_folder, **kw)
-            else:
-                raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
-        except OSError as e:
-            raise RuntimeError(f"clean-fid reference statistics for {dataset} unavailable ({e}); run once online") from None
-        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = float(score)
+        if ref_folder is None and stats and mode != "legacy_tensorflow":
+            continue  # the statistics file given is the papers' (legacy_tensorflow) one
+        if ref_folder is not None:
+            ref = feats(ref_folder, mode)
+            mu_ref, sigma_ref = ref.mean(0), np.cov(ref, rowvar=False)
+        elif dataset == "cifar10" and stats:
+            with np.load(stats) as f:
+                mu_ref, sigma_ref = f["mu"], f["sigma"]
+        elif dataset == "cifar10":
+            try:
+                mu_ref, sigma_ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
+            except Exception as e:
+                raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once online or "
+                                 "pass the statistics file by path") from None
+        else:
+            raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
+        gen = feats(folder, mode)
+        score = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), mu_ref, sigma_ref)
+        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = score
     images = _load_pngs(folder)
     probs = torch.cat([det.probs(images[i:i + batch_size].to(device).float()).cpu()
                        for i in range(0, len(images), batch_size)])
@@ -1572,29 +1352,51 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, modes
 # training
 # ================================================================================================
 
-def _flag_type(field):
-    t = field.type if isinstance(field.type, type) else eval(field.type)
-    if t is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    return t
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+def field(default, help, choices=None, low=None, fixed=True):
+    """A config field that becomes a flag: choices and low (the smallest allowed value) are checked by argparse.
+    fixed=False marks flags that may change when a run is resumed, because the resumed run still equals an
+    uninterrupted run with the new value (logging, device, evaluation sizes, the length of a constant-lr run)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, fixed=fixed))
+
+
+def _flag_type(f):
+    kind = f.type if isinstance(f.type, type) else eval(f.type)
+    low = f.metadata.get("low")
+
+    def parse(text):
+        if kind is bool:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+            if value is None:
+                raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+            return value
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    return parse
 
 
 def parse_config(cls, argv=None, quick=None, doc=None):
-    """Flags from a config dataclass: every field becomes --field-name (help from its `help` metadata),
+    """Flags from a config dataclass: every field becomes --field-name (help, choices and bounds from field()),
     plus --quick, which applies the `quick` overrides before any flag given explicitly."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=doc)
     parser.add_argument("--quick", action="store_true", help="tiny configuration on shapes that runs on a CPU in minutes")
     defaults = cls()
     for f in dataclasses.fields(cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), metavar=f.name.upper() if f.metadata.get("choices") else None,
                             help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})")
     args = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)
-
-
-def field(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def pick_device(name="auto"):
@@ -1602,6 +1404,8 @@ def pick_device(name="auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu or cuda[:N]")
     return name
 
 
@@ -1612,18 +1416,57 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
+# ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
+
 def write_json(path, obj):
     """Atomic JSON write."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
-def start_run(out_dir, cfg):
-    """The run contract: out_dir receives config.json, log.jsonl, checkpoints, grids, metrics.json."""
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
+def changed_flags(cfg, old):
+    """The fixed flags (see field) whose values differ from a stored config."""
+    return [f for f in dataclasses.fields(cfg) if f.metadata.get("fixed", True) and f.name in old
+            and json.loads(json.dumps(getattr(cfg, f.name))) != old[f.name]]
+
+
+def start_run(cfg, ckpt_name="ckpt.pt"):
+    """Open the run directory cfg.out once every flag, file and teacher has been checked. Returns the checkpoint
+    to resume from (dict) or None. --resume auto continues OUT/ckpt_name if present, a PATH continues that file,
+    none starts over. A resumed run must have the same result flags as the checkpoint's (one-line ValueError
+    listing the others); then config.json is (re)written, a 'resumed' row logged and orphan temp files removed."""
+    os.makedirs(cfg.out, exist_ok=True)
+    path = None if cfg.resume in ("none", "") else os.path.join(cfg.out, ckpt_name) if cfg.resume == "auto" else cfg.resume
+    if cfg.resume not in ("none", "", "auto") and not os.path.exists(path):
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint")
+    ckpt = load_checkpoint(path) if path and os.path.exists(path) else None
+    if ckpt is not None:
+        old = ckpt.get("config") or {}
+        diff = changed_flags(cfg, old)
+        if diff:
+            listed = ", ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} (was {old[f.name]!r})" for f in diff)
+            raise ValueError(f"{path} was made with other settings: {listed}; rerun with the stored flags "
+                             f"(see {os.path.join(cfg.out, 'config.json')}), or pass --resume none or another --out")
+    for d, _, files in os.walk(cfg.out):
+        for name in files:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(d, name))
+    write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+    if ckpt is not None:
+        log_row(cfg.out, {"event": "resumed", "from": path, "step": ckpt.get("step")})
+    return ckpt
+
+
+def run_finished(out):
+    """The metrics of a finished run in `out` (metrics.json with finished = true), else None."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("finished") else None
 
 
 def log_row(out_dir, row, echo=True):
@@ -1634,12 +1477,25 @@ def log_row(out_dir, row, echo=True):
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
-def write_metrics(out_dir, method, dataset, teacher, reference, results):
+def write_metrics(out_dir, method, dataset, teacher, reference, results, finished=False):
     """metrics.json of the run contract. reference: {'sampler': str, 'steps': int}; results: a list of
-    {'model': 'teacher'|'student', 'steps', 'rmse_to_reference', 'fid', 'is', ...}."""
-    write_json(os.path.join(out_dir, "metrics.json"),
-               {"method": method, "dataset": dataset, "teacher": teacher, "reference": reference, "results": results})
+    {'model': 'teacher'|'student', 'steps', 'rmse_to_reference', 'fid', 'is', ...}; finished marks the last write."""
+    write_json(os.path.join(out_dir, "metrics.json"), {"method": method, "dataset": dataset, "teacher": teacher,
+                                                       "reference": reference, "results": results, "finished": finished})
 
+
+def cli(main):
+    """Run main() as a command: expected failures (bad values, files, downloads, a full disk) end in one line
+    'error: ...' that says what to do; a traceback is left for real bugs."""
+    try:
+        main()
+    except (ValueError, OSError, EOFError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command to resume")
+
+
+# ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
@@ -1678,10 +1534,12 @@ def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
     raise ValueError(f"unknown weighting {weighting!r}: expected one of {WEIGHTINGS}")
 
 
-def diffusion_loss(net, schedule, param, weighting, x, generator):
-    """Standard diffusion training loss (Salimans & Ho alg. 1; Ho et al. alg. 1): t ~ U[0, 1]
-    (continuous) or U{0..T-1} (discrete), z_t = alpha_t x + sigma_t eps, weighted denoising error."""
-    B = x.shape[0]
+def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
+    """Standard diffusion training loss (Salimans & Ho alg. 1; Ho et al. alg. 1): t ~ U[0, 1] (continuous) or
+    U{0..T-1} (discrete), z_t = alpha_t x + sigma_t eps, weighted denoising error. A learned-range denoiser adds
+    Nichol & Dhariwal's lambda L_vlb (sec. 3.1, lambda = 0.001; L_vlb = T E_t[L_t]) with the mean under
+    stop-gradient, so the vlb term trains only the variance."""
+    B, schedule = x.shape[0], den.schedule
     if schedule.discrete:
         t = torch.randint(schedule.T, (B,), generator=generator, device=generator.device).to(x.device)
     else:
@@ -1689,98 +1547,75 @@ def diffusion_loss(net, schedule, param, weighting, x, generator):
     alpha, sigma = (bcast(v, x) for v in schedule.alpha_sigma(t))
     eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     z = alpha * x + sigma * eps
-    out = net(z, schedule.net_time(t)).float()
-    x_pred, eps_pred = x_eps_from_output(out, z, alpha, sigma, param)
-    return weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting).mean()
-
-
-def dist_init(device):
-    """torchrun support (nanoGPT style): returns (rank, world, device). One process per GPU; without
-    torchrun, rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def wrap_ddp(net, world, device):
-    if world == 1:
-        return net
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(net, device_ids=[device] if str(device).startswith("cuda") else None)
+    x_pred, eps_pred, v = den.full(z, t)
+    loss = weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting)
+    if den.var == "learned_range":
+        loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
+    return loss.mean()
 
 
 @dataclasses.dataclass
 class TeacherConfig:
-    """Standard diffusion training (Ho et al. 2020; Salimans & Ho alg. 1). Defaults: a small Ho-style
-    teacher (linear beta, eps-prediction) for the built-in shapes data."""
+    """Standard diffusion training (Ho et al. 2020; Salimans & Ho alg. 1). Defaults: the shared shapes teacher,
+    a small Ho-style model (linear beta, eps) with Nichol & Dhariwal's learned-range variance (hybrid loss),
+    so that every method, DKDM's variance term included, has a teacher on a CPU."""
     data: str = field("shapes", f"dataset: {DATASETS}")
-    image_size: int = field(16, "image resolution")
-    net: str = field("tiny", "network preset (see NET_PRESETS)")
-    dropout: float = field(0.0, "dropout in the res blocks")
-    schedule: str = field("linear", "linear | cosine (discrete, T=1000) | cosine_logsnr (continuous)")
-    param: str = field("eps", "network output: eps | x | v | both")
-    weighting: str = field("snr", "loss weighting: snr (eps-MSE) | trunc_snr | snr_plus_one (v-MSE) | const (x-MSE)")
-    var: str = field("fixed_large", "variance type recorded for ancestral sampling")
-    updates: int = field(1500, "parameter updates")
-    batch: int = field(32, "global batch size")
-    lr: float = field(5e-4, "Adam learning rate")
-    warmup: int = field(100, "linear warm-up updates")
-    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
-    ema: float = field(0.995, "EMA decay")
-    grad_clip: float = field(1.0, "clip the global gradient norm (0 = off)")
+    image_size: int = field(16, "image resolution", low=8)
+    net: str = field("tiny", "network preset (common.PRESETS)")
+    dropout: float = field(0.0, "dropout in the res blocks", low=0.0)
+    schedule: str = field("linear", "noise schedule (cosine_logsnr is continuous)",
+                          choices=("linear", "cosine", "cosine_logsnr"))
+    param: str = field("eps", "network output", choices=PARAMS[:4])
+    weighting: str = field("snr", "loss weighting: snr (eps-MSE) | trunc_snr | snr_plus_one (v-MSE) | const (x-MSE)",
+                           choices=WEIGHTINGS)
+    var: str = field("learned_range", "variance of ancestral sampling; learned_range adds N&D's 0.001 L_vlb",
+                     choices=("fixed_small", "fixed_large", "learned_range"))
+    updates: int = field(1500, "parameter updates (after warm-up the lr is constant: a run may be extended)",
+                         low=1, fixed=False)
+    batch: int = field(32, "batch size", low=1)
+    lr: float = field(5e-4, "Adam learning rate", low=0.0)
+    warmup: int = field(100, "linear warm-up updates", low=0)
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)", low=0.0)
+    ema: float = field(0.995, "EMA decay", low=0.0)
+    grad_clip: float = field(1.0, "clip the global gradient norm (0 = off)", low=0.0)
     seed: int = field(0, "seed")
-    device: str = field("auto", "auto | cpu | cuda[:N]")
-    dtype: str = field("fp32", "network precision: fp32 | bf16 | fp16")
-    log_every: int = field(100, "log every N updates")
-    ckpt_every: int = field(1000, "checkpoint every N updates")
-    sample_steps: int = field(50, "DDIM steps for the sample grid")
-    out: str = field("runs/teacher", "run directory (config.json, log.jsonl, ckpt.pt, samples.png)")
-    resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH")
+    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = field("fp32", "network precision", choices=("fp32", "bf16", "fp16"))
+    log_every: int = field(100, "log every N updates", low=1, fixed=False)
+    ckpt_every: int = field(1000, "checkpoint every N updates", low=1, fixed=False)
+    sample_steps: int = field(50, "DDIM steps for the sample grid", low=1, fixed=False)
+    out: str = field("runs/teacher", "run directory (config.json, log.jsonl, ckpt.pt, samples.png)", fixed=False)
+    resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
 
 
 def train_teacher(cfg):
-    """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample
-    grid. Returns the checkpoint path; the checkpoint loads with load_teacher."""
-    out_dir, resume = cfg.out, cfg.resume
+    """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample grid.
+    Returns the checkpoint path; the checkpoint loads with load_teacher."""
+    if cfg.var == "learned_range" and cfg.schedule == "cosine_logsnr":
+        raise ValueError("--var learned_range needs a discrete schedule (linear or cosine)")
     device = pick_device(cfg.device)
-    rank, world, device = dist_init(device)
-    if rank == 0:
-        start_run(out_dir, cfg)
-    torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed).to(device)
-    schedule = Schedule(cfg.schedule)
     out_ch = 3 * (2 if cfg.param == "both" else 1) + (3 if cfg.var == "learned_range" else 0)
-    net = make_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
-    ema = make_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
-    ema.load_state_dict(net.state_dict())
-    ema.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
+    den = Denoiser(net, Schedule(cfg.schedule), cfg.param, cfg.var)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    step, elapsed = 0, 0.0
-    path = os.path.join(out_dir, "ckpt.pt")
-    if resume_path(out_dir, resume):
-        ckpt = load_checkpoint(path)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    step, elapsed, path = 0, 0.0, os.path.join(cfg.out, "ckpt.pt")
+    ckpt = start_run(cfg)
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-        gen.set_state(ckpt["gen"][rank].to(gen.get_state().device) if world > 1 else ckpt["gen"][0])
-        print(f"resumed {path} at update {step}")
-    model = wrap_ddp(net, world, device)
-    model.train()
-    loss_sum, t0 = torch.zeros((), device=device), time.time()
+        gen.set_state(ckpt["gen"])
+    net.train()
+    loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
     while step < cfg.updates:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        x = sample_batch(data, cfg.batch // world, gen)
+        x = sample_batch(data, cfg.batch, gen)
         with autocast(device, cfg.dtype):
-            loss = diffusion_loss(model, schedule, cfg.param, cfg.weighting, x, gen)
+            loss = diffusion_loss(den, cfg.weighting, x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -1789,22 +1624,19 @@ def train_teacher(cfg):
         ema_update(ema, net, cfg.ema)
         step += 1
         loss_sum += loss.detach()
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.updates):
-            dt = time.time() - t0
-            elapsed, t0 = elapsed + dt, time.time()
-            n = step % cfg.log_every or cfg.log_every
-            log_row(out_dir, {"stage": "teacher", "step": step, "loss": loss_sum.item() / n,
+        if step % cfg.log_every == 0 or step == cfg.updates:  # the only host sync
+            dt, n = time.time() - t0, step - last_log
+            elapsed, t0, last_log = elapsed + dt, time.time(), step
+            log_row(cfg.out, {"stage": "teacher", "step": step, "loss": loss_sum.item() / n,
                               "sec_per_update": dt / n, "elapsed_s": elapsed})
             loss_sum.zero_()
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.updates):
-            save_checkpoint(path, net_config=net_config(net), model=net.state_dict(), ema=ema.state_dict(),
-                            schedule=schedule.spec(), param=cfg.param, var=cfg.var, steps=None, method="teacher",
+        if step % cfg.ckpt_every == 0 or step == cfg.updates:
+            save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
-                            gen=[gen.get_state()], elapsed=elapsed)
-    if rank == 0:
-        times = sampler_times(schedule, cfg.sample_steps)
-        z = seeded_noise(range(64), data.shape[1:], device)
-        save_grid(ddim_sample(ema, schedule, cfg.param, z, times, clip=True), os.path.join(out_dir, "samples.png"))
+                            gen=gen.get_state(), elapsed=elapsed)
+    z = seeded_noise(range(64), data.shape[1:], device)
+    grid = ddim_sample(den.copy(ema).eval(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
+    save_grid(grid, os.path.join(cfg.out, "samples.png"))
     return path
 
 
@@ -1812,8 +1644,9 @@ def cached_teacher(cfg=None):
     """A teacher trained once with `cfg` (default TeacherConfig()) and cached under CACHE_DIR/teachers,
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
     cfg = cfg or TeacherConfig()
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "device", "log_every")}
-    recipe["net"] = net_preset(cfg.net)
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "device", "log_every",
+                                                                          "ckpt_every", "sample_steps")}
+    recipe["net"] = net_config(build_net(cfg.net))
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(CACHE_DIR, "teachers", f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt")
     if not os.path.exists(path):
@@ -1825,4 +1658,4 @@ def cached_teacher(cfg=None):
 
 
 if __name__ == "__main__":
-    print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion teacher (Alg. 1) into --out.")))
+    cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion teacher (Alg. 1) into --out."))))

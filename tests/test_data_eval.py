@@ -45,11 +45,11 @@ def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(ValueError) as e:
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")   # wrong md5 -> re-download -> clear error
-    with pytest.raises(RuntimeError, match="place it at"):
+    with pytest.raises(ValueError, match="place it at"):
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="32x32"):
         C.load_dataset("cifar10", image_size=64, data_dir=str(tmp_path))
@@ -64,7 +64,13 @@ def test_folder_dataset_crops_and_resizes(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     data = C.load_dataset(f"folder:{tmp_path}", image_size=16)
     assert data.shape == (3, 3, 16, 16) and data.dtype == torch.uint8
+    with pytest.raises(ValueError, match="no such folder"):
+        C.load_dataset(f"folder:{tmp_path / 'missing'}", image_size=16)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
+        C.load_dataset(f"folder:{tmp_path / 'empty'}", image_size=16)
+    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png is not a readable image"):
         C.load_dataset(f"folder:{tmp_path / 'empty'}", image_size=16)
 
 
@@ -93,20 +99,30 @@ def test_uint8_round_trip():
 
 
 def test_seeded_noise_is_independent_of_batching():
-    fn = lambda z: z.tanh()
+    fn = lambda z, seeds: z.tanh()
     a = C.generate(fn, list(range(10)), (3, 4, 4), batch_size=3, device="cpu")
     b = C.generate(fn, list(range(10)), (3, 4, 4), batch_size=7, device="cpu")
     assert torch.equal(a, b)
     assert torch.equal(C.seeded_noise([5], (3, 4, 4))[0], C.seeded_noise([1, 5], (3, 4, 4))[1])
 
 
-def test_sample_to_folder_resumes_and_shards(tmp_path):
+def test_sample_to_folder_resumes_and_writes_atomically(tmp_path, monkeypatch):
     calls = []
-    fn = lambda z: (calls.append(len(z)), z.clamp(-1, 1))[1]
-    C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu", rank=0, world=2)   # seeds 0, 2, 4
-    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000002.png", "000004.png"]
-    C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu")                   # only 1, 3, 5 are new
-    assert len(os.listdir(tmp_path)) == 6 and calls == [3, 3]
+    fn = lambda z, seeds: (calls.append(list(seeds)), z.clamp(-1, 1))[1]
+    real_save = C.save_png
+
+    def crash_on_third(image, path, count=[0]):
+        count[0] += 1
+        if count[0] == 3:
+            raise KeyboardInterrupt
+        real_save(image, path)
+    monkeypatch.setattr(C, "save_png", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu")
+    monkeypatch.setattr(C, "save_png", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png"]       # no half-written third file
+    C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu")            # only 2..5 are new
+    assert len(os.listdir(tmp_path)) == 6 and calls[1:] == [[2, 3, 4, 5]]
     img = np.asarray(Image.open(tmp_path / "000003.png"))
     assert np.array_equal(img, C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy())
 
@@ -173,10 +189,32 @@ def test_inception_score_limits():
     assert C.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
 
 
+def test_frechet_distance_closed_form_and_newest_scipy(monkeypatch):
+    """Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2. scipy 1.18's sqrtm has no `disp`
+    (clean-fid 0.1.35 passes it): ours must not pass it either."""
+    import scipy.linalg
+    real = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda A: real(A))
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    want = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert C.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_of_cifar10_against_a_statistics_file_offline(tmp_path):
+    shapes = C.make_shapes(60, 16, seed=1)
+    _write_pngs(tmp_path / "gen", shapes)
+    det = StandIn()
+    feats = torch.cat([det.features(s[None].float(), "legacy_tensorflow") for s in shapes]).double().numpy()
+    np.savez(tmp_path / "stats.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    out = C.fid_is(str(tmp_path / "gen"), "cifar10", inception=det, stats=str(tmp_path / "stats.npz"), batch_size=20)
+    assert abs(out["fid"]) < 1e-6 and "fid_clean" not in out
+
+
 def test_missing_inception_weights_error_is_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(ValueError) as e:
         C.Inception(str(tmp_path / "inception-2015-12-05.pt"))
     assert "--inception" in str(e.value) and "\n" not in str(e.value)

@@ -31,7 +31,8 @@ def test_timestep_sequences_match_reference_lists():
     assert C.ddim_timesteps(1000, 100, "linspace") == LINSPACE_100
     assert C.ddim_timesteps(1000, 100, "uniform") == list(range(990, -1, -10))
     assert C.ddim_timesteps(1000, 100, "trailing") == list(range(999, 8, -10))
-    assert C.unit_grid(4) == [1.0, 0.75, 0.5, 0.25]
+    assert C.sampler_times(C.Schedule("cosine_logsnr"), 4, "unit") == [1.0, 0.75, 0.5, 0.25]
+    assert C.sampler_times(C.Schedule("linear"), 4, "unit") == [999, 749.25, 499.5, 249.75]
     with pytest.raises(ValueError, match="unknown skip"):
         C.ddim_timesteps(1000, 10, "cubic")
 
@@ -101,7 +102,7 @@ def test_parameterisation_round_trips():
     assert torch.allclose(C.eps_from_x(z, x, alpha, sigma), eps, atol=1e-3)
     assert torch.allclose(C.x_from_v(z, v, alpha, sigma), x, atol=1e-5)
     assert torch.allclose(C.eps_from_v(z, v, alpha, sigma), eps, atol=1e-5)
-    outputs = {"eps": eps, "x": x, "v": v, "both": torch.cat([x, eps], 1)}
+    outputs = {"eps": eps, "x": x, "v": v, "both": torch.cat([x, eps], 1), "resid": z - x}
     for param, out in outputs.items():
         xp, ep = C.x_eps_from_output(out, z, alpha, sigma, param)
         assert torch.allclose(xp, x, atol=1e-3) and torch.allclose(ep, eps, atol=1e-3), param
@@ -136,31 +137,6 @@ class _Toy(torch.nn.Module):
         return torch.tanh(torch.einsum("oc,bchw->bohw", self.w, z) + t.view(-1, 1, 1, 1) / 1000)
 
 
-def test_pd_target_lands_on_two_teacher_steps():
-    """A one-step student predicting x~ (eq. 43) lands exactly where two teacher DDIM steps land, for a
-    brute-force two-step chain; swapping t' and t'' breaks it (a bug shipped by a port)."""
-    sched, net = C.Schedule("cosine_logsnr"), _Toy()
-    for param in ("eps", "x", "v"):
-        for N, i in ((8, 8), (8, 3), (2, 1), (16, 5)):
-            t, tp, tpp = i / N, i / N - 0.5 / N, i / N - 1 / N
-            z_t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(i))
-            a = {u: sched.alpha_sigma(u) for u in (t, tp, tpp)}
-            # brute force: two DDIM steps written out from the definition z_s = alpha_s x + sigma_s (z_t - alpha_t x)/sigma_t
-            x1, _ = C.denoise(net, sched, param, z_t, t)
-            z_tp = a[tp][0] * x1 + a[tp][1] * (z_t - a[t][0] * x1) / a[t][1]
-            x2, _ = C.denoise(net, sched, param, z_tp, tp)
-            z_tpp = a[tpp][0] * x2 + a[tpp][1] * (z_tp - a[tp][0] * x2) / a[tp][1]
-            x_tilde = C.pd_target(z_t, z_tpp, *a[t], *a[tpp])
-            student = C.ddim_step(x_tilde, C.eps_from_x(z_t, x_tilde, *a[t]), *a[tpp])
-            assert torch.allclose(student, z_tpp, atol=2e-4), (param, N, i)
-            swapped = C.pd_target(z_t, z_tpp, *a[t], *a[tp])
-            wrong = C.ddim_step(swapped, C.eps_from_x(z_t, swapped, *a[t]), *a[tpp])
-            assert (wrong - z_tpp).abs().max() > 1e-2
-    # at the end of sampling (alpha, sigma) = (1, 0): the target is the teacher's last x prediction
-    z_t, z_end = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    assert torch.allclose(C.pd_target(z_t, z_end, torch.tensor(0.9), torch.tensor(0.4), 1.0, 0.0), z_end)
-
-
 def test_ddim_sample_matches_diffusers_ddim_unclipped():
     """Our DDIM chain equals diffusers' DDIMScheduler (clip_sample=False, set_alpha_to_one) step for step."""
     from diffusers import DDIMScheduler
@@ -172,7 +148,7 @@ def test_ddim_sample_matches_diffusers_ddim_unclipped():
     z = z0.clone()
     for t in ref.timesteps:
         z = ref.step(net(z, t.float().expand(2)), t, z).prev_sample
-    ours = C.ddim_sample(net, sched, "eps", z0, C.ddim_timesteps(1000, 20, "uniform"))
+    ours = C.ddim_sample(C.Denoiser(net, sched, "eps"), z0, C.ddim_timesteps(1000, 20, "uniform"))
     assert (ours - z).abs().max() < 1e-4
 
 
@@ -198,17 +174,63 @@ def test_posterior_matches_ddpm_coefficients():
 def test_learned_range_variance_interpolates_in_log_space():
     small, large = torch.tensor([0.01]), torch.tensor([0.04])
     for v, expected in ((-1.0, 0.01), (1.0, 0.04), (0.0, 0.02)):
-        logvar = C.ancestral_logvar(small, large, "learned_range", torch.tensor([v]))
+        logvar = C.ancestral_logvar(small, large, C.variance_frac("learned_range", torch.tensor([v])))
         assert torch.exp(logvar).item() == pytest.approx(expected, rel=1e-5)
+    assert C.variance_frac("fixed_small") == 0.0 and C.variance_frac("fixed_large") == 1.0
     with pytest.raises(ValueError, match="unknown variance type"):
-        C.ancestral_logvar(small, large, "fixed_medium")
+        C.variance_frac("fixed_medium")
 
 
 def test_ancestral_step_adds_no_noise_into_the_data():
     z, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     out = C.ancestral_step(z, x, torch.tensor(0.9), torch.tensor(0.4359), torch.tensor(1.0), torch.tensor(0.0),
-                           torch.randn(2, 3, 4, 4), "fixed_large")
+                           torch.randn(2, 3, 4, 4), frac=1.0)
     assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_step_gaussian_matches_improved_diffusion_coefficients():
+    """p(z_{t-1} | z_t) for learned-range frac: log-variance frac log beta_t + (1 - frac) log beta~_t with
+    improved-diffusion's clipped beta~ (beta~_0 := beta~_1); at t = 0 the mean is x_pred."""
+    s = C.Schedule("linear")
+    ac = s.alphas_cumprod
+    betas = torch.from_numpy(np.linspace(1e-4, 0.02, 1000))
+    beta_tilde = lambda t: (1 - ac[t - 1]) / (1 - ac[t]) * betas[t]
+    z, x = torch.randn(3, 3, 2, 2), torch.randn(3, 3, 2, 2)
+    t = torch.tensor([0, 1, 700])
+    frac = torch.tensor([0.3, 0.7, 0.5]).view(-1, 1, 1, 1).expand_as(z)
+    mean, logvar = C.step_gaussian(s, z, t, x, frac)
+    for i, ti in enumerate(t.tolist()):
+        f = frac[i, 0, 0, 0].item()
+        want = f * math.log(betas[ti]) + (1 - f) * math.log(beta_tilde(max(ti, 1)))
+        assert logvar[i].float().mean().item() == pytest.approx(want, rel=1e-4)
+    assert torch.allclose(mean[0], x[0], atol=1e-5)
+
+
+def test_vlb_terms_zero_at_the_true_posterior_and_decoder_nll_is_a_likelihood():
+    s = C.Schedule("linear")
+    x = C.to_float(torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8))
+    z = torch.randn_like(x)
+    t = torch.tensor([5, 100, 500, 999])
+    v = -torch.ones_like(x)  # learned range at its lower end = the true posterior variance
+    assert C.vlb_terms(s, z, t, x, x, v).abs().max() < 1e-5
+    wrong = C.vlb_terms(s, z, t, x, x + 0.1, v)  # the mean's weight on x, hence the KL, shrinks as t grows
+    assert (wrong[:3] > 0).all() and wrong[3] > -1e-6 and (wrong[:-1] > wrong[1:]).all()
+    # the discretized decoder is a distribution over the 256 levels: probabilities sum to one
+    levels = C.to_float(torch.arange(256, dtype=torch.uint8)).view(256, 1)
+    mean, logvar = torch.full((256, 1), 0.3), torch.full((256, 1), math.log(0.01))
+    assert torch.exp(-C.discretized_gaussian_nll(levels, mean, logvar)).sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ancestral_sample_noise_depends_on_the_seed_only():
+    den = C.Denoiser(_Toy(5), C.Schedule("linear"), "eps", "fixed_large")
+    times = C.ddim_timesteps(1000, 5, "uniform")
+    seeds = [3, 9, 4]
+    z = C.seeded_noise(seeds, (3, 4, 4))
+    together = C.ancestral_sample(den, z, times, seeds)
+    alone = torch.cat([C.ancestral_sample(den, z[i:i + 1], times, seeds[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert not torch.allclose(together, C.ancestral_sample(den, z, times, [s + 1 for s in seeds]), atol=1e-3)
+    assert not torch.allclose(together, C.ddim_sample(den, z, times), atol=1e-3)
 
 
 def test_gaussian_kl_against_monte_carlo():

@@ -27,22 +27,28 @@ def test_resume_restores_training_state_exactly(tmp_path):
     for s, r in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(s["exp_avg_sq"], r["exp_avg_sq"])
     rows = [json.loads(l) for l in open(tmp_path / "b" / "run" / "log.jsonl")]
-    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert [r["step"] for r in rows if r.get("stage") == "teacher"] == [2, 3, 4, 6]
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [3]
+    # the first row after resuming at update 3 averages over one update, not over log_every
+    loss_4 = next(r["loss"] for r in rows if r.get("step") == 4)
+    straight_rows = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
+    assert loss_4 < 2 * next(r["loss"] for r in straight_rows if r.get("step") == 4)
     assert os.path.exists(tmp_path / "b" / "run" / "samples.png")
     assert json.load(open(tmp_path / "b" / "run" / "config.json"))["updates"] == 6
 
 
-@pytest.mark.parametrize("param,schedule", [("eps", "linear"), ("v", "cosine_logsnr"), ("both", "cosine_logsnr")])
-def test_checkpoint_loads_as_teacher(tmp_path, param, schedule):
-    path = C.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, weighting="snr_plus_one"))
-    net, info = C.load_teacher(path)
+@pytest.mark.parametrize("param,schedule,var", [("eps", "linear", "learned_range"), ("v", "cosine_logsnr", "fixed_large"),
+                                              ("both", "cosine", "learned_range")])
+def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
+    path = C.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, var=var, weighting="snr_plus_one"))
+    den = C.load_teacher(path)
     ckpt = C.load_checkpoint(path)
-    assert info["param"] == param and info["schedule"].spec() == ckpt["schedule"] and info["steps"] is None
-    assert not any(p.requires_grad for p in net.parameters())
-    for name, tensor in net.state_dict().items():
+    assert den.param == param and den.schedule.spec() == ckpt["schedule"] and den.steps is None
+    assert not any(p.requires_grad for p in den.parameters())
+    for name, tensor in den.net.state_dict().items():
         assert torch.equal(tensor, ckpt["ema"][name])
     z = torch.randn(2, 3, 8, 8)
-    x, eps = C.denoise(net, info["schedule"], info["param"], z, info["schedule"].time(0.5))
+    x, eps = den(z, den.schedule.time(0.5))
     assert x.shape == z.shape and torch.isfinite(x).all() and torch.isfinite(eps).all()
 
 
@@ -68,16 +74,88 @@ def test_parse_config_quick_and_explicit_flags():
                          quick={"batch": 4, "updates": 10, "data": "shapes"})
     assert (cfg.batch, cfg.updates, cfg.data) == (16, 10, "cifar10")
     assert C.parse_config(C.TeacherConfig, []).updates == C.TeacherConfig().updates
-    with pytest.raises(SystemExit):
-        C.parse_config(C.TeacherConfig, ["--no-such-flag", "1"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--no-such-flag", "1"], "unrecognized arguments"), (["--batch", "0"], "--batch: must be at least 1"),
+    (["--batch", "-3"], "must be at least 1"), (["--log-every", "0"], "--log-every: must be at least 1"),
+    (["--lr", "fast"], "expected a number"), (["--updates", "1.5"], "expected an integer"),
+    (["--param", "score"], "invalid choice: 'score'"), (["--dtype", "fp8"], "invalid choice"),
+    (["--image-size", "0"], "must be at least 8")])
+def test_bad_flag_values_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as e:
+        C.parse_config(C.TeacherConfig, flags)
+    text = str(e.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_changed_settings_are_refused_on_resume_and_config_json_kept(tmp_path):
+    cfg = _cfg(tmp_path, updates=2)
+    C.train_teacher(cfg)
+    before = open(os.path.join(cfg.out, "config.json")).read()
+    with pytest.raises(ValueError, match=r"--net 'dit_tiny' \(was 'tiny'\), --lr 0.01 \(was 0.0005\)"):
+        C.train_teacher(dataclasses.replace(cfg, lr=0.01, net="dit_tiny", updates=4))
+    assert open(os.path.join(cfg.out, "config.json")).read() == before
+    # flags that do not change results may differ, and are recorded
+    C.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3))
+    assert json.load(open(os.path.join(cfg.out, "config.json")))["sample_steps"] == 3
+    # --resume none starts over
+    C.train_teacher(dataclasses.replace(cfg, lr=0.01, resume="none"))
+    assert C.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))["config"]["lr"] == 0.01
+
+
+def test_checkpoints_are_plain_data_with_normal_permissions_and_no_orphans(tmp_path):
+    path = C.train_teacher(_cfg(tmp_path, updates=2))
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+    torch.load(path, weights_only=True)  # nothing but tensors and plain containers
+    orphan = os.path.join(os.path.dirname(path), "ckpt.pt.999.tmp")
+    open(orphan, "w").write("half a checkpoint")
+    C.train_teacher(_cfg(tmp_path, updates=2))
+    assert not os.path.exists(orphan)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_malicious_checkpoint_runs_no_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": C.CKPT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt is not a readable checkpoint"):
+        C.load_checkpoint(str(tmp_path / "evil.pt"))
+    with pytest.raises(ValueError, match="evil.pt"):
+        C.load_teacher(str(tmp_path / "evil.pt"))
+    assert not os.path.exists(tmp_path / "pwned")
 
 
 def test_bad_teacher_and_checkpoint_errors(tmp_path):
-    with pytest.raises(ValueError, match="neither a"):
-        C.load_teacher("no_such_file.pt")
+    with pytest.raises(ValueError, match="no such file"):
+        C.load_teacher("runs/no_such_file.pt")
     torch.save({"weights": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         C.load_checkpoint(str(tmp_path / "x.pt"))
+    (tmp_path / "trunc.pt").write_bytes(open(C.train_teacher(_cfg(tmp_path, updates=1)), "rb").read()[:5000])
+    with pytest.raises(ValueError, match="trunc.pt is not a readable checkpoint"):
+        C.load_checkpoint(str(tmp_path / "trunc.pt"))
     with pytest.raises(ValueError, match="no such checkpoint"):
-        C.resume_path(str(tmp_path), str(tmp_path / "missing.pt"))
-    assert C.resume_path(str(tmp_path), "auto") is None and C.resume_path(str(tmp_path), "none") is None
+        C.train_teacher(_cfg(tmp_path, resume=str(tmp_path / "missing.pt")))
+
+
+def test_cli_turns_expected_failures_into_one_line(capsys):
+    def fail(exc):
+        def main():
+            raise exc
+        return main
+    for exc in (ValueError("bad value"), OSError(28, "No space left on device", "out/ckpt.pt")):
+        with pytest.raises(SystemExit) as e:
+            C.cli(fail(exc))
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        C.cli(fail(ZeroDivisionError()))
