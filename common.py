@@ -37,6 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
+CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
+
 # ================================================================================================
 # math
 # ================================================================================================
@@ -69,7 +72,8 @@ class Schedule:
             betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
             self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
         elif kind == "cosine":
-            f = np.cos((np.arange(T + 1, dtype=np.float64) / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+            u = np.arange(T + 1, dtype=np.float64) / T
+            f = np.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
             betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)
             self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
         if kind != "cosine_logsnr":
@@ -179,7 +183,8 @@ class Denoiser:
     def __init__(self, net, schedule, param, var="fixed_small", steps=None, source=""):
         if param not in PARAMS:
             raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
-        self.net, self.schedule, self.param, self.var, self.steps, self.source = net, schedule, param, var, steps, source
+        self.net, self.schedule, self.param, self.var = net, schedule, param, var
+        self.steps, self.source = steps, source
 
     def full(self, z, t, clip=False):
         """(x_pred, eps_pred, v): v are the learned-range variance channels in [-1, 1], or None. With clip,
@@ -212,14 +217,15 @@ class Denoiser:
         return self.net.parameters()
 
     def copy(self, net=None, **changes):
-        """A trainable copy (a student starts as its teacher): same fields, a deep copy of the net (or `net`)."""
-        fields_ = dict(schedule=self.schedule, param=self.param, var=self.var, steps=self.steps, source=self.source)
-        return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**fields_, **changes}).train()
+        """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
+        kept = dict(schedule=self.schedule, param=self.param, var=self.var, steps=self.steps,
+                    source=self.source)
+        return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**kept, **changes}).train()
 
     def state(self):
         """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
-        return dict(net_config=net_config(self.net), model=self.net.state_dict(), schedule=self.schedule.spec(),
-                    param=self.param, var=self.var, steps=self.steps)
+        return dict(net_config=net_config(self.net), model=self.net.state_dict(),
+                    schedule=self.schedule.spec(), param=self.param, var=self.var, steps=self.steps)
 
 
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
@@ -256,7 +262,8 @@ def ancestral_logvar(var_small, var_large, frac):
 def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=0.0):
     """One stochastic step z_t -> z_s: posterior mean plus exp(logvar/2) noise; no noise into the data."""
     mean, var_small, var_large = posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s)
-    return mean + (sigma_s > 0).float() * torch.exp(0.5 * ancestral_logvar(var_small, var_large, frac)) * noise
+    std = torch.exp(0.5 * ancestral_logvar(var_small, var_large, frac))
+    return mean + (sigma_s > 0).float() * std * noise
 
 
 def gaussian_kl(mean1, logvar1, mean2, logvar2):
@@ -281,8 +288,8 @@ def step_gaussian(schedule, z_t, t, x_pred, frac):
 
 
 def discretized_gaussian_nll(x, mean, logvar):
-    """-log p(x) of 8-bit data in [-1, 1] under N(mean, e^logvar) integrated over each pixel's bin of width 2/255,
-    the edge bins open (Ho et al. 2020 sec. 3.3, the decoder L_0)."""
+    """-log p(x) of 8-bit data in [-1, 1] under N(mean, e^logvar) integrated over each pixel's bin of width
+    2/255, the edge bins open (Ho et al. 2020 sec. 3.3, the decoder L_0)."""
     cdf = lambda v: 0.5 * (1 + torch.erf((v - mean) * torch.exp(-0.5 * logvar) / math.sqrt(2)))
     upper = torch.where(x > 0.999, 1.0, cdf(x + 1 / 255))
     lower = torch.where(x < -0.999, 0.0, cdf(x - 1 / 255))
@@ -290,9 +297,10 @@ def discretized_gaussian_nll(x, mean, logvar):
 
 
 def vlb_terms(schedule, z_t, t, x, x_pred, v):
-    """L_t of the variational bound, in bits per dimension, shape (B,): KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t))
-    for t > 0 and the decoder NLL -log p(x | z_0) at t = 0 (Nichol & Dhariwal eq. 4-6), p with a learned-range
-    variance read from v. Pass x_pred detached for their L_hybrid (the vlb then trains the variance only)."""
+    """L_t of the variational bound in bits per dimension, shape (B,):
+    KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t)) for t > 0, the decoder NLL -log p(x | z_0) at t = 0
+    (Nichol & Dhariwal eq. 4-6), p with a learned-range variance read from v. Pass x_pred detached for their
+    L_hybrid (the vlb then trains the variance only)."""
     mean_q, logvar_q = step_gaussian(schedule, z_t, t, x, 0.0)
     mean_p, logvar_p = step_gaussian(schedule, z_t, t, x_pred, variance_frac("learned_range", v))
     kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p).flatten(1).mean(1)
@@ -303,7 +311,7 @@ def vlb_terms(schedule, z_t, t, x, x_pred, v):
 def ddim_timesteps(T, steps, skip="uniform"):
     """Descending integer timesteps for a `steps`-step DDIM chain over a T-step discrete model.
     uniform  range(0, T, T//steps)  (DDIM paper / ermongroup; identical to diffusers 'leading')
-    quad     int(linspace(0, sqrt(0.8 T), steps)^2)  (ermongroup 'quad', used by Luhman & Luhman; starts at 0.8 T)
+    quad     int(linspace(0, sqrt(0.8 T), steps)^2)  (ermongroup 'quad', Luhman & Luhman's; starts at 0.8 T)
     trailing round(arange(T, 0, -T/steps)) - 1  (starts at T - 1)
     linspace round(linspace(0, T - 1, steps))"""
     if skip == "uniform":
@@ -345,7 +353,7 @@ def ddim_sample(den, z, times, clip=False):
 
 @torch.no_grad()
 def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
-    """Ancestral sampling through `times`, the last step returning x_pred (Ho et al. alg. 2 on a respaced grid).
+    """Ancestral sampling through `times`, the last step returning x_pred (Ho et al. alg. 2, respaced).
     frac: the log-variance between the posterior's lower (0) and upper (1) bound; None = the denoiser's own
     (variance_frac of den.var, learned per pixel for 'learned_range'). The noise of step k of sample i comes
     from seeds[i] alone (seeded_noise stream k + 1), so samples do not depend on the batch they ran in."""
@@ -446,7 +454,7 @@ class ResBlock(nn.Module):
         if self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
         elif self.resample == "up":
-            h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h, x = (F.interpolate(v, scale_factor=2.0, mode="nearest") for v in (h, x))
         h = self.conv1(h)
         e = self.emb_proj(F.silu(emb))[:, :, None, None]
         if self.scale_shift:
@@ -538,7 +546,8 @@ class UNet(nn.Module):
                 skips.append(c)
             resample = None
             if i < L - 1:
-                resample = ResBlock(c, c, emb_dim, cfg, "down") if cfg.resblock_updown else Downsample(c, cfg.down_pad)
+                resample = (ResBlock(c, c, emb_dim, cfg, "down") if cfg.resblock_updown
+                            else Downsample(c, cfg.down_pad))
                 skips.append(c)
             self.down.append(Level(res, attention(i, c, R), resample))
 
@@ -567,7 +576,8 @@ class UNet(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(_batch_t(t, x), self.config.ch, self.config.time_emb).to(x.dtype))
+        cfg = self.config
+        emb = self.time_mlp(timestep_embedding(_batch_t(t, x), cfg.ch, cfg.time_emb).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
@@ -605,7 +615,7 @@ class DiTConfig:
 
 
 def _pos_embed_2d(dim, grid):
-    """Fixed 2D sin-cos position embedding (grid*grid, dim): half the channels encode the row, half the column."""
+    """Fixed 2D sin-cos position embedding (grid*grid, dim): half the channels the row, half the column."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]       # (grid, dim/4)
     emb1d = torch.cat([pos.sin(), pos.cos()], dim=1)                            # (grid, dim/2)
@@ -690,21 +700,22 @@ PRESETS = {
     # Ho et al. 256 px (diffusers google/ddpm-{cat,church,bedroom,celebahq}-256): 113,673,219 params
     "ddpm_256": UNetConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4)),
     # DDPM-IP ADM baseline = DKDM CIFAR-10 / ImageNet-32 teacher (57M-CNN.yaml): 57,094,662 params
-    "adm_cifar10_57m": UNetConfig(out_channels=6, num_res_blocks=3, attn_resolutions=(16, 8), num_head_channels=32,
-                                  dropout=0.3, resblock_updown=True, qkv_layout="new", **_ADM),
+    "adm_cifar10_57m": UNetConfig(out_channels=6, num_res_blocks=3, attn_resolutions=(16, 8),
+                                  num_head_channels=32, dropout=0.3, resblock_updown=True, qkv_layout="new",
+                                  **_ADM),
     # DDPM-IP CelebA 64 teacher of DKDM (295M-CNN.yaml)
-    "adm_celeba64_295m": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
-                                    attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
-                                    resblock_updown=True, qkv_layout="new", **_ADM),
+    "adm_celeba64_295m": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4),
+                                    num_res_blocks=3, attn_resolutions=(32, 16, 8), num_head_channels=64,
+                                    dropout=0.1, resblock_updown=True, qkv_layout="new", **_ADM),
     # improved-diffusion cifar10_uncond_50M_500K (t fed as t*1000/4000): 52,546,438 params
     "iddpm_cifar10": UNetConfig(out_channels=6, num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4,
                                 dropout=0.3, down_pad="sym", qkv_layout="legacy", **_ADM),
     # Salimans & Ho progressive distillation CIFAR-10 base model
-    "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.2,
-                             resblock_updown=True, **_ADM),
+    "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8),
+                             dropout=0.2, resblock_updown=True, **_ADM),
     # CPU tests
-    "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
-                       resblock_updown=True, norm_groups=8, **_ADM),
+    "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                       num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),
     # DiT-style ViTs (Peebles & Xie 2023: S/2, B/2) and a CPU one
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),
     "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),
@@ -744,15 +755,13 @@ def net_config(net) -> dict:
 # ================================================================================================
 # teachers
 # ================================================================================================
-# load_teacher(spec) reads what users pass as --teacher: a checkpoint of this project, a diffusers
-# UNet2DModel folder, or a hub id (google/ddpm-cifar10-32 and the DDPM family). Original ermongroup/pesser
-# and guided-diffusion files are converted once by tools/convert_teacher.py into a project checkpoint.
-
-CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
+# load_teacher(spec) reads what users pass as --teacher: a checkpoint of this project, a diffusers UNet2DModel
+# folder or a hub id (google/ddpm-cifar10-32 and the DDPM family). Original ermongroup/pesser and
+# guided-diffusion files are converted once, by tools/convert_teacher.py, into checkpoints of this project.
 
 # UNet2DModel.__init__ defaults (diffusers 0.42) for the keys a config.json leaves out ...
 _DIFFUSERS_DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    sample_size=None, in_channels=3, out_channels=3, freq_shift=0, flip_sin_to_cos=True,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     block_out_channels=(224, 448, 672, 896), layers_per_block=2, downsample_padding=1, downsample_type="conv",
@@ -761,10 +770,8 @@ _DIFFUSERS_DEFAULTS = dict(
 # ... and the keys whose default is the only value our U-Net implements
 _DIFFUSERS_FIXED = dict(
     _class_name="UNet2DModel", act_fn="silu", center_input_sample=False, time_embedding_type="positional",
-    mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True, class_embed_type=None,
-    num_class_embeds=None)
-_RESAMPLING = {"DownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet", "UpBlock2D": "conv",
-               "ResnetUpsampleBlock2D": "resnet"}  # Attn{Down,Up}Block2D: downsample_type / upsample_type
+    time_embedding_dim=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True,
+    class_embed_type=None, num_class_embeds=None)
 
 
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
@@ -783,49 +790,44 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     ch, L = chans[0], len(chans)
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     need(isinstance(size, int), f"sample_size={size!r} (need one int)")
-    need(all(x % ch == 0 for x in chans), f"block_out_channels={chans} are not multiples of the first")
-    need(c["time_embedding_dim"] in (None, 4 * ch), f"time_embedding_dim={c['time_embedding_dim']} (need {4 * ch})")
-    need(shift in ("default", "scale_shift"), f"resnet_time_scale_shift={shift!r}")
+    need(shift in ("default", "scale_shift") and c["downsample_padding"] in (0, 1),
+         f"resnet_time_scale_shift={shift!r}, downsample_padding={c['downsample_padding']}")
     need(c["attn_norm_num_groups"] == groups or (c["attn_norm_num_groups"] is None and shift == "default"),
-         f"attn_norm_num_groups={c['attn_norm_num_groups']} with resnet_time_scale_shift={shift!r} "
-         f"(the mid attention needs GroupNorm({groups}): set attn_norm_num_groups={groups})")
+         f"attn_norm_num_groups={c['attn_norm_num_groups']} with {shift=} (set it to {groups})")
     emb = {(False, 1): "sin_cos", (True, 0): "cos_sin"}.get((c["flip_sin_to_cos"], c["freq_shift"]))
-    need(emb is not None, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} "
-                          "(need False/1 or True/0)")
-    need(c["downsample_padding"] in (0, 1), f"downsample_padding={c['downsample_padding']}")
+    need(emb, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} "
+              "(need False and 1, or True and 0)")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
-    kinds = dict(_RESAMPLING, AttnDownBlock2D=c["downsample_type"], AttnUpBlock2D=c["upsample_type"])
-    need(all(t in kinds and "Down" in t for t in down) and all(t in kinds and "Up" in t for t in up),
-         f"block types {down} / {up} (supported: {', '.join(kinds)})")
-    need(len(down) == L == len(up), "block type lists and block_out_channels differ in length")
-    attn = [t.startswith("Attn") for t in down]
-    need(attn == [t.startswith("Attn") for t in reversed(up)], f"attention levels differ between {down} and {up}")
+    kinds = dict(DownBlock2D="conv", ResnetDownsampleBlock2D="resnet", AttnDownBlock2D=c["downsample_type"],
+                 UpBlock2D="conv", ResnetUpsampleBlock2D="resnet", AttnUpBlock2D=c["upsample_type"])
+    need(len(down) == L == len(up) and all(t in kinds and "Down" in t for t in down)
+         and all(t in kinds and "Up" in t for t in up), f"{L} levels, block types {down} / {up}")
+    attn = [t.startswith("Attn") for t in down]  # (the up path mirrors it, or the weights do not fit)
     resample = {kinds[t] for t in down[:-1] + up[:-1]}  # the last block of each path does not resample
-    need(len(resample) <= 1 and resample <= {"conv", "resnet"}, f"mixed or unknown resampling {sorted(resample)}")
-    head_dim = c["attention_head_dim"]
+    need(len(resample) <= 1 and resample <= {"conv", "resnet"}, f"mixed or unknown resampling {resample}")
     return UNetConfig(
         image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], ch=ch,
         ch_mult=tuple(x // ch for x in chans), num_res_blocks=c["layers_per_block"],
         attn_resolutions=tuple(size >> i for i in range(L) if attn[i]), num_heads=1,
-        num_head_channels=-1 if head_dim is None else head_dim, dropout=c["dropout"],
-        scale_shift=shift == "scale_shift", resblock_updown=resample == {"resnet"},
-        down_pad="asym" if c["downsample_padding"] == 0 else "sym", time_emb=emb, norm_eps=c["norm_eps"],
-        norm_groups=groups)
+        num_head_channels=c["attention_head_dim"] or -1, dropout=c["dropout"], scale_shift=shift != "default",
+        resblock_updown=resample == {"resnet"}, down_pad="sym" if c["downsample_padding"] else "asym",
+        time_emb=emb, norm_eps=c["norm_eps"], norm_groups=groups)
 
 
-# Our tensor names -> diffusers UNet2DModel's: replaced in order in "." + name + "." (our fused attention qkv is
-# [to_q; to_k; to_v]; a resampler is a conv or, in ADM, a res block)
+# Our tensor names -> diffusers UNet2DModel's, replaced in order in "." + name + "." (a resampler is a conv
+# or, in ADM, a res block); our fused attention qkv is [to_q; to_k; to_v]
 _DIFFUSERS_NAMES = (
     (".time_mlp.0.", ".time_embedding.linear_1."), (".time_mlp.2.", ".time_embedding.linear_2."),
-    (".norm_out.", ".conv_norm_out."), (".mid_res1.", ".mid_block.resnets.0."), (".mid_res2.", ".mid_block.resnets.1."),
-    (".mid_attn.", ".mid_block.attentions.0."), (".down.", ".down_blocks."), (".up.", ".up_blocks."),
-    (".res.", ".resnets."), (".attn.", ".attentions."), (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."),
-    (".norm.", ".group_norm."), (".proj.", ".to_out.0."))
+    (".norm_out.", ".conv_norm_out."), (".mid_res1.", ".mid_block.resnets.0."),
+    (".mid_res2.", ".mid_block.resnets.1."), (".mid_attn.", ".mid_block.attentions.0."),
+    (".down.", ".down_blocks."), (".up.", ".up_blocks."), (".res.", ".resnets."), (".attn.", ".attentions."),
+    (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."), (".norm.", ".group_norm."),
+    (".proj.", ".to_out.0."))
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
 def _diffusers_name(key):
-    """Our tensor name -> diffusers UNet2DModel's, e.g. up.1.resample.conv.weight -> up_blocks.1.upsamplers.0.conv.weight."""
+    """e.g. up.1.resample.conv.weight -> up_blocks.1.upsamplers.0.conv.weight"""
     name = f".{key}."
     for ours, theirs in _DIFFUSERS_NAMES:
         name = name.replace(ours, theirs)
@@ -833,26 +835,22 @@ def _diffusers_name(key):
 
 
 def from_diffusers(sd, cfg: UNetConfig):
-    """A diffusers UNet2DModel state dict as UNet(cfg)'s: the same tensors, renamed (both spellings of the
-    attention names); q, k and v are concatenated into our fused qkv. One-line ValueError on a mismatch."""
+    """A diffusers UNet2DModel state dict as UNet(cfg)'s: the same tensors, renamed (old files' attention
+    names too), q, k and v concatenated into our qkv. One-line ValueError unless names and shapes match."""
     for old, new in _OLD_ATTENTION.items():
         sd = {k.replace(old, new): v for k, v in sd.items()}
     with torch.device("meta"):
         ours = UNet(cfg).state_dict()
-    names, want = {}, {}
-    for key, t in ours.items():
-        name = _diffusers_name(key)
-        names[key] = [name.replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in name else [name]
-        want.update((n, (t.shape[0] // len(names[key]), *t.shape[1:])) for n in names[key])
+    names = {key: [_diffusers_name(key).replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in key
+             else [_diffusers_name(key)] for key in ours}
+    want = {n: (t.shape[0] // len(names[k]), *t.shape[1:]) for k, t in ours.items() for n in names[k]}
     missing, extra = [n for n in want if n not in sd], [n for n in sd if n not in want]
-    if missing or extra:
-        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (("missing", missing),
-                                                                                ("unexpected", extra)) if ks)
-        raise ValueError(f"the diffusers weights have {len(sd)} tensors, config.json describes {len(want)} ({detail})")
-    bad = [n for n in want if tuple(sd[n].shape) != want[n]]
-    if bad:
-        raise ValueError(f"diffusers tensor '{bad[0]}' has shape {tuple(sd[bad[0]].shape)} but config.json implies "
-                         f"{want[bad[0]]} ({len(bad)} shape mismatches)")
+    reshaped = [n for n in want if n in sd and tuple(sd[n].shape) != want[n]]
+    if missing or extra or reshaped:
+        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (
+            ("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if ks)
+        raise ValueError(f"the diffusers weights have {len(sd)} tensors, config.json describes {len(want)} "
+                         f"({detail})")
     return {key: torch.cat([sd[n] for n in ns]) for key, ns in names.items()}
 
 
@@ -862,9 +860,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def read_safetensors(path) -> dict:
-    """A .safetensors file without the safetensors package. Layout: u64 little-endian header length N, N bytes
-    of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": ...}, then the raw
-    little-endian tensor bytes (offsets counted from the end of the header)."""
+    """A .safetensors file without the safetensors package: u64 little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": ...}, then the raw tensor bytes."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header, out = json.loads(f.read(n)), {}
@@ -876,112 +873,98 @@ def read_safetensors(path) -> dict:
             buf = bytearray(f.read(end - begin))
             if len(buf) != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor '{name}' of shape {shape} has {len(buf)} bytes of {info['dtype']}")
-            out[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+            data = torch.frombuffer(buf, dtype=dtype) if buf else torch.zeros(0, dtype=dtype)
+            out[name] = data.reshape(shape)
     return out
 
 
-def read_weights(path):
-    """What a .safetensors file or a torch file (.pt, .pth, .bin, .ckpt) holds, read with weights_only=True:
-    tensors and plain data only, so that a malicious file cannot run code. One-line ValueError otherwise."""
+def read_file(path):
+    """A .json, .safetensors or torch file (.pt, .pth, .bin, .ckpt; weights_only=True: tensors and plain data
+    only, so that a malicious file cannot run code); one-line ValueError if missing, truncated or corrupt."""
     try:
-        if path.endswith(".safetensors"):
-            return read_safetensors(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} is not a weights file, or holds Python objects besides tensors and plain data "
-                         "(not unpickled: that could run code)") from None
-    except Exception as e:  # missing, truncated, corrupt
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {str(e) or 'truncated'})".split("\n")[0]) from None
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if path.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return read_safetensors(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, corrupt, or a pickle of more than tensors and plain data
+        why = "not tensors and plain data; other objects are not unpickled, they could run code" if \
+            isinstance(e, pickle.UnpicklingError) else (str(e) or "empty or truncated").splitlines()[0]
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why})") from None
 
 
 def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     """Path of a cached copy of https://huggingface.co/{repo_id}/resolve/{revision}/{filename}
     (HF_ENDPOINT overrides the host), downloaded once (atomically) without huggingface_hub."""
-    dest = os.path.join(cache_dir or os.path.join(CACHE_DIR, "hub"), repo_id.replace("/", "--"), revision, filename)
-    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo_id}/resolve/{revision}/{filename}"
-    return download(url, dest, what=f"{repo_id}/{filename}")
+    cache_dir = cache_dir or os.path.join(CACHE_DIR, "hub")
+    dest = os.path.join(cache_dir, repo_id.replace("/", "--"), revision, filename)
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return download(f"{host}/{repo_id}/resolve/{revision}/{filename}", dest, what=f"{repo_id}/{filename}")
 
 
-def load_diffusers(spec, cache_dir=None, revision="main"):
-    """(UNet, scheduler_config.json as a dict or None) of a diffusers UNet2DModel: a local folder (config.json
-    and weights at the top or in unet/, scheduler_config.json at the top or in scheduler/) or a hub repo id
-    (flat layout, as google/ddpm-cifar10-32). Weights: diffusion_pytorch_model.safetensors, else .bin."""
+def load_diffusers(spec):
+    """A Denoiser of a diffusers UNet2DModel: a local folder (config.json and weights at the top or in unet/,
+    scheduler_config.json at the top or in scheduler/) or a hub repo id (flat layout, as
+    google/ddpm-cifar10-32). Weights: diffusion_pytorch_model.safetensors, else .bin."""
     def find(name, sub, required=True):
-        if os.path.isdir(spec):
-            path = next((p for p in (os.path.join(spec, name), os.path.join(spec, sub, name)) if os.path.isfile(p)), None)
-            if path is None and required:
-                raise ValueError(f"{spec} has no {name} (nor {sub}/{name}): not a diffusers UNet2DModel folder")
-            return path
-        try:
-            return hub_download(spec, name, cache_dir, revision)
-        except RuntimeError:
-            if required:
-                raise
-            return None
+        if not os.path.isdir(spec):
+            try:
+                return hub_download(spec, name)
+            except ValueError as e:  # a failed download
+                if required:
+                    raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
+                return None
+        path = next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
+        if path is None and required:
+            raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers UNet2DModel needs")
+        return path
 
-    cfg = unet_config_from_diffusers(_read_json(find("config.json", "unet")))
-    weights = find("diffusion_pytorch_model.safetensors", "unet", False) or find("diffusion_pytorch_model.bin", "unet")
+    cfg = unet_config_from_diffusers(read_file(find("config.json", "unet")))
     net = UNet(cfg)
-    net.load_state_dict(from_diffusers(read_weights(weights), cfg))
-    scheduler = find("scheduler_config.json", "scheduler", False)
-    return net, _read_json(scheduler) if scheduler else None
+    weights = find("diffusion_pytorch_model.safetensors", "unet", False) or \
+        find("diffusion_pytorch_model.bin", "unet")
+    net.load_state_dict(from_diffusers(read_file(weights), cfg))
+    sched = read_file(find("scheduler_config.json", "scheduler"))
+    return Denoiser(net, *_diffusers_diffusion(sched, cfg.out_channels == 2 * cfg.in_channels), source=spec)
 
 
-def _diffusers_diffusion(sched, out_channels):
+def _diffusers_diffusion(sched, learned_var):
     """(Schedule, param, var) from a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler keys)."""
-    s = {**dict(beta_schedule="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, trained_betas=None,
-                prediction_type="epsilon", variance_type="fixed_small"), **sched}
+    s = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+         "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **sched}
     kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
     param = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}.get(s["prediction_type"])
-    var = "learned_range" if out_channels == 6 else s["variance_type"].removesuffix("_log")
-    if kind is None or param is None or s["trained_betas"] is not None or (var == "learned_range") != (
-            out_channels == 6) or var not in ("fixed_small", "fixed_large", "learned_range"):
-        raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, prediction_type="
-                         f"{s['prediction_type']!r}, variance_type={s['variance_type']!r}, trained_betas "
-                         f"{'given' if s['trained_betas'] is not None else 'none'}")
+    var = "learned_range" if learned_var else s["variance_type"].removesuffix("_log")
+    vars_ = ("learned_range",) if learned_var else ("fixed_small", "fixed_large")
+    if not kind or not param or s["trained_betas"] is not None or var not in vars_:
+        raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, "
+                         f"prediction_type={s['prediction_type']!r}, variance_type={s['variance_type']!r} "
+                         "or trained_betas")
     betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
     return Schedule(kind, s["num_train_timesteps"], **betas), param, var
 
 
 def load_teacher(spec, device="cpu"):
-    """A frozen Denoiser (eval mode) from one of
-      a checkpoint of this project (format distill-ref/1; its EMA weights when it has them)
-      a diffusers UNet2DModel folder: config.json, weights, scheduler_config.json
-      a hub id of one, exactly 'owner/name' (google/ddpm-cifar10-32), downloaded once into CACHE_DIR/hub.
-    den.net(x, t) is the source's raw output for t in the source's own units. The scheduler's clip_sample is
-    not kept: deterministic DDIM teachers run unclipped (teacher_checkpoints.md sec. 5). Original
-    ermongroup/pesser and guided-diffusion files are converted first with tools/convert_teacher.py."""
-    parts = spec.split("/")
-    is_hub_id = len(parts) == 2 and all(p and p[0] not in ".~" for p in parts) and not os.path.splitext(spec)[1]
-    if os.path.isfile(spec):
-        obj = read_weights(spec)
-        if not (isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT):
-            raise ValueError(f"{spec} is not a checkpoint of this project (format {CKPT_FORMAT}); convert an original "
-                             f"ermongroup/pesser or guided-diffusion file first: python tools/convert_teacher.py "
-                             f"{spec} teacher.pt")
-        net = build_net(obj["net_config"])
-        net.load_state_dict(obj["ema"] if obj.get("ema") is not None else obj["model"])
-        den = Denoiser(net, Schedule(**obj["schedule"]), obj["param"], obj["var"], obj.get("steps"), spec)
-    elif os.path.isdir(spec) or is_hub_id:
-        try:
-            net, sched = load_diffusers(spec, os.path.join(CACHE_DIR, "hub"))
-        except RuntimeError as e:  # a failed download: spec is not local, and not (or not yet) on the hub
-            raise ValueError(f"{spec} is no local file or folder, and as a hub id: {e}") from None
-        if sched is None:
-            raise ValueError(f"{spec} has no scheduler_config.json, so its noise schedule is unknown")
-        den = Denoiser(net, *_diffusers_diffusion(sched, net.config.out_channels), source=spec)
-    else:
-        raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a diffusers "
-                         "folder or a hub id like google/ddpm-cifar10-32)")
-    return den.to(device).eval()
+    """A frozen Denoiser (eval mode) from a checkpoint of this project (its EMA weights if it has them), a
+    diffusers UNet2DModel folder (config.json, weights, scheduler_config.json) or the hub id of one. The
+    scheduler's clip_sample is not kept: DDIM teachers run unclipped (teacher_checkpoints.md sec. 5)."""
+    parts = spec.split("/")  # a hub id: 'owner/name', no relative or absolute path, no file extension
+    is_hub_id = len(parts) == 2 and all(p[:1] not in ("", ".", "~") for p in parts) and \
+        not os.path.splitext(spec)[1] and not os.path.exists(spec)
+    if os.path.isdir(spec) or is_hub_id:
+        return load_diffusers(spec).to(device).eval()
+    if not os.path.isfile(spec):
+        raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a "
+                         "diffusers folder or a hub id like google/ddpm-cifar10-32)")
+    obj = read_file(spec)
+    if not (isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT):
+        raise ValueError(f"{spec} is not a checkpoint of this project (format {CKPT_FORMAT}); convert an "
+                         "original ermongroup/pesser or guided-diffusion file with: "
+                         f"python tools/convert_teacher.py {spec} teacher.pt")
+    net = build_net(obj["net_config"])
+    net.load_state_dict(obj["ema"] if obj.get("ema") is not None else obj["model"])
+    schedule, var = Schedule(**obj["schedule"]), obj.get("var", "fixed_small")
+    return Denoiser(net, schedule, obj["param"], var, obj.get("steps"), spec).to(device).eval()
 
 
 # ================================================================================================
@@ -1056,7 +1039,8 @@ def load_folder(path, image_size):
             raise ValueError(f"{f} is not a readable image ({e}); remove it from {path}") from None
         s = min(im.size)
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-        out[i] = np.asarray(im.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC))
+        square = im.crop((left, top, left + s, top + s))
+        out[i] = np.asarray(square.resize((image_size, image_size), Image.BICUBIC))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -1095,10 +1079,10 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
     is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
     data_dir = data_dir or os.path.join(CACHE_DIR, "data")
     if image_size is not None and image_size < 8:
-        raise ValueError(f"--image-size {image_size}: expected at least 8 (or 0 where it means the teacher's size)")
+        raise ValueError(f"--image-size {image_size}: expected at least 8")
     if name == "cifar10":
         if image_size not in (None, 32):
-            raise ValueError(f"cifar10 images are 32x32, not {image_size}: drop --image-size or use folder:PATH")
+            raise ValueError(f"cifar10 images are 32x32, not {image_size}: pass --image-size 32")
         return load_cifar10(data_dir)
     if name.startswith("folder:"):
         if not os.path.isdir(name[len("folder:"):]):
@@ -1159,8 +1143,8 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise ValueError(f"{path}: no such checkpoint") from None
     except Exception as e:  # truncated, corrupt, or holding objects other than plain data
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "delete it or pass another path") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path} is not a readable checkpoint ({why}); delete it or pass another") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); "
                          "a foreign model goes through tools/convert_teacher.py")
@@ -1172,13 +1156,14 @@ def load_checkpoint(path):
 # ================================================================================================
 
 def seeded_noise(seeds, shape, device="cpu", stream=0):
-    """Noise for a list of seeds: sample i depends only on (seeds[i], stream), whatever the batch size, device or
-    number of GPUs (EDM's per-seed generation); stream k > 0 gives a sampler's k-th independent draw.
+    """Noise for a list of seeds: sample i depends only on (seeds[i], stream), whatever the batch size, device
+    or number of GPUs (EDM's per-seed generation); stream k > 0 gives a sampler's k-th independent draw.
     (len(seeds), *shape) float32."""
     out = torch.empty((len(seeds), *shape))
     for i, seed in enumerate(seeds):
-        s = int(seed) if stream == 0 else int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(s))
+        if stream:
+            seed = np.random.SeedSequence([int(seed), stream]).generate_state(1)[0]
+        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
 
 
@@ -1186,9 +1171,8 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
 def generate(sample_fn, seeds, shape, batch_size, device):
     """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches; returns a CPU tensor."""
     seeds = list(seeds)
-    out = [sample_fn(seeded_noise(seeds[i:i + batch_size], shape, device), seeds[i:i + batch_size]).float().cpu()
-           for i in range(0, len(seeds), batch_size)]
-    return torch.cat(out)
+    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    return torch.cat([sample_fn(seeded_noise(b, shape, device), b).float().cpu() for b in batches])
 
 
 def rmse(a, b):
@@ -1231,7 +1215,8 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
         for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
             save_png(im, os.path.join(folder, f"{s:06d}.png"))
         done = i + len(seeds)
-        print(f"\rsampling {done}/{len(todo)} ({done / (time.time() - t0):.1f} img/s)", end="", file=sys.stderr)
+        rate = done / (time.time() - t0)
+        print(f"\rsampling {done}/{len(todo)} ({rate:.1f} img/s)", end="", file=sys.stderr)
     if todo:
         print(file=sys.stderr)
     return folder
@@ -1249,7 +1234,8 @@ def write_pngs(images_uint8, folder):
     return folder
 
 
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")
 
 
 class Inception:
@@ -1312,9 +1298,10 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
            modes=("legacy_tensorflow", "clean"), batch_size=200):
     """FID of a folder of generated PNGs in each of clean-fid's modes (features through clean-fid's resizing),
     and the Inception Score. cifar10 is compared with clean-fid's statistics of the 50k *train* images (what
-    the papers compare against; downloaded once, or `stats` = an .npz with mu and sigma, for 'legacy_tensorflow',
-    for offline machines); any other dataset needs ref_folder (real images as PNGs). `inception` is a path or
-    an object with the features/probs methods of Inception. Returns {'fid', 'fid_clean' (not with `stats`), 'is', 'is_std'}."""
+    the papers compare against), downloaded once; offline, pass `stats`, an .npz with mu and sigma of the
+    'legacy_tensorflow' mode (then only that mode is computed). Any other dataset needs ref_folder (real
+    images as PNGs). `inception`: a path, or an object with Inception's features/probs methods.
+    Returns {'fid', 'fid_clean' (not with `stats`), 'is', 'is_std'}."""
     from cleanfid import features as cf_features, fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
     feats = lambda path, mode: cleanfid.get_folder_features(
@@ -1332,10 +1319,11 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
                 mu_ref, sigma_ref = f["mu"], f["sigma"]
         elif dataset == "cifar10":
             try:
-                mu_ref, sigma_ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
+                mu_ref, sigma_ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode,
+                                                                         split="train")
             except Exception as e:
-                raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once online or "
-                                 "pass the statistics file by path") from None
+                raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once "
+                                 "online or pass the statistics file by path") from None
         else:
             raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
         gen = feats(folder, mode)
@@ -1358,9 +1346,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field(default, help, choices=None, low=None, fixed=True):
-    """A config field that becomes a flag: choices and low (the smallest allowed value) are checked by argparse.
-    fixed=False marks flags that may change when a run is resumed, because the resumed run still equals an
-    uninterrupted run with the new value (logging, device, evaluation sizes, the length of a constant-lr run)."""
+    """A config field that becomes a flag: choices and low (the smallest allowed value) are checked by
+    argparse. fixed=False marks flags that may change when a run is resumed, because the resumed run still
+    equals an uninterrupted run with the new value (logging, device, evaluation sizes, constant-lr length)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, fixed=fixed))
 
 
@@ -1370,14 +1358,16 @@ def _flag_type(f):
 
     def parse(text):
         if kind is bool:
-            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+            value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+                text.lower())
             if value is None:
                 raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
             return value
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         return value
@@ -1385,14 +1375,14 @@ def _flag_type(f):
 
 
 def parse_config(cls, argv=None, quick=None, doc=None):
-    """Flags from a config dataclass: every field becomes --field-name (help, choices and bounds from field()),
-    plus --quick, which applies the `quick` overrides before any flag given explicitly."""
+    """Flags from a config dataclass: every field becomes --field-name (help, choices and bounds from
+    field()), plus --quick, which applies the `quick` overrides before any flag given explicitly."""
     parser = _Parser(description=doc)
-    parser.add_argument("--quick", action="store_true", help="tiny configuration on shapes that runs on a CPU in minutes")
+    parser.add_argument("--quick", action="store_true", help="tiny configuration on shapes; minutes on a CPU")
     defaults = cls()
     for f in dataclasses.fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f), default=argparse.SUPPRESS,
-                            choices=f.metadata.get("choices"), metavar=f.name.upper() if f.metadata.get("choices") else None,
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f),
+                            choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
                             help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})")
     args = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
@@ -1413,7 +1403,8 @@ def autocast(device, dtype):
     """Mixed precision for network calls ('fp32', 'bf16', 'fp16'); the schedule algebra stays fp32."""
     if dtype == "fp32":
         return torch.autocast(torch.device(device).type, enabled=False)
-    return torch.autocast(torch.device(device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
@@ -1433,12 +1424,13 @@ def changed_flags(cfg, old):
 
 
 def start_run(cfg, ckpt_name="ckpt.pt"):
-    """Open the run directory cfg.out once every flag, file and teacher has been checked. Returns the checkpoint
-    to resume from (dict) or None. --resume auto continues OUT/ckpt_name if present, a PATH continues that file,
-    none starts over. A resumed run must have the same result flags as the checkpoint's (one-line ValueError
-    listing the others); then config.json is (re)written, a 'resumed' row logged and orphan temp files removed."""
+    """Open the run directory cfg.out once every flag, file and teacher has been checked. Returns the
+    checkpoint to resume from (dict) or None. --resume auto continues OUT/ckpt_name if present, a PATH
+    continues that file, none starts over. A resumed run must have the fixed flags of the checkpoint's config
+    (else a one-line ValueError lists them); then config.json is (re)written, a 'resumed' row logged and
+    orphan temp files removed."""
     os.makedirs(cfg.out, exist_ok=True)
-    path = None if cfg.resume in ("none", "") else os.path.join(cfg.out, ckpt_name) if cfg.resume == "auto" else cfg.resume
+    path = {"none": None, "": None, "auto": os.path.join(cfg.out, ckpt_name)}.get(cfg.resume, cfg.resume)
     if cfg.resume not in ("none", "", "auto") and not os.path.exists(path):
         raise ValueError(f"--resume {cfg.resume}: no such checkpoint")
     ckpt = load_checkpoint(path) if path and os.path.exists(path) else None
@@ -1446,9 +1438,11 @@ def start_run(cfg, ckpt_name="ckpt.pt"):
         old = ckpt.get("config") or {}
         diff = changed_flags(cfg, old)
         if diff:
-            listed = ", ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} (was {old[f.name]!r})" for f in diff)
+            listed = ", ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} (was {old[f.name]!r})"
+                               for f in diff)
+            stored = os.path.join(cfg.out, "config.json")
             raise ValueError(f"{path} was made with other settings: {listed}; rerun with the stored flags "
-                             f"(see {os.path.join(cfg.out, 'config.json')}), or pass --resume none or another --out")
+                             f"(see {stored}), or pass --resume none or another --out")
     for d, _, files in os.walk(cfg.out):
         for name in files:
             if name.endswith(".tmp"):
@@ -1474,14 +1468,16 @@ def log_row(out_dir, row, echo=True):
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     if echo:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
 
 
 def write_metrics(out_dir, method, dataset, teacher, reference, results, finished=False):
     """metrics.json of the run contract. reference: {'sampler': str, 'steps': int}; results: a list of
-    {'model': 'teacher'|'student', 'steps', 'rmse_to_reference', 'fid', 'is', ...}; finished marks the last write."""
-    write_json(os.path.join(out_dir, "metrics.json"), {"method": method, "dataset": dataset, "teacher": teacher,
-                                                       "reference": reference, "results": results, "finished": finished})
+    {'model': 'teacher'|'student', 'steps', 'rmse_to_reference', 'fid', 'is', ...}; finished: last write."""
+    metrics = dict(method=method, dataset=dataset, teacher=teacher, reference=reference, results=results,
+                   finished=finished)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
 
 def cli(main):
@@ -1536,8 +1532,8 @@ def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
 
 def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     """Standard diffusion training loss (Salimans & Ho alg. 1; Ho et al. alg. 1): t ~ U[0, 1] (continuous) or
-    U{0..T-1} (discrete), z_t = alpha_t x + sigma_t eps, weighted denoising error. A learned-range denoiser adds
-    Nichol & Dhariwal's lambda L_vlb (sec. 3.1, lambda = 0.001; L_vlb = T E_t[L_t]) with the mean under
+    U{0..T-1} (discrete), z_t = alpha_t x + sigma_t eps, weighted denoising error. A learned-range denoiser
+    adds Nichol & Dhariwal's lambda L_vlb (sec. 3.1, lambda = 0.001; L_vlb = T E_t[L_t]) with the mean under
     stop-gradient, so the vlb term trains only the variance."""
     B, schedule = x.shape[0], den.schedule
     if schedule.discrete:
@@ -1556,9 +1552,9 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
 
 @dataclasses.dataclass
 class TeacherConfig:
-    """Standard diffusion training (Ho et al. 2020; Salimans & Ho alg. 1). Defaults: the shared shapes teacher,
-    a small Ho-style model (linear beta, eps) with Nichol & Dhariwal's learned-range variance (hybrid loss),
-    so that every method, DKDM's variance term included, has a teacher on a CPU."""
+    """Standard diffusion training (Ho et al. 2020; Salimans & Ho alg. 1). Defaults: the shared shapes
+    teacher, a small Ho-style model (linear beta, eps) with Nichol & Dhariwal's learned-range variance (hybrid
+    loss), so that every method, DKDM's variance term included, has a teacher on a CPU."""
     data: str = field("shapes", f"dataset: {DATASETS}")
     image_size: int = field(16, "image resolution", low=8)
     net: str = field("tiny", "network preset (common.PRESETS)")
@@ -1566,8 +1562,8 @@ class TeacherConfig:
     schedule: str = field("linear", "noise schedule (cosine_logsnr is continuous)",
                           choices=("linear", "cosine", "cosine_logsnr"))
     param: str = field("eps", "network output", choices=PARAMS[:4])
-    weighting: str = field("snr", "loss weighting: snr (eps-MSE) | trunc_snr | snr_plus_one (v-MSE) | const (x-MSE)",
-                           choices=WEIGHTINGS)
+    weighting: str = field("snr", "loss weighting: snr (eps-MSE), trunc_snr, snr_plus_one (v-MSE), "
+                                  "const (x-MSE)", choices=WEIGHTINGS)
     var: str = field("learned_range", "variance of ancestral sampling; learned_range adds N&D's 0.001 L_vlb",
                      choices=("fixed_small", "fixed_large", "learned_range"))
     updates: int = field(1500, "parameter updates (after warm-up the lr is constant: a run may be extended)",
@@ -1584,7 +1580,8 @@ class TeacherConfig:
     log_every: int = field(100, "log every N updates", low=1, fixed=False)
     ckpt_every: int = field(1000, "checkpoint every N updates", low=1, fixed=False)
     sample_steps: int = field(50, "DDIM steps for the sample grid", low=1, fixed=False)
-    out: str = field("runs/teacher", "run directory (config.json, log.jsonl, ckpt.pt, samples.png)", fixed=False)
+    out: str = field("runs/teacher", "run directory: config.json, log.jsonl, ckpt.pt, samples.png",
+                     fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
 
 
@@ -1605,7 +1602,8 @@ def train_teacher(cfg):
     step, elapsed, path = 0, 0.0, os.path.join(cfg.out, "ckpt.pt")
     ckpt = start_run(cfg)
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         gen.set_state(ckpt["gen"])
     net.train()
@@ -1644,11 +1642,12 @@ def cached_teacher(cfg=None):
     """A teacher trained once with `cfg` (default TeacherConfig()) and cached under CACHE_DIR/teachers,
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
     cfg = cfg or TeacherConfig()
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "device", "log_every",
-                                                                          "ckpt_every", "sample_steps")}
+    free = ("out", "resume", "device", "log_every", "ckpt_every", "sample_steps")
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     recipe["net"] = net_config(build_net(cfg.net))
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(CACHE_DIR, "teachers", f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt")
+    name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
+    path = os.path.join(CACHE_DIR, "teachers", name)
     if not os.path.exists(path):
         run_dir = path[:-3] + "_run"
         print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}", flush=True)
@@ -1658,4 +1657,4 @@ def cached_teacher(cfg=None):
 
 
 if __name__ == "__main__":
-    cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion teacher (Alg. 1) into --out."))))
+    cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion model (Alg. 1)."))))
