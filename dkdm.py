@@ -1,0 +1,424 @@
+"""DKDM: Data-Free Knowledge Distillation for Diffusion Models with Any Architecture.
+Qianlong Xiang, Miao Zhang, Yuzhang Shang, Jianlong Wu, Yan Yan, Liqiang Nie; CVPR 2025, arXiv:2409.03550.
+
+A pretrained diffusion model is the only data source of a randomly initialised student of any architecture.
+The student learns the teacher's reverse steps (eqs. 19-21: the teacher's eps, and for its variance the KL
+between the two reverse Gaussians) on noisy states the teacher makes itself: a set of rho T b states spread
+over the teacher's trajectories, b of which take one teacher step per update (dynamic iterative distillation).
+
+Table 2, CIFAR-10: the 14M CNN student of DDPM-IP's 57M ADM teacher (paper: FID 9.56, IS 8.60 at 50 IDDPM
+steps); the teacher is https://drive.google.com/file/d/1m-a3WqfpMTibzuTC2om046yWQr20GT0I (downloaded by hand):
+    python tools/convert_teacher.py ADM_cifar10_baseline.pt teachers/adm_cifar10.pt
+    python dkdm.py --data cifar10 --teacher teachers/adm_cifar10.pt --fid-samples 50000 --out runs/dkdm_c10
+  the data-free baseline (50k teacher samples at 1000 steps, then standard training; paper: FID 12.06):
+    python dkdm.py --data cifar10 --teacher teachers/adm_cifar10.pt --method datafree --fid-samples 50000
+  fig. 4a: --collect iterative | shuffled; fig. 4b: --rho 0.01 .. 0.4; students: --student cnn_57m .. cnn_24m;
+  table 5, CNN -> ViT: --student dit_s2; ViT -> CNN: --teacher a ViT checkpoint (e.g. that run's student.pt).
+Quick (16x16 shapes, the cached learned-variance shapes teacher with its chain respaced to 50 steps, CPU):
+    python dkdm.py --quick
+
+Where the paper is silent we follow the official code (qianlong0502/DKDM, built on guided-diffusion): the
+teacher's x0 is clipped in its reverse step and KL target, its eps target is not; the KL is taken at every t,
+t = 0 included (no decoder term), in bits per dimension with weight 1 (= Nichol & Dhariwal's 0.001 on L_vlb
+summed over T = 1000 steps); entries of the set that reach the data restart from pure noise. Not in the paper:
+--chain-steps K < T respaces the teacher's chain to K steps (Nichol & Dhariwal sec. 4), as --quick does.
+
+Measured, --quick (1 CPU thread of a 2-core machine shared with other jobs: 106 s of CPU, 3.6 min wall, with
+the shapes teacher cached). RMSE to the teacher after 300 updates at b = 16 (the student at initialisation:
+eps 0.99, DDIM 1.015, ancestral 0.873); eps on 64 fresh teacher-trajectory states, samplers at 50 steps:
+    knowledge       dynamic   shuffled   iterative   data-free baseline (256 teacher samples at 50 steps)
+    eps             0.235     0.242      0.302       0.217
+    DDIM output     0.443     0.441      0.495       0.454
+    ancestral       0.312     0.329      0.387       0.365
+Seeds 1 and 2: eps 0.232 and 0.206 (dynamic) against 0.311 and 0.310 (iterative). CIFAR-10 not run (no GPU).
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+
+from common import (DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast, bcast,
+                    build_net, cached_teacher, cli, ddim_sample, diffusion_loss, ema_update, fid_is, field,
+                    gaussian_kl, generate, load_dataset, load_teacher, log_row, parse_config, pick_device,
+                    posterior, rmse, run_finished, sample_batch, sample_to_folder, sampler_times,
+                    save_checkpoint, save_grid, start_run, variance_frac, write_metrics, write_pngs)
+
+_ADM57 = PRESETS["adm_cifar10_57m"]
+STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
+    "cnn_57m": _ADM57,                                                # 57,094,662 parameters
+    "cnn_44m": dataclasses.replace(_ADM57, num_res_blocks=2),         # 44,177,286
+    "cnn_32m": dataclasses.replace(_ADM57, ch=96),                    # 32,136,582
+    "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
+    "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
+    "cnn_tiny": dataclasses.replace(PRESETS["tiny"], ch=16),          # 209,382: the shapes teacher / 4 wide
+}
+
+
+@dataclasses.dataclass
+class Config:
+    # teacher and student (sec. 4.1)
+    data: str = field("cifar10", f"dataset the teacher models ({DATASETS}); only FID/IS read it; shapes "
+                                 "needs no --teacher")
+    teacher: str = field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
+                             "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
+                             "variance) or a project checkpoint work too; '' = the cached shapes teacher")
+    student: str = field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
+                                    "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
+                         choices=tuple({**STUDENTS, **PRESETS}))
+    dropout: float = field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0)
+    method: str = field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
+                                "sampled from the teacher, then standard training with the same budget)",
+                        choices=("dkdm", "datafree"))
+    # the DKDM objective (eqs. 19-21)
+    vlb_weight: float = field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
+                                   "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
+    teacher_clip: bool = field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
+                                     "(official clip_denoised=True); its eps target is the raw output")
+    # knowledge collection (sec. 3.3, alg. 1)
+    collect: str = field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
+                                    "shuffled t) | dynamic (b random entries of a rho T b set per update)",
+                         choices=("iterative", "shuffled", "dynamic"))
+    rho: float = field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
+                       low=0.0)
+    chain_steps: int = field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
+                                "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
+                                "timesteps", low=0)
+    prep_batch: int = field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
+    # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
+    batch: int = field(128, "batch size b", low=1)
+    updates: int = field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False)
+    lr: float = field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
+    weight_decay: float = field(0.0, "AdamW weight decay", low=0.0)
+    ema: float = field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0)
+    dtype: str = field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
+                       choices=("fp32", "bf16"))
+    # the data-free baseline (sec. 4.1, table 4)
+    synthetic: int = field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1)
+    synthetic_steps: int = field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
+    # evaluation (sec. 4.1), at the end of the run
+    eval_steps: int = field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
+                            low=1, fixed=False)
+    eval_samples: int = field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
+                              fixed=False)
+    eps_samples: int = field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
+                             low=1, fixed=False)
+    eval_clip: bool = field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
+    fid_samples: int = field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
+                             low=0, fixed=False)
+    fid_teacher: bool = field(False, "also FID/IS of the teacher's", fixed=False)
+    inception: str = field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
+    grid: int = field(8, "samples per row of samples.png", low=1, fixed=False)
+    # run
+    seed: int = field(0, "seed")
+    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    log_every: int = field(1000, "log every N updates", low=1, fixed=False)
+    ckpt_every: int = field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False)
+    out: str = field("runs/dkdm", "run directory", fixed=False)
+    resume: str = field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
+
+
+# --quick: the shared learned-variance shapes teacher (T = 1000) with its chain respaced to 50 steps, the 4x
+# narrower U-Net student, 300 updates at b = 16 (lr and EMA for that length), a 160-entry dynamic set.
+QUICK = dict(data="shapes", student="cnn_tiny", dropout=0.0, chain_steps=50, rho=0.2, prep_batch=512,
+             batch=16, updates=300, lr=1e-3, ema=0.98, synthetic=256, synthetic_steps=50, eval_samples=32,
+             eps_samples=64, log_every=50, ckpt_every=100, out="runs/dkdm_quick")
+
+
+# ---- the method (sec. 3.2, 3.3, alg. 1) ----------------------------------------------------------------
+
+def chain_coefficients(schedule, grid, k, like):
+    """(alpha, sigma) at t = grid[k] and at the step's end grid[k - 1]; a step from k = 0 ends at the data."""
+    a_t, s_t = schedule.alpha_sigma(grid[k])
+    a_s, s_s = schedule.alpha_sigma(grid[(k - 1).clamp(min=0)])
+    a_s, s_s = torch.where(k == 0, 1.0, a_s), torch.where(k == 0, 0.0, s_s)
+    return tuple(bcast(v, like) for v in (a_t, s_t, a_s, s_s))
+
+
+def reverse_gaussian(schedule, grid, z_t, k, x_pred, frac):
+    """p(x^{t-1} | x^t) = N(mean, e^logvar) of eqs. 7, 8, 12 on the chain: the posterior mean at the predicted
+    x0, the log-variance frac log beta_t + (1 - frac) log beta~_t. At k = 0, where beta~ = 0, the next step's
+    beta~ stands in (IDDPM's posterior_log_variance_clipped, as in the official KL)."""
+    mean, var_small, var_large = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k, z_t))
+    var_small_1 = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k.clamp(min=1), z_t))[1]
+    return mean, ancestral_logvar(torch.where(bcast(k, z_t) == 0, var_small_1, var_small), var_large, frac)
+
+
+@torch.no_grad()
+def teacher_step(teacher, grid, z_t, k, noise, clip=True):
+    """One reverse step of the teacher, x^{t-1} = g(x^t, t) (sec. 3.2), with what the student learns from it:
+    eps_T (eq. 20) and p_T(x^{t-1} | x^t) (eq. 21). clip: x0 clipped before the posterior mean; eps_T raw."""
+    x_pred, eps, v = teacher.full(z_t, grid[k])
+    mean, logvar = reverse_gaussian(teacher.schedule, grid, z_t, k, x_pred.clamp(-1, 1) if clip else x_pred,
+                                    variance_frac(teacher.var, v))
+    z_prev = mean + bcast(k > 0, z_t) * torch.exp(0.5 * logvar) * noise  # no noise into the data
+    return {"eps": eps, "mean": mean, "logvar": logvar, "z_prev": z_prev}
+
+
+def dkdm_loss(student, grid, z_t, k, target):
+    """Eqs. 20 and 21 per sample, means over pixels: L*_simple = ||eps_T - eps_S||^2 and L*_vlb =
+    KL(p_T || p_S) in bits, with the student's mean under stop-gradient, so that only its variance output
+    learns from the KL (as in the hybrid objective, eq. 13)."""
+    x_pred, eps, v = student.full(z_t, grid[k])
+    simple = ((target["eps"] - eps) ** 2).flatten(1).mean(1)
+    mean, logvar = reverse_gaussian(student.schedule, grid, z_t, k, x_pred.detach(),
+                                    variance_frac(student.var, v))
+    vlb = gaussian_kl(target["mean"], target["logvar"], mean, logvar).flatten(1).mean(1) / math.log(2)
+    return simple, vlb
+
+
+def new_set(n, K, shape, collect, gen, spread=False):
+    """B+_0 of alg. 1: n entries of pure noise at chain index K - 1, each with the index where its shuffle
+    denoise stops: uniform over 0..K-1 (spread: evenly), or K - 1 for iterative distillation (no shuffle)."""
+    device = gen.device
+    if collect == "iterative":
+        stop = torch.full((n,), K - 1, device=device)
+    elif spread:
+        stop = ((torch.arange(n, device=device) + 0.5) * K / n).long()
+    else:
+        stop = torch.randint(K, (n,), generator=gen, device=device)
+    return {"z": torch.randn((n, *shape), generator=gen, device=device),
+            "k": torch.full((n,), K - 1, device=device), "stop": stop}
+
+
+@torch.no_grad()
+def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every=1000):
+    """Alg. 1 line 1, shuffle denoise: the teacher denoises every entry from pure noise down to its own stop
+    index, `batch` entries per call at mixed t (the official generate()). Resumable: only entries above their
+    stop move, and save() runs every save_every calls. Returns the set without the stop indices."""
+    total, calls, t0 = int((kset["k"] - kset["stop"]).sum()), 0, time.time()
+    while True:
+        todo = (kset["k"] > kset["stop"]).nonzero().squeeze(1)[:batch]
+        if len(todo) == 0:
+            break
+        z, k = kset["z"][todo], kset["k"][todo]
+        noise = torch.randn(z.shape, generator=gen, device=gen.device)
+        kset["z"][todo], kset["k"][todo] = teacher_step(teacher, grid, z, k, noise, clip)["z_prev"], k - 1
+        calls += 1
+        if calls % 20 == 0 or len(todo) < batch:
+            done = total - int((kset["k"] - kset["stop"]).sum())
+            print(f"\rshuffle denoise: {done}/{total} teacher steps ({done / (time.time() - t0):.0f}/s)",
+                  end="", file=sys.stderr, flush=True)
+        if save and calls % save_every == 0:
+            save()
+    if total:
+        print(file=sys.stderr)
+    return {"z": kset["z"], "k": kset["k"]}
+
+
+def draw(n, b, collect, gen):
+    """Alg. 1 line 4: b distinct random entries of the enlarged set (dynamic); iterative and shuffled
+    distillation train on their whole b-entry set every update."""
+    if collect == "dynamic":
+        return torch.randperm(n, generator=gen, device=gen.device)[:b]
+    return torch.arange(n, device=gen.device)
+
+
+def write_back(kset, idx, k, z_prev, K, gen):
+    """Alg. 1 line 8: the teacher's one-step-denoised states replace their entries; entries that reached the
+    data restart from pure noise (the official loader resets them to t = T)."""
+    fresh = torch.randn(z_prev.shape, generator=gen, device=gen.device)
+    kset["z"][idx] = torch.where(bcast(k, z_prev) == 0, fresh, z_prev)
+    kset["k"][idx] = torch.where(k == 0, K - 1, k - 1)
+
+
+def synthesize(cfg, teacher, shape, device):
+    """The data-free baseline's dataset (sec. 4.1, fig. 2b): cfg.synthetic ancestral teacher samples (table 4)
+    from seeds 10^6.. (evaluation uses 0..n-1), as PNGs, resumable, read back as uint8."""
+    times = sampler_times(teacher.schedule, cfg.synthetic_steps, "linspace")
+    folder = os.path.join(cfg.out, "synthetic")
+    with autocast(device, cfg.dtype):
+        sample_to_folder(lambda z, seeds: ancestral_sample(teacher, z, times, seeds, clip=cfg.teacher_clip),
+                         cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6)
+    return load_dataset(f"folder:{folder}", shape[-1]).to(device)
+
+
+# ---- evaluation (sec. 4.1) -----------------------------------------------------------------------------
+
+def samplers(cfg, den):
+    """The paper's IDDPM ancestral sampler (learned variance) on IDDPM's respaced grid round(linspace(0, T-1,
+    n)), and DDIM on the same grid; per-seed noise."""
+    times = sampler_times(den.schedule, cfg.eval_steps, "linspace")
+    clip = cfg.eval_clip
+    return {"ddim": lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1),
+            "ancestral": lambda z, seeds: ancestral_sample(den, z, times, seeds, clip=clip).clamp(-1, 1)}
+
+
+@torch.no_grad()
+def teacher_reference(cfg, teacher, grid, shape, device):
+    """The teacher's side of the evaluation: fresh states of its trajectories (a shuffle denoise from a seed
+    training never uses, stopping evenly along the chain), its eps there, and its samples of seeds 0..n-1."""
+    gen = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed)
+    with autocast(device, cfg.dtype):
+        states = new_set(cfg.eps_samples, len(grid), shape, "shuffled", gen, spread=True)
+        ref = shuffle_denoise(teacher, grid, states, cfg.prep_batch, cfg.teacher_clip, gen)
+        ref["eps"] = teacher(ref["z"], grid[ref["k"]])[1]
+        for name, fn in samplers(cfg, teacher).items():
+            ref[name] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
+    return ref
+
+
+def fid(cfg, name, fn, shape, device):
+    """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
+    with autocast(device, cfg.dtype):
+        folder = sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
+                                  cfg.batch, device)
+    ref = None if cfg.data == "cifar10" else write_pngs(load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
+                                                        os.path.join(cfg.out, "samples", "data"))
+    return fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref)
+
+
+@torch.no_grad()
+def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
+    """Teacher fidelity: the eps RMSE on the teacher's fresh trajectory states, and the RMSE of each sampler's
+    output to the teacher's from the same noise; FID/IS of the ancestral sampler when asked."""
+    with autocast(device, cfg.dtype):
+        eps_rmse = rmse(den(ref["z"], grid[ref["k"]])[1], ref["eps"])
+    rows, images = [], {}
+    for sampler, fn in samplers(cfg, den).items():
+        with autocast(device, cfg.dtype):
+            images[sampler] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
+        want = want_fid and sampler == "ancestral"
+        scores = fid(cfg, f"{name}_{sampler}", fn, shape, device) if want else {}
+        rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
+                     "rmse_to_teacher": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
+                     "is": scores.get("is")})
+    return rows, images
+
+
+# ---- training: one visible loop ------------------------------------------------------------------------
+
+def make_student(cfg, teacher):
+    """The randomly initialised student (seeded): an eps network with learned-range variance (6 outputs, as
+    the paper's students) at the teacher's image size, on the teacher's schedule."""
+    c = teacher.net.config
+    torch.manual_seed(cfg.seed)
+    net = build_net(STUDENTS.get(cfg.student, cfg.student), image_size=c.image_size,
+                    in_channels=c.in_channels, out_channels=2 * c.in_channels, dropout=cfg.dropout)
+    return Denoiser(net, teacher.schedule, "eps", "learned_range")
+
+
+def train(cfg, spec, teacher, grid, ckpt, device):
+    """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`, then the evaluation.
+    Returns the metrics rows."""
+    c = teacher.net.config
+    shape = (c.in_channels, c.image_size, c.image_size)
+    student = make_student(cfg, teacher).to(device)
+    ema = student.copy().eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    step, elapsed, kset = 0, 0.0, None
+    if ckpt is not None:
+        student.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
+        step, elapsed, kset = ckpt["step"], ckpt["elapsed"], ckpt["knowledge"]
+        kset = kset and {key: v.to(device) for key, v in kset.items()}
+    elif cfg.method == "dkdm":
+        n = round(cfg.rho * len(grid)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
+        kset = new_set(n, len(grid), shape, cfg.collect, gen)
+    path = os.path.join(cfg.out, "ckpt.pt")
+    save = lambda: save_checkpoint(path, **student.state(), ema=ema.net.state_dict(), method="dkdm",
+                                   config=dataclasses.asdict(cfg), teacher=spec, optimizer=opt.state_dict(),
+                                   step=step, gen=gen.get_state(), knowledge=kset, elapsed=elapsed)
+    if cfg.method == "datafree":
+        data = synthesize(cfg, teacher, shape, device)
+    elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
+        with autocast(device, cfg.dtype):
+            kset = shuffle_denoise(teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
+        save()
+
+    student.train()
+    sums, t0, last = torch.zeros(2, device=device), time.time(), step
+    while step < cfg.updates:
+        torch.manual_seed(cfg.seed * 10 ** 7 + step)  # dropout masks depend on (seed, update): exact resume
+        with autocast(device, cfg.dtype):
+            if cfg.method == "dkdm":                                                     # alg. 1
+                idx = draw(len(kset["k"]), cfg.batch, cfg.collect, gen)                  # line 4
+                z_t, k = kset["z"][idx], kset["k"][idx]
+                noise = torch.randn(z_t.shape, generator=gen, device=device)
+                target = teacher_step(teacher, grid, z_t, k, noise, cfg.teacher_clip)    # one teacher step
+                simple, vlb = dkdm_loss(student, grid, z_t, k, target)                   # lines 5-6
+                loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
+            else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
+                x = sample_batch(data, cfg.batch, gen)
+                loss = diffusion_loss(student, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
+                vlb = torch.zeros((), device=device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()                                                                       # line 7
+        ema_update(ema.net, student.net, cfg.ema)
+        if cfg.method == "dkdm":
+            write_back(kset, idx, k, target["z_prev"], len(grid), gen)                   # line 8
+        step += 1
+        sums += torch.stack([loss.detach(), vlb.detach()])
+        if step % cfg.log_every == 0 or step == cfg.updates:
+            dt, n = time.time() - t0, step - last
+            elapsed, t0, last = elapsed + dt, time.time(), step
+            loss_mean, vlb_mean = (sums / n).tolist()                                    # the only host sync
+            if not math.isfinite(loss_mean):
+                raise RuntimeError(f"training diverged at update {step} (loss {loss_mean}); lower --lr")
+            vlb_row = {"vlb_bits": vlb_mean} if cfg.method == "dkdm" else {}
+            log_row(cfg.out, {"stage": "train", "update": step, "loss": loss_mean, **vlb_row,
+                              "sec_per_update": dt / n, "elapsed_s": elapsed})
+            sums.zero_()
+        if step % cfg.ckpt_every == 0 or step == cfg.updates:
+            save()
+    save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,
+                    config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
+
+    # evaluation: the EMA student, and the same student at initialisation, against the teacher
+    ref = teacher_reference(cfg, teacher, grid, shape, device)
+    initial = make_student(cfg, teacher).to(device).eval()
+    rows = evaluate(cfg, "student_init", initial, ref, grid, shape, device)[0]
+    student_rows, images = evaluate(cfg, "student", ema, ref, grid, shape, device, cfg.fid_samples > 0)
+    teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
+                     "rmse_to_teacher": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
+    if cfg.fid_samples and cfg.fid_teacher:
+        scores = fid(cfg, "teacher_ancestral", samplers(cfg, teacher)["ancestral"], shape, device)
+        teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
+    g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
+    save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g], images["ancestral"][:g]]),
+              os.path.join(cfg.out, "samples.png"), nrow=g)
+    return teacher_rows + rows + student_rows
+
+
+def chain(cfg, teacher, spec):
+    """The timesteps of the teacher's reverse chain the knowledge comes from, ascending (index k -> t)."""
+    if not teacher.schedule.discrete:
+        raise ValueError(f"{spec} has a continuous-time schedule; DKDM needs a discrete teacher (T steps)")
+    T = teacher.schedule.T
+    K = cfg.chain_steps or T
+    if K > T:
+        raise ValueError(f"--chain-steps {K}: the teacher has T = {T} steps; expected at most that")
+    if cfg.method == "dkdm" and cfg.collect == "dynamic" and round(cfg.rho * K) < 1:
+        raise ValueError(f"--rho {cfg.rho}: round(rho K) = 0 entries per batch slot at K = {K}; expected "
+                         f"rho >= {0.5 / K:.3g}")
+    return sorted(sampler_times(teacher.schedule, K, "linspace"))
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    if not cfg.teacher and cfg.data != "shapes":
+        raise ValueError("--teacher: which model to distil? e.g. DDPM-IP's ADM_cifar10_baseline.pt (the "
+                         "paper's; convert it with tools/convert_teacher.py) or google/ddpm-cifar10-32")
+    if cfg.ema >= 1:
+        raise ValueError(f"--ema {cfg.ema}: expected a decay below 1")
+    device = pick_device(cfg.device)
+    spec = cfg.teacher or cached_teacher()
+    teacher = load_teacher(spec, device)
+    grid = torch.tensor(chain(cfg, teacher, spec), device=device)
+    ckpt = start_run(cfg)  # refuses a resume with other result flags
+    if ckpt is not None and ckpt["step"] >= cfg.updates and run_finished(cfg.out):
+        print(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again", flush=True)
+        return run_finished(cfg.out)
+    results = train(cfg, spec, teacher, grid, ckpt, device)
+    reference = {"sampler": "the teacher's own sampler from the same noise", "steps": cfg.eval_steps}
+    write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
+                  results, finished=True)
+    return run_finished(cfg.out)
+
+
+if __name__ == "__main__":
+    cli(main)
