@@ -1383,7 +1383,8 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     for f in dataclasses.fields(cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f),
                             choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})")
+                            help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
+                            .replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)

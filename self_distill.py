@@ -1,0 +1,457 @@
+"""Self-Distillation for Diffusion: direct self-distillation (DSD).
+Anonymous ICLR submission "Self-Distillation for Diffusion"; official code Pmobilee/DSD (its Paper.pdf).
+
+A pretrained model samples its own DDIM trajectories from noise, with no data and no separate teacher; for
+every two steps t -> t-1 -> t-2 it learns to do in one step what it does in two: w(lambda_t) ||x' - x''||^2,
+x' its x prediction at z_t, x'' (detached) the x whose single DDIM step lands where its two steps land
+(alg. 2). The step count N follows a schedule (sec. 4.1.1, app. J): DSDN, DSDI, DSDGL, DSDGEXP; TSD is DSDI
+with a separate frozen teacher. Training DSD (sec. 4.2, eq. 1) adds the term to v-prediction training.
+
+The paper fine-tunes latent models (LDM CelebA-HQ, LSUN Bedroom, ImageNet); here the same algorithms run in
+pixel space on our teachers (google/ddpm-cifar10-32 by default). Table 2, one command per variant:
+    python self_distill.py --variant dsdi --out runs/dsd_dsdi     # likewise dsdn | dsdgl | dsdgexp | tsd
+    python self_distill.py --variant dsdi --fid-samples 30000     # FID/IS of the original and DSD models
+Training DSD (fig. 3: --distill-weight 0 is the baseline it is compared with):
+    python self_distill.py --variant train --out runs/dsd_train
+Quick (the cached 16x16 shapes teacher, DSDI 16 -> 2 steps, about 40 s of one CPU core):
+    python self_distill.py --quick
+
+Paper vs the official code (we follow the paper; flags give the code's choice):
+- Batch: the code samples one trajectory at a time; we run --batch trajectories in lockstep (--batch 1).
+- Loss: the code compares consecutive x0 predictions, MSE(x(z_t), x(z_t-1)); alg. 2 compares x' = x(z_t)
+  with x'' of lines 12-13, the progressive-distillation target of the model's own two steps (--target next_x).
+- Weighting: the paper's truncated SNR, max(SNR, 1); the CelebA/LSUN code uses max(log SNR, 1), the ImageNet
+  code none (--weighting trunc_logsnr | none).
+- Grids: the code builds its DDIM grid once for the start N, so as N_i shrinks the alpha index no longer
+  matches the timestep fed to the network (its ImageNet path walks only the noisy start of the 64-step grid).
+  Each depth here has its own N_i-step grid (alg. 2); the bug is not reproduced.
+- Schedules: the code's DSDGL divides a depth's share by the next depth (N_i - 2) and doubles it; its DSDGEXP
+  (marked TEMPORARY) reverses app. J's weights, putting most updates at N = 64. We give each depth the same
+  number of updates (DSDN, DSDI, DSDGL: U_i = (P/|N|)/(N_i/2) trajectories, the code's DSDI; the text's
+  U_i = P/(|N| N_i) would make half of P) and read app. J eq. 2 as the code's commented-out form: shares
+  exp(1/S_i), S_i = max(N_i - 2, 1), the most updates at the fewest steps, as app. J describes.
+- Training DSD: the code computes its whole distillation loss under torch.no_grad, so the term trains nothing
+  (the run is 0.9 x the base loss), with alpha, beta = 0.9, 0.1 and the second prediction made from freshly
+  re-noised x at t + 1/T. Here one forward pass gives v_hat and x', and x'' comes from two DDIM steps of the
+  same model from that z_t (eq. 1, "a single computation graph"): the term produces gradients. Eq. 1 has no
+  w(lambda) (the code: truncated SNR).
+- Optimiser: the code has Adam (0.9, 0.999), weight decay 5e-4, cosine to 0, trains with the EMA weights
+  swapped in, and clips the gradient after optimizer.step (no effect). We follow table 3 and sec. 5: Adam
+  (0.9, 0.98), lr 1e-6 annealed (cosine) to 10 % of it, EMA 0.995, clipping at 1; the 5 % warm-up is the
+  code's (table 3 is silent). DDIM eta 0 (the ImageNet code uses 0.1 despite its comment).
+Pixel space (the paper is silent):
+- --clip auto clips the x predictions of eps models to [-1, 1] in trajectories, targets and evaluation (as
+  the DDPM samplers of pixel models; latents have no range). Unclipped, x = (z - sigma eps)/alpha at the start
+  of every trajectory is noise amplified 1/alpha = 156 times (t = 999, linear schedule): the pairs there rule
+  the loss and the model drifts: --quick --clip no, RMSE to the (unclipped) 16-step output at 2 / 4 / 8
+  steps: original 0.719 / 0.320 / 0.139, DSDI 0.717 / 0.335 / 0.181.
+- The lr stays table 3's 1e-6: Adam's step is in parameter units, whatever the model's size or input space.
+  Larger ones let the model drift from the original's trajectories (nothing anchors DSD to them: any model
+  whose x prediction is constant along its own DDIM paths is a fixed point): --quick with --lr 1e-5 ends
+  further from the 16-step reference at every step count (0.34 / 0.33 / 0.31 at 2 / 4 / 8 steps, against
+  0.256 / 0.142 / 0.071 for the original model).
+- Grids are Salimans & Ho's t_i = i/N (--skip unit: every depth starts at pure noise, halved grids nest);
+  fine-tuning runs without dropout; TSD hands the student over as the next teacher at each halving (as the
+  code's distill() and PD's alg. 2).
+
+Measured, --quick (one CPU thread, 40 s of CPU; RMSE to the original model's 16-step output, 64 samples):
+    steps                        2      4      8
+    original model, DDIM       0.256  0.142  0.071
+    DSDI (quick default)       0.234  0.139  0.091
+    DSDN / DSDGL / DSDGEXP     0.237 / 0.233 / 0.232 at 2 steps; TSD 0.240 (README.md has every row)
+DSD trades fidelity at the larger step counts for the smallest: the paper's claim, in teacher-fidelity terms.
+"""
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from common import (DATASETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net, cached_teacher, cli,
+                    ddim_sample, ddim_step, ema_update, fid_is, field, generate, load_dataset, load_teacher,
+                    log_row, net_config, parse_config, pick_device, rmse, run_finished, sample_batch,
+                    sample_to_folder, sampler_times, save_checkpoint, save_grid, start_run, weighted_loss,
+                    write_json, write_metrics, write_pngs)
+
+VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
+
+
+@dataclasses.dataclass
+class Config:
+    variant: str = field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
+                                 "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
+                         choices=VARIANTS)
+    data: str = field("cifar10", f"dataset ({DATASETS}): FID reference; the data of --variant train")
+    teacher: str = field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
+                             "cifar10, the cached shapes teacher for shapes")
+    image_size: int = field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
+    # fine-tuning DSD (sec. 4.1, alg. 2)
+    steps: int = field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
+    updates: int = field(4000, "P, parameter updates in all (table 2: 4000 unconditional, 5000 conditional)",
+                         low=1)
+    batch: int = field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
+    skip: str = field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
+                      choices=SKIPS[:1] + SKIPS[2:])
+    target: str = field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
+                                   "the x prediction at z_t-1)", choices=("implied", "next_x"))
+    weighting: str = field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
+                                        "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
+                           choices=("trunc_snr", "trunc_logsnr", "none"))
+    clip: str = field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
+                              "auto (eps models, see the docstring) | yes | no (the paper's latents)",
+                      choices=("auto", "yes", "no"))
+    lr: float = field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
+    lr_end: float = field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0)
+    warmup: float = field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0)
+    beta1: float = field(0.9, "Adam beta1 (table 3)", low=0.0)
+    beta2: float = field(0.98, "Adam beta2 (table 3)", low=0.0)
+    ema: float = field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0)
+    grad_clip: float = field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
+    # training DSD (sec. 4.2, eq. 1; the rest as the official base config)
+    train_net: str = field("ddpm_cifar10", "network preset trained from scratch (common.PRESETS)")
+    train_schedule: str = field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
+                                choices=("cosine_logsnr", "linear", "cosine"))
+    train_updates: int = field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False)
+    train_lr: float = field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
+    train_warmup: int = field(1000, "linear warm-up updates", low=0)
+    train_batch: int = field(128, "batch size", low=1)
+    train_ema: float = field(0.9999, "EMA decay", low=0.0)
+    dropout: float = field(0.1, "dropout of the network trained from scratch", low=0.0)
+    distill_steps: int = field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
+    v_weight: float = field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
+    distill_weight: float = field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
+    # evaluation
+    reference_steps: int = field(64, "DDIM steps of the original model's reference output (the paper's "
+                                     "'original 64'); --variant train: the model's own", low=1, fixed=False)
+    eval_steps: str = field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
+    eval_samples: int = field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False)
+    eval_batch: int = field(128, "batch size of sampling", low=1, fixed=False)
+    grid: int = field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
+                      low=1, fixed=False)
+    fid_samples: int = field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000)", low=0,
+                             fixed=False)
+    inception: str = field("", "path of the Inception weights for FID/IS (default: download once)",
+                           fixed=False)
+    # run
+    seed: int = field(0, "seed of the trajectories (fine-tuning) or of training")
+    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = field("fp32", "network precision (schedule algebra fp32, targets fp64)",
+                       choices=("fp32", "bf16", "fp16"))
+    log_every: int = field(100, "log every N updates", low=1, fixed=False)
+    ckpt_every: int = field(500, "checkpoint every N updates", low=1, fixed=False)
+    out: str = field("runs/self_distill", "run directory", fixed=False)
+    resume: str = field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
+
+
+# --quick: the shared cached 16x16 shapes teacher (tiny U-Net, eps, linear schedule), DSDI 16 -> 8 -> 4 -> 2
+# steps with table 3's lr, about 25 updates per depth at batch 16, and an EMA that moves within them.
+QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=0.99, reference_steps=16,
+             eval_steps="2,4,8", eval_samples=64, eval_batch=64, log_every=25, ckpt_every=100,
+             out="runs/self_distill_quick", train_net="tiny", train_updates=300, train_lr=5e-4,
+             train_warmup=50, train_batch=16, train_ema=0.99, dropout=0.0, distill_steps=32)
+
+
+# ---- the method (alg. 2, sec. 4.1.1, 4.2, app. J) --------------------------------------------------------
+
+def plan(variant, steps, updates):
+    """[(N_i, U_i trajectories, updates at that depth)]; a trajectory of N_i steps gives N_i/2 updates.
+    DSDN keeps N; DSDI and TSD halve it down to 2; DSDGL and DSDGEXP take 2 steps off per depth (sec.
+    4.1.1). Shares of P: equal, or exp(1/S_i), S_i = max(N_i - 2, 1), for DSDGEXP (app. J eq. 2)."""
+    if variant == "dsdn":
+        depths = [steps]
+    elif variant in ("dsdi", "tsd"):
+        depths = [steps >> k for k in range(int(math.log2(steps)))]
+    else:
+        depths = list(range(steps, 0, -2))
+    shares = [math.exp(1 / max(n - 2, 1)) if variant == "dsdgexp" else 1.0 for n in depths]
+    rows = []
+    for n, share in zip(depths, shares):
+        trajectories = max(1, round(updates * share / sum(shares) / (n // 2)))
+        rows.append((n, trajectories, trajectories * (n // 2)))
+    return rows
+
+
+def grid(schedule, steps, skip):
+    """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units, then the data; (alpha,
+    sigma) in float64, (1, 0) at the data, where every sampler here ends."""
+    times = torch.tensor(sampler_times(schedule, steps, skip), dtype=torch.float64)
+    logsnr = schedule.logsnr(times)
+    alpha = torch.cat([torch.sigmoid(logsnr).sqrt(), torch.ones(1, dtype=torch.float64)])
+    sigma = torch.cat([torch.sigmoid(-logsnr).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    return times, alpha, sigma
+
+
+def clipped(cfg, den):
+    """Whether x predictions are clipped (--clip; auto: eps models, whose x blows up as alpha -> 0)."""
+    return cfg.clip == "yes" or (cfg.clip == "auto" and den.param == "eps")
+
+
+def loss_weight(alpha_t, sigma_t, weighting):
+    """w(lambda_t), lambda_t = log(alpha_t^2 / sigma_t^2) (alg. 2 line 14)."""
+    logsnr = 2 * (alpha_t.log() - sigma_t.log())
+    if weighting == "trunc_snr":
+        return logsnr.exp().clamp_min(1.0)  # max(SNR, 1): sec. 4.1, Salimans & Ho's truncated SNR
+    return logsnr.clamp_min(1.0) if weighting == "trunc_logsnr" else torch.ones_like(logsnr)
+
+
+@torch.no_grad()
+def two_step_target(den, z_t, x_pred, eps_pred, t1, alpha, sigma, clip=False):
+    """Alg. 2 lines 10-13 from the prediction (x_pred, eps_pred) at z_t: a DDIM step to t', den's prediction
+    there, a DDIM step to t''. alpha, sigma: float64, (3,) or (3, B), at (t, t', t''). Returns (x'', z_t'',
+    x(z_t')) with x'' = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t), the x
+    of one DDIM step t -> t'' that lands on z_t'' (in float64)."""
+    a, s = [[bcast(v, z_t.double()) for v in vs] for vs in (alpha, sigma)]
+    z_t1 = ddim_step(x_pred, eps_pred, a[1].float(), s[1].float())                 # line 10
+    x_1, eps_1 = den(z_t1, t1, clip=clip)
+    z_t2 = ddim_step(x_1, eps_1, a[2].float(), s[2].float())                       # line 11
+    ratio = s[2] / s[0]
+    x_target = (z_t2.double() - ratio * z_t.double()) / (a[2] - ratio * a[0])     # line 13
+    return x_target.float(), z_t2, x_1
+
+
+def dsd_loss(model, z_t, t, t1, alpha, sigma, weighting="trunc_snr", target="implied", teacher=None,
+             clip=False):
+    """Alg. 2, one update for a batch of trajectories at grid points t > t' > t'': returns (loss, z_t'').
+    Line 12's x' = (z_t' - (sigma_t'/sigma_t) z_t) / (alpha_t' - (sigma_t'/sigma_t) alpha_t) is, for the
+    DDIM step z_t' of line 10, exactly the model's x prediction at z_t: the only part with a gradient. The
+    two-step move (x'', detached) is the model's own (DSD) or the frozen teacher's (TSD), and the trajectory
+    goes on from its z_t''."""
+    x_pred, eps_pred = model(z_t, t, clip=clip)
+    with torch.no_grad():
+        first = (x_pred.detach(), eps_pred.detach()) if teacher is None else teacher(z_t, t, clip=clip)
+        x_target, z_t2, x_next = two_step_target(teacher or model, z_t, *first, t1, alpha, sigma, clip)
+    if target == "next_x":  # the official code: MSE(x(z_t), x(z_t-1))
+        x_target = x_next
+    mse = ((x_pred - x_target) ** 2).flatten(1).mean(1)
+    return (loss_weight(alpha[0], sigma[0], weighting).float().to(mse.device) * mse).mean(), z_t2
+
+
+def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
+    """Sec. 4.2, eq. 1: L = alpha ||v_hat - v||^2 + beta ||x' - x''||^2 in one graph. u ~ U[0, 1], z_t =
+    alpha_t x + sigma_t eps; one forward pass gives v_hat and x' = x(z_t), which carries the gradient; x''
+    (detached) comes from two DDIM steps of the same model from z_t, t -> t - 1/N -> t - 2/N (alg. 2).
+    Samples with u < 2/N (no room for two steps) get the v term only."""
+    B, schedule = x.shape[0], den.schedule
+    u = torch.rand(B, generator=gen, device=gen.device).to(x.device, torch.float64)
+    eps = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+    us = torch.stack([u, u - 1 / steps, u - 2 / steps]).clamp_min(0)
+    logsnr = schedule.logsnr(schedule.time(us))
+    alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+    a, s = bcast(alpha[0], x).float(), bcast(sigma[0], x).float()
+    z_t = a * x + s * eps
+    x_pred, eps_pred = den(z_t, schedule.time(u))
+    v_loss = weighted_loss(x_pred, eps_pred, x, eps, a, s, "snr_plus_one")  # ||v_hat - v||^2
+    x_target, _, _ = two_step_target(den, z_t, x_pred.detach(), eps_pred.detach(), schedule.time(us[1]),
+                                     alpha, sigma)
+    distill = ((x_pred - x_target) ** 2).flatten(1).mean(1) * (u >= 2 / steps)
+    return (v_weight * v_loss + distill_weight * distill).mean()
+
+
+def learning_rate(step, peak, warmup, total, end):
+    """Linear warm-up over `warmup` updates, then cosine annealing from the peak to end x peak at `total`
+    (sec. 5; end = 1 keeps it constant)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- one visible training loop: fine-tuning DSD / TSD under the plan, or training DSD --------------------
+
+def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
+    """Trains `model` in place and its EMA, resumable at any update (mid-trajectory and mid-schedule):
+    fine-tuning under the plan `rows`, or training DSD when there is none."""
+    fine_tune = bool(rows)
+    if fine_tune:
+        grids = {n: grid(model.schedule, n, cfg.skip) for n, _, _ in rows}
+        sequence = [(n, k) for n, trajectories, _ in rows for _ in range(trajectories) for k in range(n // 2)]
+        total, peak, warmup, end = len(sequence), cfg.lr, round(cfg.warmup * len(sequence)), cfg.lr_end
+    else:
+        total, peak, warmup, end = cfg.train_updates, cfg.train_lr, cfg.train_warmup, 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2))
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    teacher = den0 if cfg.variant == "tsd" else None
+    step, z, elapsed = 0, None, 0.0
+    if ckpt is not None:
+        model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
+        step, z, elapsed = ckpt["step"], ckpt["z"], ckpt["elapsed"]
+        z = None if z is None else z.to(device)
+        if ckpt["teacher"] is not None:
+            teacher = den0.copy().eval()
+            teacher.net.load_state_dict(ckpt["teacher"])
+
+    def save():
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
+                        method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
+                        optimizer=opt.state_dict(), step=step, gen=gen.get_state(), z=z, elapsed=elapsed,
+                        teacher=None if teacher in (None, den0) else teacher.net.state_dict())
+
+    loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
+    while step < total:
+        lr = learning_rate(step, peak, warmup, total, end)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast(device, cfg.dtype):
+            if fine_tune:
+                n, k = sequence[step]
+                if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I)
+                    z = torch.randn((cfg.batch, *shape), generator=gen, device=device)
+                    if teacher is not None and step > 0 and sequence[step - 1][0] != n:
+                        teacher = model.copy().eval()  # TSD: the student becomes the next teacher (PD)
+                times, alpha, sigma = grids[n]
+                j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
+                loss, z = dsd_loss(model, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
+                                   cfg.weighting, cfg.target, teacher, clipped(cfg, model))
+            else:
+                x = sample_batch(data, cfg.train_batch, gen)
+                loss = training_dsd_loss(model, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema.net, model.net, cfg.ema if fine_tune else cfg.train_ema)
+        step += 1
+        loss_sum += loss.detach()
+        if step % cfg.log_every == 0 or step == total:  # the only host sync
+            dt, count = time.time() - t0, step - last_log
+            elapsed, t0, last_log = elapsed + dt, time.time(), step
+            mean_loss = loss_sum.item() / count
+            if not math.isfinite(mean_loss):
+                raise ValueError(f"{cfg.variant} diverged at update {step} (loss {mean_loss}); lower the lr")
+            log_row(cfg.out, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
+                              "loss": mean_loss, "lr": lr, "sec_per_update": dt / count,
+                              "elapsed_s": elapsed})
+            loss_sum.zero_()
+        if step % cfg.ckpt_every == 0 or step == total:
+            save()
+
+
+# ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
+
+def ddim(den, steps, skip, clip):
+    """The deterministic sampler DSD trains (alg. 2), its output clamped to the image range."""
+    times = sampler_times(den.schedule, steps, skip)
+    return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
+
+
+def evaluate(cfg, models, reference_model, shape, data, device):
+    """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
+    from the same noise, FID/IS when asked; samples.png (rows: the reference, then the models per step
+    count)."""
+    seeds, clip = range(cfg.eval_samples), clipped(cfg, models[reference_model])
+    ref_folder = None
+    if cfg.fid_samples and cfg.data != "cifar10":
+        ref_folder = write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
+
+    def run(name, den, steps):
+        fn = ddim(den, steps, cfg.skip, clip)
+        with autocast(device, cfg.dtype):
+            images = generate(fn, seeds, shape, cfg.eval_batch, device)
+            if not cfg.fid_samples:
+                return images, {}
+            folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
+            sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.eval_batch, device)
+        return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None,
+                              ref_folder=ref_folder)
+
+    reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
+    results = [{"model": reference_model, "steps": cfg.reference_steps, "rmse_to_reference": 0.0,
+                "fid": scores.get("fid"), "is": scores.get("is")}]
+    rows = [reference[:cfg.grid]]
+    for steps in parse_steps(cfg.eval_steps):
+        for name, den in models.items():
+            images, scores = run(name, den, steps)
+            results.append({"model": name, "steps": steps, "rmse_to_reference": rmse(images, reference),
+                            "fid": scores.get("fid"), "is": scores.get("is")})
+            rows.append(images[:cfg.grid])
+        print(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
+                                               for r in results[-len(models):]), flush=True)
+    save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
+    return results
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+def parse_steps(text):
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--eval-steps {text!r}: expected comma-separated step counts >= 1, e.g. 2,4,8")
+    return steps
+
+
+def check(cfg):
+    """One-line errors for what argparse cannot see, before any work."""
+    parse_steps(cfg.eval_steps)
+    if cfg.variant in ("dsdi", "tsd") and cfg.steps & (cfg.steps - 1):
+        raise ValueError(f"--steps {cfg.steps}: {cfg.variant} halves N down to 2, so N must be a power of 2")
+    if cfg.variant != "train" and cfg.steps % 2:
+        raise ValueError(f"--steps {cfg.steps}: an update takes two steps, so N must be even")
+    if cfg.lr_end > 1 or cfg.warmup >= 1 or max(cfg.beta1, cfg.beta2, cfg.ema, cfg.train_ema) >= 1:
+        raise ValueError("--lr-end must be <= 1, --warmup < 1 (a fraction), Adam betas and EMA decays < 1")
+    if cfg.variant == "train" and cfg.v_weight == 0 and cfg.distill_weight == 0:
+        raise ValueError("--v-weight and --distill-weight are both 0: nothing to train")
+
+
+def fine_tune_setup(cfg, device):
+    """(spec, the original model (frozen), the model to fine-tune (a copy, no dropout), its EMA, shape)."""
+    spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
+        cached_teacher() if cfg.data == "shapes" else None)
+    if spec is None:
+        raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or checkpoint)")
+    den0 = load_teacher(spec, device)
+    size = net_config(den0.net)["image_size"]
+    if cfg.image_size not in (0, size):
+        raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
+    model = den0.copy()
+    model.net.eval()  # no dropout while fine-tuning; the weights still train
+    return spec, den0, model, den0.copy().eval(), (net_config(den0.net)["in_channels"], size, size)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    check(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = None
+    if cfg.variant == "train":
+        data = load_dataset(cfg.data, cfg.image_size or None, seed=cfg.seed)
+        net = build_net(cfg.train_net, image_size=data.shape[-1], out_channels=data.shape[1],
+                        dropout=cfg.dropout)
+        model = Denoiser(net.to(device), Schedule(cfg.train_schedule), "v", "fixed_large").train()
+        spec, den0, ema, shape = None, None, model.copy().eval(), tuple(data.shape[1:])
+    else:
+        spec, den0, model, ema, shape = fine_tune_setup(cfg, device)
+        if cfg.fid_samples and cfg.data != "cifar10":
+            data = load_dataset(cfg.data, shape[-1], seed=cfg.seed)
+    ckpt = start_run(cfg)  # refuses a resume with other result flags
+    rows = plan(cfg.variant, cfg.steps, cfg.updates) if cfg.variant != "train" else []
+    total = sum(p for _, _, p in rows) or cfg.train_updates
+    if ckpt is not None and ckpt["step"] >= total and run_finished(cfg.out):
+        print(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again",
+              flush=True)
+        return run_finished(cfg.out)
+    if rows:
+        print(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
+              + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows), flush=True)
+        write_json(os.path.join(cfg.out, "plan.json"),
+                   [{"steps": n, "trajectories": u, "updates": p} for n, u, p in rows])
+    train(cfg, rows, model, ema, den0, shape, None if data is None else data.to(device), device, ckpt)
+    models = {"student": ema.eval()} if den0 is None else {"teacher": den0, "student": ema.eval()}
+    results = evaluate(cfg, models, "student" if den0 is None else "teacher", shape, data, device)
+    for r in results:
+        r["variant"] = cfg.variant
+    reference = {"sampler": f"ddim_{cfg.skip}" + ("_clip" if clipped(cfg, ema) else ""),
+                 "steps": cfg.reference_steps}
+    write_metrics(cfg.out, "self_distill", cfg.data, spec, reference, results, finished=True)
+    return run_finished(cfg.out)
+
+
+if __name__ == "__main__":
+    cli(main)
