@@ -6,333 +6,328 @@ that takes N/2 steps: the student learns to predict, in one DDIM step, where two
 (the target x~ of eq. 43). The student becomes the next teacher; rounds repeat down to 1 step (Alg. 2).
 
 The paper's CIFAR-10 run (base model: Alg. 1, 800k updates; then 8192 -> 1 step in 13 rounds of 50k
-updates, 100k for the rounds to 2 and 1 steps):
+updates, 100k for the rounds to 2 and 1 steps; FID of every student up to 512 steps):
     python progressive.py --data cifar10 --out runs/pd_cifar10 --fid-samples 50000
-From a public eps teacher (discrete linear schedule; the student predicts 'both', see make_student):
-    python progressive.py --data cifar10 --teacher google/ddpm-cifar10-32 --start-steps 1024 --out runs/pd_ddpm
-Quick (shapes 16x16, a small cached cosine x-teacher, 16 -> 1 steps, a few minutes on 2 CPU cores):
-    python progressive.py --quick
+From a public eps teacher (the paper released no checkpoints):
+    python progressive.py --data cifar10 --teacher google/ddpm-cifar10-32 --start-steps 1024
+Quick (16x16 shapes, a paper-style x-prediction base model trained once into the cache, 16 -> 1 steps):
+    python progressive.py --quick             # from the shared eps teacher: --teacher cached --lr 1e-4
 
-Where the paper is silent:
-- Discrete teachers (google/ddpm-cifar10-32: linear beta, T = 1000, eps) are read in continuous time as
-  t = u (T - 1) (schedule.time): fractional timesteps with the log-SNR interpolated linearly between integer
-  steps (exact at them), the network fed the fractional timestep (its sinusoidal embedding is smooth), so
-  every half step t - 0.5/N stays distinct even when N exceeds T; u = 0 is the data, (alpha, sigma) = (1, 0).
-- An eps teacher's student predicts 'both' (sec. 4), read from the teacher's weights (make_student), and
-  the eps teacher's x predictions are clipped inside its two steps (--teacher-clip auto): its
-  x = (z - sigma eps)/alpha is amplified noise at low SNR, and x~ is a convex combination of the two.
-- The quick base model is the paper's kind (continuous cosine log-SNR, x-prediction, truncated SNR), so
-  the claim test runs the published recipe; the eps route is tested on a ddpm-cifar10-32 look-alike.
+Eps teachers (google/ddpm-cifar10-32; the paper's models predict x, or 'both' (sec. 4)):
+- The students keep predicting eps, so that each starts AS its teacher (Alg. 2), and learn with the
+  teacher's own eps-MSE ('snr'; --weighting is for x-space students), down to --reparam-steps. There a
+  re-parameterisation round, Alg. 2 with one teacher step per student step (x~ = the teacher's x), makes
+  the model 'both' (sec. 4: x = sigma^2 x_head + alpha^2 x(eps_head), the eps head copied, a new x head)
+  for the last rounds, where an eps output's error is divided by alpha -> 0 (the paper's reason for sec. 4).
+  Not in the paper. 'both' from the first round (the obvious reading) was measured worse on the shared eps
+  teacher: the x head must then learn the teacher's x = (z - sigma eps)/alpha at low SNR, amplified network
+  error on which the teacher's DDIM path depends (README).
+- Their x is clipped to [-1, 1] in both teacher steps and in the student's prediction (--teacher-clip
+  auto), unlike Alg. 2 and the official code (their x models barely need it): unclipped, the shared eps
+  teacher's DDIM path leaves the data (pixel std 1.87 at t = 1/8 against 0.58 for noised data) and its
+  distilled 8-step student is no closer to the 16-step output than its own 8-step DDIM (README).
 
-Measured: python progressive.py --quick (1 CPU thread, shared machine: 3 min 13 s after the cached base
-model; RMSE to the teacher's 16-step DDIM output over 64 samples):
-    steps                   8       4       2       1
-    student               0.019   0.039   0.058   0.078
-    undistilled DDIM      0.039   0.100   0.190   0.297
-From the shared eps shapes teacher (linear, eps) the 'both' student starts at 0.47 at 8 steps (x = alpha^2 x(eps)
-until its x head is learned) and needs far longer rounds: 0.25 / 0.21 / 0.19 after 150 / 600 / 1500 updates
-of 16 -> 8 steps, against 0.069 for that teacher's own 8-step DDIM.
+Paper vs official code vs here: x~ is eq. 43 written as the convex combination w x1 + (1 - w) x2 of the
+teacher's two x predictions, w in float64 from the angles phi = arctan(sigma/alpha) (app. D; eq. 43 in
+float32 is off by ~1e-3 at 8192 steps); at the last step w = 0, x~ = the teacher's second x, which the
+official code substitutes. lr 1e-4 annealed linearly to 0 in each round (app. E; the official config: 5e-5,
+its driver is not released); evaluation sampling clips x_pred (official eval).
+Where the paper is silent: discrete teachers (linear beta, T = 1000) are read in continuous time as
+t = u (T - 1), fractional timesteps, u = 0 the data, (alpha, sigma) = (1, 0); learned-range variance
+channels are dropped (DDIM needs none) and the students are fixed_large.
+
+Measured (--quick and the eps route, 1 CPU thread): README.md, section "Progressive distillation".
 """
 import dataclasses
-import math
+import hashlib
 import os
+import shutil
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PARAMS, WEIGHTINGS, TeacherConfig, autocast, bcast, build_net, cached_teacher,
-                    ddim_sample, ddim_step, denoise, eps_from_x, fid_is, field, generate, load_checkpoint, load_dataset,
-                    load_teacher, log_row, lr_at, net_config, parse_config, pd_target, pick_device, posterior,
-                    resume_path, rmse, sample_batch, sample_to_folder, sampler_times, save_checkpoint, save_grid,
-                    start_run, train_teacher, unit_grid, weighted_loss, write_metrics, write_pngs)
+from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, Schedule, TeacherConfig, ancestral_sample,
+                    autocast, bcast, build_net, cached_teacher, cli, ddim_sample, ddim_step, eps_from_x,
+                    fid_is, field, generate, load_dataset, load_teacher, log_row, lr_at, net_config,
+                    parse_config, pick_device, rmse, run_finished, sample_batch, sample_to_folder,
+                    sampler_times, save_checkpoint, save_grid, start_run, train_teacher, weighted_loss,
+                    write_metrics, write_pngs)
 
 
 @dataclasses.dataclass
 class Config:
     # data and teacher
     data: str = field("cifar10", f"dataset: {DATASETS}")
-    image_size: int = field(32, "image resolution (cifar10 is 32x32)")
-    teacher: str = field("", "teacher to distil: hub id (google/ddpm-cifar10-32), diffusers dir, original or project "
-                             "checkpoint; empty = train the base model first (Alg. 1)")
-    # base model (Alg. 1, sec. 4, app. E): the paper's CIFAR-10 settings
-    net: str = field("pd_cifar10", "base network preset (app. E: 256 ch, mult [1,1,1], 3 res blocks, attention at "
-                                   "16 and 8, res-block resampling, scale-shift norm)")
-    schedule: str = field("cosine_logsnr", "base noise schedule: cosine_logsnr (official code: log-SNR clipped to "
-                                           "+-20, angle time input) | linear | cosine")
-    param: str = field("x", "base network output: x | v | eps | both (sec. 4, Table 1)")
-    weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and Alg. 2: trunc_snr | snr_plus_one "
-                                        "(= v-MSE) | snr (= eps-MSE) | const (= x-MSE)")
-    dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)")
-    base_updates: int = field(800_000, "base model updates (app. E)")
-    base_batch: int = field(128, "base model batch size (app. E)")
-    base_lr: float = field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)")
-    base_warmup: int = field(1000, "base lr warm-up updates (official config)")
-    base_weight_decay: float = field(0.001, "base decoupled weight decay (app. E)")
-    base_ema: float = field(0.9999, "base EMA decay (app. E); the student starts from the EMA weights")
-    base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE), not --out/base")
+    image_size: int = field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
+    teacher: str = field("", "teacher to distil: hub id (google/ddpm-cifar10-32), diffusers folder or "
+                             "checkpoint of this project; 'cached' = the shared 16x16 shapes eps teacher "
+                             "(trained once); '' = train the base model first (Alg. 1)")
+    # base model (Alg. 1, sec. 4, app. E): the paper's CIFAR-10 settings. OUT/base is continued if unfinished
+    # and kept once finished, whatever --resume says (delete it to retrain)
+    net: str = field("pd_cifar10", "base network preset (app. E: 256 ch, mult [1,1,1], 3 res blocks, "
+                                   "attention at 16 and 8, res-block resampling, scale-shift norm)",
+                     choices=tuple(PRESETS))
+    schedule: str = field("cosine_logsnr", "base noise schedule (official: cosine log-SNR clipped to +-20)",
+                          choices=("cosine_logsnr", "linear", "cosine"))
+    param: str = field("x", "base network output (sec. 4, table 1)", choices=("x", "v", "eps", "both"))
+    weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2: trunc_snr | snr_plus_one "
+                                        "(= v-MSE) | snr (= eps-MSE) | const (= x-MSE)", choices=WEIGHTINGS)
+    dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0)
+    base_updates: int = field(800_000, "base model updates (app. E)", low=1)
+    base_batch: int = field(128, "base model batch size (app. E)", low=1)
+    base_lr: float = field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
+    base_warmup: int = field(1000, "base lr warm-up updates (official config)", low=0)
+    base_weight_decay: float = field(0.001, "base decoupled weight decay (app. E)", low=0.0)
+    base_ema: float = field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0)
+    base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE), not in "
+                                    "OUT/base")
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
-    start_steps: int = field(8192, "teacher sampling steps at the start (sec. 5.2: 8192 for CIFAR-10)")
-    end_steps: int = field(1, "student sampling steps of the last round")
-    divisor: int = field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the target "
-                            "still comes from two teacher DDIM steps)")
-    updates_per_round: int = field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)")
-    final_rounds_factor: int = field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2: 100k)")
-    lr: float = field(1e-4, "Adam lr, annealed linearly to 0 within each round (app. E; the official "
-                            "cifar_distill config uses 5e-5)")
-    grad_clip: float = field(1.0, "clip the global gradient norm (app. E; 0 = off)")
-    batch: int = field(128, "distillation batch size (app. E), also for sampling")
-    eps_student: str = field("both", "student of an eps teacher: both (sec. 4: x from x- and eps-heads, stable as "
-                                     "SNR -> 0) | eps (keep the teacher's output; unstable at few steps)")
-    teacher_clip: str = field("auto", "clip the teacher's x predictions in its two DDIM steps: auto (only an eps "
-                                      "teacher, whose x = (z - sigma eps)/alpha blows up as alpha -> 0 and whose own "
-                                      "sampler clips) | yes | no (Alg. 2 and the official code: unclipped)")
-    # evaluation (fig. 4, fig. 7, app. F)
-    eval_samples: int = field(256, "samples for the RMSE to the start-steps teacher, from seeds 0..n-1")
-    grid: int = field(8, "samples per model in rounds.png: a row per round, the student at N steps left and the "
-                         "undistilled teacher at N steps right, from the same noise (fig. 7, fig. 4)")
-    eval_clip: bool = field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval; the distillation "
-                                  "targets follow --teacher-clip)")
-    fid_samples: int = field(0, "FID/IS samples per model and round (0 = off; the paper uses 50000)")
-    fid_teacher: bool = field(False, "also FID the undistilled teacher at each round's steps (fig. 4; costly at "
-                                     "large N)")
-    inception: str = field("", "path of the Inception weights for FID/IS (default: download once)")
-    stochastic: str = field("", "app. F sampler for the students: comma-separated gammas in [0, 1] (log-variance "
-                                "between the lower (0) and upper (1) bound); empty = off")
+    start_steps: int = field(8192, "teacher sampling steps at the start, a power of 2 (sec. 5.2)", low=2)
+    end_steps: int = field(1, "student sampling steps of the last round, a power of 2", low=1)
+    divisor: int = field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
+                            "target still comes from two teacher DDIM steps)", choices=(2, 4))
+    updates_per_round: int = field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1)
+    final_rounds_factor: int = field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)", low=1)
+    lr: float = field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
+                      low=0.0)
+    grad_clip: float = field(1.0, "clip the global gradient norm (app. E; 0 = off)", low=0.0)
+    batch: int = field(128, "distillation batch size (app. E), also of sampling; pd_cifar10 in fp32 needs "
+                            "~21 GiB of activations at 128: use 64 or --dtype bf16 on a 24 GB card", low=1)
+    reparam_steps: int = field(2, "eps teachers: students predict eps down to this many steps, then the "
+                                  "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
+                               low=0)
+    reparam_updates: int = field(50_000, "updates of the re-parameterisation round", low=1)
+    teacher_clip: str = field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
+                                      "prediction: auto (eps teachers only, measured: docstring) | yes | no "
+                                      "(Alg. 2)", choices=("auto", "yes", "no"))
+    # evaluation (fig. 4, fig. 7, app. F). Cost in network evaluations: eval_samples x N per model and round
+    # (the start-steps reference: eval_samples x start_steps), FID fid_samples x N per model and round
+    eval_samples: int = field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
+                                   "0..n-1", low=1)
+    grid: int = field(8, "samples per model in rounds.png: a row per round, the student at N steps left and "
+                         "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
+    eval_clip: bool = field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
+    fid_samples: int = field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
+                                "network evaluations per model)", low=0, fixed=False)
+    fid_max_steps: int = field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
+                                    "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
+                               low=1, fixed=False)
+    fid_teacher: bool = field(False, "also FID the undistilled teacher at each round's steps (fig. 4)",
+                              fixed=False)
+    fid_reference: bool = field(False, "also FID the teacher at --start-steps (ignores --fid-max-steps)",
+                                fixed=False)
+    fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines (default: "
+                               "clean-fid's, downloaded once)", fixed=False)
+    inception: str = field("", "path of the Inception weights for FID/IS (default: download once)",
+                           fixed=False)
+    stochastic: str = field("", "app. F: also sample students and teacher ancestrally with these comma-"
+                                "separated gammas in [0, 1] (log-variance from the lower (0) to the upper "
+                                "(1) bound)", fixed=False)
     # run
     seed: int = field(0, "seed")
-    device: str = field("auto", "auto | cpu | cuda[:N]")
-    dtype: str = field("fp32", "network precision: fp32 | bf16 | fp16 (schedule algebra stays fp32)")
-    log_every: int = field(500, "log every N updates")
-    ckpt_every: int = field(5000, "checkpoint every N updates")
-    out: str = field("runs/progressive", "run directory")
-    resume: str = field("auto", "auto (continue from --out/ckpt.pt) | none | PATH")
+    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
+                       choices=("fp32", "bf16", "fp16"))
+    log_every: int = field(500, "log every N updates", low=1, fixed=False)
+    ckpt_every: int = field(5000, "checkpoint every N updates", low=1, fixed=False)
+    out: str = field("runs/progressive", "run directory", fixed=False)
+    resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (restart the distillation) | PATH",
+                        fixed=False)
 
 
-# --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR) on 16x16 shapes, trained once
-# into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 150 (300) updates, hence 5x the paper's lr.
-QUICK = dict(data="shapes", image_size=16, net="tiny", dropout=0.0, base_updates=2000, base_batch=32, base_lr=1e-3,
-             base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True, start_steps=16,
-             updates_per_round=150, lr=5e-4, batch=16, eval_samples=64, log_every=50, ckpt_every=100,
-             out="runs/progressive_quick")
-
-
-# ---- base model (Alg. 1) -----------------------------------------------------------------------------------
-
-def base_config(cfg):
-    """The base model's standard training (Alg. 1: common.train_teacher) from this config."""
-    return TeacherConfig(data=cfg.data, image_size=cfg.image_size, net=cfg.net, dropout=cfg.dropout,
-                         schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting, var="fixed_large",
-                         updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr, warmup=cfg.base_warmup,
-                         weight_decay=cfg.base_weight_decay, ema=cfg.base_ema, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                         device=cfg.device, dtype=cfg.dtype, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                         out=os.path.join(cfg.out, "base"), resume=cfg.resume)
-
-
-def train_base(cfg):
-    tcfg = base_config(cfg)
-    return cached_teacher(tcfg) if cfg.base_cache else train_teacher(tcfg)
+# --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR) on 16x16 shapes, trained
+# once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 150 (300) updates, 5x the paper's lr.
+QUICK = dict(data="shapes", image_size=16, net="tiny", dropout=0.0, base_updates=2000, base_batch=32,
+             base_lr=1e-3, base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True,
+             start_steps=16, updates_per_round=150, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
+             log_every=50, ckpt_every=100, out="runs/progressive_quick")
 
 
 # ---- the method (Alg. 2, app. G) ---------------------------------------------------------------------------
 
-def round_schedule(start, end, divisor, updates, final_factor):
+def angle(schedule, u):
+    """phi_t = arctan(sigma_t / alpha_t) (app. D) at unit time u ((B,) float64), in float64: alpha = cos phi,
+    sigma = sin phi. u = 0 is the data itself, phi = 0, (alpha, sigma) = (1, 0), where every sampler ends."""
+    phi = torch.atan(torch.exp(-0.5 * schedule.logsnr(schedule.time(u))))
+    return torch.where(u > 0, phi, torch.zeros_like(phi))
+
+
+def target_weight(phi_t, phi_t1, phi_t2):
+    """Eq. 43 as a convex combination, x~ = w x1 + (1 - w) x2, x1 and x2 the teacher's x predictions at t, t'.
+    Writing out the two DDIM steps, z_t'' - (sigma_t''/sigma_t) z_t = A x2 + B x1 and the denominator of
+    eq. 43 is A + B, with A ~ sin(phi_t) sin(phi_t' - phi_t'') and B ~ sin(phi_t'') sin(phi_t - phi_t'),
+    both >= 0 as phi falls along t > t' > t''. Float64 keeps w exact where A + B ~ 1e-4 (t ~ 1, N = 8192)."""
+    a = torch.sin(phi_t) * torch.sin(phi_t1 - phi_t2)
+    b = torch.sin(phi_t2) * torch.sin(phi_t - phi_t1)
+    return b / (a + b)
+
+
+@torch.no_grad()
+def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
+    """Alg. 2, lines 9-13: x~ for which one student DDIM step t -> t'' = t - 1/N lands where two teacher DDIM
+    steps t -> t' = t - 0.5/N -> t'' land (u: the unit time t of each sample, (B,) float64; N: student steps).
+    one_step (the re-parameterisation round): one teacher step per student step, x~ = the teacher's x."""
+    schedule = teacher.schedule
+    x1, eps1 = teacher(z_t, schedule.time(u), clip=clip)                                 # line 11
+    if one_step:
+        return x1
+    u1, u2 = u - 0.5 / N, u - 1.0 / N
+    phi, phi1, phi2 = angle(schedule, u), angle(schedule, u1), angle(schedule, u2)
+    z_t1 = ddim_step(x1, eps1, bcast(phi1.cos().float(), z_t), bcast(phi1.sin().float(), z_t))
+    x2, _ = teacher(z_t1, schedule.time(u1), clip=clip)                                  # line 12
+    w = bcast(target_weight(phi, phi1, phi2).float(), z_t)                              # line 13, eq. 43
+    return w * x1 + (1 - w) * x2
+
+
+def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
+    """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
+    sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
+    B, schedule = x.shape[0], student.schedule
+    i = torch.randint(1, N + 1, (B,), generator=generator, device=generator.device)
+    u = i.to(x.device, torch.float64) / N
+    phi = angle(schedule, u)
+    alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
+    eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    z_t = alpha * x + sigma * eps
+    x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
+    x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
+    eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
+    return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
+
+
+def make_student(teacher, steps, both=False):
+    """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` sampling steps; the
+    mean channels only (a learned-range teacher's variance channels are dropped). both=True makes an eps
+    teacher's student predict 'both' (sec. 4): its output layer gets a zero x head before the eps head."""
+    cfg, state = {**net_config(teacher.net), "dropout": 0.0}, dict(teacher.net.state_dict())
+    C = cfg["in_channels"]
+    param = "both" if teacher.param == "eps" and both else teacher.param
+    head, mean = "conv_out" if cfg["arch"] == "unet" else "out", C * (2 if teacher.param == "both" else 1)
+    for k in (f"{head}.weight", f"{head}.bias"):  # rows (positions, channels): 1 (U-Net) or p*p (DiT)
+        w = state[k].unflatten(0, (-1, cfg["out_channels"]))[:, :mean]
+        state[k] = (torch.cat([torch.zeros_like(w), w], 1) if param != teacher.param else w).flatten(0, 1)
+    cfg["out_channels"] = C * (2 if param == "both" else 1)
+    net = build_net(cfg).to(next(teacher.parameters()).device)
+    net.load_state_dict(state)
+    var = "fixed_large" if teacher.var == "learned_range" else teacher.var
+    return Denoiser(net, teacher.schedule, param, var, steps, teacher.source).train()
+
+
+def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, reparam_updates=0):
     """[(teacher steps, student steps, updates)] of every round: N -> N/divisor (Alg. 2; app. I for 4), with
-    final_factor x the updates for the rounds to 2 and 1 steps (sec. 5.2)."""
+    final_factor x the updates for the rounds to 2 and 1 steps (sec. 5.2), and with reparam_steps the
+    re-parameterisation round (n -> n steps) before the first round whose teacher takes n <= reparam_steps."""
     rounds, n = [], start
     while n > end:
         m = max(n // divisor, end)
         rounds.append((n, m, updates * (final_factor if m <= 2 else 1)))
         n = m
+    k = next((i for i, (n, _, _) in enumerate(rounds) if n <= reparam_steps), None)
+    if k is not None:
+        rounds.insert(k, (rounds[k][0], rounds[k][0], reparam_updates))
     return rounds
-
-
-def alpha_sigma_at(schedule, u):
-    """(alpha, sigma) at unit time u in [0, 1] (float64 tensor), u mapped to the schedule's units by
-    schedule.time. u = 0 is the data itself, (alpha, sigma) = (1, 0), as alpha_0 = cos(0) = 1 in the paper
-    and as every sampler here ends (ddim_sample's last step returns x_pred). With it, eq. 43 at the last
-    student step gives x~ = the teacher's second x prediction, which is what the official code substitutes."""
-    alpha, sigma = schedule.alpha_sigma(schedule.time(u))
-    data = u <= 0
-    return torch.where(data, 1.0, alpha), torch.where(data, 0.0, sigma)
-
-
-@torch.no_grad()
-def teacher_two_steps(teacher, schedule, param, z_t, u, N, clip=False):
-    """Alg. 2, lines 9-12: two DDIM steps of the teacher, t -> t' = t - 0.5/N -> t'' = t - 1/N, with u the unit
-    time t of each sample ((B,) float64) and N the student's steps. Returns z_t''. Unclipped as in the paper
-    and the official code; clip (x_pred to [-1, 1], eps re-derived) is for eps teachers (see teacher_clip)."""
-    u1, u2 = u - 0.5 / N, u - 1.0 / N
-    x_pred, eps_pred = denoise(teacher, schedule, param, z_t, schedule.time(u), clip=clip)
-    z_t1 = ddim_step(x_pred, eps_pred, *(bcast(v, z_t) for v in alpha_sigma_at(schedule, u1)))
-    x_pred, eps_pred = denoise(teacher, schedule, param, z_t1, schedule.time(u1), clip=clip)
-    return ddim_step(x_pred, eps_pred, *(bcast(v, z_t) for v in alpha_sigma_at(schedule, u2)))
-
-
-def distill_target(teacher, schedule, param, z_t, u, N, clip=False):
-    """Alg. 2, line 13 (app. G, eq. 43): the x~ for which one student DDIM step t -> t'' lands on z_t''.
-    x~ is a convex combination of the teacher's two x predictions (both weights are positive because the
-    SNR grows along t -> t' -> t''), so it is as bounded as they are."""
-    z_tpp = teacher_two_steps(teacher, schedule, param, z_t, u, N, clip)
-    alpha_t, sigma_t = (bcast(v, z_t) for v in alpha_sigma_at(schedule, u))
-    alpha_tpp, sigma_tpp = (bcast(v, z_t) for v in alpha_sigma_at(schedule, u - 1.0 / N))
-    return pd_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp)
-
-
-def distill_loss(student, s_param, teacher, t_param, schedule, weighting, x, N, gen, clip=False):
-    """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x + sigma_t eps,
-    w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ re-derived from x~)."""
-    B = x.shape[0]
-    u = torch.randint(1, N + 1, (B,), generator=gen, device=gen.device).to(x.device, torch.float64) / N
-    alpha, sigma = (bcast(v, x) for v in alpha_sigma_at(schedule, u))
-    eps = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
-    z_t = alpha * x + sigma * eps
-    x_tilde = distill_target(teacher, schedule, t_param, z_t, u, N, clip)
-    x_pred, eps_pred = denoise(student, schedule, s_param, z_t, schedule.time(u))
-    eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
-    return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
-
-
-def make_student(teacher, param, eps_student):
-    """Alg. 2, 'theta <- eta': a copy of the teacher (its EMA weights), without dropout (app. E). Returns
-    (student, its param). An eps teacher gets a 'both' student (sec. 4), x = sigma^2 x_head + alpha^2 x(eps_head),
-    with the eps head copied from the teacher's output layer and the x head zero-initialised: at high SNR it
-    is the teacher, and as SNR -> 0 its x prediction moves to the (learned) x head instead of dividing the
-    eps error by alpha -> 0 (|dx/d output| <= 1 everywhere, vs 1/alpha ~ 160 at t = T-1 of the linear schedule).
-    Learned-variance channels are dropped: DDIM needs none."""
-    cfg = {**net_config(teacher), "dropout": 0.0}
-    state = teacher.state_dict()
-    if param == "eps" and eps_student == "both":
-        if cfg.get("arch") != "unet":
-            raise ValueError("--eps-student both widens a U-Net's conv_out; use --eps-student eps for this teacher")
-        C = cfg["in_channels"]
-        cfg["out_channels"] = 2 * C
-        for k in ("conv_out.weight", "conv_out.bias"):
-            state[k] = torch.cat([torch.zeros_like(state[k][:C]), state[k][:C]])
-        param = "both"
-    student = build_net(cfg).to(next(teacher.parameters()).device)
-    student.load_state_dict(state)
-    return student, param
 
 
 # ---- evaluation (fig. 4, fig. 7, app. F) ------------------------------------------------------------------
 
-def ddim(net, schedule, param, steps, clip):
-    """The N-step DDIM sampler on the grid t = i/N the students are trained on, ending at the data."""
-    times = sampler_times(schedule, steps, skip="unit")
-    return lambda z: ddim_sample(net, schedule, param, z, times, clip=clip).clamp(-1, 1)
+def sampler(den, steps, gamma, clip):
+    """DDIM on the grid t = i/N the students are trained on, or (gamma: app. F) ancestral sampling on it with
+    the log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log sigma~_{s|t}^2, noise per seed."""
+    times = sampler_times(den.schedule, steps, skip="unit")
+    if gamma is None:
+        return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
+    return lambda z, seeds: ancestral_sample(den, z, times, seeds, frac=gamma, clip=clip).clamp(-1, 1)
 
 
-def stochastic(net, schedule, param, steps, gamma, clip, generator):
-    """App. F: ancestral sampling on the same grid, log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log
-    sigma~_{s|t}^2 between Ho et al.'s upper and lower bounds (the paper grid-searches 11 values)."""
-    @torch.no_grad()
-    def sample(z):
-        us = unit_grid(steps) + [0.0]
-        for u, s in zip(us[:-1], us[1:]):
-            x_pred, _ = denoise(net, schedule, param, z, schedule.time(u), clip=clip)
-            if s == 0.0:
-                return x_pred.clamp(-1, 1)
-            (a_t, s_t), (a_s, s_s) = schedule.alpha_sigma(schedule.time(u)), schedule.alpha_sigma(schedule.time(s))
-            mean, var_lo, var_hi = posterior(z, x_pred, a_t.to(z.device), s_t.to(z.device), a_s.to(z.device),
-                                             s_s.to(z.device))
-            logvar = gamma * var_hi.log() + (1 - gamma) * var_lo.log()
-            z = mean + (0.5 * logvar).exp() * torch.randn(z.shape, generator=generator, device=z.device)
-    return sample
+def fingerprint(den, *extra):
+    """Identifies a model and its sampler: a FID folder holds the samples of exactly one."""
+    h = hashlib.sha1(repr(extra).encode())
+    for p in den.net.state_dict().values():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
-def sample_and_score(cfg, name, sample_fn, data, device, want_fid):
-    """Samples from seeds 0..eval_samples-1 (for the RMSE) and, when asked, FID/IS of cfg.fid_samples samples."""
+def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
+    """Samples from seeds 0..eval_samples-1 (for the RMSE) and, with fid, FID/IS of cfg.fid_samples samples
+    in OUT/samples/name, emptied first if it holds another model's samples (a student retrained after a
+    restart)."""
+    fn = sampler(den, steps, gamma, cfg.eval_clip)
     with autocast(device, cfg.dtype):
-        images = generate(sample_fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device)
-        if not (want_fid and cfg.fid_samples):
+        images = generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device)
+        if not (fid and cfg.fid_samples):
             return images, {"fid": None, "is": None}
-        folder = sample_to_folder(sample_fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name),
-                                  data.shape[1:], cfg.batch, device)
-    ref = None if cfg.data == "cifar10" else write_pngs(data[:cfg.fid_samples],
-                                                        os.path.join(cfg.out, "samples", "data"))
-    return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref)
+        folder, stamp = os.path.join(cfg.out, "samples", name), fingerprint(den, steps, gamma, cfg.eval_clip)
+        owner = os.path.join(folder, "model.txt")
+        if os.path.isdir(folder) and (not os.path.exists(owner) or open(owner).read() != stamp):
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        with open(owner, "w") as f:
+            f.write(stamp)
+        sample_to_folder(fn, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device)
+    ref = None if cfg.data == "cifar10" else write_pngs(
+        data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
+                          stats=cfg.fid_stats or None)
 
 
-@torch.no_grad()
-def evaluate(cfg, r, N, student, s_param, teacher0, info, reference, data, device):
-    """Round r's rows: the student at N steps and the undistilled teacher's own N-step DDIM, both as RMSE to
-    the teacher's start-steps DDIM output from the same noise (fig. 4 in teacher-fidelity terms), FID/IS when
-    asked, and the app. F sampler when asked. Returns (rows, the grid row: cfg.grid student and teacher samples)."""
-    schedule = info["schedule"]
-    models = [("student", {}, ddim(student, schedule, s_param, N, cfg.eval_clip), True),
-              ("teacher", {}, ddim(teacher0, schedule, info["param"], N, cfg.eval_clip), cfg.fid_teacher)]
-    for g in parse_gammas(cfg.stochastic):
-        gen = torch.Generator(device).manual_seed(cfg.seed)
-        models.append(("student", {"sampler": "stochastic", "gamma": g},
-                       stochastic(student, schedule, s_param, N, g, cfg.eval_clip, gen), True))
-    rows, samples = [], []
-    for model, extra, sample_fn, want_fid in models:
-        name = f"{model}_{N}" + (f"_gamma{extra['gamma']}" if extra else "")
-        images, scores = sample_and_score(cfg, name, sample_fn, data, device, want_fid)
-        samples.append(images[:cfg.grid])
-        rows.append({"model": model, "steps": N, "round": r + 1, "sampler": "ddim", **extra,
-                     "rmse_to_reference": rmse(images, reference), "fid": scores["fid"], "is": scores["is"]})
-    return rows, torch.cat(samples[:2])  # student | undistilled teacher
+def evaluate(cfg, r, N, student, teacher0, reference, data, device):
+    """Round r's rows: the student and the undistilled teacher (None: already evaluated at N) at N steps,
+    DDIM and the app. F sampler per gamma, as RMSE to the teacher's start-steps DDIM output from the same
+    noise (fig. 4 in teacher-fidelity terms), FID/IS when asked. Returns (rows, the grid row: cfg.grid
+    samples of the student, then of the teacher)."""
+    rows, grid = [], {}
+    for model, den in [("student", student)] + ([("teacher", teacher0)] if teacher0 is not None else []):
+        for gamma in [None] + gammas(cfg.stochastic):
+            kind = "ddim" if gamma is None else "stochastic"
+            name = f"{model}_{N}steps_{den.param}_{kind}" + (f"{gamma:g}" if gamma is not None else "")
+            fid = N <= cfg.fid_max_steps and (model == "student" or cfg.fid_teacher)
+            images, scores = sample_and_score(cfg, name, den, N, gamma, data, device, fid)
+            grid.setdefault(model, images[:cfg.grid])
+            rows.append({"model": model, "steps": N, "round": r + 1, "param": den.param, "sampler": kind,
+                         "gamma": gamma, "rmse_to_reference": rmse(images, reference), "fid": scores["fid"],
+                         "is": scores["is"]})
+    return rows, torch.cat([grid["student"], grid.get("teacher", reference[:cfg.grid])])
 
 
-def parse_gammas(text):
+def gammas(text):
     return [float(g) for g in text.split(",") if g.strip()]
 
 
 # ---- distillation: one visible loop per round --------------------------------------------------------------
 
-def as_teacher(cfg, student, param, schedule, var, N, step, elapsed):
-    """The checkpoint fields that make a student loadable by common.load_teacher (no EMA in distillation)."""
-    return dict(net_config=net_config(student), model=student.state_dict(), ema=None, schedule=schedule.spec(),
-                param=param, var=var, steps=N, method="progressive", config=dataclasses.asdict(cfg), step=step,
-                elapsed=elapsed)
+def distill(cfg, spec, teacher0, data, device, ckpt=None):
+    """Rounds of Alg. 2 from teacher0, resumable inside a round and across rounds: all resume state is in
+    OUT/ckpt.pt, itself a teacher checkpoint of the round's student. Returns the metrics rows."""
+    eps = teacher0.param == "eps"
+    rounds = round_schedule(cfg.start_steps, cfg.end_steps, cfg.divisor, cfg.updates_per_round,
+                            cfg.final_rounds_factor, cfg.reparam_steps if eps else 0, cfg.reparam_updates)
+    clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and eps)
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if ckpt is None:  # the reference: the original teacher's start-steps DDIM from the evaluation noise
+        reference, scores = sample_and_score(cfg, f"teacher_{cfg.start_steps}steps_ddim", teacher0,
+                                             cfg.start_steps, None, data, device, cfg.fid_reference)
+        results = [{"model": "teacher", "steps": cfg.start_steps, "round": 0, "param": teacher0.param,
+                    "sampler": "ddim", "gamma": None, "rmse_to_reference": 0.0, "fid": scores["fid"],
+                    "is": scores["is"]}]
+        ckpt = dict(round=0, step=0, results=results, reference=reference, elapsed=0.0,
+                    grid_rows=[reference[:cfg.grid].repeat(2, 1, 1, 1)])  # the reference above both halves
+    r0, results, reference, grid_rows, elapsed = (ckpt[k] for k in ("round", "results", "reference",
+                                                                     "grid_rows", "elapsed"))
+    teacher = rebuild(ckpt["teacher"], teacher0.source, device) if "teacher" in ckpt else teacher0
 
-
-def snapshot(net, param):
-    """A teacher as stored in ckpt.pt: the teacher of the round a resume starts in."""
-    return {"net_config": net_config(net), "weights": net.state_dict(), "param": param}
-
-
-def distill(cfg, spec, teacher0, info, data, device, state=None):
-    """Rounds of Alg. 2 from teacher0, resumable inside a round and across rounds. Returns the metrics rows."""
-    schedule, path = info["schedule"], os.path.join(cfg.out, "ckpt.pt")
-    rounds = round_schedule(cfg.start_steps, cfg.end_steps, cfg.divisor, cfg.updates_per_round, cfg.final_rounds_factor)
-    var = "fixed_large" if info["var"] == "learned_range" and cfg.eps_student == "both" else info["var"]
-    if state is None:  # the reference: the original teacher's start-steps DDIM from the evaluation noise
-        fn = ddim(teacher0, schedule, info["param"], cfg.start_steps, cfg.eval_clip)
-        reference, scores = sample_and_score(cfg, f"teacher_{cfg.start_steps}", fn, data, device, True)
-        results = [{"model": "teacher", "steps": cfg.start_steps, "round": 0, "sampler": "ddim",
-                    "rmse_to_reference": 0.0, "fid": scores["fid"], "is": scores["is"]}]
-        state = {"round": 0, "step": 0, "optimizer": None, "teacher": snapshot(teacher0, info["param"]),
-                 "results": results, "reference": reference, "elapsed": 0.0,
-                 "grid_rows": [reference[:cfg.grid].repeat(2, 1, 1, 1)]}  # the reference above both halves
-    reference, results, grid_rows, elapsed = state["reference"], state["results"], state["grid_rows"], state["elapsed"]
-    teacher = build_net(state["teacher"]["net_config"]).to(device)
-    teacher.load_state_dict(state["teacher"]["weights"])
-    teacher.eval().requires_grad_(False)
-    t_param = state["teacher"]["param"]
-
-    for r in range(state["round"], len(rounds)):
+    for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
-        student, s_param = make_student(teacher, t_param, cfg.eps_student)  # Alg. 2: theta <- eta, fresh optimiser
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # no weight decay, no EMA (official distill config)
+        student = make_student(teacher, N, both=n_teacher == N)  # Alg. 2: theta <- eta, a fresh optimiser
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # no weight decay, no EMA (official config)
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
         step = 0
-        if state["round"] == r and state["optimizer"] is not None:  # resume inside this round
-            student.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["gen"])
-            step = state["step"]
-            print(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}")
-
-        def save_state(round_, step_, optimizer, teacher_state):  # ckpt.pt: a teacher checkpoint + the resume state
-            save_checkpoint(path, **as_teacher(cfg, student, s_param, schedule, var, N, step_, elapsed),
-                            optimizer=optimizer, round=round_, teacher=teacher_state, gen=gen.get_state(),
-                            results=results, reference=reference, grid_rows=grid_rows, teacher_spec=spec)
-
-        teacher_state = snapshot(teacher, t_param)
-        clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and t_param == "eps")
-        student.train()
+        if r == r0 and "optimizer" in ckpt:  # resume inside this round
+            student.net.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["gen"])
+            step = ckpt["step"]
+            print(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}", flush=True)
+        weighting = "snr" if student.param == "eps" else cfg.weighting  # eps students: their teacher's loss
         loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
         while step < updates:
             lr = lr_at(step, cfg.lr, 0, updates, "linear")  # app. E: linear anneal to zero within the round
@@ -340,7 +335,7 @@ def distill(cfg, spec, teacher0, info, data, device, state=None):
                 g["lr"] = lr
             x = sample_batch(data, cfg.batch, gen)
             with autocast(device, cfg.dtype):
-                loss = distill_loss(student, s_param, teacher, t_param, schedule, cfg.weighting, x, N, gen, clip)
+                loss = distill_loss(student, teacher, x, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -348,84 +343,120 @@ def distill(cfg, spec, teacher0, info, data, device, state=None):
             opt.step()
             step += 1
             loss_sum += loss.detach()
-            if step % cfg.log_every == 0 or step == updates:
+            if step % cfg.log_every == 0 or step == updates:  # the only host sync
                 dt, n = time.time() - t0, step - last_log
                 elapsed, t0, last_log = elapsed + dt, time.time(), step
                 mean_loss = loss_sum.item() / n
-                if not math.isfinite(mean_loss):
-                    raise RuntimeError(f"round {r + 1} ({N} steps) diverged at update {step} (loss {mean_loss}); "
-                                       "lower --lr (for an eps teacher keep --eps-student both)")
-                log_row(cfg.out, {"stage": "distill", "round": r + 1, "steps": N, "update": step, "loss": mean_loss,
-                                  "lr": lr, "sec_per_update": dt / n, "elapsed_s": elapsed})
+                if mean_loss != mean_loss or abs(mean_loss) == float("inf"):
+                    raise ValueError(f"round {r + 1} ({N} steps) diverged at update {step} (loss "
+                                     f"{mean_loss}); rerun with a lower --lr and --resume none")
+                log_row(cfg.out, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
+                                  "update": step, "loss": mean_loss, "lr": lr, "sec_per_update": dt / n,
+                                  "elapsed_s": elapsed})
                 loss_sum.zero_()
-            if step % cfg.ckpt_every == 0 and step < updates:
-                save_state(r, step, opt.state_dict(), teacher_state)
+            if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
+                save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
+                                round=r, step=step, optimizer=opt.state_dict(), gen=gen.get_state(),
+                                teacher=teacher.state(), results=results, reference=reference,
+                                grid_rows=grid_rows, elapsed=elapsed, teacher_spec=spec)
 
-        # evaluate, keep this round's student as a teacher checkpoint, and make it the next teacher (Alg. 2)
-        student.eval().requires_grad_(False)
-        rows, grid = evaluate(cfg, r, N, student, s_param, teacher0, info, reference, data, device)
+        # the round's student as a teacher checkpoint, its evaluation; it becomes the next teacher (Alg. 2)
+        student.eval()
+        name = f"student_{N}steps" + ("_reparam" if n_teacher == N else "")
+        save_checkpoint(os.path.join(cfg.out, f"{name}.pt"), **student.state(), method="progressive",
+                        config=dataclasses.asdict(cfg), step=updates, teacher_spec=spec)
+        undistilled = teacher0 if n_teacher != N and N != cfg.start_steps else None
+        rows, grid = evaluate(cfg, r, N, student, undistilled, reference, data, device)
         results, grid_rows = results + rows, grid_rows + [grid]
-        write_metrics(cfg.out, "progressive", cfg.data, spec, {"sampler": f"ddim{'_clip' if cfg.eval_clip else ''}",
-                                                                "steps": cfg.start_steps}, results)
+        reference_sampler = {"sampler": "ddim_clip" if cfg.eval_clip else "ddim", "steps": cfg.start_steps}
+        write_metrics(cfg.out, "progressive", cfg.data, spec, reference_sampler, results,
+                      finished=r + 1 == len(rounds))
         save_grid(torch.cat(grid_rows), os.path.join(cfg.out, "rounds.png"), nrow=2 * cfg.grid)
-        print(f"round {r + 1}/{len(rounds)}: {N} steps  rmse student {rows[0]['rmse_to_reference']:.4f}  "
-              f"undistilled DDIM {rows[1]['rmse_to_reference']:.4f}", flush=True)
-        save_checkpoint(os.path.join(cfg.out, f"student_{N}steps.pt"),
-                        **as_teacher(cfg, student, s_param, schedule, var, N, updates, elapsed), optimizer=None)
-        teacher, t_param = student, s_param
-        save_state(r + 1, 0, None, snapshot(teacher, t_param))
+        rmses = [f"{row['model']} {row['rmse_to_reference']:.4f}" for row in rows if row["sampler"] == "ddim"]
+        print(f"round {r + 1}/{len(rounds)}: {N} steps ({student.param}), RMSE {', '.join(rmses)}",
+              flush=True)
+        teacher = student
     return results
 
 
+def rebuild(state, source, device):
+    """The Denoiser of a den.state() dict (the teacher of the round a resume starts in)."""
+    net = build_net(state["net_config"])
+    net.load_state_dict(state["model"])
+    return Denoiser(net, Schedule(**state["schedule"]), state["param"], state["var"], state["steps"],
+                    source).to(device).eval()
+
+
+# ---- flags, teacher, main ----------------------------------------------------------------------------------
+
 def check(cfg):
-    """One-line errors for bad flags."""
-    problems = [(cfg.param not in PARAMS, f"--param {cfg.param}: expected one of {', '.join(PARAMS)}"),
-                (cfg.weighting not in WEIGHTINGS,
-                 f"--weighting {cfg.weighting}: expected one of {', '.join(WEIGHTINGS)}"),
-                (cfg.divisor not in (2, 4), f"--divisor {cfg.divisor}: expected 2 or 4"),
-                (cfg.eps_student not in ("both", "eps"), f"--eps-student {cfg.eps_student}: expected both or eps"),
-                (cfg.teacher_clip not in ("auto", "yes", "no"),
-                 f"--teacher-clip {cfg.teacher_clip}: expected auto, yes or no"),
-                (not 1 <= cfg.end_steps < cfg.start_steps or cfg.start_steps % cfg.end_steps
-                 or (cfg.start_steps // cfg.end_steps) & (cfg.start_steps // cfg.end_steps - 1),
-                 f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected 1 <= end < start with "
-                 "start/end a power of 2"),
-                (cfg.updates_per_round < 1 or cfg.final_rounds_factor < 1,
-                 "--updates-per-round and --final-rounds-factor must be >= 1"),
-                (cfg.dtype not in ("fp32", "bf16", "fp16"), f"--dtype {cfg.dtype}: expected fp32, bf16 or fp16"),
-                (cfg.eval_samples < 1 or cfg.batch < 1, "--eval-samples and --batch must be >= 1")]
+    """What argparse cannot check, before any work: one-line ValueErrors."""
+    if cfg.data not in ("cifar10", "shapes") and not (cfg.data.startswith("folder:")
+                                                      and os.path.isdir(cfg.data[len("folder:"):])):
+        raise ValueError(f"--data {cfg.data}: expected {DATASETS} (an existing folder)")
+    pow2 = lambda n: n & (n - 1) == 0
+    if not (pow2(cfg.start_steps) and pow2(cfg.end_steps) and cfg.end_steps < cfg.start_steps):
+        raise ValueError(f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected powers of "
+                         "2 with end < start")
     try:
-        bad_gamma = any(not 0 <= g <= 1 for g in parse_gammas(cfg.stochastic))
+        bad = [g for g in gammas(cfg.stochastic) if not 0 <= g <= 1]
     except ValueError:
-        bad_gamma = True
-    problems.append((bad_gamma, f"--stochastic {cfg.stochastic!r}: expected comma-separated numbers in [0, 1]"))
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"error: {message}")
+        bad = [cfg.stochastic]
+    if bad:
+        raise ValueError(f"--stochastic {cfg.stochastic!r}: expected comma-separated numbers in [0, 1]")
+    for flag, path in (("--fid-stats", cfg.fid_stats), ("--inception", cfg.inception)):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint (expected auto, none or a file)")
+    if not cfg.teacher:
+        net, size = PRESETS[cfg.net], cfg.image_size or 32
+        factor = net.patch_size if hasattr(net, "patch_size") else 2 ** (len(net.ch_mult) - 1)
+        if size < 8 or size % factor:
+            raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
+
+
+def get_teacher(cfg, device):
+    """(spec, Denoiser) of the start teacher: --teacher, the shared eps teacher, or the base model of Alg. 1
+    (OUT/base, continued if unfinished and kept if finished: --resume is the distillation's; or the cache)."""
+    if cfg.teacher == "cached":
+        spec = cached_teacher()
+    elif cfg.teacher:
+        spec = cfg.teacher
+    else:
+        base = TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
+                             schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting,
+                             var="fixed_large", updates=cfg.base_updates, batch=cfg.base_batch,
+                             lr=cfg.base_lr, warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay,
+                             ema=cfg.base_ema,
+                             grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                             log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                             out=os.path.join(cfg.out, "base"), resume="auto")
+        spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
+    return spec, load_teacher(spec, device)
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
+    device = pick_device(cfg.device)
+    spec, teacher0 = get_teacher(cfg, device)
+    if teacher0.steps and teacher0.steps != cfg.start_steps:
+        raise ValueError(f"{spec} was distilled for {teacher0.steps} steps; pass --start-steps "
+                         f"{teacher0.steps}")
+    size = net_config(teacher0.net)["image_size"]
+    if cfg.image_size not in (0, size):
+        raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
+    data = load_dataset(cfg.data, size, seed=cfg.seed)
+    ckpt = start_run(cfg)
+    finished = run_finished(cfg.out) if ckpt is not None else None
+    if finished:
+        print(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again",
+              flush=True)
+        return finished["results"]
     torch.manual_seed(cfg.seed)
-    start_run(cfg.out, cfg)
-    try:
-        device = pick_device(cfg.device)
-        ckpt = resume_path(cfg.out, cfg.resume)
-        state = load_checkpoint(ckpt) if ckpt else None
-        data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed)
-        spec = state["teacher_spec"] if state else (cfg.teacher or train_base(cfg))
-        teacher0, info = load_teacher(spec, device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if info["steps"] and info["steps"] != cfg.start_steps:
-        raise SystemExit(f"error: {spec} was distilled for {info['steps']} steps; pass --start-steps {info['steps']}")
-    size = net_config(teacher0).get("image_size")
-    if size and size != data.shape[-1]:
-        raise SystemExit(f"error: the teacher works at {size}x{size}, the data at {data.shape[-1]}x{data.shape[-1]}; "
-                         f"pass --image-size {size}")
-    return distill(cfg, spec, teacher0, info, data.to(device), device, state)
+    return distill(cfg, spec, teacher0, data.to(device), device, ckpt)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
