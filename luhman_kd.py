@@ -416,6 +416,8 @@ def resolve(cfg):
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
             (cfg.data in ("cifar10", "shapes") or cfg.data.startswith("folder:"),
              f"--data {cfg.data}: expected {DATASETS}"),
+            (not cfg.data.startswith("folder:") or os.path.isdir(cfg.data[7:]),
+             f"--data {cfg.data}: no such folder"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
             (cfg.batch % cfg.accum == 0, f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}"),
