@@ -14,34 +14,28 @@ Quick (16x16 shapes, a paper-style x-prediction base model trained once into the
     python progressive.py --quick
     python progressive.py --quick --teacher cached --lr 1e-4 --updates-per-round 150   # the eps route
 
-Eps teachers (google/ddpm-cifar10-32; the paper's models predict x, or 'both' (sec. 4)):
-- The students keep predicting eps, so that each starts AS its teacher (Alg. 2), and learn with the
-  teacher's own eps-MSE ('snr'; --weighting is for x-space students), down to --reparam-steps. There a
-  re-parameterisation round, Alg. 2 with one teacher step per student step (x~ = the teacher's x), makes
-  the model 'both' (sec. 4: x = sigma^2 x_head + alpha^2 x(eps_head), the eps head copied, a new x head)
-  for the last rounds, where an eps output's error is divided by alpha -> 0 (the paper's reason for sec. 4).
-  Not in the paper. 'both' from the first round (the obvious reading) was measured worse on the shared eps
-  teacher: the x head must then learn the teacher's x = (z - sigma eps)/alpha at low SNR, amplified network
-  error on which the teacher's DDIM path depends (README).
-- Their x is clipped to [-1, 1] in both teacher steps and in the student's prediction (--teacher-clip
-  auto), unlike Alg. 2 and the official code (their x models barely need it): unclipped, the shared eps
-  teacher's DDIM path leaves the data (pixel std 1.87 at t = 1/8 against 0.58 for noised data) and its
-  distilled 8-step student is no closer to the 16-step output than its own 8-step DDIM (README).
-
-Paper vs official code vs here: x~ is eq. 43 written as the convex combination w x1 + (1 - w) x2 of the
-teacher's two x predictions, w in float64 from the angles phi = arctan(sigma/alpha) (app. D; eq. 43 in
-float32 is off by ~1e-3 at 8192 steps); at the last step w = 0, x~ = the teacher's second x, which the
-official code substitutes. lr 1e-4 annealed linearly to 0 in each round (app. E; the official config: 5e-5,
-its driver is not released); evaluation sampling clips x_pred (official eval).
-Where the paper is silent: discrete teachers (linear beta, T = 1000) are read in continuous time as
-t = u (T - 1), fractional timesteps, u = 0 the data, (alpha, sigma) = (1, 0); learned-range variance
-channels are dropped (DDIM needs none) and the students are fixed_large.
+Eps teachers (the paper's models predict x or 'both'; not in the paper, measured in the README):
+- Students keep predicting eps, so each starts AS its teacher (Alg. 2), and learn with the teacher's own
+  eps-MSE ('snr'; --weighting is for x-space students) down to --reparam-steps; there a re-parameterisation
+  round, Alg. 2 with one teacher step per student step (x~ = the teacher's x), makes the model 'both' (sec. 4:
+  x = sigma^2 x_head + alpha^2 x(eps_head), eps head copied, new x head) for the last rounds, where an eps
+  output's error is divided by alpha -> 0. 'Both' from the first round does worse: its x head must learn the
+  teacher's x = (z - sigma eps)/alpha at low SNR, amplified network error that the teacher's DDIM path uses.
+- Their x is clipped to [-1, 1] in both teacher steps and in the student's prediction (--teacher-clip auto;
+  Alg. 2 and the official code do not clip, their x models barely need it): unclipped, the shared eps
+  teacher's DDIM path leaves the data (pixel std 1.87 at t = 1/8 vs 0.58) and distilling it gains nothing.
+Paper vs official code vs here: x~ is eq. 43 as the convex combination w x1 + (1 - w) x2 of the teacher's two
+x predictions, w in float64 from the angles phi = arctan(sigma/alpha) (app. D; eq. 43 in float32 is off by
+~1e-3 at 8192 steps); at the last step w = 0: x~ = the teacher's second x, as the official code substitutes.
+lr 1e-4 annealed linearly to 0 in each round (app. E; official config 5e-5, its driver is not released).
+Where the paper is silent: discrete teachers (linear beta, T = 1000) run in continuous time, t = u (T - 1),
+fractional timesteps, u = 0 the data; learned-range variance channels are dropped (students: fixed_large).
 
 Measured on 1 CPU thread, RMSE to the teacher's 16-step DDIM output over 64 samples (README for more):
     steps                            8       4       2       1
-    --quick student (x)            0.020   0.041   0.061   0.082     3.6 min, after the cached base model
+    --quick student (x)            0.020   0.041   0.061   0.082     ~3 min after the cached base model
     --quick undistilled DDIM       0.034   0.098   0.187   0.294
-    eps route student              0.057   0.111   0.208   0.276     6.6 min (eps x4, 'both' at 1 step)
+    eps route student              0.057   0.111   0.208   0.276     eps students to 2 steps, 'both' at 1
     eps route undistilled DDIM     0.071   0.142   0.256   0.911
 """
 import dataclasses
@@ -77,8 +71,9 @@ class Config:
     schedule: str = field("cosine_logsnr", "base noise schedule (official: cosine log-SNR clipped to +-20)",
                           choices=("cosine_logsnr", "linear", "cosine"))
     param: str = field("x", "base network output (sec. 4, table 1)", choices=("x", "v", "eps", "both"))
-    weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2: trunc_snr | snr_plus_one "
-                                        "(= v-MSE) | snr (= eps-MSE) | const (= x-MSE)", choices=WEIGHTINGS)
+    weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr): "
+                                        "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
+                           choices=WEIGHTINGS)
     dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0)
     base_updates: int = field(800_000, "base model updates (app. E)", low=1)
     base_batch: int = field(128, "base model batch size (app. E)", low=1)
@@ -246,14 +241,6 @@ def sampler(den, steps, gamma, clip):
     return lambda z, seeds: ancestral_sample(den, z, times, seeds, frac=gamma, clip=clip).clamp(-1, 1)
 
 
-def fingerprint(den, *extra):
-    """Identifies a model and its sampler: a FID folder holds the samples of exactly one."""
-    h = hashlib.sha1(repr(extra).encode())
-    for p in den.net.state_dict().values():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     """Samples from seeds 0..eval_samples-1 (for the RMSE) and, with fid, FID/IS of cfg.fid_samples samples
     in OUT/samples/name, emptied first if it holds another model's samples (a student retrained after a
@@ -263,8 +250,12 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
         images = generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device)
         if not (fid and cfg.fid_samples):
             return images, {"fid": None, "is": None}
-        folder, stamp = os.path.join(cfg.out, "samples", name), fingerprint(den, steps, gamma, cfg.eval_clip)
+        folder = os.path.join(cfg.out, "samples", name)
         owner = os.path.join(folder, "model.txt")
+        stamp = hashlib.sha1(repr((steps, gamma, cfg.eval_clip)).encode())  # the model and its sampler
+        for tensor in den.net.state_dict().values():
+            stamp.update(tensor.cpu().numpy().tobytes())
+        stamp = stamp.hexdigest()
         if os.path.isdir(folder) and (not os.path.exists(owner) or open(owner).read() != stamp):
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
@@ -290,9 +281,8 @@ def evaluate(cfg, r, N, student, teacher0, reference, data, device):
             fid = N <= cfg.fid_max_steps and (model == "student" or cfg.fid_teacher)
             images, scores = sample_and_score(cfg, name, den, N, gamma, data, device, fid)
             grid.setdefault(model, images[:cfg.grid])
-            rows.append({"model": model, "steps": N, "round": r + 1, "param": den.param, "sampler": kind,
-                         "gamma": gamma, "rmse_to_reference": rmse(images, reference), "fid": scores["fid"],
-                         "is": scores["is"]})
+            rows.append(dict(model=model, steps=N, round=r + 1, param=den.param, sampler=kind, gamma=gamma,
+                             rmse_to_reference=rmse(images, reference), **scores))
     return rows, torch.cat([grid["student"], grid.get("teacher", reference[:cfg.grid])])
 
 
@@ -311,11 +301,10 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and eps)
     path = os.path.join(cfg.out, "ckpt.pt")
     if ckpt is None:  # the reference: the original teacher's start-steps DDIM from the evaluation noise
-        reference, scores = sample_and_score(cfg, f"teacher_{cfg.start_steps}steps_ddim", teacher0,
-                                             cfg.start_steps, None, data, device, cfg.fid_reference)
-        results = [{"model": "teacher", "steps": cfg.start_steps, "round": 0, "param": teacher0.param,
-                    "sampler": "ddim", "gamma": None, "rmse_to_reference": 0.0, "fid": scores["fid"],
-                    "is": scores["is"]}]
+        reference, scores = sample_and_score(cfg, f"teacher_{cfg.start_steps}steps_{teacher0.param}_ddim",
+                                             teacher0, cfg.start_steps, None, data, device, cfg.fid_reference)
+        results = [dict(model="teacher", steps=cfg.start_steps, round=0, param=teacher0.param, sampler="ddim",
+                        gamma=None, rmse_to_reference=0.0, **scores)]
         ckpt = dict(round=0, step=0, results=results, reference=reference, elapsed=0.0,
                     grid_rows=[reference[:cfg.grid].repeat(2, 1, 1, 1)])  # the reference above both halves
     r0, results, reference, grid_rows, elapsed = (ckpt[k] for k in ("round", "results", "reference",
@@ -434,9 +423,8 @@ def get_teacher(cfg, device):
                              schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting,
                              var="fixed_large", updates=cfg.base_updates, batch=cfg.base_batch,
                              lr=cfg.base_lr, warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay,
-                             ema=cfg.base_ema,
-                             grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                             log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                             ema=cfg.base_ema, grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device,
+                             dtype=cfg.dtype, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                              out=os.path.join(cfg.out, "base"), resume="auto")
         spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
     return spec, load_teacher(spec, device)
