@@ -416,8 +416,6 @@ def resolve(cfg):
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
             (cfg.data in ("cifar10", "shapes") or cfg.data.startswith("folder:"),
              f"--data {cfg.data}: expected {DATASETS}"),
-            (not cfg.data.startswith("folder:") or os.path.isdir(cfg.data[7:]),
-             f"--data {cfg.data}: no such folder"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
             (cfg.batch % cfg.accum == 0, f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}"),
@@ -443,6 +441,8 @@ def check_sizes(cfg, net_cfg):
 
 def main(argv=None):
     cfg = resolve(parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0]))
+    if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
+        raise ValueError(f"--data {cfg.data}: no such folder")
     device = pick_device(cfg.device)
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
         shapes = TeacherConfig()                                  # before it is trained (once per machine)
