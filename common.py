@@ -2,14 +2,17 @@
 checkpoints, evaluation and the standard training loop. Method files import it; it imports none of them.
 
 Sections, in order:
-  math          noise schedules (alpha, sigma, logsnr, the network's time input), eps/x/v conversions,
-                DDIM and ancestral steps, Gaussian KL, the progressive-distillation target, timestep sequences
-  nets          one U-Net (Ho et al. DDPM and the ADM family), a DiT-style ViT, presets, key maps
-  teachers      load_teacher(spec) -> (net, info) for hub ids, diffusers dirs, original and our checkpoints
+  math          noise schedules (alpha, sigma, logsnr, the network's time input), eps/x/v/both/resid
+                conversions, the Denoiser wrapper, DDIM and ancestral steps and samplers, the reverse-step
+                Gaussian, its KL and the variational bound, timestep sequences
+  nets          one U-Net (Ho et al. DDPM and the ADM family), a DiT-style ViT, one preset table, build_net
+  teachers      load_teacher(spec) -> Denoiser for our checkpoints, diffusers folders and hub ids
+                (original checkpoints go through tools/convert_teacher.py)
   data          cifar10, folder:PATH, shapes; whole datasets as uint8 tensors on the device
-  checkpoints   one self-describing file, written atomically; every checkpoint is also a teacher
-  evaluation    per-seed noise, samplers, teacher fidelity, FID/IS through clean-fid, PNG grids
-  training      config -> flags, run directory contract, EMA, standard diffusion training (Alg. 1)
+  checkpoints   one self-describing file, written atomically, read with weights_only; every one is a teacher
+  evaluation    per-seed noise, generate, atomic PNGs, teacher fidelity, FID/IS through clean-fid, grids
+  training      flags from a config dataclass, the run contract (start_run, cli), EMA, standard diffusion
+                training (Alg. 1, hybrid loss for learned variance), the cached shapes teacher
 
 Conventions: images are NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64
 and is cast to float32; `t` is in the schedule's own units (integer timesteps for discrete schedules,
