@@ -998,7 +998,8 @@ def download(url, path, md5=None, what="file"):
             for block in iter(lambda: r.read(1 << 20), b""):
                 f.write(block)
                 done += len(block)
-                print(f"\rdownloading {what}: {done / 2**20:.0f}/{total / 2**20:.0f} MB", end="", file=sys.stderr)
+                mb = f"{done / 2**20:.0f}/{total / 2**20:.0f} MB"
+                print(f"\rdownloading {what}: {mb}", end="", file=sys.stderr)
         print(file=sys.stderr)
     except OSError as e:
         if os.path.exists(tmp):
@@ -1020,7 +1021,8 @@ def load_cifar10(data_dir, split="train"):
         with tarfile.open(path, "r:gz") as tar:
             for member in tar.getmembers():
                 if os.path.basename(member.name) in names:
-                    arrays[os.path.basename(member.name)] = pickle.load(tar.extractfile(member), encoding="bytes")[b"data"]
+                    batch = pickle.load(tar.extractfile(member), encoding="bytes")
+                    arrays[os.path.basename(member.name)] = batch[b"data"]
         return torch.from_numpy(np.concatenate([arrays[n] for n in names]).reshape(-1, 3, 32, 32))
     except (tarfile.TarError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"{path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); delete it to "
