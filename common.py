@@ -1,39 +1,10 @@
-"""The one shared module of the distillation references: diffusion math, networks, teachers, data,
-checkpoints, evaluation and the standard training loop. Method files import it; it imports none of them.
-
-Sections, in order:
-  math          noise schedules (alpha, sigma, logsnr, the network's time input), eps/x/v/both/resid
-                conversions, the Denoiser wrapper, DDIM and ancestral steps and samplers, the reverse-step
-                Gaussian, its KL and the variational bound, timestep sequences
-  nets          one U-Net (Ho et al. DDPM and the ADM family), a DiT-style ViT, one preset table, build_net
-  teachers      load_teacher(spec) -> Denoiser for our checkpoints, diffusers folders and hub ids
-                (original checkpoints go through tools/convert_teacher.py)
-  data          cifar10, folder:PATH, shapes; whole datasets as uint8 tensors on the device
-  checkpoints   one self-describing file, written atomically, read with weights_only; every one is a teacher
-  evaluation    per-seed noise, generate, atomic PNGs, teacher fidelity, FID/IS through clean-fid, grids
-  training      flags from a config dataclass, the run contract (start_run, cli), EMA, standard diffusion
-                training (Alg. 1, hybrid loss for learned variance), the cached shapes teacher
-
-Conventions: images are NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64
-and is cast to float32; `t` is in the schedule's own units (integer timesteps for discrete schedules,
-[0, 1] for the continuous one); `schedule.net_time(t)` is what the network is fed.
-"""
-import argparse
-import copy
-import dataclasses
-from dataclasses import asdict, dataclass, fields
-import hashlib
-import io
-import json
-import math
-import os
-import pickle
-import shutil
-import sys
-import tarfile
-import tempfile
-import time
+"""The one shared module of the distillation references (method files import it, it imports none of them), in
+sections: math, nets, teachers, data, checkpoints, evaluation, training. Images are NCHW float in [-1, 1]
+(uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
+units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
+import argparse, copy, dataclasses, hashlib, json, math, os, pickle, shutil, sys, tarfile, time
 import urllib.request
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -43,49 +14,31 @@ import torch.nn.functional as F
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
 
-# ================================================================================================
-# math
-# ================================================================================================
-
+# ============================================= math =============================================
 
 class Schedule:
-    """A variance-preserving noise schedule, z_t = alpha_t x + sigma_t eps with alpha^2 + sigma^2 = 1.
-
-    Everything derives from the log-SNR, lambda_t = log(alpha_t^2 / sigma_t^2):
-    alpha_t^2 = sigmoid(lambda_t), sigma_t^2 = sigmoid(-lambda_t) (Kingma et al. 2021; Salimans & Ho sec. 2).
-
-    kind = 'linear'        Ho et al. 2020: beta linear from beta_start to beta_end, T steps; t in {0..T-1}
-           'cosine'        Nichol & Dhariwal 2021 eq. 17 (s = 0.008, beta clipped at 0.999); t in {0..T-1}
-           'cosine_logsnr' Salimans & Ho's code: lambda(t) = -2 log tan(a t + b), clipped to
-                           [logsnr_min, logsnr_max]; continuous t in [0, 1]
-    Discrete schedules accept fractional t (log-SNR interpolated linearly between integer timesteps,
-    exact at integers). `t_scale` is the factor between t and the network's time input (improved-diffusion
-    feeds t * 1000 / T). The continuous schedule feeds the network 1000 * arctan(exp(-lambda/2)) / (pi/2),
-    the 'inv_cos' input of Salimans & Ho's code, which recovers 1000 t.
-    """
+    """Variance-preserving: z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(lambda_t), sigma_t^2 =
+    sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.)
+    and 'cosine' (Nichol & Dhariwal eq. 17, beta clipped at 0.999) are discrete, t in {0..T-1} (fractional t
+    interpolates lambda), fed as t * t_scale (improved-diffusion: 1000 / T); 'cosine_logsnr' (Salimans & Ho's
+    code) is continuous, t in [0, 1], lambda = -2 log tan(a t + b) clipped, fed as 'inv_cos' (~ 1000 t)."""
 
     def __init__(self, kind="linear", T=1000, beta_start=1e-4, beta_end=0.02, cosine_s=0.008,
                  logsnr_min=-20.0, logsnr_max=20.0, t_scale=1.0):
         if kind not in ("linear", "cosine", "cosine_logsnr"):
             raise ValueError(f"unknown schedule {kind!r}: expected linear, cosine or cosine_logsnr")
-        self.kind, self.T, self.t_scale = kind, T, t_scale
+        self.kind, self.T, self.t_scale, self.discrete = kind, T, t_scale, kind != "cosine_logsnr"
         self.beta_start, self.beta_end, self.cosine_s = beta_start, beta_end, cosine_s
         self.logsnr_min, self.logsnr_max = logsnr_min, logsnr_max
         if kind == "linear":
             betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-            self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
         elif kind == "cosine":
             u = np.arange(T + 1, dtype=np.float64) / T
             f = np.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
             betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)
-            self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
-        if kind != "cosine_logsnr":
-            ac = self.alphas_cumprod
+        if self.discrete:
+            self.alphas_cumprod = ac = torch.from_numpy(np.cumprod(1.0 - betas))
             self.logsnr_table = torch.log(ac) - torch.log1p(-ac)  # (T,) float64
-
-    @property
-    def discrete(self):
-        return self.kind != "cosine_logsnr"
 
     def spec(self):
         """JSON-serialisable arguments that rebuild this schedule: Schedule(**spec)."""
@@ -124,74 +77,49 @@ class Schedule:
         """Map the unit interval (u = 1 pure noise, u = 0 data) to this schedule's time units."""
         return u * (self.T - 1) if self.discrete else u
 
-
 def bcast(v, x):
     """Reshape a per-sample value (B,) or scalar so it broadcasts against an image batch x (B,C,H,W)."""
     v = torch.as_tensor(v, device=x.device, dtype=x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
 
-
 # Parameterisations (Salimans & Ho sec. 4, app. D). alpha, sigma broadcast against z.
-def x_from_eps(z, eps, alpha, sigma):
-    return (z - sigma * eps) / alpha
-
-
-def eps_from_x(z, x, alpha, sigma):
-    return (z - alpha * x) / sigma
-
-
-def x_from_v(z, v, alpha, sigma):
-    return alpha * z - sigma * v          # eq. 30: x = cos(phi) z - sin(phi) v
-
-
-def eps_from_v(z, v, alpha, sigma):
-    return sigma * z + alpha * v
-
-
-def v_from_x_eps(x, eps, alpha, sigma):
-    return alpha * eps - sigma * x        # eq. 26: v = cos(phi) eps - sin(phi) x
-
+def x_from_eps(z, eps, alpha, sigma): return (z - sigma * eps) / alpha
+def eps_from_x(z, x, alpha, sigma): return (z - alpha * x) / sigma
+def x_from_v(z, v, alpha, sigma): return alpha * z - sigma * v          # eq. 30
+def eps_from_v(z, v, alpha, sigma): return sigma * z + alpha * v
+def v_from_x_eps(x, eps, alpha, sigma): return alpha * eps - sigma * x  # eq. 26: v = alpha eps - sigma x
 
 PARAMS = ("eps", "x", "v", "both", "resid")
 
-
 def x_eps_from_output(out, z, alpha, sigma, param):
-    """Network output -> (x_pred, eps_pred). `out` may carry extra channels (learned variance) after the
-    mean channels. 'both' reads out[:, :C] as x and out[:, C:2C] as eps and mixes them as
-    x = sigma^2 x_direct + alpha^2 x(eps) (Salimans & Ho sec. 4, third option); 'resid' is x = z - out,
-    the unit-coefficient read-out of Luhman & Luhman's official one-step student."""
-    C = z.shape[1]
+    """Network output -> (x_pred, eps_pred), extra (variance) channels ignored. 'both' is [x_direct, eps],
+    mixed as sigma^2 x_direct + alpha^2 x(eps) (Salimans & Ho sec. 4); 'resid', x = z - out, is the read-out
+    of Luhman & Luhman's official one-step student."""
+    C, o = z.shape[1], out[:, :z.shape[1]]
     if param == "eps":
-        eps = out[:, :C]
-        return x_from_eps(z, eps, alpha, sigma), eps
-    if param == "x":
-        x = out[:, :C]
-    elif param == "v":
-        return x_from_v(z, out[:, :C], alpha, sigma), eps_from_v(z, out[:, :C], alpha, sigma)
-    elif param == "both":
-        x = sigma ** 2 * out[:, :C] + alpha ** 2 * x_from_eps(z, out[:, C:2 * C], alpha, sigma)
+        return x_from_eps(z, o, alpha, sigma), o
+    if param == "v":
+        return x_from_v(z, o, alpha, sigma), eps_from_v(z, o, alpha, sigma)
+    if param == "both":
+        o = sigma ** 2 * o + alpha ** 2 * x_from_eps(z, out[:, C:2 * C], alpha, sigma)
     elif param == "resid":
-        x = z - out[:, :C]
-    else:
+        o = z - o
+    elif param != "x":
         raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
-    return x, eps_from_x(z, x, alpha, sigma)
+    return o, eps_from_x(z, o, alpha, sigma)
 
-
-class Denoiser:
-    """A network read as a denoiser (k-diffusion's wrapper idea): (z_t, t) -> (x_pred, eps_pred).
-    Carries the schedule, the output parameterisation, the variance type of ancestral sampling
-    ('fixed_small', 'fixed_large' or 'learned_range') and, for distilled students, the step count they
-    were trained for. `t` is in the schedule's own units; gradients flow (wrap calls in no_grad to sample)."""
+class Denoiser(nn.Module):
+    """A network read as a denoiser (k-diffusion's wrapper): (z_t, t) -> (x_pred, eps_pred), with its
+    schedule, parameterisation, ancestral variance (variance_frac) and a student's step count."""
 
     def __init__(self, net, schedule, param, var="fixed_small", steps=None, source=""):
-        if param not in PARAMS:
-            raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
-        self.net, self.schedule, self.param, self.var = net, schedule, param, var
-        self.steps, self.source = steps, source
+        super().__init__()
+        self.net, self.schedule, self.param, self.var, self.steps, self.source = \
+            net, schedule, param, var, steps, source
 
     def full(self, z, t, clip=False):
-        """(x_pred, eps_pred, v): v are the learned-range variance channels in [-1, 1], or None. With clip,
-        x_pred is clipped to [-1, 1] and eps re-derived from it (Salimans & Ho's and DDPM's samplers)."""
+        """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
+        eps re-derived (Salimans & Ho's and DDPM's samplers)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
         out = self.net(z, self.schedule.net_time(t).to(z.device)).float()
@@ -202,27 +130,15 @@ class Denoiser:
         C = z.shape[1] * (2 if self.param == "both" else 1)
         return x, eps, out[:, C:C + z.shape[1]] if self.var == "learned_range" else None
 
-    def __call__(self, z, t, clip=False):
+    def forward(self, z, t, clip=False):
         return self.full(z, t, clip)[:2]
 
-    def to(self, device):
-        self.net.to(device)
-        return self
-
-    def train(self, mode=True):
-        self.net.train(mode).requires_grad_(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def parameters(self):
-        return self.net.parameters()
+    def train(self, mode=True):  # eval() = train(False); a frozen denoiser has no gradients
+        return super().train(mode).requires_grad_(mode)
 
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
-        kept = dict(schedule=self.schedule, param=self.param, var=self.var, steps=self.steps,
-                    source=self.source)
+        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "steps", "source")}
         return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**kept, **changes}).train()
 
     def state(self):
@@ -230,37 +146,28 @@ class Denoiser:
         return dict(net_config=net_config(self.net), model=self.net.state_dict(),
                     schedule=self.schedule.spec(), param=self.param, var=self.var, steps=self.steps)
 
-
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
-    """Deterministic DDIM (Song et al. 2021 eq. 12 with eta = 0; Salimans & Ho eq. 8):
-    z_s = alpha_s x_pred + sigma_s eps_pred. With (alpha_s, sigma_s) = (1, 0) it returns x_pred."""
+    """Deterministic DDIM (Song et al. 2021 eq. 12, eta = 0; Salimans & Ho eq. 8); (1, 0) gives x_pred."""
     return alpha_s * x_pred + sigma_s * eps_pred
 
-
 def posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s):
-    """q(z_s | z_t, x) for s < t (Kingma et al. 2021; Salimans & Ho sec. 2):
-    mean = r (alpha_s/alpha_t) z_t + (1 - r) alpha_s x,  r = exp(lambda_t - lambda_s).
-    Returns (mean, var_small, var_large): var_small = (1 - r) sigma_s^2 is the posterior variance
-    (beta~_t of Ho et al.), var_large = (1 - r) sigma_t^2 (beta_t for adjacent discrete steps)."""
+    """q(z_s | z_t, x), s < t (Kingma et al. 2021): (mean, var_small, var_large), mean = r (alpha_s/alpha_t)
+    z_t + (1 - r) alpha_s x with r = exp(lambda_t - lambda_s), var_small = (1 - r) sigma_s^2 (beta~_t of Ho
+    et al., the posterior's), var_large = (1 - r) sigma_t^2 (beta_t for adjacent steps)."""
     r = (alpha_t * sigma_s) ** 2 / (sigma_t * alpha_s) ** 2
     mean = r * (alpha_s / alpha_t) * z_t + (1 - r) * alpha_s * x_pred
     return mean, (1 - r) * sigma_s ** 2, (1 - r) * sigma_t ** 2
 
-
 def variance_frac(var, v=None):
-    """Where an ancestral step's log-variance sits between the lower (0) and upper (1) bound: 'fixed_small' 0,
-    'fixed_large' 1 (Ho et al. 2020 sec. 3.2), 'learned_range' (v + 1)/2 (Nichol & Dhariwal 2021 eq. 15)."""
-    if var == "learned_range":
-        return (v + 1) / 2
-    if var in ("fixed_small", "fixed_large"):
-        return float(var == "fixed_large")
+    """Where an ancestral log-variance sits from var_small (0) to var_large (1): 'fixed_small' 0,
+    'fixed_large' 1 (Ho et al. sec. 3.2), 'learned_range' (v + 1)/2 (Nichol & Dhariwal eq. 15)."""
+    if var in ("fixed_small", "fixed_large", "learned_range"):
+        return (v + 1) / 2 if var == "learned_range" else float(var == "fixed_large")
     raise ValueError(f"unknown variance type {var!r}: expected fixed_small, fixed_large or learned_range")
-
 
 def ancestral_logvar(var_small, var_large, frac):
     """frac log var_large + (1 - frac) log var_small (N&D eq. 15; Salimans & Ho app. F's gamma is frac)."""
     return frac * torch.log(var_large.clamp_min(1e-20)) + (1 - frac) * torch.log(var_small.clamp_min(1e-20))
-
 
 def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=0.0):
     """One stochastic step z_t -> z_s: posterior mean plus exp(logvar/2) noise; no noise into the data."""
@@ -268,98 +175,74 @@ def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=
     std = torch.exp(0.5 * ancestral_logvar(var_small, var_large, frac))
     return mean + (sigma_s > 0).float() * std * noise
 
-
 def gaussian_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats (divide by ln 2 for bits)."""
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
-
 def step_gaussian(schedule, z_t, t, x_pred, frac):
-    """p(z_{t-1} | z_t) of a discrete-time model predicting x_pred: (mean, logvar), the posterior mean and the
-    log-variance frac of the way from beta~_t to beta_t, with beta~_0 := beta~_1 (Nichol & Dhariwal's clipped
-    posterior variance). At t = 0 the 'step' is the decoder to the data: mean = x_pred, variance beta_0."""
+    """p(z_{t-1} | z_t) of a discrete model: (posterior mean, log-variance frac of the way from beta~_t to
+    beta_t), beta~_0 := beta~_1 (Nichol & Dhariwal's clipping); at t = 0 the decoder (mean x_pred, beta_0)."""
     t = torch.as_tensor(t, device=z_t.device).long().expand(z_t.shape[0])
     first = (t == 0).view(-1, *[1] * (z_t.dim() - 1))
     a_t, s_t = (bcast(v, z_t) for v in schedule.alpha_sigma(t))
     a_s, s_s = (bcast(v, z_t) for v in schedule.alpha_sigma((t - 1).clamp_min(0)))
     mean, var_small, var_large = posterior(z_t, x_pred, a_t, s_t, torch.where(first, 1.0, a_s),
                                            torch.where(first, 0.0, s_s))
-    (a1, s1), (a0, s0) = schedule.alpha_sigma(1), schedule.alpha_sigma(0)
-    var_small_1 = (1 - (a1 * s0) ** 2 / (s1 * a0) ** 2) * s0 ** 2
+    var_small_1 = posterior(0, 0, *schedule.alpha_sigma(1), *schedule.alpha_sigma(0))[1]
     return mean, ancestral_logvar(torch.where(first, var_small_1.to(z_t.device), var_small), var_large, frac)
 
-
 def discretized_gaussian_nll(x, mean, logvar):
-    """-log p(x) of 8-bit data in [-1, 1] under N(mean, e^logvar) integrated over each pixel's bin of width
-    2/255, the edge bins open (Ho et al. 2020 sec. 3.3, the decoder L_0)."""
+    """-log p(x) of 8-bit data, N(mean, e^logvar) integrated over each 2/255 bin, the edge bins open (Ho et
+    al. sec. 3.3, the decoder L_0)."""
     cdf = lambda v: 0.5 * (1 + torch.erf((v - mean) * torch.exp(-0.5 * logvar) / math.sqrt(2)))
     upper = torch.where(x > 0.999, 1.0, cdf(x + 1 / 255))
     lower = torch.where(x < -0.999, 0.0, cdf(x - 1 / 255))
     return -torch.log((upper - lower).clamp_min(1e-12))
 
-
 def vlb_terms(schedule, z_t, t, x, x_pred, v):
-    """L_t of the variational bound in bits per dimension, shape (B,):
-    KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t)) for t > 0, the decoder NLL -log p(x | z_0) at t = 0
-    (Nichol & Dhariwal eq. 4-6), p with a learned-range variance read from v. Pass x_pred detached for their
-    L_hybrid (the vlb then trains the variance only)."""
+    """L_t of the variational bound in bits/dim, (B,): KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t)), at t = 0
+    the decoder NLL (Nichol & Dhariwal eq. 4-6), p's variance from v (detach x_pred: L_hybrid)."""
     mean_q, logvar_q = step_gaussian(schedule, z_t, t, x, 0.0)
     mean_p, logvar_p = step_gaussian(schedule, z_t, t, x_pred, variance_frac("learned_range", v))
     kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p).flatten(1).mean(1)
     nll = discretized_gaussian_nll(x, mean_p, logvar_p).flatten(1).mean(1)
     return torch.where(torch.as_tensor(t, device=z_t.device) == 0, nll, kl) / math.log(2.0)
 
-
-def ddim_timesteps(T, steps, skip="uniform"):
-    """Descending integer timesteps for a `steps`-step DDIM chain over a T-step discrete model.
-    uniform  range(0, T, T//steps)  (DDIM paper / ermongroup; identical to diffusers 'leading')
-    quad     int(linspace(0, sqrt(0.8 T), steps)^2)  (ermongroup 'quad', Luhman & Luhman's; starts at 0.8 T)
-    trailing round(arange(T, 0, -T/steps)) - 1  (starts at T - 1)
-    linspace round(linspace(0, T - 1, steps))"""
-    if skip == "uniform":
-        seq = np.arange(0, T, T // steps)
-    elif skip == "quad":
-        seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64)
-    elif skip == "trailing":
-        seq = np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1
-    elif skip == "linspace":
-        seq = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
-    else:
-        raise ValueError(f"unknown skip {skip!r}: expected uniform, quad, trailing, linspace or unit")
-    return [int(t) for t in seq[::-1]]
-
-
 SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
 
+def ddim_timesteps(T, steps, skip="uniform"):
+    """Descending timesteps of a `steps`-step chain over a T-step model: uniform (DDIM, ermongroup, diffusers'
+    'leading'), quad (ermongroup, Luhman & Luhman; from 0.8 T), trailing (from T - 1), linspace."""
+    seqs = dict(uniform=lambda: np.arange(0, T, T // steps),
+                quad=lambda: (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64),
+                trailing=lambda: np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1,
+                linspace=lambda: np.round(np.linspace(0, T - 1, steps)).astype(np.int64))
+    if skip not in seqs:
+        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS)}")
+    return [int(t) for t in seqs[skip]()[::-1]]
 
 def sampler_times(schedule, steps, skip="uniform"):
-    """The times of a `steps`-step sampler in the schedule's own units, descending. 'unit' is Salimans & Ho's
-    continuous grid t_i = i/N, i = N..1 (the step from 1/N goes to the data), mapped by schedule.time."""
+    """A `steps`-step sampler's times, descending; 'unit' is Salimans & Ho's t_i = i/N, i = N..1 (from 1/N
+    to the data), mapped by schedule.time."""
     if schedule.discrete and skip != "unit":
         return ddim_timesteps(schedule.T, steps, skip)
     return [schedule.time(i / steps) for i in range(steps, 0, -1)]
 
-
 @torch.no_grad()
 def ddim_sample(den, z, times, clip=False):
-    """DDIM from noise z at times[0] through times[1:], then one last step to the data (alpha = 1,
-    sigma = 0) that returns the final x_pred, as in ermongroup/ddim and Salimans & Ho's sampler.
-    Repeated times (the quad sequence has some) are identity steps."""
+    """DDIM from z at times[0] through times[1:], then x_pred (as ermongroup/ddim and Salimans & Ho); repeated
+    times (the quad sequence has some) are identity steps."""
     for i, t in enumerate(times):
         x_pred, eps_pred = den(z, t, clip=clip)
         if i + 1 == len(times):
             return x_pred
         z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
-    return z
-
 
 @torch.no_grad()
 def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
-    """Ancestral sampling through `times`, the last step returning x_pred (Ho et al. alg. 2, respaced).
-    frac: the log-variance between the posterior's lower (0) and upper (1) bound; None = the denoiser's own
-    (variance_frac of den.var, learned per pixel for 'learned_range'). The noise of step k of sample i comes
-    from seeds[i] alone (seeded_noise stream k + 1), so samples do not depend on the batch they ran in."""
+    """Ancestral sampling (Ho et al. alg. 2, respaced) with frac (variance_frac; None: the denoiser's own).
+    Step k's noise of sample i is seeds[i]'s stream k + 1: samples do not depend on the batch they ran in."""
     for k, t in enumerate(times):
         x_pred, _, v = den.full(z, t, clip=clip)
         if k + 1 == len(times):
@@ -368,42 +251,27 @@ def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
         noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
         f = variance_frac(den.var, v) if frac is None else frac
         z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
-    return z
 
+# ============================================= nets =============================================
+# Both networks take (x, t): x is (B, C, H, W); t a float tensor (B,) or a scalar, in the units of the model's
+# own training code (Ho et al., DDPM-IP: 0..T-1; improved-diffusion: t * 1000 / T). Fractional t is fine.
 
-# ================================================================================================
-# nets
-# ================================================================================================
-# Both networks take (x, t): x is (B, C, H, W); t is a float tensor (B,) or a scalar, in the time
-# units of the model's own training code (Ho et al. and DDPM-IP: integer 0..T-1 as float;
-# improved-diffusion with rescale_timesteps: t * 1000 / T). Fractional t is fine everywhere.
-
-
-def timestep_embedding(t, dim, order="cos_sin"):
-    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), computed in fp32.
-    'cos_sin' (ADM, DiT): [cos, sin] with frequencies 10000^(-k/half).
-    'sin_cos' (Ho et al.; diffusers flip_sin_to_cos=False, freq_shift=1): [sin, cos], 10000^(-k/(half-1))."""
+def timestep_embedding(t, x, dim, order="cos_sin"):
+    """Sinusoidal fp32 embedding (B, dim) of t (scalar or (B,)) for batch x: 'cos_sin' (ADM, DiT) [cos, sin],
+    10000^(-k/half); 'sin_cos' (Ho et al.; diffusers' flip_sin_to_cos=False) [sin, cos], 10000^(-k/(h-1))."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))
     half = dim // 2
     divisor = half if order == "cos_sin" else half - 1
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / divisor)
-    args = t.float()[:, None] * freqs[None]
+    args = t[:, None] * freqs[None]
     emb = torch.cat([args.cos(), args.sin()] if order == "cos_sin" else [args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
-
-def _batch_t(t, x):
-    """t as a float32 tensor of shape (B,) on x's device; a scalar or a 1-element t is broadcast."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
-    return t.expand(x.shape[0]) if t.numel() == 1 else t
-
-
 def _attend(qkv, heads):
-    """Multi-head softmax attention. qkv: (B, T, 3C), laid out as [q | k | v], each split into heads
-    of C/heads channels. Returns (B, T, C). Scale (C/heads)^-1/2 as in all source models."""
+    """Softmax attention, (B, T, 3C) laid out [q | k | v], each split into heads -> (B, T, C)."""
     B, T, C3 = qkv.shape
     q, k, v = qkv.view(B, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)
-
 
 # ---- U-Net -----------------------------------------------------------------------------------
 
@@ -427,19 +295,9 @@ class UNetConfig:
     norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
 
-
-def _heads(cfg, channels):
-    if cfg.num_head_channels > 0:
-        if channels % cfg.num_head_channels:
-            raise ValueError(f"num_head_channels={cfg.num_head_channels} does not divide {channels} channels")
-        return channels // cfg.num_head_channels
-    return cfg.num_heads
-
-
 class ResBlock(nn.Module):
-    """GN -> SiLU -> [resample] -> conv -> add time (or scale-shift) -> GN -> SiLU -> dropout -> conv,
-    plus a skip (1x1 conv where the channel count changes). resample 'down' (avg-pool) / 'up'
-    (nearest) is applied to both paths after the first GN+SiLU, as in BigGAN/ADM."""
+    """GN, SiLU, [resample both paths: avg-pool / nearest, BigGAN/ADM], conv, + time (or scale-shift), GN,
+    SiLU, dropout, conv; plus the skip (a 1x1 conv where the channel count changes)."""
 
     def __init__(self, c_in, c_out, emb_dim, cfg, resample=None):
         super().__init__()
@@ -465,9 +323,7 @@ class ResBlock(nn.Module):
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
-
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 class Attention(nn.Module):
     """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
@@ -481,127 +337,91 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        h = self.proj(_attend(self.qkv(h), self.heads))
+        h = self.proj(_attend(self.qkv(self.norm(x).flatten(2).transpose(1, 2)), self.heads))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
+class Resample(nn.Module):
+    """A 3x3 conv: 'down' with stride 2, padded 'asym' (right/bottom by one, Ho et al.) or 'sym' (1 all round,
+    ADM); 'up' after nearest x2. Takes (and ignores) emb, like a resampling ResBlock."""
 
-class Downsample(nn.Module):
-    """3x3 stride-2 conv; 'asym' pads right/bottom by one (Ho et al.), 'sym' pads 1 all round (ADM)."""
-
-    def __init__(self, channels, pad):
+    def __init__(self, channels, mode, pad="sym"):
         super().__init__()
-        self.asym = pad == "asym"
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asym else 1)
-
-    def forward(self, x, emb=None):  # emb: same call as a resampling ResBlock
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asym else x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up, self.asym = mode == "up", mode == "down" and pad == "asym"
+        self.conv = nn.Conv2d(channels, channels, 3, 1 if self.up else 2, padding=0 if self.asym else 1)
 
     def forward(self, x, emb=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asym else x)
 
-
-class Level(nn.Module):
-    """One resolution of the U-Net: res blocks, optional attention after each, optional resampler."""
-
+class Level(nn.Module):  # one resolution of the U-Net: res blocks, attention after each or None, resampler
     def __init__(self, res, attn, resample):
         super().__init__()
-        self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(attn) if attn else None
+        self.res, self.attn = nn.ModuleList(res), nn.ModuleList(attn) if attn else None
         self.resample = resample
 
-
 class UNet(nn.Module):
-    """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021). Skips are pushed after
-    the stem, after every down res block (+attention) and after every downsampler; each up res block
-    concatenates one. `down` runs from full resolution, `up` from the coarsest level (forward order).
-    zero_init: ADM's zero init of each res block's last conv, attention output and the output conv
-    (for training from scratch; loaded checkpoints overwrite it)."""
+    """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021): skips after the stem, each
+    down res block (+attention) and downsampler, one per up res block. zero_init: ADM's zeroed outputs."""
 
     def __init__(self, cfg: UNetConfig, zero_init=False):
         super().__init__()
         self.config = cfg
-        ch, L, R = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks
-        emb_dim = 4 * ch
+        ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, 4 * cfg.ch
+        heads = lambda c: c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+        attention = lambda level, c, n: [Attention(c, heads(c), cfg) for _ in range(n)] \
+            if cfg.image_size >> level in cfg.attn_resolutions else None
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-
-        def attention(level, c, n):  # n attention blocks if this level's resolution has attention
-            if cfg.image_size >> level not in cfg.attn_resolutions:
-                return None
-            return [Attention(c, _heads(cfg, c), cfg) for _ in range(n)]
-
-        skips, c = [ch], ch  # channels of the skip stack
-        self.down = nn.ModuleList()
+        skips, c, self.down = [ch], ch, nn.ModuleList()  # skips: the channels of the skip stack
         for i, mult in enumerate(cfg.ch_mult):
-            res = []
-            for _ in range(R):
-                res.append(ResBlock(c, ch * mult, emb_dim, cfg))
-                c = ch * mult
-                skips.append(c)
-            resample = None
+            res = [ResBlock(c if j == 0 else ch * mult, ch * mult, emb_dim, cfg) for j in range(R)]
+            c, resample = ch * mult, None
+            skips += [c] * R
             if i < L - 1:
-                resample = (ResBlock(c, c, emb_dim, cfg, "down") if cfg.resblock_updown
-                            else Downsample(c, cfg.down_pad))
+                resample = ResBlock(c, c, emb_dim, cfg, "down") if cfg.resblock_updown else \
+                    Resample(c, "down", cfg.down_pad)
                 skips.append(c)
             self.down.append(Level(res, attention(i, c, R), resample))
-
         self.mid_res1 = ResBlock(c, c, emb_dim, cfg)
-        self.mid_attn = Attention(c, _heads(cfg, c), cfg)
+        self.mid_attn = Attention(c, heads(c), cfg)
         self.mid_res2 = ResBlock(c, c, emb_dim, cfg)
-
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
-            res = []
-            for _ in range(R + 1):
-                res.append(ResBlock(c + skips.pop(), ch * mult, emb_dim, cfg))
-                c = ch * mult
-            resample = None
+            res = [ResBlock((c if j == 0 else ch * mult) + skips.pop(), ch * mult, emb_dim, cfg)
+                   for j in range(R + 1)]
+            c, resample = ch * mult, None
             if i > 0:
-                resample = ResBlock(c, c, emb_dim, cfg, "up") if cfg.resblock_updown else Upsample(c)
+                resample = ResBlock(c, c, emb_dim, cfg, "up") if cfg.resblock_updown else Resample(c, "up")
             self.up.append(Level(res, attention(i, c, R + 1), resample))
-
         self.norm_out = nn.GroupNorm(cfg.norm_groups, c, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
         if zero_init:
-            last = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
-            last += [m.proj for m in self.modules() if isinstance(m, Attention)] + [self.conv_out]
-            for layer in last:
+            last = [m.conv2 if isinstance(m, ResBlock) else m.proj for m in self.modules()
+                    if isinstance(m, (ResBlock, Attention))]
+            for layer in last + [self.conv_out]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x, t):
         cfg = self.config
-        emb = self.time_mlp(timestep_embedding(_batch_t(t, x), cfg.ch, cfg.time_emb).to(x.dtype))
+        emb = self.time_mlp(timestep_embedding(t, x, cfg.ch, cfg.time_emb).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
                 h = block(h, emb)
-                if level.attn is not None:
-                    h = level.attn[j](h)
+                h = level.attn[j](h) if level.attn else h
                 hs.append(h)
-            if level.resample is not None:
+            if level.resample:
                 h = level.resample(h, emb)
                 hs.append(h)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
         for level in self.up:
             for j, block in enumerate(level.res):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
-                if level.attn is not None:
-                    h = level.attn[j](h)
-            if level.resample is not None:
-                h = level.resample(h, emb)
+                h = level.attn[j](h) if level.attn else h
+            h = level.resample(h, emb) if level.resample else h
         return self.conv_out(F.silu(self.norm_out(h)))
-
 
 # ---- DiT-style ViT (Peebles & Xie 2023), unconditional --------------------------------------
 
@@ -616,20 +436,8 @@ class DiTConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
 
-
-def _pos_embed_2d(dim, grid):
-    """Fixed 2D sin-cos position embedding (grid*grid, dim): half the channels the row, half the column."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]       # (grid, dim/4)
-    emb1d = torch.cat([pos.sin(), pos.cos()], dim=1)                            # (grid, dim/2)
-    rows = emb1d[:, None, :].expand(grid, grid, -1)
-    cols = emb1d[None, :, :].expand(grid, grid, -1)
-    return torch.cat([rows, cols], dim=2).reshape(grid * grid, dim).float()
-
-
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
-
 
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero: the time embedding sets shift/scale/gate of both branches."""
@@ -650,7 +458,6 @@ class DiTBlock(nn.Module):
         x = x + gate1 * self.proj(_attend(self.qkv(_modulate(self.norm1(x), shift1, scale1)), self.heads))
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
-
 class DiT(nn.Module):
     """Patchify (conv) + fixed 2D sin-cos positions -> adaLN-Zero blocks -> final adaLN layer -> unpatchify.
     With the adaLN-Zero init (zeroed modulation and output layers) the output is exactly zero at init."""
@@ -658,15 +465,19 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.config = cfg
-        p, D = cfg.patch_size, cfg.hidden
+        p, D, grid = cfg.patch_size, cfg.hidden, cfg.image_size // cfg.patch_size
         self.patch = nn.Conv2d(cfg.in_channels, D, p, stride=p)
-        self.register_buffer("pos", _pos_embed_2d(D, cfg.image_size // p), persistent=False)
+        # fixed 2D sin-cos positions (grid*grid, D): half the channels the row, half the column
+        omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))
+        pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]
+        emb1d = torch.cat([pos.sin(), pos.cos()], dim=1)[:, None, :].expand(grid, grid, -1)
+        pos2d = torch.cat([emb1d, emb1d.transpose(0, 1)], dim=2).reshape(grid * grid, D).float()
+        self.register_buffer("pos", pos2d, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * cfg.out_channels)
-
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -682,15 +493,13 @@ class DiT(nn.Module):
     def forward(self, x, t):
         B, _, H, W = x.shape
         p, C = self.config.patch_size, self.config.out_channels
-        c = self.time_mlp(timestep_embedding(_batch_t(t, x), 256, "cos_sin").to(x.dtype))
+        c = self.time_mlp(timestep_embedding(t, x, 256, "cos_sin").to(x.dtype))
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada_out(c)[:, None].chunk(2, dim=2)
-        h = self.out(_modulate(self.norm_out(h), shift, scale))  # (B, T, p*p*C)
-        h = h.view(B, H // p, W // p, p, p, C)
+        h = self.out(_modulate(self.norm_out(h), shift, scale)).view(B, H // p, W // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
-
 
 # ---- presets, build_net / net_config ---------------------------------------------------------
 
@@ -719,45 +528,33 @@ PRESETS = {
     # CPU tests
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),
-    # DiT-style ViTs (Peebles & Xie 2023: S/2, B/2) and a CPU one
-    "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),
-    "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),
-    "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),
+    "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),   # DiT-S/2 (Peebles & Xie 2023)
+    "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),  # DiT-B/2
+    "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),  # CPU tests
 }
 
-
 def build_net(cfg, zero_init=True, **overrides):
-    """A network from a preset name, a config dataclass, or a net_config() dict ({'arch': 'unet'|'dit', ...}),
-    with config fields overridden (None = keep; fields the architecture lacks, e.g. dropout for the DiT, are
-    ignored). zero_init: ADM's zero init of the U-Net's output layers for training from scratch (the DiT
-    always uses its adaLN-Zero init); loading a checkpoint overwrites it anyway."""
-    if isinstance(cfg, str):
-        if cfg not in PRESETS:
-            raise ValueError(f"unknown network preset {cfg!r}: expected one of {', '.join(PRESETS)}")
-        cfg = PRESETS[cfg]
+    """A network from a preset name, a config dataclass or a net_config() dict, with `overrides` of its fields
+    (None, or a field the architecture lacks, e.g. the DiT's dropout, is ignored); zero_init: see UNet."""
+    if isinstance(cfg, str) and cfg not in PRESETS:
+        raise ValueError(f"unknown network preset {cfg!r}: expected one of {', '.join(PRESETS)}")
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
     if isinstance(cfg, dict):
-        cfg = dict(cfg)
-        cls = {"unet": UNetConfig, "dit": DiTConfig}.get(cfg.pop("arch", None))
-        if cls is None:
-            raise ValueError(f"network config {cfg} has no arch 'unet' or 'dit'")
-        names = {f.name for f in fields(cls)}
-        if set(cfg) - names:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(set(cfg) - names)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    names = {f.name for f in fields(cfg)}
+        try:
+            cls = {"unet": UNetConfig, "dit": DiTConfig}[cfg.get("arch")]
+            cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "arch"})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"network config {cfg} is no UNetConfig or DiTConfig ({e})") from None
+    names = {f.name for f in dataclasses.fields(cfg)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
     return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else DiT(cfg)
-
 
 def net_config(net) -> dict:
     """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(net.config).items()}
     return {"arch": "unet" if isinstance(net, UNet) else "dit", **cfg}
 
-
-# ================================================================================================
-# teachers
-# ================================================================================================
+# =========================================== teachers ===========================================
 # load_teacher(spec) reads what users pass as --teacher: a checkpoint of this project, a diffusers UNet2DModel
 # folder or a hub id (google/ddpm-cifar10-32 and the DDPM family). Original ermongroup/pesser and
 # guided-diffusion files are converted once, by tools/convert_teacher.py, into checkpoints of this project.
@@ -776,7 +573,6 @@ _DIFFUSERS_FIXED = dict(
     time_embedding_dim=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True,
     class_embed_type=None, num_class_embeds=None)
 
-
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
     """Our UNetConfig for a diffusers UNet2DModel config.json (DDPM and ADM block types). A missing key takes
     diffusers' default (attention_head_dim: 8 channels per head); attention_head_dim null is one head."""
@@ -788,34 +584,29 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
 
     for key, want in _DIFFUSERS_FIXED.items():
         need(c.get(key, want) == want, f"{key}={c.get(key)!r} (need {want!r})")
-    chans, size, groups, shift = list(c["block_out_channels"]), c["sample_size"], c["norm_num_groups"], \
-        c["resnet_time_scale_shift"]
-    ch, L = chans[0], len(chans)
+    chans, size, groups = list(c["block_out_channels"]), c["sample_size"], c["norm_num_groups"]
+    shift, pad, L = c["resnet_time_scale_shift"], c["downsample_padding"], len(c["block_out_channels"])
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     need(isinstance(size, int), f"sample_size={size!r} (need one int)")
-    need(shift in ("default", "scale_shift") and c["downsample_padding"] in (0, 1),
-         f"resnet_time_scale_shift={shift!r}, downsample_padding={c['downsample_padding']}")
+    need(shift in ("default", "scale_shift") and pad in (0, 1), f"{shift=}, downsample_padding={pad}")
     need(c["attn_norm_num_groups"] == groups or (c["attn_norm_num_groups"] is None and shift == "default"),
          f"attn_norm_num_groups={c['attn_norm_num_groups']} with {shift=} (set it to {groups})")
     emb = {(False, 1): "sin_cos", (True, 0): "cos_sin"}.get((c["flip_sin_to_cos"], c["freq_shift"]))
-    need(emb, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} "
-              "(need False and 1, or True and 0)")
+    need(emb, f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} (False, 1 or True, 0)")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     kinds = dict(DownBlock2D="conv", ResnetDownsampleBlock2D="resnet", AttnDownBlock2D=c["downsample_type"],
                  UpBlock2D="conv", ResnetUpsampleBlock2D="resnet", AttnUpBlock2D=c["upsample_type"])
     need(len(down) == L == len(up) and all(t in kinds and "Down" in t for t in down)
          and all(t in kinds and "Up" in t for t in up), f"{L} levels, block types {down} / {up}")
-    attn = [t.startswith("Attn") for t in down]  # (the up path mirrors it, or the weights do not fit)
     resample = {kinds[t] for t in down[:-1] + up[:-1]}  # the last block of each path does not resample
     need(len(resample) <= 1 and resample <= {"conv", "resnet"}, f"mixed or unknown resampling {resample}")
-    return UNetConfig(
-        image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], ch=ch,
-        ch_mult=tuple(x // ch for x in chans), num_res_blocks=c["layers_per_block"],
-        attn_resolutions=tuple(size >> i for i in range(L) if attn[i]), num_heads=1,
+    return UNetConfig(  # attention where the down block has it (the up path mirrors it or the weights misfit)
+        image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], ch=chans[0],
+        ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c["layers_per_block"],
+        attn_resolutions=tuple(size >> i for i in range(L) if down[i].startswith("Attn")), num_heads=1,
         num_head_channels=c["attention_head_dim"] or -1, dropout=c["dropout"], scale_shift=shift != "default",
-        resblock_updown=resample == {"resnet"}, down_pad="sym" if c["downsample_padding"] else "asym",
-        time_emb=emb, norm_eps=c["norm_eps"], norm_groups=groups)
-
+        resblock_updown=resample == {"resnet"}, down_pad="sym" if pad else "asym", time_emb=emb,
+        norm_eps=c["norm_eps"], norm_groups=groups)
 
 # Our tensor names -> diffusers UNet2DModel's, replaced in order in "." + name + "." (a resampler is a conv
 # or, in ADM, a res block); our fused attention qkv is [to_q; to_k; to_v]
@@ -828,24 +619,22 @@ _DIFFUSERS_NAMES = (
     (".proj.", ".to_out.0."))
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
-
-def _diffusers_name(key):
-    """e.g. up.1.resample.conv.weight -> up_blocks.1.upsamplers.0.conv.weight"""
-    name = f".{key}."
-    for ours, theirs in _DIFFUSERS_NAMES:
-        name = name.replace(ours, theirs)
-    return name[1:-1].replace("resample", f"{key.split('.')[0]}samplers.0")
-
-
 def from_diffusers(sd, cfg: UNetConfig):
     """A diffusers UNet2DModel state dict as UNet(cfg)'s: the same tensors, renamed (old files' attention
     names too), q, k and v concatenated into our qkv. One-line ValueError unless names and shapes match."""
     for old, new in _OLD_ATTENTION.items():
         sd = {k.replace(old, new): v for k, v in sd.items()}
+
+    def theirs(key):  # e.g. up.1.resample.conv.weight -> up_blocks.1.upsamplers.0.conv.weight
+        name = f".{key}."
+        for a, b in _DIFFUSERS_NAMES:
+            name = name.replace(a, b)
+        name = name[1:-1].replace("resample", f"{key.split('.')[0]}samplers.0")
+        return [name.replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in name else [name]
+
     with torch.device("meta"):
         ours = UNet(cfg).state_dict()
-    names = {key: [_diffusers_name(key).replace(".qkv.", f".to_{c}.") for c in "qkv"] if ".qkv." in key
-             else [_diffusers_name(key)] for key in ours}
+    names = {key: theirs(key) for key in ours}
     want = {n: (t.shape[0] // len(names[k]), *t.shape[1:]) for k, t in ours.items() for n in names[k]}
     missing, extra = [n for n in want if n not in sd], [n for n in sd if n not in want]
     reshaped = [n for n in want if n in sd and tuple(sd[n].shape) != want[n]]
@@ -856,11 +645,9 @@ def from_diffusers(sd, cfg: UNetConfig):
                          f"({detail})")
     return {key: torch.cat([sd[n] for n in ns]) for key, ns in names.items()}
 
-
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-
 
 def read_safetensors(path) -> dict:
     """A .safetensors file without the safetensors package: u64 little-endian header length N, N bytes of JSON
@@ -869,55 +656,49 @@ def read_safetensors(path) -> dict:
         n = int.from_bytes(f.read(8), "little")
         header, out = json.loads(f.read(n)), {}
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            f.seek(8 + n + begin)
-            buf = bytearray(f.read(end - begin))
-            if len(buf) != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor '{name}' of shape {shape} has {len(buf)} bytes of {info['dtype']}")
-            data = torch.frombuffer(buf, dtype=dtype) if buf else torch.zeros(0, dtype=dtype)
-            out[name] = data.reshape(shape)
+            if name != "__metadata__":
+                dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+                f.seek(8 + n + begin)
+                buf = bytearray(f.read(end - begin))  # frombuffer refuses an empty buffer
+                out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)) \
+                    .view(info["shape"])
     return out
 
-
-def read_file(path):
-    """A .json, .safetensors or torch file (.pt, .pth, .bin, .ckpt; weights_only=True: tensors and plain data
-    only, so that a malicious file cannot run code); one-line ValueError if missing, truncated or corrupt."""
+def read_file(path, what="file"):
+    """A .json, .safetensors or torch file (weights_only=True: tensors and plain data only, so that a file
+    cannot run code); a one-line ValueError if it is missing, truncated or corrupt."""
+    path = os.fspath(path)
     try:
         if path.endswith(".json"):
             with open(path) as f:
                 return json.load(f)
         return read_safetensors(path) if path.endswith(".safetensors") else \
             torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, corrupt, or a pickle of more than tensors and plain data
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what}") from None
+    except Exception as e:  # truncated, corrupt, or a pickle of more than tensors and plain data
         why = "not tensors and plain data; other objects are not unpickled, they could run code" if \
             isinstance(e, pickle.UnpicklingError) else (str(e) or "empty or truncated").splitlines()[0]
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why})") from None
-
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {why})") from None
 
 def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     """Path of a cached copy of https://huggingface.co/{repo_id}/resolve/{revision}/{filename}
     (HF_ENDPOINT overrides the host), downloaded once (atomically) without huggingface_hub."""
-    cache_dir = cache_dir or os.path.join(CACHE_DIR, "hub")
-    dest = os.path.join(cache_dir, repo_id.replace("/", "--"), revision, filename)
+    dest = os.path.join(cache_dir or f"{CACHE_DIR}/hub", repo_id.replace("/", "--"), revision, filename)
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return download(f"{host}/{repo_id}/resolve/{revision}/{filename}", dest, what=f"{repo_id}/{filename}")
 
-
 def load_diffusers(spec):
-    """A Denoiser of a diffusers UNet2DModel: a local folder (config.json and weights at the top or in unet/,
-    scheduler_config.json at the top or in scheduler/) or a hub repo id (flat layout, as
-    google/ddpm-cifar10-32). Weights: diffusion_pytorch_model.safetensors, else .bin."""
+    """A Denoiser of a diffusers UNet2DModel: a folder (model files at the top or in unet/, the scheduler's at
+    the top or in scheduler/; .safetensors, else .bin) or a hub id laid out as google/ddpm-cifar10-32."""
     def find(name, sub, required=True):
-        if not os.path.isdir(spec):
-            try:
-                return hub_download(spec, name)
-            except ValueError as e:  # a failed download
-                if required:
-                    raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
-                return None
-        path = next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
+        try:
+            path = hub_download(spec, name) if not os.path.isdir(spec) else \
+                next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
+        except ValueError as e:  # a failed download
+            if required:
+                raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
+            return None
         if path is None and required:
             raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers UNet2DModel needs")
         return path
@@ -927,30 +708,24 @@ def load_diffusers(spec):
     weights = find("diffusion_pytorch_model.safetensors", "unet", False) or \
         find("diffusion_pytorch_model.bin", "unet")
     net.load_state_dict(from_diffusers(read_file(weights), cfg))
-    sched = read_file(find("scheduler_config.json", "scheduler"))
-    return Denoiser(net, *_diffusers_diffusion(sched, cfg.out_channels == 2 * cfg.in_channels), source=spec)
-
-
-def _diffusers_diffusion(sched, learned_var):
-    """(Schedule, param, var) from a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler keys)."""
     s = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-         "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **sched}
+         "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small",
+         **read_file(find("scheduler_config.json", "scheduler"))}
     kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
     param = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}.get(s["prediction_type"])
-    var = "learned_range" if learned_var else s["variance_type"].removesuffix("_log")
-    vars_ = ("learned_range",) if learned_var else ("fixed_small", "fixed_large")
-    if not kind or not param or s["trained_betas"] is not None or var not in vars_:
+    learned = cfg.out_channels == 2 * cfg.in_channels
+    var = "learned_range" if learned else s["variance_type"].removesuffix("_log")
+    if not kind or not param or s["trained_betas"] is not None or \
+            var not in (("learned_range",) if learned else ("fixed_small", "fixed_large")):
         raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, "
                          f"prediction_type={s['prediction_type']!r}, variance_type={s['variance_type']!r} "
                          "or trained_betas")
     betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
-    return Schedule(kind, s["num_train_timesteps"], **betas), param, var
-
+    return Denoiser(net, Schedule(kind, s["num_train_timesteps"], **betas), param, var, source=spec)
 
 def load_teacher(spec, device="cpu"):
-    """A frozen Denoiser (eval mode) from a checkpoint of this project (its EMA weights if it has them), a
-    diffusers UNet2DModel folder (config.json, weights, scheduler_config.json) or the hub id of one. The
-    scheduler's clip_sample is not kept: DDIM teachers run unclipped (teacher_checkpoints.md sec. 5)."""
+    """A frozen Denoiser from a checkpoint of this project (its EMA weights if any), a diffusers folder or hub
+    id (its clip_sample is dropped: DDIM teachers run unclipped, teacher_checkpoints.md sec. 5)."""
     parts = spec.split("/")  # a hub id: 'owner/name', no relative or absolute path, no file extension
     is_hub_id = len(parts) == 2 and all(p[:1] not in ("", ".", "~") for p in parts) and \
         not os.path.splitext(spec)[1] and not os.path.exists(spec)
@@ -959,32 +734,22 @@ def load_teacher(spec, device="cpu"):
     if not os.path.isfile(spec):
         raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a "
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
-    obj = read_file(spec)
-    if not (isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT):
-        raise ValueError(f"{spec} is not a checkpoint of this project (format {CKPT_FORMAT}); convert an "
-                         "original ermongroup/pesser or guided-diffusion file with: "
-                         f"python tools/convert_teacher.py {spec} teacher.pt")
-    net = build_net(obj["net_config"])
-    net.load_state_dict(obj["ema"] if obj.get("ema") is not None else obj["model"])
-    schedule, var = Schedule(**obj["schedule"]), obj.get("var", "fixed_small")
-    return Denoiser(net, schedule, obj["param"], var, obj.get("steps"), spec).to(device).eval()
+    ckpt = load_checkpoint(spec)
+    net = build_net(ckpt["net_config"])
+    net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    den = Denoiser(net, Schedule(**ckpt["schedule"]), ckpt["param"], ckpt.get("var", "fixed_small"),
+                   ckpt.get("steps"), spec)
+    return den.to(device).eval()
 
-
-# ================================================================================================
-# data
-# ================================================================================================
+# ============================================= data =============================================
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-
+DATASETS = "cifar10, folder:PATH or shapes"
 
 def _md5(path):
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
+        return hashlib.md5(f.read()).hexdigest()
 
 def download(url, path, md5=None, what="file"):
     """Fetch url to path once (temp file then rename), with a progress line; one-line errors."""
@@ -996,38 +761,30 @@ def download(url, path, md5=None, what="file"):
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
             for block in iter(lambda: r.read(1 << 20), b""):
-                f.write(block)
-                done += len(block)
-                mb = f"{done / 2**20:.0f}/{total / 2**20:.0f} MB"
-                print(f"\rdownloading {what}: {mb}", end="", file=sys.stderr)
+                done += f.write(block)
+                print(f"\rdownloading {what}: {done >> 20}/{total >> 20} MB", end="", file=sys.stderr)
         print(file=sys.stderr)
+        if md5 is not None and _md5(tmp) != md5:
+            raise OSError(f"the wrong md5, expected {md5}")
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise ValueError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") from None
-    if md5 is not None and _md5(tmp) != md5:
-        os.remove(tmp)
-        raise ValueError(f"{url} downloaded with the wrong md5 (expected {md5}); place a good copy at {path}")
     os.replace(tmp, path)
     return path
-
 
 def load_cifar10(data_dir, split="train"):
     """CIFAR-10 from the official python tarball (md5-checked, cached): uint8 (N, 3, 32, 32)."""
     path = download(CIFAR10_URL, os.path.join(data_dir, "cifar-10-python.tar.gz"), CIFAR10_MD5, "CIFAR-10")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    arrays = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            for member in tar.getmembers():
-                if os.path.basename(member.name) in names:
-                    batch = pickle.load(tar.extractfile(member), encoding="bytes")
-                    arrays[os.path.basename(member.name)] = batch[b"data"]
-        return torch.from_numpy(np.concatenate([arrays[n] for n in names]).reshape(-1, 3, 32, 32))
+            members = {os.path.basename(m.name): m for m in tar.getmembers()}
+            arrays = [pickle.load(tar.extractfile(members[n]), encoding="bytes")[b"data"] for n in names]
+        return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
     except (tarfile.TarError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"{path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); delete it to "
                          "download it again") from None
-
 
 def load_folder(path, image_size):
     """Every image below a folder, centre-cropped to a square and resized (bicubic): uint8 (N, 3, S, S)."""
@@ -1044,10 +801,8 @@ def load_folder(path, image_size):
             raise ValueError(f"{f} is not a readable image ({e}); remove it from {path}") from None
         s = min(im.size)
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-        square = im.crop((left, top, left + s, top + s))
-        out[i] = np.asarray(square.resize((image_size, image_size), Image.BICUBIC))
+        out[i] = np.asarray(im.crop((left, top, left + s, top + s)).resize((image_size,) * 2, Image.BICUBIC))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
 
 def make_shapes(n, image_size=32, seed=0):
     """A procedural dataset: one to three filled circles, squares or triangles in saturated colours on a
@@ -1064,31 +819,22 @@ def make_shapes(n, image_size=32, seed=0):
         for _ in range(rng.integers(1, 4)):
             colour = rng.uniform(0.5, 1.0, 3) * (rng.uniform(size=3) < 0.7) + 0.1
             cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.3)
-            kind = rng.integers(3)
-            if kind == 0:
-                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-            elif kind == 1:
-                mask = (abs(xx - cx) < r * 0.8) & (abs(yy - cy) < r * 0.8)
-            else:
-                mask = (yy - cy < r * 0.7) & (yy - cy > -r + 2 * abs(xx - cx))
-            img[mask] = colour
+            dx, dy = xx - cx, yy - cy
+            masks = (dx ** 2 + dy ** 2 < r ** 2, (abs(dx) < r * 0.8) & (abs(dy) < r * 0.8),  # circle, square,
+                     (dy < r * 0.7) & (dy > -r + 2 * abs(dx)))                              # triangle
+            img[masks[rng.integers(3)]] = colour
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-DATASETS = "cifar10, folder:PATH or shapes"
-
 
 def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
     """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
     is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
-    data_dir = data_dir or os.path.join(CACHE_DIR, "data")
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size {image_size}: expected at least 8")
     if name == "cifar10":
         if image_size not in (None, 32):
             raise ValueError(f"cifar10 images are 32x32, not {image_size}: pass --image-size 32")
-        return load_cifar10(data_dir)
+        return load_cifar10(data_dir or os.path.join(CACHE_DIR, "data"))
     if name.startswith("folder:"):
         if not os.path.isdir(name[len("folder:"):]):
             raise ValueError(f"--data {name}: no such folder")
@@ -1097,80 +843,47 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
         return make_shapes(n_shapes, image_size or 32, seed)
     raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
 
+def to_float(images_uint8): return images_uint8.float() / 127.5 - 1.0                    # [0, 255] -> [-1, 1]
+def to_uint8(images): return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # rounded, clipped
 
-def to_float(images_uint8):
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1.0
-
-
-def to_uint8(images):
-    """float [-1, 1] -> uint8, rounded and clipped."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def sample_batch(data, batch_size, generator, flip=True):
-    """A random batch from a uint8 dataset already on the device, as float [-1, 1], with random
-    horizontal flips; no DataLoader."""
+def sample_batch(data, batch_size, generator):
+    """A random batch, float [-1, 1] with random horizontal flips, from a uint8 dataset on the device."""
     idx = torch.randint(len(data), (batch_size,), generator=generator, device=generator.device)
     x = to_float(data[idx.to(data.device)])
-    if flip:
-        mask = torch.rand(batch_size, generator=generator, device=generator.device).to(x.device) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
+    flip = torch.rand(batch_size, generator=generator, device=generator.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
-
-# ================================================================================================
-# checkpoints
-# ================================================================================================
+# ========================================= checkpoints ==========================================
 
 CKPT_FORMAT = "distill-ref/1"
 
-
 def save_checkpoint(path, **state):
-    """Write one self-describing checkpoint atomically (temp file in the same folder, then rename), readable
-    with torch.load(weights_only=True): tensors, numbers, strings, lists, dicts and None only.
-    Keys: den.state() (net_config, model, schedule, param, var, steps) with ema, method, config, optimizer,
-    step, ... and whatever else a method needs to resume. load_teacher reads the EMA weights if present."""
+    """One self-describing checkpoint (den.state(), ema, method, config, optimizer, step, what a method needs
+    to resume), readable with weights_only=True, written atomically (start_run removes orphan temp files)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save({"format": CKPT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
+    torch.save({"format": CKPT_FORMAT, **state}, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 def load_checkpoint(path):
     """A checkpoint of this project (weights_only: a file cannot run code), or a one-line ValueError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # truncated, corrupt, or holding objects other than plain data
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise ValueError(f"{path} is not a readable checkpoint ({why}); delete it or pass another") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); "
-                         "a foreign model goes through tools/convert_teacher.py")
+    ckpt = read_file(path, "checkpoint")
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT):
+        raise ValueError(f"{path} is not a checkpoint of this project (format {CKPT_FORMAT}); convert an "
+                         "original ermongroup/pesser or guided-diffusion file with: "
+                         f"python tools/convert_teacher.py {path} teacher.pt")
     return ckpt
 
-
-# ================================================================================================
-# evaluation
-# ================================================================================================
+# ========================================== evaluation ==========================================
 
 def seeded_noise(seeds, shape, device="cpu", stream=0):
-    """Noise for a list of seeds: sample i depends only on (seeds[i], stream), whatever the batch size, device
-    or number of GPUs (EDM's per-seed generation); stream k > 0 gives a sampler's k-th independent draw.
-    (len(seeds), *shape) float32."""
+    """(len(seeds), *shape) float32 noise, sample i from (seeds[i], stream) alone, whatever the batch size,
+    device or GPU count (EDM's per-seed generation); stream k > 0 is a sampler's k-th independent draw."""
     out = torch.empty((len(seeds), *shape))
     for i, seed in enumerate(seeds):
         if stream:
             seed = np.random.SeedSequence([int(seed), stream]).generate_state(1)[0]
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
-
 
 @torch.no_grad()
 def generate(sample_fn, seeds, shape, batch_size, device):
@@ -1179,11 +892,9 @@ def generate(sample_fn, seeds, shape, batch_size, device):
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     return torch.cat([sample_fn(seeded_noise(b, shape, device), b).float().cpu() for b in batches])
 
-
 def rmse(a, b):
     """Root mean squared difference over all pixels (images in [-1, 1]): the teacher-fidelity measure."""
     return float(((a.float() - b.float()) ** 2).mean().sqrt())
-
 
 def save_png(image_uint8, path):
     """One (C, H, W) uint8 image as a PNG, written atomically: a file that exists is complete."""
@@ -1192,26 +903,22 @@ def save_png(image_uint8, path):
     Image.fromarray(image_uint8.permute(1, 2, 0).cpu().numpy().squeeze()).save(tmp, format="PNG")
     os.replace(tmp, path)
 
-
 def save_grid(images, path, nrow=8):
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid with 1-pixel gaps."""
     x = to_uint8(images.cpu())
     n, c, h, w = x.shape
     ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
-    grid = torch.full((c, rows * (h + 1) + 1, ncol * (w + 1) + 1), 255, dtype=torch.uint8)
+    grid = torch.full((c, (n + ncol - 1) // ncol * (h + 1) + 1, ncol * (w + 1) + 1), 255, dtype=torch.uint8)
     for i in range(n):
         r, k = divmod(i, ncol)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = x[i]
+        grid[:, 1 + r * (h + 1):(r + 1) * (h + 1), 1 + k * (w + 1):(k + 1) * (w + 1)] = x[i]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_png(grid, path)
 
-
 @torch.no_grad()
 def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
-    """Write n samples as PNGs named by seed (seed0 .. seed0+n-1) into folder, each written atomically, so an
-    interrupted run resumes where it stopped. The folder belongs to one model: a method that retrains a
-    model must give it a fresh folder."""
+    """n samples as PNGs named by seed (seed0 .. seed0+n-1), each written atomically, so that an interrupted
+    run resumes where it stopped. The folder belongs to one model: a retrained model needs a fresh one."""
     os.makedirs(folder, exist_ok=True)
     todo = [s for s in range(seed0, seed0 + n) if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))]
     t0 = time.time()
@@ -1220,16 +927,14 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
         for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
             save_png(im, os.path.join(folder, f"{s:06d}.png"))
         done = i + len(seeds)
-        rate = done / (time.time() - t0)
-        print(f"\rsampling {done}/{len(todo)} ({rate:.1f} img/s)", end="", file=sys.stderr)
+        print(f"\rsampling {done}/{len(todo)} ({done / (time.time() - t0):.1f}/s)", end="", file=sys.stderr)
     if todo:
         print(file=sys.stderr)
     return folder
 
-
 def write_pngs(images_uint8, folder):
-    """Images (N, C, H, W) uint8 as numbered PNGs, e.g. real images as the FID reference of datasets without
-    clean-fid statistics. Written once: into a temp folder, renamed when complete."""
+    """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
+    clean-fid statistics), written once: into a temp folder, renamed when complete."""
     if not os.path.isdir(folder):
         shutil.rmtree(folder + ".tmp", ignore_errors=True)
         os.makedirs(folder + ".tmp")
@@ -1238,17 +943,12 @@ def write_pngs(images_uint8, folder):
         os.replace(folder + ".tmp", folder)
     return folder
 
-
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
 
-
 class Inception:
-    """The TF-ported Inception-v3 torchscript network that clean-fid uses (inception-2015-12-05.pt).
-    features(x, mode): 2048-d pool features of uint8-valued float images, resized inside the network
-    for 'legacy_tensorflow' (TF's bilinear resize, as the papers' FID code) or already 299x299 for
-    'clean'. probs(x): the 1008-way softmax used by the Inception Score (no output bias, as the
-    original IS code)."""
+    """clean-fid's TF-ported Inception-v3: features(x, mode) of uint8-valued images (resized inside, as TF,
+    for 'legacy_tensorflow'; 299x299 for 'clean'), probs(x) for the IS (no output bias, as its code)."""
 
     def __init__(self, path=None, device="cpu"):
         path = path or os.path.join(CACHE_DIR, "inception-2015-12-05.pt")
@@ -1267,14 +967,6 @@ class Inception:
     def probs(self, x):
         return self.base(x, no_output_bias=True)
 
-
-def _load_pngs(folder):
-    from PIL import Image
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
-    images = [np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-
-
 def inception_score(probs, splits=10):
     """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))), mean and std over splits."""
     scores = []
@@ -1283,11 +975,9 @@ def inception_score(probs, splits=10):
         scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), with the usual eps*I retry when
-    the product is singular. Our own, because clean-fid 0.1.35 calls scipy's sqrtm(disp=False), which
-    scipy 1.18 removed; the result is the same as clean-fid's."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017) as clean-fid (eps I if singular),
+    ours as clean-fid 0.1.35 passes sqrtm(disp=False), which scipy 1.18 removed."""
     from scipy import linalg
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
@@ -1298,86 +988,70 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
-
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None,
            modes=("legacy_tensorflow", "clean"), batch_size=200):
-    """FID of a folder of generated PNGs in each of clean-fid's modes (features through clean-fid's resizing),
-    and the Inception Score. cifar10 is compared with clean-fid's statistics of the 50k *train* images (what
-    the papers compare against), downloaded once; offline, pass `stats`, an .npz with mu and sigma of the
-    'legacy_tensorflow' mode (then only that mode is computed). Any other dataset needs ref_folder (real
-    images as PNGs). `inception`: a path, or an object with Inception's features/probs methods.
-    Returns {'fid', 'fid_clean' (not with `stats`), 'is', 'is_std'}."""
+    """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
+    (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
+    `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception."""
     from cleanfid import features as cf_features, fid as cleanfid
+    from PIL import Image
     det = inception if hasattr(inception, "features") else Inception(inception, device)
-    feats = lambda path, mode: cleanfid.get_folder_features(
-        path, model=lambda x: det.features(x.float(), mode), num_workers=0, batch_size=batch_size,
-        device=torch.device(device), mode=mode, verbose=False)
+    def moments(path, mode):
+        f = cleanfid.get_folder_features(path, model=lambda x: det.features(x.float(), mode), num_workers=0,
+                                         batch_size=batch_size, device=torch.device(device), mode=mode,
+                                         verbose=False)
+        return f.mean(0), np.cov(f, rowvar=False)
+
     out = {}
-    for mode in modes:
-        if ref_folder is None and stats and mode != "legacy_tensorflow":
-            continue  # the statistics file given is the papers' (legacy_tensorflow) one
+    for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
         if ref_folder is not None:
-            ref = feats(ref_folder, mode)
-            mu_ref, sigma_ref = ref.mean(0), np.cov(ref, rowvar=False)
+            ref = moments(ref_folder, mode)
         elif dataset == "cifar10" and stats:
             with np.load(stats) as f:
-                mu_ref, sigma_ref = f["mu"], f["sigma"]
+                ref = f["mu"], f["sigma"]
         elif dataset == "cifar10":
             try:
-                mu_ref, sigma_ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode,
-                                                                         split="train")
+                ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
             except Exception as e:
                 raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once "
                                  "online or pass the statistics file by path") from None
         else:
             raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
-        gen = feats(folder, mode)
-        score = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), mu_ref, sigma_ref)
-        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = score
-    images = _load_pngs(folder)
+        fid = frechet_distance(*moments(folder, mode), *ref)
+        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = fid
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
+                                        for f in files])).permute(0, 3, 1, 2)
     probs = torch.cat([det.probs(images[i:i + batch_size].to(device).float()).cpu()
                        for i in range(0, len(images), batch_size)])
     out["is"], out["is_std"] = inception_score(probs.numpy())
     return out
 
-
-# ================================================================================================
-# training
-# ================================================================================================
+# =========================================== training ===========================================
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
 
-
 def field(default, help, choices=None, low=None, fixed=True):
-    """A config field that becomes a flag: choices and low (the smallest allowed value) are checked by
-    argparse. fixed=False marks flags that may change when a run is resumed, because the resumed run still
-    equals an uninterrupted run with the new value (logging, device, evaluation sizes, constant-lr length)."""
+    """A config field that becomes a flag (argparse checks choices and low); fixed=False: may change when
+    resuming, the run still equalling an uninterrupted one (logging, device, eval sizes, constant lr)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, fixed=fixed))
 
-
 def _flag_type(f):
-    kind = f.type if isinstance(f.type, type) else eval(f.type)
-    low = f.metadata.get("low")
+    kind, low = f.type if isinstance(f.type, type) else eval(f.type), f.metadata.get("low")
+    bools = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
     def parse(text):
-        if kind is bool:
-            value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-                text.lower())
-            if value is None:
-                raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-            return value
         try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+            value = bools[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            what = "true or false" if kind is bool else "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         return value
     return parse
-
 
 def parse_config(cls, argv=None, quick=None, doc=None):
     """Flags from a config dataclass: every field becomes --field-name (help, choices and bounds from
@@ -1394,7 +1068,6 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)
 
-
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1404,14 +1077,10 @@ def pick_device(name="auto"):
         raise ValueError(f"--device {name}: expected auto, cpu or cuda[:N]")
     return name
 
-
 def autocast(device, dtype):
     """Mixed precision for network calls ('fp32', 'bf16', 'fp16'); the schedule algebra stays fp32."""
-    if dtype == "fp32":
-        return torch.autocast(torch.device(device).type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    return torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
 
 # ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
@@ -1422,69 +1091,47 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
-
-def changed_flags(cfg, old):
-    """The fixed flags (see field) whose values differ from a stored config."""
-    return [f for f in dataclasses.fields(cfg) if f.metadata.get("fixed", True) and f.name in old
-            and json.loads(json.dumps(getattr(cfg, f.name))) != old[f.name]]
-
-
 def start_run(cfg, ckpt_name="ckpt.pt"):
-    """Open the run directory cfg.out once every flag, file and teacher has been checked. Returns the
-    checkpoint to resume from (dict) or None. --resume auto continues OUT/ckpt_name if present, a PATH
-    continues that file, none starts over. A resumed run must have the fixed flags of the checkpoint's config
-    (else a one-line ValueError lists them); then config.json is (re)written, a 'resumed' row logged and
-    orphan temp files removed."""
+    """Open cfg.out once everything is checked; returns the checkpoint to resume (--resume auto: OUT/ckpt_name
+    if present, PATH, none) or None. Its fixed flags must match (else a one-line ValueError lists them); then
+    config.json is (re)written, a 'resumed' row logged and orphan temp files removed."""
     os.makedirs(cfg.out, exist_ok=True)
     path = {"none": None, "": None, "auto": os.path.join(cfg.out, ckpt_name)}.get(cfg.resume, cfg.resume)
-    if cfg.resume not in ("none", "", "auto") and not os.path.exists(path):
-        raise ValueError(f"--resume {cfg.resume}: no such checkpoint")
-    ckpt = load_checkpoint(path) if path and os.path.exists(path) else None
-    if ckpt is not None:
-        old = ckpt.get("config") or {}
-        diff = changed_flags(cfg, old)
-        if diff:
-            listed = ", ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} (was {old[f.name]!r})"
-                               for f in diff)
-            stored = os.path.join(cfg.out, "config.json")
-            raise ValueError(f"{path} was made with other settings: {listed}; rerun with the stored flags "
-                             f"(see {stored}), or pass --resume none or another --out")
-    for d, _, files in os.walk(cfg.out):
-        for name in files:
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(d, name))
+    ckpt = load_checkpoint(path) if path and (cfg.resume != "auto" or os.path.exists(path)) else None
+    old = (ckpt or {}).get("config") or {}
+    diff = [f.name for f in dataclasses.fields(cfg) if f.metadata.get("fixed", True) and f.name in old
+            and json.loads(json.dumps(getattr(cfg, f.name))) != old[f.name]]
+    if diff:
+        listed = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {old[k]!r})" for k in diff)
+        raise ValueError(f"{path} was made with other settings: {listed}; rerun with the stored flags (see "
+                         f"{os.path.join(cfg.out, 'config.json')}), or pass --resume none or another --out")
+    for tmp in [os.path.join(d, f) for d, _, files in os.walk(cfg.out) for f in files if f.endswith(".tmp")]:
+        os.remove(tmp)
     write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     if ckpt is not None:
         log_row(cfg.out, {"event": "resumed", "from": path, "step": ckpt.get("step")})
     return ckpt
 
-
 def run_finished(out):
     """The metrics of a finished run in `out` (metrics.json with finished = true), else None."""
     try:
-        with open(os.path.join(out, "metrics.json")) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
+        metrics = read_file(os.path.join(out, "metrics.json"))
+    except ValueError:
         return None
     return metrics if metrics.get("finished") else None
 
-
-def log_row(out_dir, row, echo=True):
-    """Append one JSON line to out_dir/log.jsonl (and print it)."""
+def log_row(out_dir, row):
+    """Append one JSON line to out_dir/log.jsonl and print it."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
-    if echo:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
-
+    print(*(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 def write_metrics(out_dir, method, dataset, teacher, reference, results, finished=False):
     """metrics.json of the run contract. reference: {'sampler': str, 'steps': int}; results: a list of
     {'model': 'teacher'|'student', 'steps', 'rmse_to_reference', 'fid', 'is', ...}; finished: last write."""
-    metrics = dict(method=method, dataset=dataset, teacher=teacher, reference=reference, results=results,
-                   finished=finished)
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
-
+    write_json(os.path.join(out_dir, "metrics.json"), dict(method=method, dataset=dataset, teacher=teacher,
+                                                           reference=reference, results=results,
+                                                           finished=finished))
 
 def cli(main):
     """Run main() as a command: expected failures (bad values, files, downloads, a full disk) end in one line
@@ -1496,17 +1143,15 @@ def cli(main):
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
 
-
 # ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
-    """ema <- decay * ema + (1 - decay) * net, parameters and buffers."""
+    """ema <- decay * ema + (1 - decay) * net, parameters; buffers copied."""
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), net.buffers()):
         e.copy_(b)
-
 
 def lr_at(step, lr, warmup=0, total=0, anneal="none"):
     """Linear warm-up over `warmup` updates, then constant ('none') or linear decay to zero at `total`."""
@@ -1515,39 +1160,28 @@ def lr_at(step, lr, warmup=0, total=0, anneal="none"):
         scale *= max(0.0, 1.0 - step / total)
     return lr * scale
 
-
 WEIGHTINGS = ("snr", "trunc_snr", "snr_plus_one", "const")
 
-
 def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
-    """Per-sample loss of Salimans & Ho sec. 4 (means over pixels, shape (B,)):
-    'snr' = ||eps - eps_pred||^2 (SNR-weighted x-MSE, Ho et al.'s L_simple), 'trunc_snr' =
-    max(||x - x_pred||^2, ||eps - eps_pred||^2) = max(SNR, 1) x-MSE, 'snr_plus_one' = ||v - v_pred||^2 =
-    (1 + SNR) x-MSE, 'const' = ||x - x_pred||^2."""
+    """Per-sample loss (B,) of Salimans & Ho sec. 4: 'snr' eps-MSE = SNR x-MSE (Ho et al.'s L_simple),
+    'trunc_snr' max(x-MSE, eps-MSE) = max(SNR, 1) x-MSE, 'snr_plus_one' v-MSE = (1 + SNR) x-MSE, 'const'."""
     mse = lambda a, b: ((a - b) ** 2).flatten(1).mean(1)
-    if weighting == "snr":
-        return mse(eps_pred, eps)
-    if weighting == "trunc_snr":
-        return torch.maximum(mse(x_pred, x), mse(eps_pred, eps))
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: expected one of {WEIGHTINGS}")
     if weighting == "snr_plus_one":
         return mse(v_from_x_eps(x_pred, eps_pred, alpha, sigma), v_from_x_eps(x, eps, alpha, sigma))
-    if weighting == "const":
-        return mse(x_pred, x)
-    raise ValueError(f"unknown weighting {weighting!r}: expected one of {WEIGHTINGS}")
-
+    x_mse, eps_mse = mse(x_pred, x), mse(eps_pred, eps)
+    return {"snr": eps_mse, "trunc_snr": torch.maximum(x_mse, eps_mse), "const": x_mse}[weighting]
 
 def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
-    """Standard diffusion training loss (Salimans & Ho alg. 1; Ho et al. alg. 1): t ~ U[0, 1] (continuous) or
-    U{0..T-1} (discrete), z_t = alpha_t x + sigma_t eps, weighted denoising error. A learned-range denoiser
-    adds Nichol & Dhariwal's lambda L_vlb (sec. 3.1, lambda = 0.001; L_vlb = T E_t[L_t]) with the mean under
-    stop-gradient, so the vlb term trains only the variance."""
-    B, schedule = x.shape[0], den.schedule
-    if schedule.discrete:
-        t = torch.randint(schedule.T, (B,), generator=generator, device=generator.device).to(x.device)
-    else:
-        t = torch.rand(B, generator=generator, device=generator.device).to(x.device)
+    """Salimans & Ho alg. 1 (Ho et al. alg. 1), t ~ U[0, 1] or U{0..T-1}; learned-range variance adds Nichol &
+    Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient."""
+    B, schedule, g = x.shape[0], den.schedule, generator
+    t = torch.randint(schedule.T, (B,), generator=g, device=g.device) if schedule.discrete else \
+        torch.rand(B, generator=g, device=g.device)
+    t = t.to(x.device)
     alpha, sigma = (bcast(v, x) for v in schedule.alpha_sigma(t))
-    eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    eps = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
     z = alpha * x + sigma * eps
     x_pred, eps_pred, v = den.full(z, t)
     loss = weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting)
@@ -1555,25 +1189,20 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
 
-
 @dataclasses.dataclass
 class TeacherConfig:
-    """Standard diffusion training (Ho et al. 2020; Salimans & Ho alg. 1). Defaults: the shared shapes
-    teacher, a small Ho-style model (linear beta, eps) with Nichol & Dhariwal's learned-range variance (hybrid
-    loss), so that every method, DKDM's variance term included, has a teacher on a CPU."""
+    """Alg. 1; defaults: the shared shapes teacher, a small linear-beta eps model with Nichol & Dhariwal's
+    learned variance (hybrid loss), so that every method, DKDM's variance term included, has a CPU teacher."""
     data: str = field("shapes", f"dataset: {DATASETS}")
     image_size: int = field(16, "image resolution", low=8)
     net: str = field("tiny", "network preset (common.PRESETS)")
     dropout: float = field(0.0, "dropout in the res blocks", low=0.0)
-    schedule: str = field("linear", "noise schedule (cosine_logsnr is continuous)",
-                          choices=("linear", "cosine", "cosine_logsnr"))
+    schedule: str = field("linear", "noise schedule", choices=("linear", "cosine", "cosine_logsnr"))
     param: str = field("eps", "network output", choices=PARAMS[:4])
-    weighting: str = field("snr", "loss weighting: snr (eps-MSE), trunc_snr, snr_plus_one (v-MSE), "
-                                  "const (x-MSE)", choices=WEIGHTINGS)
-    var: str = field("learned_range", "variance of ancestral sampling; learned_range adds N&D's 0.001 L_vlb",
-                     choices=("fixed_small", "fixed_large", "learned_range"))
-    updates: int = field(1500, "parameter updates (after warm-up the lr is constant: a run may be extended)",
-                         low=1, fixed=False)
+    weighting: str = field("snr", "loss weighting (see weighted_loss)", choices=WEIGHTINGS)
+    var: str = field("learned_range", "ancestral variance", choices=("fixed_small", "fixed_large",
+                                                                     "learned_range"))
+    updates: int = field(1500, "updates (the lr is constant after warm-up: runs extend)", low=1, fixed=False)
     batch: int = field(32, "batch size", low=1)
     lr: float = field(5e-4, "Adam learning rate", low=0.0)
     warmup: int = field(100, "linear warm-up updates", low=0)
@@ -1586,10 +1215,9 @@ class TeacherConfig:
     log_every: int = field(100, "log every N updates", low=1, fixed=False)
     ckpt_every: int = field(1000, "checkpoint every N updates", low=1, fixed=False)
     sample_steps: int = field(50, "DDIM steps for the sample grid", low=1, fixed=False)
-    out: str = field("runs/teacher", "run directory: config.json, log.jsonl, ckpt.pt, samples.png",
+    out: str = field("runs/teacher", "run directory (config.json, log.jsonl, ckpt.pt, samples.png)",
                      fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
-
 
 def train_teacher(cfg):
     """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample grid.
@@ -1609,9 +1237,8 @@ def train_teacher(cfg):
     ckpt = start_run(cfg)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-        gen.set_state(ckpt["gen"])
     net.train()
     loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
     while step < cfg.updates:
@@ -1643,7 +1270,6 @@ def train_teacher(cfg):
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
     return path
 
-
 def cached_teacher(cfg=None):
     """A teacher trained once with `cfg` (default TeacherConfig()) and cached under CACHE_DIR/teachers,
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
@@ -1660,7 +1286,6 @@ def cached_teacher(cfg=None):
         shutil.copyfile(train_teacher(dataclasses.replace(cfg, out=run_dir)), path + ".tmp")
         os.replace(path + ".tmp", path)
     return path
-
 
 if __name__ == "__main__":
     cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion model (Alg. 1)."))))
