@@ -89,8 +89,7 @@ class Config:
     image_size: int = field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
     steps: int = field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
-    updates: int = field(4000, "P, parameter updates in all (table 2: 4000 unconditional, 5000 conditional)",
-                         low=1)
+    updates: int = field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1)
     batch: int = field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
     skip: str = field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                       choices=SKIPS[:1] + SKIPS[2:])
@@ -132,8 +131,7 @@ class Config:
                       low=1, fixed=False)
     fid_samples: int = field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000)", low=0,
                              fixed=False)
-    inception: str = field("", "path of the Inception weights for FID/IS (default: download once)",
-                           fixed=False)
+    inception: str = field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
     # run
     seed: int = field(0, "seed of the trajectories (fine-tuning) or of training")
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
@@ -282,13 +280,6 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         if ckpt["teacher"] is not None:
             teacher = den0.copy().eval()
             teacher.net.load_state_dict(ckpt["teacher"])
-
-    def save():
-        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
-                        method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                        optimizer=opt.state_dict(), step=step, gen=gen.get_state(), z=z, elapsed=elapsed,
-                        teacher=None if teacher in (None, den0) else teacher.net.state_dict())
-
     loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
     while step < total:
         lr = learning_rate(step, peak, warmup, total, end)
@@ -327,46 +318,42 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
                               "elapsed_s": elapsed})
             loss_sum.zero_()
         if step % cfg.ckpt_every == 0 or step == total:
-            save()
+            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
+                            method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
+                            optimizer=opt.state_dict(), step=step, gen=gen.get_state(), z=z, elapsed=elapsed,
+                            teacher=None if teacher in (None, den0) else teacher.net.state_dict())
 
 
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 
-def ddim(den, steps, skip, clip):
-    """The deterministic sampler DSD trains (alg. 2), its output clamped to the image range."""
-    times = sampler_times(den.schedule, steps, skip)
-    return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
-
-
 def evaluate(cfg, models, reference_model, shape, data, device):
     """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
-    from the same noise, FID/IS when asked; samples.png (rows: the reference, then the models per step
-    count)."""
+    from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
     seeds, clip = range(cfg.eval_samples), clipped(cfg, models[reference_model])
     ref_folder = None
     if cfg.fid_samples and cfg.data != "cifar10":
         ref_folder = write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
 
-    def run(name, den, steps):
-        fn = ddim(den, steps, cfg.skip, clip)
+    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
+        times = sampler_times(den.schedule, steps, cfg.skip)
+        fn = lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
         with autocast(device, cfg.dtype):
             images = generate(fn, seeds, shape, cfg.eval_batch, device)
             if not cfg.fid_samples:
-                return images, {}
+                return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
             sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.eval_batch, device)
-        return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None,
-                              ref_folder=ref_folder)
+        scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder)
+        return images, {"fid": scores.get("fid"), "is": scores.get("is")}
 
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
-    results = [{"model": reference_model, "steps": cfg.reference_steps, "rmse_to_reference": 0.0,
-                "fid": scores.get("fid"), "is": scores.get("is")}]
+    results = [{"model": reference_model, "steps": cfg.reference_steps, "rmse_to_reference": 0.0, **scores}]
     rows = [reference[:cfg.grid]]
     for steps in parse_steps(cfg.eval_steps):
         for name, den in models.items():
             images, scores = run(name, den, steps)
             results.append({"model": name, "steps": steps, "rmse_to_reference": rmse(images, reference),
-                            "fid": scores.get("fid"), "is": scores.get("is")})
+                            **scores})
             rows.append(images[:cfg.grid])
         print(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
                                                for r in results[-len(models):]), flush=True)
@@ -399,21 +386,6 @@ def check(cfg):
         raise ValueError("--v-weight and --distill-weight are both 0: nothing to train")
 
 
-def fine_tune_setup(cfg, device):
-    """(spec, the original model (frozen), the model to fine-tune (a copy, no dropout), its EMA, shape)."""
-    spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
-        cached_teacher() if cfg.data == "shapes" else None)
-    if spec is None:
-        raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or checkpoint)")
-    den0 = load_teacher(spec, device)
-    size = net_config(den0.net)["image_size"]
-    if cfg.image_size not in (0, size):
-        raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
-    model = den0.copy()
-    model.net.eval()  # no dropout while fine-tuning; the weights still train
-    return spec, den0, model, den0.copy().eval(), (net_config(den0.net)["in_channels"], size, size)
-
-
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
@@ -426,8 +398,19 @@ def main(argv=None):
                         dropout=cfg.dropout)
         model = Denoiser(net.to(device), Schedule(cfg.train_schedule), "v", "fixed_large").train()
         spec, den0, ema, shape = None, None, model.copy().eval(), tuple(data.shape[1:])
-    else:
-        spec, den0, model, ema, shape = fine_tune_setup(cfg, device)
+    else:  # fine-tuning: den0 the original model (frozen), model a copy without dropout, ema its EMA
+        spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
+            cached_teacher() if cfg.data == "shapes" else None)
+        if spec is None:
+            raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or "
+                             "checkpoint)")
+        den0 = load_teacher(spec, device)
+        size = net_config(den0.net)["image_size"]
+        if cfg.image_size not in (0, size):
+            raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
+        model, ema = den0.copy(), den0.copy().eval()
+        model.net.eval()  # no dropout while fine-tuning; the weights still train
+        shape = (net_config(den0.net)["in_channels"], size, size)
         if cfg.fid_samples and cfg.data != "cifar10":
             data = load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     ckpt = start_run(cfg)  # refuses a resume with other result flags
