@@ -23,7 +23,6 @@ code: x0 = x_T - net(x_T, T-1) (param 'resid'; --student-param exact: the DDPM c
 (app. B), the best EMA by held-out test loss kept. Measured --quick numbers: README, Denoising Student.
 """
 import dataclasses
-import json
 import math
 import os
 import re
@@ -36,9 +35,9 @@ import torch
 
 from common import (DATASETS, SKIPS, TeacherConfig, autocast, build_net, cached_teacher, cli, ddim_sample,
                     ema_update, fid_is, field, generate, load_checkpoint, load_dataset, load_teacher, log_row,
-                    lr_at, net_config, parse_config, pick_device, rmse, run_finished, sample_to_folder,
-                    sampler_times, save_checkpoint, save_grid, seeded_noise, start_run, write_json,
-                    write_metrics, write_pngs)
+                    lr_at, net_config, parse_config, pick_device, read_file, rmse, run_finished,
+                    sample_to_folder, sampler_times, save_checkpoint, save_grid, seeded_noise, start_run,
+                    to_float, write_json, write_metrics, write_pngs)
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -149,12 +148,10 @@ def student_loss(x0_hat, x_0, kind):
 
 
 # ---- Synthetic dataset (sec. 3.1) --------------------------------------------------------------------------
-# OUT/pairs/{train,test}.npy: a preallocated memory-mapped record array per split (x_T float16, x_0 uint8),
-# and meta.json: the teacher recipe and the pairs written per split, counted once each --gen-batch chunk is on
-# disk (a crash loses at most one chunk). --targets round (default) rounds x_0 to the nearest uint8 level; the
-# official float_to_image truncates (a bias of -0.5 level): --targets trunc. Noise: seed s owns the seeds
-# [s 10^10, (s+1) 10^10) and each split 10^9 of them (FID samples must not reuse the training noise the
-# student has memorised), so two --seed values share no noise.
+# OUT/pairs/{train,test}.npy: a preallocated memory-mapped record array per split (x_T float16, x_0 uint8);
+# meta.json: the teacher recipe and the pairs done per split, counted once each --gen-batch chunk is on disk
+# (a crash loses at most one chunk). Seed s owns the noise seeds [s 10^10, (s+1) 10^10), each split 10^9 of
+# them (FID samples must not reuse the training noise the student has memorised): --seed values share none.
 SEED_STRIDE, SPLIT = 10 ** 10, 10 ** 9
 OFFSET = {"train": 0, "test": SPLIT, "eval": 2 * SPLIT, "fid": 3 * SPLIT}
 
@@ -180,8 +177,7 @@ def read_meta(pairs, recipe):
     """The pairs written per split ({'train': n, 'test': n}); None for a new folder."""
     if not os.path.exists(os.path.join(pairs, "meta.json")):
         return None
-    with open(os.path.join(pairs, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_file(os.path.join(pairs, "meta.json"), "pair meta file")
     diff = [k for k in recipe if meta.get(k) != recipe[k]]
     if diff:
         raise ValueError(f"{pairs} holds pairs made with other {', '.join(diff)}; pass another --pairs")
@@ -189,8 +185,7 @@ def read_meta(pairs, recipe):
 
 
 def pair_array(pairs, split, n, dtype=None):
-    """A split as one memory-mapped record array of at least n pairs; with a dtype, created if missing:
-    preallocated, its disk reserved."""
+    """A split's memory-mapped record array, >= n pairs; with a dtype made if missing, its disk reserved."""
     path = os.path.join(pairs, f"{split}.npy")
     if dtype is not None and not os.path.exists(path):
         if n * dtype.itemsize > shutil.disk_usage(pairs).free:
@@ -209,8 +204,7 @@ def pair_array(pairs, split, n, dtype=None):
 
 @torch.no_grad()
 def generate_pairs(cfg, teacher, recipe, shape, device):
-    """cfg.num_pairs training and cfg.num_test_pairs held-out pairs (x_T, F_teacher(x_T)) into cfg.pairs. Pair
-    i depends only on its seed; a rerun continues after the pairs meta.json counts."""
+    """The --num-pairs and --num-test-pairs pairs (x_T, F_teacher(x_T)), each from its own seed; resumes."""
     os.makedirs(cfg.pairs, exist_ok=True)
     done = read_meta(cfg.pairs, recipe) or {"train": 0, "test": 0}
     dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)])
@@ -246,8 +240,8 @@ def fetch(data, idx, device):
     x_T, x_0 = (torch.from_numpy(np.ascontiguousarray(rec[k])) for k in ("x_T", "x_0"))
     if device.startswith("cuda"):                                 # no host stall per step
         x_T, x_0 = x_T.pin_memory(), x_0.pin_memory()
-    x_T, x_0 = x_T.to(device, non_blocking=True).float(), x_0.to(device, non_blocking=True).float()
-    return x_T, x_0 / 127.5 - 1                                   # official train_pyfunc: y/127.5 - 1
+    x_T, x_0 = x_T.to(device, non_blocking=True).float(), x_0.to(device, non_blocking=True)
+    return x_T, to_float(x_0)                                     # official train_pyfunc: y/127.5 - 1
 
 
 # ---- Training: Adam with warm-up, EMA, the EMA's test loss every --test-every updates, the best EMA kept --
@@ -410,7 +404,6 @@ def resolve(cfg):
     fill = {key: values[k] for key, values in TABLE3.items() if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, recipe=recipe, teacher=cfg.teacher or ("" if cfg.data == "shapes" else
                               TEACHERS[k]), pairs=cfg.pairs or os.path.join(cfg.out, "pairs"), **fill)
-    files = (("fid-ref", cfg.fid_ref), ("fid-stats", cfg.fid_stats), ("inception", cfg.inception))
     for ok, message in [
             (cfg.teacher or cfg.data == "shapes", "--teacher: the paper's CelebA teacher is ermongroup/ddim"
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
@@ -424,8 +417,8 @@ def resolve(cfg):
             (max(cfg.num_pairs, cfg.num_test_pairs, cfg.eval_n, cfg.fid) < SPLIT and cfg.seed < 10 ** 8,
              "--num-pairs, --num-test-pairs, --eval-n, --fid: expected below 10^9; --seed: below 10^8"),
             (cfg.resume in ("auto", "none") or os.path.isfile(cfg.resume), f"--resume {cfg.resume}: no file"),
-            *[(not path or os.path.exists(path), f"--{flag} {path}: no such file or folder")
-              for flag, path in files]]:
+            *[(not path or os.path.exists(path), f"--{flag} {path}: no such file or folder") for flag, path in
+              (("fid-ref", cfg.fid_ref), ("fid-stats", cfg.fid_stats), ("inception", cfg.inception))]]:
         if not ok:
             raise ValueError(message)
     return cfg
