@@ -146,6 +146,14 @@ class Denoiser(nn.Module):
         return dict(net_config=net_config(self.net), model=self.net.state_dict(),
                     schedule=self.schedule.spec(), param=self.param, var=self.var, steps=self.steps)
 
+    @staticmethod
+    def from_state(state, source=""):
+        """The Denoiser of a state() dict or checkpoint (its EMA weights if it has them), frozen."""
+        net = build_net(state["net_config"])
+        net.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
+                        state.get("steps"), source).eval()
+
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
     """Deterministic DDIM (Song et al. 2021 eq. 12, eta = 0; Salimans & Ho eq. 8); (1, 0) gives x_pred."""
     return alpha_s * x_pred + sigma_s * eps_pred
@@ -734,12 +742,7 @@ def load_teacher(spec, device="cpu"):
     if not os.path.isfile(spec):
         raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a "
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
-    ckpt = load_checkpoint(spec)
-    net = build_net(ckpt["net_config"])
-    net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    den = Denoiser(net, Schedule(**ckpt["schedule"]), ckpt["param"], ckpt.get("var", "fixed_small"),
-                   ckpt.get("steps"), spec)
-    return den.to(device).eval()
+    return Denoiser.from_state(load_checkpoint(spec), spec).to(device)
 
 # ============================================= data =============================================
 

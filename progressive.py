@@ -15,12 +15,12 @@ Quick (16x16 shapes, a paper-style x-prediction base model trained once into the
     python progressive.py --quick --teacher cached --lr 1e-4 --updates-per-round 150   # the eps route
 
 Eps teachers (the paper's models predict x or 'both'; not in the paper, measured in the README):
-- Students keep predicting eps, so each starts AS its teacher (Alg. 2), and learn with the teacher's own
-  eps-MSE ('snr'; --weighting is for x-space students) down to --reparam-steps; there a re-parameterisation
-  round, Alg. 2 with one teacher step per student step (x~ = the teacher's x), makes the model 'both' (sec. 4:
-  x = sigma^2 x_head + alpha^2 x(eps_head), eps head copied, new x head) for the last rounds, where an eps
-  output's error is divided by alpha -> 0. 'Both' from the first round does worse: its x head must learn the
-  teacher's x = (z - sigma eps)/alpha at low SNR, amplified network error that the teacher's DDIM path uses.
+- Students keep predicting eps, so each starts AS its teacher (Alg. 2), with the teacher's eps-MSE ('snr';
+  --weighting is for x-space students) down to --reparam-steps; there a re-parameterisation round (Alg. 2, one
+  teacher step per student step: x~ = the teacher's x) makes the model 'both' (sec. 4: x = sigma^2 x_head +
+  alpha^2 x(eps_head), new x head) for the last rounds, where an eps output's error is divided by alpha -> 0.
+  'Both' from round 1 does worse (0.22 at 16 steps after 300 updates): at low SNR its new x head must learn
+  the teacher's x = (z - sigma eps)/alpha, amplified network error that the teacher's DDIM path uses.
 - Their x is clipped to [-1, 1] in both teacher steps and in the student's prediction (--teacher-clip auto;
   Alg. 2 and the official code do not clip, their x models barely need it): unclipped, the shared eps
   teacher's DDIM path leaves the data (pixel std 1.87 at t = 1/8 vs 0.58) and distilling it gains nothing.
@@ -47,7 +47,7 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, Schedule, TeacherConfig, ancestral_sample,
+from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
                     autocast, bcast, build_net, cached_teacher, cli, ddim_sample, ddim_step, eps_from_x,
                     fid_is, field, generate, load_dataset, load_teacher, log_row, lr_at, net_config,
                     parse_config, pick_device, rmse, run_finished, sample_batch, sample_to_folder,
@@ -309,7 +309,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                     grid_rows=[reference[:cfg.grid].repeat(2, 1, 1, 1)])  # the reference above both halves
     r0, results, reference, grid_rows, elapsed = (ckpt[k] for k in ("round", "results", "reference",
                                                                      "grid_rows", "elapsed"))
-    teacher = rebuild(ckpt["teacher"], teacher0.source, device) if "teacher" in ckpt else teacher0
+    teacher = Denoiser.from_state(ckpt["teacher"]).to(device) if "teacher" in ckpt else teacher0
 
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
@@ -372,14 +372,6 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
               flush=True)
         teacher = student
     return results
-
-
-def rebuild(state, source, device):
-    """The Denoiser of a den.state() dict (the teacher of the round a resume starts in)."""
-    net = build_net(state["net_config"])
-    net.load_state_dict(state["model"])
-    return Denoiser(net, Schedule(**state["schedule"]), state["param"], state["var"], state["steps"],
-                    source).to(device).eval()
 
 
 # ---- flags, teacher, main ----------------------------------------------------------------------------------
