@@ -84,9 +84,8 @@ def bcast(v, x):
     v = torch.as_tensor(v, device=x.device, dtype=x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
 
+
 # Parameterisations (Salimans & Ho sec. 4, app. D). alpha, sigma broadcast against z.
-
-
 def x_from_eps(z, eps, alpha, sigma): return (z - sigma * eps) / alpha
 def eps_from_x(z, x, alpha, sigma): return (z - alpha * x) / sigma
 def x_from_v(z, v, alpha, sigma): return alpha * z - sigma * v          # eq. 30
@@ -304,8 +303,8 @@ def _attend(qkv, heads):
     q, k, v = qkv.view(B, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)
 
-# ---- U-Net -----------------------------------------------------------------------------------
 
+# ---- U-Net -----------------------------------------------------------------------------------
 
 @dataclass
 class UNetConfig:
@@ -460,8 +459,8 @@ class UNet(nn.Module):
             h = level.resample(h, emb) if level.resample else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
-# ---- DiT-style ViT (Peebles & Xie 2023), unconditional --------------------------------------
 
+# ---- DiT-style ViT (Peebles & Xie 2023), unconditional --------------------------------------
 
 @dataclass
 class DiTConfig:
@@ -542,8 +541,8 @@ class DiT(nn.Module):
         h = self.out(_modulate(self.norm_out(h), shift, scale)).view(B, H // p, W // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
 
-# ---- presets, build_net / net_config ---------------------------------------------------------
 
+# ---- presets, build_net / net_config ---------------------------------------------------------
 
 _ADM = dict(scale_shift=True, time_emb="cos_sin", norm_eps=1e-5)
 PRESETS = {
@@ -1162,8 +1161,8 @@ def autocast(device, dtype):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     return torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
 
-# ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
+# ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
 def write_json(path, obj):
     """Atomic JSON write."""
@@ -1229,8 +1228,8 @@ def cli(main):
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
 
-# ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
+# ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
