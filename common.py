@@ -1294,7 +1294,7 @@ class TeacherConfig:
     var: str = field("learned_range", "ancestral variance", choices=("fixed_small", "fixed_large",
                                                                      "learned_range"))
     updates: int = field(1500, "updates (the lr is constant after warm-up: runs extend)", low=1, fixed=False)
-    batch: int = field(32, "batch size", low=1)
+    batch: int = field(16, "batch size", low=1)
     lr: float = field(5e-4, "Adam learning rate", low=0.0)
     warmup: int = field(100, "linear warm-up updates", low=0)
     weight_decay: float = field(0.0, "decoupled weight decay (AdamW)", low=0.0)

@@ -139,7 +139,7 @@ class Config:
 
 # --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR) on 16x16 shapes, trained
 # once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 100 (200) updates, 5x the paper's lr.
-QUICK = dict(data="shapes", image_size=16, net="tiny", dropout=0.0, base_updates=2000, base_batch=32,
+QUICK = dict(data="shapes", image_size=16, net="tiny", dropout=0.0, base_updates=2000, base_batch=16,
              base_lr=1e-3, base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True,
              start_steps=16, updates_per_round=100, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
              log_every=50, ckpt_every=100, out="runs/progressive_quick")
