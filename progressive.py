@@ -309,7 +309,8 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                     grid_rows=[reference[:cfg.grid].repeat(2, 1, 1, 1)])  # the reference above both halves
     r0, results, reference, grid_rows, elapsed = (ckpt[k] for k in ("round", "results", "reference",
                                                                      "grid_rows", "elapsed"))
-    teacher = Denoiser.from_state(ckpt["teacher"]).to(device) if "teacher" in ckpt else teacher0
+    teacher = teacher0 if "teacher" not in ckpt else \
+        Denoiser.from_state(ckpt["teacher"], teacher0.source).to(device)  # a later round's teacher
 
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
