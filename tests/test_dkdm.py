@@ -174,23 +174,16 @@ def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, 
         ("teacher", "ancestral"), ("student", "ancestral")]
 
 
-def test_resume_restores_the_dynamic_set(tmp_path, monkeypatch):
+def test_resume_restores_the_dynamic_set(tmp_path, kill_on_call):
     teacher = _teacher_file(tmp_path)
     flags = ("--dropout", "0.1")                                       # dropout masks must repeat too
     straight = D.main(_small(tmp_path / "a", teacher, *flags))
-    calls, ema_update = {"n": 0}, D.ema_update
-
-    def crashing_ema_update(*args):                                    # killed in update 7
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("killed")
-        ema_update(*args)
-    monkeypatch.setattr(D, "ema_update", crashing_ema_update)
+    revive = kill_on_call(D, "ema_update", 7)                          # killed in update 7
     with pytest.raises(KeyboardInterrupt):
         D.main(_small(tmp_path / "b", teacher, *flags))
     crashed = C.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert crashed["step"] == 4 and crashed["knowledge"]["z"].shape[0] == 5 * 8     # round(rho K) b entries
-    monkeypatch.setattr(D, "ema_update", ema_update)
+    revive()
     resumed = D.main(_small(tmp_path / "b", teacher, *flags))
     a, b = (C.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("a", "b"))
     assert a["step"] == b["step"] == 12

@@ -174,26 +174,19 @@ def test_stage_train_refuses_missing_pairs_and_pairs_of_another_recipe(tmp_path)
         kd.train(other, teacher, None, kd.pairs_recipe(other, [999, 500, 0], SHAPE), "cpu")
 
 
-def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(tmp_path, monkeypatch):
+def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(tmp_path, kill_on_call):
     teacher = random_teacher()
     straight = small_cfg(tmp_path / "straight")
     recipe = make_pairs(straight, teacher)
     kd.train(straight, teacher, None, recipe, "cpu")
 
     crash = small_cfg(tmp_path / "crash", pairs=straight.pairs)
-    calls, ema_update = {"n": 0}, kd.ema_update
-
-    def crashing_ema_update(*args):                                                   # killed in update 8
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("killed")
-        ema_update(*args)
-    monkeypatch.setattr(kd, "ema_update", crashing_ema_update)
+    revive = kill_on_call(kd, "ema_update", 8)                                        # killed in update 8
     with pytest.raises(KeyboardInterrupt):
         kd.train(crash, teacher, None, recipe, "cpu")
     ckpt = common.load_checkpoint(os.path.join(crash.out, "ckpt.pt"))
     assert ckpt["step"] == 6                                                          # the last checkpoint
-    monkeypatch.setattr(kd, "ema_update", ema_update)
+    revive()
     kd.train(crash, teacher, ckpt, recipe, "cpu")
     a, b = (common.load_checkpoint(os.path.join(c.out, "ckpt.pt")) for c in (crash, straight))
     assert a["step"] == b["step"] == 12 and a["best_step"] == b["best_step"]
