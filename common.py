@@ -2,7 +2,7 @@
 sections: math, nets, teachers, data, checkpoints, evaluation, training. Images are NCHW float in [-1, 1]
 (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
 units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
-import argparse, copy, dataclasses, hashlib, json, math, os, pickle, shutil, sys, tarfile, time
+import argparse, copy, dataclasses, functools, hashlib, json, math, os, pickle, shutil, sys, tarfile, time
 import urllib.request
 from dataclasses import asdict, dataclass
 
@@ -881,6 +881,9 @@ def make_shapes(n, image_size=32, seed=0):
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+_shapes = functools.lru_cache(maxsize=4)(make_shapes)
+
+
 def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
     """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
     is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
@@ -894,8 +897,8 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
         if not os.path.isdir(name[len("folder:"):]):
             raise ValueError(f"--data {name}: no such folder")
         return load_folder(name[len("folder:"):], image_size or 32)
-    if name == "shapes":
-        return make_shapes(n_shapes, image_size or 32, seed)
+    if name == "shapes":  # built once per process (20k images take 4 s), a copy per caller
+        return _shapes(n_shapes, image_size or 32, seed).clone()
     raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
 
 
@@ -1373,11 +1376,16 @@ def cached_teacher(cfg=None):
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
     path = os.path.join(CACHE_DIR, "teachers", name)
-    if not os.path.exists(path):
-        run_dir = path[:-3] + "_run"
-        print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}", flush=True)
-        shutil.copyfile(train_teacher(dataclasses.replace(cfg, out=run_dir)), path + ".tmp")
-        os.replace(path + ".tmp", path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        if os.name == "posix":  # processes sharing the cache (pytest -n workers): one trains, the rest wait
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            run_dir = path[:-3] + "_run"
+            print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}", flush=True)
+            shutil.copyfile(train_teacher(dataclasses.replace(cfg, out=run_dir)), path + ".tmp")
+            os.replace(path + ".tmp", path)
     return path
 
 

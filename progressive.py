@@ -404,6 +404,17 @@ def check(cfg):
             raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
 
 
+def base_config(cfg):
+    """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
+    return TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
+                         schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting, var="fixed_large",
+                         updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
+                         warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
+                         grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                         out=os.path.join(cfg.out, "base"), resume="auto")
+
+
 def get_teacher(cfg, device):
     """(spec, Denoiser) of the start teacher: --teacher, the shared eps teacher, or the base model of Alg. 1
     (OUT/base, continued if unfinished and kept if finished: --resume is the distillation's; or the cache)."""
@@ -412,14 +423,7 @@ def get_teacher(cfg, device):
     elif cfg.teacher:
         spec = cfg.teacher
     else:
-        base = TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
-                             schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting,
-                             var="fixed_large", updates=cfg.base_updates, batch=cfg.base_batch,
-                             lr=cfg.base_lr, warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay,
-                             ema=cfg.base_ema, grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device,
-                             dtype=cfg.dtype, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                             out=os.path.join(cfg.out, "base"), resume="auto")
-        spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
+        spec = cached_teacher(base_config(cfg)) if cfg.base_cache else train_teacher(base_config(cfg))
     return spec, load_teacher(spec, device)
 
 

@@ -8,7 +8,29 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DISTILL_CACHE", os.path.join(ROOT, ".cache", "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # pytest -n 2 (pytest.ini): one thread per worker process
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the subprocesses it starts
 sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402 (after the cache and thread settings)
+
+import common as C  # noqa: E402
+
+if WORKER:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def teachers_side_by_side(worker_id):
+    """The two cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
+    teacher and gw1 progressive's --quick base model at the start, side by side; a test of the other worker
+    that needs one before it is done waits on the cache's lock (common.cached_teacher)."""
+    if worker_id == "gw0":
+        C.cached_teacher()
+    elif worker_id == "gw1":
+        import progressive as P
+        C.cached_teacher(P.base_config(P.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
 
 
 @pytest.fixture
