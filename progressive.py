@@ -423,7 +423,8 @@ def get_teacher(cfg, device):
     elif cfg.teacher:
         spec = cfg.teacher
     else:
-        spec = cached_teacher(base_config(cfg)) if cfg.base_cache else train_teacher(base_config(cfg))
+        base = base_config(cfg)
+        spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
     return spec, load_teacher(spec, device)
 
 
