@@ -52,11 +52,13 @@ def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
     assert x.shape == z.shape and torch.isfinite(x).all() and torch.isfinite(eps).all()
 
 
-def test_loss_decreases_on_shapes(tmp_path):
-    cfg = _cfg(tmp_path, updates=150, batch=32, log_every=50, lr=1e-3, warmup=10)
-    C.train_teacher(cfg)
-    losses = [json.loads(l)["loss"] for l in open(os.path.join(cfg.out, "log.jsonl"))]
-    assert losses[-1] < 0.7 * losses[0]
+def test_loss_decreases_on_shapes():
+    """Alg. 1 learns: the shared shapes teacher's logged loss (the hybrid loss, every 100 updates) falls. Read
+    from its training log, so the suite trains no extra model for it."""
+    path = C.cached_teacher()
+    losses = [json.loads(l)["loss"] for l in open(path[:-3] + "_run/log.jsonl") if '"stage": "teacher"' in l]
+    assert len(losses) == C.TeacherConfig().updates // 100 and losses[-1] < 0.2 * losses[0] and \
+        losses[-1] < 0.7 * losses[1]
 
 
 def test_cached_teacher_trains_once(tmp_path, monkeypatch):
