@@ -22,13 +22,7 @@ give table 3's LSUN updates only with its 204,800 pairs: --num-pairs 204800); ta
 code: x0 = x_T - net(x_T, T-1) (param 'resid'; --student-param exact: the DDPM conversion), no dropout
 (app. B), the best EMA by held-out test loss kept. Measured --quick numbers: README, Denoising Student.
 """
-import dataclasses
-import math
-import os
-import re
-import shutil
-import sys
-import time
+import dataclasses, math, os, re, shutil, sys, time
 
 import numpy as np
 import torch
