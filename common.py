@@ -566,13 +566,15 @@ PRESETS = {
     # Salimans & Ho progressive distillation CIFAR-10 base model
     "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8),
                              dropout=0.2, resblock_updown=True, **_ADM),
-    # CPU tests
+    # CPU tests: the shared eps shapes teacher (828k params)
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),   # DiT-S/2 (Peebles & Xie 2023)
     "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),  # DiT-B/2
     "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),  # CPU tests
 }
+# 'tiny' at 16 channels (209k params, 1.8x faster per update on a CPU core): progressive.py's --quick base
+PRESETS["tiny16"] = dataclasses.replace(PRESETS["tiny"], ch=16)  # model, DKDM's --quick student
 
 
 def build_net(cfg, zero_init=True, **overrides):

@@ -33,8 +33,8 @@ fractional timesteps, u = 0 the data; learned-range variance channels are droppe
 
 Measured on 1 CPU thread, RMSE to the teacher's 16-step DDIM output over 64 samples (README for more):
     steps                            8       4       2       1
-    --quick student (x)            0.020   0.041   0.061   0.082     ~3 min after the cached base model
-    --quick undistilled DDIM       0.034   0.098   0.187   0.294
+    --quick student (x)            0.019   0.038   0.059   0.080     ~3 min after the cached base model
+    --quick undistilled DDIM       0.033   0.084   0.179   0.278
     eps route student              0.057   0.111   0.208   0.276     eps students to 2 steps, 'both' at 1
     eps route undistilled DDIM     0.071   0.142   0.256   0.911
 """
@@ -137,11 +137,12 @@ class Config:
                         fixed=False)
 
 
-# --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR) on 16x16 shapes, trained
-# once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 100 (200) updates, 5x the paper's lr.
-QUICK = dict(data="shapes", image_size=16, net="tiny", dropout=0.0, base_updates=2000, base_batch=16,
+# --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR; the 16-channel tiny U-Net)
+# on 16x16 shapes, trained once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 200 (400)
+# updates, 5x the paper's lr.
+QUICK = dict(data="shapes", image_size=16, net="tiny16", dropout=0.0, base_updates=2500, base_batch=16,
              base_lr=1e-3, base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True,
-             start_steps=16, updates_per_round=100, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
+             start_steps=16, updates_per_round=200, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
              log_every=50, ckpt_every=100, out="runs/progressive_quick")
 
 
