@@ -21,7 +21,8 @@ def _make_cifar_tarball(path, n_per_batch=20):
     with tarfile.open(path, "w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
             data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
-            obj = {b"data": data, b"labels": list(rng.integers(0, 10, n_per_batch))} if name != "batches.meta" else {}
+            labels = list(rng.integers(0, 10, n_per_batch))
+            obj = {b"data": data, b"labels": labels} if name != "batches.meta" else {}
             batches[name] = data
             blob = pickle.dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -32,7 +33,8 @@ def _make_cifar_tarball(path, n_per_batch=20):
 
 def test_cifar10_official_format(tmp_path, monkeypatch):
     batches = _make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
-    monkeypatch.setattr(C, "CIFAR10_MD5", hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest())
+    md5 = hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setattr(C, "CIFAR10_MD5", md5)
     train = C.load_dataset("cifar10", data_dir=str(tmp_path))
     assert train.shape == (100, 3, 32, 32) and train.dtype == torch.uint8
     expected = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
@@ -48,7 +50,7 @@ def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")   # wrong md5 -> re-download -> clear error
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")  # wrong md5: re-download, clear error
     with pytest.raises(ValueError, match="place it at"):
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="32x32"):
@@ -60,7 +62,8 @@ def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
 def test_folder_dataset_crops_and_resizes(tmp_path):
     rng = np.random.default_rng(0)
     for i, size in enumerate([(40, 30), (64, 64), (20, 50)]):
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
     (tmp_path / "notes.txt").write_text("ignored")
     data = C.load_dataset(f"folder:{tmp_path}", image_size=16)
     assert data.shape == (3, 3, 16, 16) and data.dtype == torch.uint8
@@ -124,14 +127,16 @@ def test_sample_to_folder_resumes_and_writes_atomically(tmp_path, monkeypatch):
     C.sample_to_folder(fn, 6, str(tmp_path), (3, 8, 8), 4, "cpu")            # only 2..5 are new
     assert len(os.listdir(tmp_path)) == 6 and calls[1:] == [[2, 3, 4, 5]]
     img = np.asarray(Image.open(tmp_path / "000003.png"))
-    assert np.array_equal(img, C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy())
+    want = C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(img, want)
 
 
 def test_write_pngs_once(tmp_path):
     images = C.make_shapes(3, 8)
     folder = C.write_pngs(images, str(tmp_path / "ref"))
     assert sorted(os.listdir(folder)) == ["000000.png", "000001.png", "000002.png"]
-    assert np.array_equal(np.asarray(Image.open(os.path.join(folder, "000002.png"))), images[2].permute(1, 2, 0).numpy())
+    png = np.asarray(Image.open(os.path.join(folder, "000002.png")))
+    assert np.array_equal(png, images[2].permute(1, 2, 0).numpy())
     C.write_pngs(C.make_shapes(5, 8), folder)                       # already complete: left alone
     assert len(os.listdir(folder)) == 3
 
@@ -173,8 +178,8 @@ def test_fid_is_through_clean_fid_with_stand_in(tmp_path):
     noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (100, 3, 16, 16), dtype=np.uint8))
     _write_pngs(tmp_path / "noise", noise)
     det = StandIn()
-    same = C.fid_is(str(tmp_path / "same"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"), batch_size=50)
-    far = C.fid_is(str(tmp_path / "noise"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"), batch_size=50)
+    same, far = (C.fid_is(str(tmp_path / name), "shapes", inception=det, ref_folder=str(tmp_path / "ref"),
+                          batch_size=50) for name in ("same", "noise"))
     assert set(same) == {"fid", "fid_clean", "is", "is_std"}
     assert far["fid"] > 5 * same["fid"] and far["fid_clean"] > 5 * same["fid_clean"]
     assert 1.0 <= same["is"] <= 10.0
@@ -207,7 +212,8 @@ def test_fid_of_cifar10_against_a_statistics_file_offline(tmp_path):
     det = StandIn()
     feats = torch.cat([det.features(s[None].float(), "legacy_tensorflow") for s in shapes]).double().numpy()
     np.savez(tmp_path / "stats.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
-    out = C.fid_is(str(tmp_path / "gen"), "cifar10", inception=det, stats=str(tmp_path / "stats.npz"), batch_size=20)
+    out = C.fid_is(str(tmp_path / "gen"), "cifar10", inception=det, stats=str(tmp_path / "stats.npz"),
+                   batch_size=20)
     assert abs(out["fid"]) < 1e-6 and "fid_clean" not in out
 
 

@@ -9,16 +9,17 @@ import torch
 import common as C
 
 # Reference lists from shared/reference/teacher_checkpoints.md section 5 (checked against the official code).
-QUAD_100 = [800, 783, 768, 752, 736, 721, 705, 690, 675, 661, 646, 632, 617, 603, 589, 575, 562, 548, 535, 522, 509,
-            496, 483, 471, 459, 446, 434, 423, 411, 399, 388, 377, 366, 355, 344, 334, 323, 313, 303, 293, 284, 274, 265,
-            255, 246, 238, 229, 220, 212, 204, 195, 188, 180, 172, 165, 158, 150, 143, 137, 130, 124, 117, 111, 105, 99,
-            94, 88, 83, 78, 73, 68, 63, 59, 55, 51, 47, 43, 39, 35, 32, 29, 26, 23, 20, 18, 15, 13, 11, 9, 8, 6, 5, 3, 2,
-            2, 1, 0, 0, 0, 0]
-LINSPACE_100 = [999, 989, 979, 969, 959, 949, 938, 928, 918, 908, 898, 888, 878, 868, 858, 848, 838, 827, 817, 807, 797,
-                787, 777, 767, 757, 747, 737, 727, 716, 706, 696, 686, 676, 666, 656, 646, 636, 626, 616, 605, 595, 585,
-                575, 565, 555, 545, 535, 525, 515, 505, 494, 484, 474, 464, 454, 444, 434, 424, 414, 404, 394, 383, 373,
-                363, 353, 343, 333, 323, 313, 303, 293, 283, 272, 262, 252, 242, 232, 222, 212, 202, 192, 182, 172, 161,
-                151, 141, 131, 121, 111, 101, 91, 81, 71, 61, 50, 40, 30, 20, 10, 0]
+QUAD_100 = [800, 783, 768, 752, 736, 721, 705, 690, 675, 661, 646, 632, 617, 603, 589, 575, 562, 548, 535,
+            522, 509, 496, 483, 471, 459, 446, 434, 423, 411, 399, 388, 377, 366, 355, 344, 334, 323, 313,
+            303, 293, 284, 274, 265, 255, 246, 238, 229, 220, 212, 204, 195, 188, 180, 172, 165, 158, 150,
+            143, 137, 130, 124, 117, 111, 105, 99, 94, 88, 83, 78, 73, 68, 63, 59, 55, 51, 47, 43, 39, 35, 32,
+            29, 26, 23, 20, 18, 15, 13, 11, 9, 8, 6, 5, 3, 2, 2, 1, 0, 0, 0, 0]
+LINSPACE_100 = [999, 989, 979, 969, 959, 949, 938, 928, 918, 908, 898, 888, 878, 868, 858, 848, 838, 827, 817,
+                807, 797, 787, 777, 767, 757, 747, 737, 727, 716, 706, 696, 686, 676, 666, 656, 646, 636, 626,
+                616, 605, 595, 585, 575, 565, 555, 545, 535, 525, 515, 505, 494, 484, 474, 464, 454, 444, 434,
+                424, 414, 404, 394, 383, 373, 363, 353, 343, 333, 323, 313, 303, 293, 283, 272, 262, 252, 242,
+                232, 222, 212, 202, 192, 182, 172, 161, 151, 141, 131, 121, 111, 101, 91, 81, 71, 61, 50, 40,
+                30, 20, 10, 0]
 
 
 def test_timestep_sequences_match_reference_lists():
@@ -55,7 +56,8 @@ def test_linear_schedule_closed_form():
     assert np.allclose(ac.numpy(), np.cumprod(1 - betas), rtol=0, atol=1e-15)
     a, sig = s.alpha_sigma(torch.arange(1000))
     assert torch.allclose(a.double() ** 2, ac, atol=1e-7)
-    assert torch.allclose(a.double() ** 2 + sig.double() ** 2, torch.ones(1000, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(a.double() ** 2 + sig.double() ** 2, torch.ones(1000, dtype=torch.float64),
+                          atol=1e-6)
     # fractional times interpolate the log-SNR and are exact at integers
     lam = s.logsnr(torch.tensor([10.0, 10.5, 11.0]))
     assert lam[0] == s.logsnr_table[10] and lam[2] == s.logsnr_table[11]
@@ -66,7 +68,7 @@ def test_linear_schedule_closed_form():
 def test_cosine_schedule_closed_form():
     s = C.Schedule("cosine", T=1000)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
-    for t in (0, 10, 500, 900):     # Nichol & Dhariwal eq. 17: alpha_bar_t = f(t+1)/f(0) (t 0-based), before clipping
+    for t in (0, 10, 500, 900):  # Nichol & Dhariwal eq. 17: alpha_bar_t = f(t+1)/f(0) (t 0-based), unclipped
         assert abs(s.alphas_cumprod[t].item() - f(t + 1) / f(0)) < 1e-9
     assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
     s4000 = C.Schedule("cosine", T=4000, t_scale=0.25)
@@ -142,7 +144,8 @@ def test_ddim_sample_matches_diffusers_ddim_unclipped():
     from diffusers import DDIMScheduler
     sched = C.Schedule("linear")
     net = _Toy(3)
-    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                        set_alpha_to_one=True)
     ref.set_timesteps(20)
     z0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     z = z0.clone()
@@ -183,8 +186,8 @@ def test_learned_range_variance_interpolates_in_log_space():
 
 def test_ancestral_step_adds_no_noise_into_the_data():
     z, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    out = C.ancestral_step(z, x, torch.tensor(0.9), torch.tensor(0.4359), torch.tensor(1.0), torch.tensor(0.0),
-                           torch.randn(2, 3, 4, 4), frac=1.0)
+    alpha_t, sigma_t, alpha_s, sigma_s = (torch.tensor(v) for v in (0.9, 0.4359, 1.0, 0.0))
+    out = C.ancestral_step(z, x, alpha_t, sigma_t, alpha_s, sigma_s, torch.randn(2, 3, 4, 4), frac=1.0)
     assert torch.allclose(out, x, atol=1e-6)
 
 
@@ -218,7 +221,8 @@ def test_vlb_terms_zero_at_the_true_posterior_and_decoder_nll_is_a_likelihood():
     # the discretized decoder is a distribution over the 256 levels: probabilities sum to one
     levels = C.to_float(torch.arange(256, dtype=torch.uint8)).view(256, 1)
     mean, logvar = torch.full((256, 1), 0.3), torch.full((256, 1), math.log(0.01))
-    assert torch.exp(-C.discretized_gaussian_nll(levels, mean, logvar)).sum().item() == pytest.approx(1.0, abs=1e-4)
+    total = torch.exp(-C.discretized_gaussian_nll(levels, mean, logvar)).sum().item()
+    assert total == pytest.approx(1.0, abs=1e-4)
 
 
 def test_ancestral_sample_noise_depends_on_the_seed_only():

@@ -37,10 +37,12 @@ def test_resume_restores_training_state_exactly(tmp_path):
     assert json.load(open(tmp_path / "b" / "run" / "config.json"))["updates"] == 6
 
 
-@pytest.mark.parametrize("param,schedule,var", [("eps", "linear", "learned_range"), ("v", "cosine_logsnr", "fixed_large"),
+@pytest.mark.parametrize("param,schedule,var", [("eps", "linear", "learned_range"),
+                                              ("v", "cosine_logsnr", "fixed_large"),
                                               ("both", "cosine", "learned_range")])
 def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
-    path = C.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, var=var, weighting="snr_plus_one"))
+    path = C.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, var=var,
+                                weighting="snr_plus_one"))
     den = C.load_teacher(path)
     ckpt = C.load_checkpoint(path)
     assert den.param == param and den.schedule.spec() == ckpt["schedule"] and den.steps is None
