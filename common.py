@@ -1072,13 +1072,13 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
     `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception."""
     from cleanfid import features as cf_features, fid as cleanfid
-    from PIL import Image
     det = inception if hasattr(inception, "features") else Inception(inception, device)
+    outputs = lambda path, mode, fn: cleanfid.get_folder_features(  # fn of clean-fid's batches, (B, 3, H, W)
+        path, model=lambda x: fn(x.float()), num_workers=0, batch_size=batch_size, device=torch.device(device),
+        mode=mode, verbose=False)
 
     def moments(path, mode):
-        f = cleanfid.get_folder_features(path, model=lambda x: det.features(x.float(), mode), num_workers=0,
-                                         batch_size=batch_size, device=torch.device(device), mode=mode,
-                                         verbose=False)
+        f = outputs(path, mode, lambda x: det.features(x, mode))
         return f.mean(0), np.cov(f, rowvar=False)
 
     out = {}
@@ -1098,12 +1098,8 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
             raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
         fid = frechet_distance(*moments(folder, mode), *ref)
         out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = fid
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
-                                        for f in files])).permute(0, 3, 1, 2)
-    probs = torch.cat([det.probs(images[i:i + batch_size].to(device).float()).cpu()
-                       for i in range(0, len(images), batch_size)])
-    out["is"], out["is_std"] = inception_score(probs.numpy())
+    # IS on the images as they are (the network resizes inside, as TF's): clean-fid's legacy_tensorflow batches
+    out["is"], out["is_std"] = inception_score(outputs(folder, "legacy_tensorflow", det.probs))
     return out
 
 # =========================================== training ===========================================
