@@ -16,7 +16,6 @@ CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~")
 
 # ============================================= math =============================================
 
-
 class Schedule:
     """Variance-preserving: z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(lambda_t), sigma_t^2 =
     sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.)
@@ -78,12 +77,10 @@ class Schedule:
         """Map the unit interval (u = 1 pure noise, u = 0 data) to this schedule's time units."""
         return u * (self.T - 1) if self.discrete else u
 
-
 def bcast(v, x):
     """Reshape a per-sample value (B,) or scalar so it broadcasts against an image batch x (B,C,H,W)."""
     v = torch.as_tensor(v, device=x.device, dtype=x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
-
 
 # Parameterisations (Salimans & Ho sec. 4, app. D). alpha, sigma broadcast against z.
 def x_from_eps(z, eps, alpha, sigma): return (z - sigma * eps) / alpha
@@ -92,9 +89,7 @@ def x_from_v(z, v, alpha, sigma): return alpha * z - sigma * v          # eq. 30
 def eps_from_v(z, v, alpha, sigma): return sigma * z + alpha * v
 def v_from_x_eps(x, eps, alpha, sigma): return alpha * eps - sigma * x  # eq. 26: v = alpha eps - sigma x
 
-
 PARAMS = ("eps", "x", "v", "both", "resid")
-
 
 def x_eps_from_output(out, z, alpha, sigma, param):
     """Network output -> (x_pred, eps_pred), extra (variance) channels ignored. 'both' is [x_direct, eps],
@@ -112,7 +107,6 @@ def x_eps_from_output(out, z, alpha, sigma, param):
     elif param != "x":
         raise ValueError(f"unknown parameterisation {param!r}: expected one of {', '.join(PARAMS)}")
     return o, eps_from_x(z, o, alpha, sigma)
-
 
 class Denoiser(nn.Module):
     """A network read as a denoiser (k-diffusion's wrapper): (z_t, t) -> (x_pred, eps_pred), with its
@@ -160,11 +154,9 @@ class Denoiser(nn.Module):
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
                         state.get("steps"), source).eval()
 
-
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
     """Deterministic DDIM (Song et al. 2021 eq. 12, eta = 0; Salimans & Ho eq. 8); (1, 0) gives x_pred."""
     return alpha_s * x_pred + sigma_s * eps_pred
-
 
 def posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s):
     """q(z_s | z_t, x), s < t (Kingma et al. 2021): (mean, var_small, var_large), mean = r (alpha_s/alpha_t)
@@ -174,7 +166,6 @@ def posterior(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s):
     mean = r * (alpha_s / alpha_t) * z_t + (1 - r) * alpha_s * x_pred
     return mean, (1 - r) * sigma_s ** 2, (1 - r) * sigma_t ** 2
 
-
 def variance_frac(var, v=None):
     """Where an ancestral log-variance sits from var_small (0) to var_large (1): 'fixed_small' 0,
     'fixed_large' 1 (Ho et al. sec. 3.2), 'learned_range' (v + 1)/2 (Nichol & Dhariwal eq. 15)."""
@@ -182,11 +173,9 @@ def variance_frac(var, v=None):
         return (v + 1) / 2 if var == "learned_range" else float(var == "fixed_large")
     raise ValueError(f"unknown variance type {var!r}: expected fixed_small, fixed_large or learned_range")
 
-
 def ancestral_logvar(var_small, var_large, frac):
     """frac log var_large + (1 - frac) log var_small (N&D eq. 15; Salimans & Ho app. F's gamma is frac)."""
     return frac * torch.log(var_large.clamp_min(1e-20)) + (1 - frac) * torch.log(var_small.clamp_min(1e-20))
-
 
 def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=0.0):
     """One stochastic step z_t -> z_s: posterior mean plus exp(logvar/2) noise; no noise into the data."""
@@ -194,12 +183,10 @@ def ancestral_step(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, noise, frac=
     std = torch.exp(0.5 * ancestral_logvar(var_small, var_large, frac))
     return mean + (sigma_s > 0).float() * std * noise
 
-
 def gaussian_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
 
 def step_gaussian(schedule, z_t, t, x_pred, frac):
     """p(z_{t-1} | z_t) of a discrete model: (posterior mean, log-variance frac of the way from beta~_t to
@@ -213,7 +200,6 @@ def step_gaussian(schedule, z_t, t, x_pred, frac):
     var_small_1 = posterior(0, 0, *schedule.alpha_sigma(1), *schedule.alpha_sigma(0))[1]
     return mean, ancestral_logvar(torch.where(first, var_small_1.to(z_t.device), var_small), var_large, frac)
 
-
 def discretized_gaussian_nll(x, mean, logvar):
     """-log p(x) of 8-bit data, N(mean, e^logvar) integrated over each 2/255 bin, the edge bins open (Ho et
     al. sec. 3.3, the decoder L_0)."""
@@ -221,7 +207,6 @@ def discretized_gaussian_nll(x, mean, logvar):
     upper = torch.where(x > 0.999, 1.0, cdf(x + 1 / 255))
     lower = torch.where(x < -0.999, 0.0, cdf(x - 1 / 255))
     return -torch.log((upper - lower).clamp_min(1e-12))
-
 
 def vlb_terms(schedule, z_t, t, x, x_pred, v):
     """L_t of the variational bound in bits/dim, (B,): KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t)), at t = 0
@@ -232,9 +217,7 @@ def vlb_terms(schedule, z_t, t, x, x_pred, v):
     nll = discretized_gaussian_nll(x, mean_p, logvar_p).flatten(1).mean(1)
     return torch.where(torch.as_tensor(t, device=z_t.device) == 0, nll, kl) / math.log(2.0)
 
-
 SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
-
 
 def ddim_timesteps(T, steps, skip="uniform"):
     """Descending timesteps of a `steps`-step chain over a T-step model: uniform (DDIM, ermongroup, diffusers'
@@ -247,14 +230,12 @@ def ddim_timesteps(T, steps, skip="uniform"):
         raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS)}")
     return [int(t) for t in seqs[skip]()[::-1]]
 
-
 def sampler_times(schedule, steps, skip="uniform"):
     """A `steps`-step sampler's times, descending; 'unit' is Salimans & Ho's t_i = i/N, i = N..1 (from 1/N
     to the data), mapped by schedule.time."""
     if schedule.discrete and skip != "unit":
         return ddim_timesteps(schedule.T, steps, skip)
     return [schedule.time(i / steps) for i in range(steps, 0, -1)]
-
 
 @torch.no_grad()
 def ddim_sample(den, z, times, clip=False):
@@ -265,7 +246,6 @@ def ddim_sample(den, z, times, clip=False):
         if i + 1 == len(times):
             return x_pred
         z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
-
 
 @torch.no_grad()
 def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
@@ -284,7 +264,6 @@ def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
 # Both networks take (x, t): x is (B, C, H, W); t a float tensor (B,) or a scalar, in the units of the model's
 # own training code (Ho et al., DDPM-IP: 0..T-1; improved-diffusion: t * 1000 / T). Fractional t is fine.
 
-
 def timestep_embedding(t, x, dim, order="cos_sin"):
     """Sinusoidal fp32 embedding (B, dim) of t (scalar or (B,)) for batch x: 'cos_sin' (ADM, DiT) [cos, sin],
     10000^(-k/half); 'sin_cos' (Ho et al.; diffusers' flip_sin_to_cos=False) [sin, cos], 10000^(-k/(h-1))."""
@@ -296,13 +275,11 @@ def timestep_embedding(t, x, dim, order="cos_sin"):
     emb = torch.cat([args.cos(), args.sin()] if order == "cos_sin" else [args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
-
 def _attend(qkv, heads):
     """Softmax attention, (B, T, 3C) laid out [q | k | v], each split into heads -> (B, T, C)."""
     B, T, C3 = qkv.shape
     q, k, v = qkv.view(B, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)
-
 
 # ---- U-Net -----------------------------------------------------------------------------------
 
@@ -325,7 +302,6 @@ class UNetConfig:
     norm_eps: float = 1e-6           # GroupNorm eps: Ho 1e-6, ADM 1e-5
     norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
-
 
 class ResBlock(nn.Module):
     """GN, SiLU, [resample both paths: avg-pool / nearest, BigGAN/ADM], conv, + time (or scale-shift), GN,
@@ -357,7 +333,6 @@ class ResBlock(nn.Module):
             h = self.norm2(h + e)
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
-
 class Attention(nn.Module):
     """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
 
@@ -373,7 +348,6 @@ class Attention(nn.Module):
         h = self.proj(_attend(self.qkv(self.norm(x).flatten(2).transpose(1, 2)), self.heads))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
-
 class Resample(nn.Module):
     """A 3x3 conv: 'down' with stride 2, padded 'asym' (right/bottom by one, Ho et al.) or 'sym' (1 all round,
     ADM); 'up' after nearest x2. Takes (and ignores) emb, like a resampling ResBlock."""
@@ -387,13 +361,11 @@ class Resample(nn.Module):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asym else x)
 
-
 class Level(nn.Module):  # one resolution of the U-Net: res blocks, attention after each or None, resampler
     def __init__(self, res, attn, resample):
         super().__init__()
         self.res, self.attn = nn.ModuleList(res), nn.ModuleList(attn) if attn else None
         self.resample = resample
-
 
 class UNet(nn.Module):
     """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021): skips after the stem, each
@@ -459,7 +431,6 @@ class UNet(nn.Module):
             h = level.resample(h, emb) if level.resample else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
 # ---- DiT-style ViT (Peebles & Xie 2023), unconditional --------------------------------------
 
 @dataclass
@@ -473,10 +444,8 @@ class DiTConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
 
-
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
-
 
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero: the time embedding sets shift/scale/gate of both branches."""
@@ -496,7 +465,6 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=2)
         x = x + gate1 * self.proj(_attend(self.qkv(_modulate(self.norm1(x), shift1, scale1)), self.heads))
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
-
 
 class DiT(nn.Module):
     """Patchify (conv) + fixed 2D sin-cos positions -> adaLN-Zero blocks -> final adaLN layer -> unpatchify.
@@ -541,7 +509,6 @@ class DiT(nn.Module):
         h = self.out(_modulate(self.norm_out(h), shift, scale)).view(B, H // p, W // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
 
-
 # ---- presets, build_net / net_config ---------------------------------------------------------
 
 _ADM = dict(scale_shift=True, time_emb="cos_sin", norm_eps=1e-5)
@@ -577,7 +544,6 @@ PRESETS = {
 # progressive.py --quick and DKDM's --quick student
 PRESETS["tiny16"] = dataclasses.replace(PRESETS["tiny"], ch=16)
 
-
 def build_net(cfg, zero_init=True, **overrides):
     """A network from a preset name, a config dataclass or a net_config() dict, with `overrides` of its fields
     (None, or a field the architecture lacks, e.g. the DiT's dropout, is ignored); zero_init: see UNet."""
@@ -594,7 +560,6 @@ def build_net(cfg, zero_init=True, **overrides):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
     return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else DiT(cfg)
 
-
 def net_config(net) -> dict:
     """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(net.config).items()}
@@ -604,7 +569,6 @@ def net_config(net) -> dict:
 # load_teacher(spec) reads what users pass as --teacher: a checkpoint of this project, a diffusers UNet2DModel
 # folder or a hub id (google/ddpm-cifar10-32 and the DDPM family). Original ermongroup/pesser and
 # guided-diffusion files are converted once, by tools/convert_teacher.py, into checkpoints of this project.
-
 
 # UNet2DModel.__init__ defaults (diffusers 0.42) for the keys a config.json leaves out ...
 _DIFFUSERS_DEFAULTS = dict(
@@ -619,7 +583,6 @@ _DIFFUSERS_FIXED = dict(
     _class_name="UNet2DModel", act_fn="silu", center_input_sample=False, time_embedding_type="positional",
     time_embedding_dim=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True,
     class_embed_type=None, num_class_embeds=None)
-
 
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
     """Our UNetConfig for a diffusers UNet2DModel config.json (DDPM and ADM block types). A missing key takes
@@ -656,7 +619,6 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         resblock_updown=resample == {"resnet"}, down_pad="sym" if pad else "asym", time_emb=emb,
         norm_eps=c["norm_eps"], norm_groups=groups)
 
-
 # Our tensor names -> diffusers UNet2DModel's, replaced in order in "." + name + "." (a resampler is a conv
 # or, in ADM, a res block); our fused attention qkv is [to_q; to_k; to_v]
 _DIFFUSERS_NAMES = (
@@ -667,7 +629,6 @@ _DIFFUSERS_NAMES = (
     (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."), (".norm.", ".group_norm."),
     (".proj.", ".to_out.0."))
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-
 
 def from_diffusers(sd, cfg: UNetConfig):
     """A diffusers UNet2DModel state dict as UNet(cfg)'s: the same tensors, renamed (old files' attention
@@ -695,11 +656,9 @@ def from_diffusers(sd, cfg: UNetConfig):
                          f"({detail})")
     return {key: torch.cat([sd[n] for n in ns]) for key, ns in names.items()}
 
-
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-
 
 def read_safetensors(path) -> dict:
     """A .safetensors file without the safetensors package: u64 little-endian header length N, N bytes of JSON
@@ -715,7 +674,6 @@ def read_safetensors(path) -> dict:
                 out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)) \
                     .view(info["shape"])
     return out
-
 
 def read_file(path, what="file"):
     """A .json, .safetensors or torch file (weights_only=True: tensors and plain data only, so that a file
@@ -734,14 +692,12 @@ def read_file(path, what="file"):
             isinstance(e, pickle.UnpicklingError) else (str(e) or "empty or truncated").splitlines()[0]
         raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {why})") from None
 
-
 def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     """Path of a cached copy of https://huggingface.co/{repo_id}/resolve/{revision}/{filename}
     (HF_ENDPOINT overrides the host), downloaded once (atomically) without huggingface_hub."""
     dest = os.path.join(cache_dir or f"{CACHE_DIR}/hub", repo_id.replace("/", "--"), revision, filename)
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return download(f"{host}/{repo_id}/resolve/{revision}/{filename}", dest, what=f"{repo_id}/{filename}")
-
 
 def load_diffusers(spec):
     """A Denoiser of a diffusers UNet2DModel: a folder (model files at the top or in unet/, the scheduler's at
@@ -778,7 +734,6 @@ def load_diffusers(spec):
     betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
     return Denoiser(net, Schedule(kind, s["num_train_timesteps"], **betas), param, var, source=spec)
 
-
 def load_teacher(spec, device="cpu"):
     """A frozen Denoiser from a checkpoint of this project (its EMA weights if any), a diffusers folder or hub
     id (its clip_sample is dropped: DDIM teachers run unclipped, teacher_checkpoints.md sec. 5)."""
@@ -794,16 +749,13 @@ def load_teacher(spec, device="cpu"):
 
 # ============================================= data =============================================
 
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 DATASETS = "cifar10, folder:PATH or shapes"
 
-
 def _md5(path):
     with open(path, "rb") as f:
         return hashlib.md5(f.read()).hexdigest()
-
 
 def download(url, path, md5=None, what="file"):
     """Fetch url to path once (temp file then rename), with a progress line; one-line errors."""
@@ -827,7 +779,6 @@ def download(url, path, md5=None, what="file"):
     os.replace(tmp, path)
     return path
 
-
 def load_cifar10(data_dir, split="train"):
     """CIFAR-10 from the official python tarball (md5-checked, cached): uint8 (N, 3, 32, 32)."""
     path = download(CIFAR10_URL, os.path.join(data_dir, "cifar-10-python.tar.gz"), CIFAR10_MD5, "CIFAR-10")
@@ -840,7 +791,6 @@ def load_cifar10(data_dir, split="train"):
     except (tarfile.TarError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"{path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); delete it to "
                          "download it again") from None
-
 
 def load_folder(path, image_size):
     """Every image below a folder, centre-cropped to a square and resized (bicubic): uint8 (N, 3, S, S)."""
@@ -859,7 +809,6 @@ def load_folder(path, image_size):
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
         out[i] = np.asarray(im.crop((left, top, left + s, top + s)).resize((image_size,) * 2, Image.BICUBIC))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
 
 def make_shapes(n, image_size=32, seed=0):
     """A procedural dataset: one to three filled circles, squares or triangles in saturated colours on a
@@ -883,9 +832,7 @@ def make_shapes(n, image_size=32, seed=0):
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
-
 _shapes = functools.lru_cache(maxsize=4)(make_shapes)
-
 
 def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
     """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
@@ -904,10 +851,8 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
         return _shapes(n_shapes, image_size or 32, seed).clone()
     raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
 
-
 def to_float(images_uint8): return images_uint8.float() / 127.5 - 1.0                    # [0, 255] -> [-1, 1]
 def to_uint8(images): return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # rounded, clipped
-
 
 def sample_batch(data, batch_size, generator):
     """A random batch, float [-1, 1] with random horizontal flips, from a uint8 dataset on the device."""
@@ -918,9 +863,7 @@ def sample_batch(data, batch_size, generator):
 
 # ========================================= checkpoints ==========================================
 
-
 CKPT_FORMAT = "distill-ref/1"
-
 
 def save_checkpoint(path, **state):
     """One self-describing checkpoint (den.state(), ema, method, config, optimizer, step, what a method needs
@@ -928,7 +871,6 @@ def save_checkpoint(path, **state):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": CKPT_FORMAT, **state}, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
-
 
 def load_checkpoint(path):
     """A checkpoint of this project (weights_only: a file cannot run code), or a one-line ValueError."""
@@ -941,7 +883,6 @@ def load_checkpoint(path):
 
 # ========================================== evaluation ==========================================
 
-
 def seeded_noise(seeds, shape, device="cpu", stream=0):
     """(len(seeds), *shape) float32 noise, sample i from (seeds[i], stream) alone, whatever the batch size,
     device or GPU count (EDM's per-seed generation); stream k > 0 is a sampler's k-th independent draw."""
@@ -952,7 +893,6 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
 
-
 @torch.no_grad()
 def generate(sample_fn, seeds, shape, batch_size, device):
     """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches; returns a CPU tensor."""
@@ -960,11 +900,9 @@ def generate(sample_fn, seeds, shape, batch_size, device):
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     return torch.cat([sample_fn(seeded_noise(b, shape, device), b).float().cpu() for b in batches])
 
-
 def rmse(a, b):
     """Root mean squared difference over all pixels (images in [-1, 1]): the teacher-fidelity measure."""
     return float(((a.float() - b.float()) ** 2).mean().sqrt())
-
 
 def save_png(image_uint8, path):
     """One (C, H, W) uint8 image as a PNG, written atomically: a file that exists is complete."""
@@ -972,7 +910,6 @@ def save_png(image_uint8, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     Image.fromarray(image_uint8.permute(1, 2, 0).cpu().numpy().squeeze()).save(tmp, format="PNG")
     os.replace(tmp, path)
-
 
 def save_grid(images, path, nrow=8):
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid with 1-pixel gaps."""
@@ -985,7 +922,6 @@ def save_grid(images, path, nrow=8):
         grid[:, 1 + r * (h + 1):(r + 1) * (h + 1), 1 + k * (w + 1):(k + 1) * (w + 1)] = x[i]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_png(grid, path)
-
 
 @torch.no_grad()
 def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
@@ -1004,7 +940,6 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
         print(file=sys.stderr)
     return folder
 
-
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
     clean-fid statistics), written once: into a temp folder, renamed when complete."""
@@ -1016,10 +951,8 @@ def write_pngs(images_uint8, folder):
         os.replace(folder + ".tmp", folder)
     return folder
 
-
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
-
 
 class Inception:
     """clean-fid's TF-ported Inception-v3: features(x, mode) of uint8-valued images (resized inside, as TF,
@@ -1042,7 +975,6 @@ class Inception:
     def probs(self, x):
         return self.base(x, no_output_bias=True)
 
-
 def inception_score(probs, splits=10):
     """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))), mean and std over splits."""
     scores = []
@@ -1050,7 +982,6 @@ def inception_score(probs, splits=10):
         kl = p * (np.log(p + 1e-12) - np.log(p.mean(0, keepdims=True) + 1e-12))
         scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017) as clean-fid (eps I if singular),
@@ -1064,7 +995,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-
 
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None,
            modes=("legacy_tensorflow", "clean"), batch_size=200):
@@ -1104,17 +1034,14 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
 
 # =========================================== training ===========================================
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
-
 
 def field(default, help, choices=None, low=None, fixed=True):
     """A config field that becomes a flag (argparse checks choices and low); fixed=False: may change when
     resuming, the run still equalling an uninterrupted one (logging, device, eval sizes, constant lr)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, fixed=fixed))
-
 
 def _flag_type(f):
     kind, low = f.type if isinstance(f.type, type) else eval(f.type), f.metadata.get("low")
@@ -1131,7 +1058,6 @@ def _flag_type(f):
         return value
     return parse
 
-
 def parse_config(cls, argv=None, quick=None, doc=None):
     """Flags from a config dataclass: every field becomes --field-name (help, choices and bounds from
     field()), plus --quick, which applies the `quick` overrides before any flag given explicitly."""
@@ -1147,7 +1073,6 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)
 
-
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1157,12 +1082,10 @@ def pick_device(name="auto"):
         raise ValueError(f"--device {name}: expected auto, cpu or cuda[:N]")
     return name
 
-
 def autocast(device, dtype):
     """Mixed precision for network calls ('fp32', 'bf16', 'fp16'); the schedule algebra stays fp32."""
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     return torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
-
 
 # ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
@@ -1172,7 +1095,6 @@ def write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
-
 
 def start_run(cfg, ckpt_name="ckpt.pt"):
     """Open cfg.out once everything is checked; returns the checkpoint to resume (--resume auto: OUT/ckpt_name
@@ -1195,7 +1117,6 @@ def start_run(cfg, ckpt_name="ckpt.pt"):
         log_row(cfg.out, {"event": "resumed", "from": path, "step": ckpt.get("step")})
     return ckpt
 
-
 def run_finished(out):
     """The metrics of a finished run in `out` (metrics.json with finished = true), else None."""
     try:
@@ -1204,13 +1125,11 @@ def run_finished(out):
         return None
     return metrics if metrics.get("finished") else None
 
-
 def log_row(out_dir, row):
     """Append one JSON line to out_dir/log.jsonl and print it."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(*(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-
 
 def write_metrics(out_dir, method, dataset, teacher, reference, results, finished=False):
     """metrics.json of the run contract. reference: {'sampler': str, 'steps': int}; results: a list of
@@ -1218,7 +1137,6 @@ def write_metrics(out_dir, method, dataset, teacher, reference, results, finishe
     write_json(os.path.join(out_dir, "metrics.json"), dict(method=method, dataset=dataset, teacher=teacher,
                                                            reference=reference, results=results,
                                                            finished=finished))
-
 
 def cli(main):
     """Run main() as a command: expected failures (bad values, files, downloads, a full disk) end in one line
@@ -1230,7 +1148,6 @@ def cli(main):
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
 
-
 # ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
 @torch.no_grad()
@@ -1241,7 +1158,6 @@ def ema_update(ema, net, decay):
     for e, b in zip(ema.buffers(), net.buffers()):
         e.copy_(b)
 
-
 def lr_at(step, lr, warmup=0, total=0, anneal="none"):
     """Linear warm-up over `warmup` updates, then constant ('none') or linear decay to zero at `total`."""
     scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -1249,9 +1165,7 @@ def lr_at(step, lr, warmup=0, total=0, anneal="none"):
         scale *= max(0.0, 1.0 - step / total)
     return lr * scale
 
-
 WEIGHTINGS = ("snr", "trunc_snr", "snr_plus_one", "const")
-
 
 def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
     """Per-sample loss (B,) of Salimans & Ho sec. 4: 'snr' eps-MSE = SNR x-MSE (Ho et al.'s L_simple),
@@ -1263,7 +1177,6 @@ def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
         return mse(v_from_x_eps(x_pred, eps_pred, alpha, sigma), v_from_x_eps(x, eps, alpha, sigma))
     x_mse, eps_mse = mse(x_pred, x), mse(eps_pred, eps)
     return {"snr": eps_mse, "trunc_snr": torch.maximum(x_mse, eps_mse), "const": x_mse}[weighting]
-
 
 def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     """Salimans & Ho alg. 1 (Ho et al. alg. 1), t ~ U[0, 1] or U{0..T-1}; learned-range variance adds Nichol &
@@ -1280,7 +1193,6 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     if den.var == "learned_range":
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
-
 
 @dataclasses.dataclass
 class TeacherConfig:
@@ -1311,7 +1223,6 @@ class TeacherConfig:
     out: str = field("runs/teacher", "run directory (config.json, log.jsonl, ckpt.pt, samples.png)",
                      fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
-
 
 def train_teacher(cfg):
     """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample grid.
@@ -1364,7 +1275,6 @@ def train_teacher(cfg):
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
     return path
 
-
 def cached_teacher(cfg=None):
     """A teacher trained once with `cfg` (default TeacherConfig()) and cached under CACHE_DIR/teachers,
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
@@ -1386,7 +1296,6 @@ def cached_teacher(cfg=None):
             shutil.copyfile(train_teacher(dataclasses.replace(cfg, out=run_dir)), path + ".tmp")
             os.replace(path + ".tmp", path)
     return path
-
 
 if __name__ == "__main__":
     cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion model (Alg. 1)."))))

@@ -56,7 +56,6 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
     "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: the shapes teacher / 4 wide
 }
 
-
 @dataclasses.dataclass
 class Config:
     # teacher and student (sec. 4.1)
@@ -119,13 +118,11 @@ class Config:
     out: str = field("runs/dkdm", "run directory", fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
 
-
 # --quick: the shared learned-variance shapes teacher (T = 1000) with its chain respaced to 50 steps, the 4x
 # narrower U-Net student, 300 updates at b = 16 (lr and EMA for that length), a 160-entry dynamic set.
 QUICK = dict(data="shapes", student="cnn_tiny", dropout=0.0, chain_steps=50, rho=0.2, prep_batch=512,
              batch=16, updates=300, lr=1e-3, ema=0.98, synthetic=256, synthetic_steps=50, eval_samples=32,
              eps_samples=64, log_every=50, ckpt_every=100, out="runs/dkdm_quick")
-
 
 # ---- the method (sec. 3.2, 3.3, alg. 1) ----------------------------------------------------------------
 
@@ -136,7 +133,6 @@ def chain_coefficients(schedule, grid, k, like):
     a_s, s_s = torch.where(k == 0, 1.0, a_s), torch.where(k == 0, 0.0, s_s)
     return tuple(bcast(v, like) for v in (a_t, s_t, a_s, s_s))
 
-
 def reverse_gaussian(schedule, grid, z_t, k, x_pred, frac):
     """p(x^{t-1} | x^t) = N(mean, e^logvar) of eqs. 7, 8, 12 on the chain: the posterior mean at the predicted
     x0, the log-variance frac log beta_t + (1 - frac) log beta~_t. At k = 0, where beta~ = 0, the next step's
@@ -144,7 +140,6 @@ def reverse_gaussian(schedule, grid, z_t, k, x_pred, frac):
     mean, var_small, var_large = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k, z_t))
     var_small_1 = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k.clamp(min=1), z_t))[1]
     return mean, ancestral_logvar(torch.where(bcast(k, z_t) == 0, var_small_1, var_small), var_large, frac)
-
 
 @torch.no_grad()
 def teacher_step(teacher, grid, z_t, k, noise, clip=True):
@@ -156,7 +151,6 @@ def teacher_step(teacher, grid, z_t, k, noise, clip=True):
     z_prev = mean + bcast(k > 0, z_t) * torch.exp(0.5 * logvar) * noise  # no noise into the data
     return {"eps": eps, "mean": mean, "logvar": logvar, "z_prev": z_prev}
 
-
 def dkdm_loss(student, grid, z_t, k, target):
     """Eqs. 20 and 21 per sample, means over pixels: L*_simple = ||eps_T - eps_S||^2 and L*_vlb =
     KL(p_T || p_S) in bits, with the student's mean under stop-gradient, so that only its variance output
@@ -167,7 +161,6 @@ def dkdm_loss(student, grid, z_t, k, target):
                                     variance_frac(student.var, v))
     vlb = gaussian_kl(target["mean"], target["logvar"], mean, logvar).flatten(1).mean(1) / math.log(2)
     return simple, vlb
-
 
 def new_set(n, K, shape, collect, gen, spread=False):
     """B+_0 of alg. 1: n entries of pure noise at chain index K - 1, each with the index where its shuffle
@@ -181,7 +174,6 @@ def new_set(n, K, shape, collect, gen, spread=False):
         stop = torch.randint(K, (n,), generator=gen, device=device)
     return {"z": torch.randn((n, *shape), generator=gen, device=device),
             "k": torch.full((n,), K - 1, device=device), "stop": stop}
-
 
 @torch.no_grad()
 def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every=1000):
@@ -207,7 +199,6 @@ def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every
         print(file=sys.stderr)
     return {"z": kset["z"], "k": kset["k"]}
 
-
 def draw(n, b, collect, gen):
     """Alg. 1 line 4: b distinct random entries of the enlarged set (dynamic); iterative and shuffled
     distillation train on their whole b-entry set every update."""
@@ -215,14 +206,12 @@ def draw(n, b, collect, gen):
         return torch.randperm(n, generator=gen, device=gen.device)[:b]
     return torch.arange(n, device=gen.device)
 
-
 def write_back(kset, idx, k, z_prev, K, gen):
     """Alg. 1 line 8: the teacher's one-step-denoised states replace their entries; entries that reached the
     data restart from pure noise (the official loader resets them to t = T)."""
     fresh = torch.randn(z_prev.shape, generator=gen, device=gen.device)
     kset["z"][idx] = torch.where(bcast(k, z_prev) == 0, fresh, z_prev)
     kset["k"][idx] = torch.where(k == 0, K - 1, k - 1)
-
 
 def synthesize(cfg, teacher, shape, device):
     """The data-free baseline's dataset (sec. 4.1, fig. 2b): cfg.synthetic ancestral teacher samples (table 4)
@@ -234,7 +223,6 @@ def synthesize(cfg, teacher, shape, device):
                          cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6)
     return load_dataset(f"folder:{folder}", shape[-1]).to(device)
 
-
 # ---- evaluation (sec. 4.1) -----------------------------------------------------------------------------
 
 def samplers(cfg, den):
@@ -244,7 +232,6 @@ def samplers(cfg, den):
     clip = cfg.eval_clip
     return {"ddim": lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1),
             "ancestral": lambda z, seeds: ancestral_sample(den, z, times, seeds, clip=clip).clamp(-1, 1)}
-
 
 @torch.no_grad()
 def teacher_reference(cfg, teacher, grid, shape, device):
@@ -259,7 +246,6 @@ def teacher_reference(cfg, teacher, grid, shape, device):
             ref[name] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
     return ref
 
-
 def fid(cfg, name, fn, shape, device):
     """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
     with autocast(device, cfg.dtype):
@@ -268,7 +254,6 @@ def fid(cfg, name, fn, shape, device):
     ref = None if cfg.data == "cifar10" else write_pngs(load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
                                                         os.path.join(cfg.out, "samples", "data"))
     return fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref)
-
 
 @torch.no_grad()
 def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
@@ -287,7 +272,6 @@ def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
                      "is": scores.get("is")})
     return rows, images
 
-
 # ---- training: one visible loop ------------------------------------------------------------------------
 
 def make_student(cfg, teacher):
@@ -298,7 +282,6 @@ def make_student(cfg, teacher):
     net = build_net(STUDENTS.get(cfg.student, cfg.student), image_size=c.image_size,
                     in_channels=c.in_channels, out_channels=2 * c.in_channels, dropout=cfg.dropout)
     return Denoiser(net, teacher.schedule, "eps", "learned_range")
-
 
 def train(cfg, spec, teacher, grid, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`, then the evaluation.
@@ -383,7 +366,6 @@ def train(cfg, spec, teacher, grid, ckpt, device):
               os.path.join(cfg.out, "samples.png"), nrow=g)
     return teacher_rows + rows + student_rows
 
-
 def chain(cfg, teacher, spec):
     """The timesteps of the teacher's reverse chain the knowledge comes from, ascending (index k -> t)."""
     if not teacher.schedule.discrete:
@@ -396,7 +378,6 @@ def chain(cfg, teacher, spec):
         raise ValueError(f"--rho {cfg.rho}: round(rho K) = 0 entries per batch slot at K = {K}; expected "
                          f"rho >= {0.5 / K:.3g}")
     return sorted(sampler_times(teacher.schedule, K, "linspace"))
-
 
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
@@ -418,7 +399,6 @@ def main(argv=None):
     write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
                   results, finished=True)
     return run_finished(cfg.out)
-
 
 if __name__ == "__main__":
     cli(main)

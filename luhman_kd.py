@@ -45,13 +45,11 @@ TABLE3 = dict(batch=(512, 512, 32, 32), updates=(50_000, 64_000, 320_000, 256_00
               test_every=(2000, 2000, 6400, 6400))
 TEACHERS = ("google/ddpm-cifar10-32", "", "google/ddpm-ema-bedroom-256", "google/ddpm-ema-church-256")
 
-
 def by_recipe(key, help, **kw):
     """A flag whose default comes from the recipe; --help lists every recipe's value."""
     values = ", ".join(f"{r} {v:g}" if isinstance(v, float) else f"{r} {v}"
                        for r, v in zip(RECIPES, TABLE3[key]))
     return field(None, f"{help}; unset = the recipe's ({values})", **kw)
-
 
 @dataclasses.dataclass
 class Config:
@@ -103,7 +101,6 @@ class Config:
     out: str = field("runs/luhman_kd", "run directory (config.json, log.jsonl, *.pt, metrics)", fixed=False)
     resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (keeps the pairs) | PATH", fixed=False)
 
-
 # --quick: CIFAR-10's teacher sampler and student in small, eq. 11's L2, on the cached shapes teacher.
 QUICK = dict(data="shapes", recipe="cifar10", teacher_steps=10, num_pairs=2048, num_test_pairs=256,
              gen_batch=256, loss="l2", batch=32, updates=384, lr=1e-3, warmup=50, ema=0.99, test_every=64,
@@ -117,7 +114,6 @@ def teacher_x0(teacher, x_T, times):
     the chain, clipped to [-1, 1] once (official). With times[:1]: the teacher's own 1-step DDIM."""
     return ddim_sample(teacher, x_T, times).clamp(-1, 1)
 
-
 def make_student(teacher, student_param):
     """The teacher network's architecture and weights, trainable (sec. 3.2), without dropout (app. B: "We did
     not use dropout"; Ho et al.'s CIFAR-10 network has 0.1). 'official' reads the output as x0 = x_T - out."""
@@ -126,20 +122,17 @@ def make_student(teacher, student_param):
     param = "resid" if student_param == "official" else teacher.param
     return teacher.copy(net=net, param=param, steps=1).to(next(teacher.parameters()).device)
 
-
 def student_x0(student, x_T):
     """F_student(x_T): one evaluation at the top noise level t = T-1 (official: 999.0). 'resid' subtracts the
     eps-like output with unit coefficients (official); the exact conversion (x_T - sigma_T eps)/alpha_T is
     the teacher's 1-step DDIM at initialisation but divides by alpha_T = 0.0064 (linear schedule)."""
     return student(x_T, student.schedule.time(1.0))[0]
 
-
 def student_loss(x0_hat, x_0, kind):
     """Per-sample loss (B,): eq. 11 (l2, the KL between unit-variance Gaussians up to 1/2 and a constant) or
     the L1 the paper found better on CIFAR-10 (app. B); summed over pixels as the official code."""
     diff = (x0_hat.float() - x_0).flatten(1)
     return diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1)
-
 
 # ---- Synthetic dataset (sec. 3.1) --------------------------------------------------------------------------
 # OUT/pairs/{train,test}.npy: a preallocated memory-mapped record array per split (x_T float16, x_0 uint8);
@@ -149,10 +142,8 @@ def student_loss(x0_hat, x_0, kind):
 SEED_STRIDE, SPLIT = 10 ** 10, 10 ** 9
 OFFSET = {"train": 0, "test": SPLIT, "eval": 2 * SPLIT, "fid": 3 * SPLIT}
 
-
 def noise_seeds(seed, split, start, stop):
     return [seed * SEED_STRIDE + OFFSET[split] + i for i in range(start, stop)]
-
 
 def quantize(x_0, targets):
     """x_0 in [-1, 1] -> uint8. 'trunc' is the official float_to_image (x*127.5 + 127.5 cast to uint8, which
@@ -160,12 +151,10 @@ def quantize(x_0, targets):
     y = x_0.clamp(-1, 1) * 127.5 + 127.5
     return (y.round() if targets == "round" else y.floor()).to(torch.uint8)
 
-
 def pairs_recipe(cfg, times, shape):
     """What the pairs depend on; a pair folder of another recipe is refused (generation and training)."""
     return dict(teacher=cfg.teacher, teacher_steps=cfg.teacher_steps, skip=cfg.skip, times=list(times),
                 dtype=cfg.dtype, targets=cfg.targets, seed=cfg.seed, shape=list(shape))
-
 
 def read_meta(pairs, recipe):
     """The pairs written per split ({'train': n, 'test': n}); None for a new folder."""
@@ -176,7 +165,6 @@ def read_meta(pairs, recipe):
     if diff:
         raise ValueError(f"{pairs} holds pairs made with other {', '.join(diff)}; pass another --pairs")
     return meta["done"]
-
 
 def pair_array(pairs, split, n, dtype=None):
     """A split's memory-mapped record array, >= n pairs; with a dtype made if missing, its disk reserved."""
@@ -194,7 +182,6 @@ def pair_array(pairs, split, n, dtype=None):
     if len(data) < n:
         raise ValueError(f"{path} holds {len(data):,} pairs, fewer than {n:,}; pass another --pairs")
     return data
-
 
 @torch.no_grad()
 def generate_pairs(cfg, teacher, recipe, shape, device):
@@ -227,7 +214,6 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
         print(file=sys.stderr)
         log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0)})
 
-
 def fetch(data, idx, device):
     """Pairs idx -> (x_T, x_0), float32 (B, C, H, W) each on the device, in sorted index order."""
     rec = data[np.sort(idx)]                                      # sorted: forward reads of the memory map
@@ -236,7 +222,6 @@ def fetch(data, idx, device):
         x_T, x_0 = x_T.pin_memory(), x_0.pin_memory()
     x_T, x_0 = x_T.to(device, non_blocking=True).float(), x_0.to(device, non_blocking=True)
     return x_T, to_float(x_0)                                     # official train_pyfunc: y/127.5 - 1
-
 
 # ---- Training: Adam with warm-up, EMA, the EMA's test loss every --test-every updates, the best EMA kept --
 
@@ -249,7 +234,6 @@ def test_loss(ema, test_set, cfg, device):
         with autocast(device, cfg.dtype):
             total += student_loss(student_x0(ema, x_T), x_0, cfg.loss).sum()
     return total.item() / cfg.num_test_pairs
-
 
 def train(cfg, teacher, ckpt, recipe, device):
     done = read_meta(cfg.pairs, recipe)                           # refuses pairs of another recipe
@@ -309,14 +293,12 @@ def train(cfg, teacher, ckpt, recipe, device):
         if tested or step % cfg.ckpt_every == 0 or step == cfg.updates:
             save(os.path.join(cfg.out, "ckpt.pt"), opt)
 
-
 # ---- Evaluation (sec. 4): teacher fidelity, Table 2 timing, fig. 6 slerp, fig. 13 other size, FID/IS -----
 
 def slerp(z0, z1, a):
     """Spherical interpolation between two latents (fig. 6, as Song et al. 2021 for DDIM)."""
     theta = torch.acos((z0 * z1).sum() / (z0.norm() * z1.norm()))
     return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
-
 
 @torch.no_grad()
 def evaluate(cfg, teacher, times, shape, device):
@@ -383,7 +365,6 @@ def evaluate(cfg, teacher, times, shape, device):
         log_row(cfg.out, {"stage": "eval", **{k: v for k, v in row.items() if v is not None}})
     return run_finished(cfg.out)
 
-
 # ---- flags and main ----------------------------------------------------------------------------------------
 
 def resolve(cfg):
@@ -417,14 +398,12 @@ def resolve(cfg):
             raise ValueError(message)
     return cfg
 
-
 def check_sizes(cfg, net_cfg):
     """x_T's sides must be multiples of the network's total downsampling (U-Net) or patch size (DiT)."""
     step = net_cfg["patch_size"] if net_cfg["arch"] == "dit" else 2 ** (len(net_cfg["ch_mult"]) - 1)
     sides = [cfg.image_size or net_cfg["image_size"]] + [int(v) for v in re.findall(r"\d+", cfg.other_size)]
     if any(s < 8 or s % step for s in sides):
         raise ValueError(f"--image-size/--other-size {sides}: this teacher needs multiples of {step}, >= 8")
-
 
 def main(argv=None):
     cfg = resolve(parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0]))
@@ -456,7 +435,6 @@ def main(argv=None):
         train(cfg, teacher, ckpt, recipe, device)
     if cfg.stage in ("all", "eval"):
         return evaluate(cfg, teacher, times, shape, device)
-
 
 if __name__ == "__main__":
     cli(main)

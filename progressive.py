@@ -54,7 +54,6 @@ from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ance
                     sampler_times, save_checkpoint, save_grid, start_run, train_teacher, weighted_loss,
                     write_metrics, write_pngs)
 
-
 @dataclasses.dataclass
 class Config:
     # data and teacher
@@ -136,7 +135,6 @@ class Config:
     resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (restart the distillation) | PATH",
                         fixed=False)
 
-
 # --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR; the 16-channel tiny U-Net)
 # on 16x16 shapes, trained once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 200 (400)
 # updates, 5x the paper's lr.
@@ -144,7 +142,6 @@ QUICK = dict(data="shapes", image_size=16, net="tiny16", dropout=0.0, base_updat
              base_lr=1e-3, base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True,
              start_steps=16, updates_per_round=200, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
              log_every=50, ckpt_every=100, out="runs/progressive_quick")
-
 
 # ---- the method (Alg. 2, app. G) ---------------------------------------------------------------------------
 
@@ -154,7 +151,6 @@ def angle(schedule, u):
     phi = torch.atan(torch.exp(-0.5 * schedule.logsnr(schedule.time(u))))
     return torch.where(u > 0, phi, torch.zeros_like(phi))
 
-
 def target_weight(phi_t, phi_t1, phi_t2):
     """Eq. 43 as a convex combination, x~ = w x1 + (1 - w) x2, x1 and x2 the teacher's x predictions at t, t'.
     Writing out the two DDIM steps, z_t'' - (sigma_t''/sigma_t) z_t = A x2 + B x1 and the denominator of
@@ -163,7 +159,6 @@ def target_weight(phi_t, phi_t1, phi_t2):
     a = torch.sin(phi_t) * torch.sin(phi_t1 - phi_t2)
     b = torch.sin(phi_t2) * torch.sin(phi_t - phi_t1)
     return b / (a + b)
-
 
 @torch.no_grad()
 def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
@@ -181,7 +176,6 @@ def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
     w = bcast(target_weight(phi, phi1, phi2).float(), z_t)                              # line 13, eq. 43
     return w * x1 + (1 - w) * x2
 
-
 def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
     """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
     sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
@@ -196,7 +190,6 @@ def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, c
     x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
     eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
     return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
-
 
 def make_student(teacher, steps, both=False):
     """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` sampling steps; the
@@ -215,7 +208,6 @@ def make_student(teacher, steps, both=False):
     var = "fixed_large" if teacher.var == "learned_range" else teacher.var
     return Denoiser(net, teacher.schedule, param, var, steps, teacher.source).train()
 
-
 def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, reparam_updates=0):
     """[(teacher steps, student steps, updates)] of every round: N -> N/divisor (Alg. 2; app. I for 4), with
     final_factor x the updates for the rounds to 2 and 1 steps (sec. 5.2), and with reparam_steps the
@@ -230,7 +222,6 @@ def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, 
         rounds.insert(k, (rounds[k][0], rounds[k][0], reparam_updates))
     return rounds
 
-
 # ---- evaluation (fig. 4, fig. 7, app. F) ------------------------------------------------------------------
 
 def sampler(den, steps, gamma, clip):
@@ -240,7 +231,6 @@ def sampler(den, steps, gamma, clip):
     if gamma is None:
         return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
     return lambda z, seeds: ancestral_sample(den, z, times, seeds, frac=gamma, clip=clip).clamp(-1, 1)
-
 
 def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     """Samples from seeds 0..eval_samples-1 (for the RMSE) and, with fid, FID/IS of cfg.fid_samples samples
@@ -268,7 +258,6 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                           stats=cfg.fid_stats or None)
 
-
 def evaluate(cfg, r, N, student, teacher0, reference, data, device):
     """Round r's rows: the student and the undistilled teacher (None: already evaluated at N) at N steps,
     DDIM and the app. F sampler per gamma, as RMSE to the teacher's start-steps DDIM output from the same
@@ -286,10 +275,8 @@ def evaluate(cfg, r, N, student, teacher0, reference, data, device):
                              rmse_to_reference=rmse(images, reference), **scores))
     return rows, torch.cat([grid["student"], grid.get("teacher", reference[:cfg.grid])])
 
-
 def gammas(text):
     return [float(g) for g in text.split(",") if g.strip()]
-
 
 # ---- distillation: one visible loop per round --------------------------------------------------------------
 
@@ -375,7 +362,6 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
         teacher = student
     return results
 
-
 # ---- flags, teacher, main ----------------------------------------------------------------------------------
 
 def check(cfg):
@@ -404,7 +390,6 @@ def check(cfg):
         if size < 8 or size % factor:
             raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
 
-
 def base_config(cfg):
     """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
     return TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
@@ -414,7 +399,6 @@ def base_config(cfg):
                          grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                          log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                          out=os.path.join(cfg.out, "base"), resume="auto")
-
 
 def get_teacher(cfg, device):
     """(spec, Denoiser) of the start teacher: --teacher, the shared eps teacher, or the base model of Alg. 1
@@ -427,7 +411,6 @@ def get_teacher(cfg, device):
         base = base_config(cfg)
         spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
     return spec, load_teacher(spec, device)
-
 
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
@@ -449,7 +432,6 @@ def main(argv=None):
         return finished["results"]
     torch.manual_seed(cfg.seed)
     return distill(cfg, spec, teacher0, data.to(device), device, ckpt)
-
 
 if __name__ == "__main__":
     cli(main)

@@ -77,7 +77,6 @@ from common import (DATASETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
 
-
 @dataclasses.dataclass
 class Config:
     variant: str = field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
@@ -142,14 +141,12 @@ class Config:
     out: str = field("runs/self_distill", "run directory", fixed=False)
     resume: str = field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
 
-
 # --quick: the shared cached 16x16 shapes teacher (tiny U-Net, eps, linear schedule), DSDI 16 -> 8 -> 4 -> 2
 # steps with table 3's lr, about 25 updates per depth at batch 16, and an EMA that moves within them.
 QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=0.99, reference_steps=16,
              eval_steps="2,4,8", eval_samples=64, eval_batch=64, log_every=25, ckpt_every=100,
              out="runs/self_distill_quick", train_net="tiny", train_updates=300, train_lr=5e-4,
              train_warmup=50, train_batch=16, train_ema=0.99, dropout=0.0, distill_steps=32)
-
 
 # ---- the method (alg. 2, sec. 4.1.1, 4.2, app. J) --------------------------------------------------------
 
@@ -170,7 +167,6 @@ def plan(variant, steps, updates):
         rows.append((n, trajectories, trajectories * (n // 2)))
     return rows
 
-
 def grid(schedule, steps, skip):
     """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units, then the data; (alpha,
     sigma) in float64, (1, 0) at the data, where every sampler here ends."""
@@ -180,11 +176,9 @@ def grid(schedule, steps, skip):
     sigma = torch.cat([torch.sigmoid(-logsnr).sqrt(), torch.zeros(1, dtype=torch.float64)])
     return times, alpha, sigma
 
-
 def clipped(cfg, den):
     """Whether x predictions are clipped (--clip; auto: eps models, whose x blows up as alpha -> 0)."""
     return cfg.clip == "yes" or (cfg.clip == "auto" and den.param == "eps")
-
 
 def loss_weight(alpha_t, sigma_t, weighting):
     """w(lambda_t), lambda_t = log(alpha_t^2 / sigma_t^2) (alg. 2 line 14)."""
@@ -192,7 +186,6 @@ def loss_weight(alpha_t, sigma_t, weighting):
     if weighting == "trunc_snr":
         return logsnr.exp().clamp_min(1.0)  # max(SNR, 1): sec. 4.1, Salimans & Ho's truncated SNR
     return logsnr.clamp_min(1.0) if weighting == "trunc_logsnr" else torch.ones_like(logsnr)
-
 
 @torch.no_grad()
 def two_step_target(den, z_t, x_pred, eps_pred, t1, alpha, sigma, clip=False):
@@ -207,7 +200,6 @@ def two_step_target(den, z_t, x_pred, eps_pred, t1, alpha, sigma, clip=False):
     ratio = s[2] / s[0]
     x_target = (z_t2.double() - ratio * z_t.double()) / (a[2] - ratio * a[0])     # line 13
     return x_target.float(), z_t2, x_1
-
 
 def dsd_loss(model, z_t, t, t1, alpha, sigma, weighting="trunc_snr", target="implied", teacher=None,
              clip=False):
@@ -224,7 +216,6 @@ def dsd_loss(model, z_t, t, t1, alpha, sigma, weighting="trunc_snr", target="imp
         x_target = x_next
     mse = ((x_pred - x_target) ** 2).flatten(1).mean(1)
     return (loss_weight(alpha[0], sigma[0], weighting).float().to(mse.device) * mse).mean(), z_t2
-
 
 def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
     """Sec. 4.2, eq. 1: L = alpha ||v_hat - v||^2 + beta ||x' - x''||^2 in one graph. u ~ U[0, 1], z_t =
@@ -246,7 +237,6 @@ def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
     distill = ((x_pred - x_target) ** 2).flatten(1).mean(1) * (u >= 2 / steps)
     return (v_weight * v_loss + distill_weight * distill).mean()
 
-
 def learning_rate(step, peak, warmup, total, end):
     """Linear warm-up over `warmup` updates, then cosine annealing from the peak to end x peak at `total`
     (sec. 5; end = 1 keeps it constant)."""
@@ -254,7 +244,6 @@ def learning_rate(step, peak, warmup, total, end):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 # ---- one visible training loop: fine-tuning DSD / TSD under the plan, or training DSD --------------------
 
@@ -323,7 +312,6 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
                             optimizer=opt.state_dict(), step=step, gen=gen.get_state(), z=z, elapsed=elapsed,
                             teacher=None if teacher in (None, den0) else teacher.net.state_dict())
 
-
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 
 def evaluate(cfg, models, reference_model, shape, data, device):
@@ -360,7 +348,6 @@ def evaluate(cfg, models, reference_model, shape, data, device):
     save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
     return results
 
-
 # ---- main ------------------------------------------------------------------------------------------------
 
 def parse_steps(text):
@@ -371,7 +358,6 @@ def parse_steps(text):
     if not steps or min(steps) < 1:
         raise ValueError(f"--eval-steps {text!r}: expected comma-separated step counts >= 1, e.g. 2,4,8")
     return steps
-
 
 def check(cfg):
     """One-line errors for what argparse cannot see, before any work."""
@@ -384,7 +370,6 @@ def check(cfg):
         raise ValueError("--lr-end must be <= 1, --warmup < 1 (a fraction), Adam betas and EMA decays < 1")
     if cfg.variant == "train" and cfg.v_weight == 0 and cfg.distill_weight == 0:
         raise ValueError("--v-weight and --distill-weight are both 0: nothing to train")
-
 
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
@@ -434,7 +419,6 @@ def main(argv=None):
                  "steps": cfg.reference_steps}
     write_metrics(cfg.out, "self_distill", cfg.data, spec, reference, results, finished=True)
     return run_finished(cfg.out)
-
 
 if __name__ == "__main__":
     cli(main)

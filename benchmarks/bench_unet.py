@@ -22,11 +22,9 @@ DDPM_CIFAR10 = dict(act_fn="silu", attention_head_dim=None, block_out_channels=[
                     mid_block_scale_factor=1, norm_eps=1e-06, norm_num_groups=32, out_channels=3, sample_size=32,
                     time_embedding_type="positional", up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
 
-
 def sample(out):
     """diffusers returns an output object, ours a tensor."""
     return getattr(out, "sample", out)
-
 
 def timed(fn, device, warmup, iters):
     for _ in range(warmup):
@@ -39,7 +37,6 @@ def timed(fn, device, warmup, iters):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / iters
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +104,6 @@ def main():
     print(f"\n| network | dtype | forward img/s | train s/update (batch {args.batch}) |\n|---|---|---|---|")
     for label, dtype, ips, sps, _ in rows:
         print(f"| {label} | {dtype} | {ips:.1f} | {sps:.4f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ import common as C  # noqa: E402
 if WORKER:
     torch.set_num_threads(1)
 
-
 @pytest.fixture(scope="session", autouse=True)
 def teachers_side_by_side(worker_id):
     """The two cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
@@ -31,7 +30,6 @@ def teachers_side_by_side(worker_id):
     elif worker_id == "gw1":
         import progressive as P
         C.cached_teacher(P.base_config(P.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
-
 
 @pytest.fixture
 def kill_on_call(monkeypatch):

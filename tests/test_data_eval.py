@@ -13,7 +13,6 @@ from PIL import Image
 
 import common as C
 
-
 def _make_cifar_tarball(path, n_per_batch=20):
     """A tarball laid out like cifar-10-python.tar.gz: cifar-10-batches-py/data_batch_{1..5}, test_batch."""
     rng = np.random.default_rng(0)
@@ -30,7 +29,6 @@ def _make_cifar_tarball(path, n_per_batch=20):
             tar.addfile(info, io.BytesIO(blob))
     return batches
 
-
 def test_cifar10_official_format(tmp_path, monkeypatch):
     batches = _make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
     md5 = hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
@@ -41,7 +39,6 @@ def test_cifar10_official_format(tmp_path, monkeypatch):
     assert np.array_equal(train.numpy(), expected)
     test = C.load_cifar10(str(tmp_path), split="test")
     assert np.array_equal(test.numpy(), batches["test_batch"].reshape(-1, 3, 32, 32))
-
 
 def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
@@ -57,7 +54,6 @@ def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
         C.load_dataset("cifar10", image_size=64, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset 'cifar100'"):
         C.load_dataset("cifar100")
-
 
 def test_folder_dataset_crops_and_resizes(tmp_path):
     rng = np.random.default_rng(0)
@@ -76,7 +72,6 @@ def test_folder_dataset_crops_and_resizes(tmp_path):
     with pytest.raises(ValueError, match="broken.png is not a readable image"):
         C.load_dataset(f"folder:{tmp_path / 'empty'}", image_size=16)
 
-
 def test_shapes_is_deterministic_per_image():
     a, b = C.make_shapes(6, 16, seed=3), C.make_shapes(6, 16, seed=3)
     assert torch.equal(a, b)
@@ -84,7 +79,6 @@ def test_shapes_is_deterministic_per_image():
     assert not torch.equal(C.make_shapes(6, 16, seed=4), a)
     assert C.make_shapes(3, 32).shape == (3, 3, 32, 32)
     assert a.float().std() > 20                                       # not blank
-
 
 def test_sample_batch_is_in_range_and_flips():
     data = C.make_shapes(8, 8)
@@ -95,11 +89,9 @@ def test_sample_batch_is_in_range_and_flips():
     flipped = sum(any(torch.equal(xi, o.flip(2)) and not torch.equal(xi, o) for o in originals) for xi in x)
     assert 10 < flipped < 54
 
-
 def test_uint8_round_trip():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     assert torch.equal(C.to_uint8(C.to_float(u)), u)
-
 
 def test_seeded_noise_is_independent_of_batching():
     fn = lambda z, seeds: z.tanh()
@@ -107,7 +99,6 @@ def test_seeded_noise_is_independent_of_batching():
     b = C.generate(fn, list(range(10)), (3, 4, 4), batch_size=7, device="cpu")
     assert torch.equal(a, b)
     assert torch.equal(C.seeded_noise([5], (3, 4, 4))[0], C.seeded_noise([1, 5], (3, 4, 4))[1])
-
 
 def test_sample_to_folder_resumes_and_writes_atomically(tmp_path, monkeypatch):
     calls = []
@@ -130,7 +121,6 @@ def test_sample_to_folder_resumes_and_writes_atomically(tmp_path, monkeypatch):
     want = C.to_uint8(C.seeded_noise([3], (3, 8, 8)).clamp(-1, 1))[0].permute(1, 2, 0).numpy()
     assert np.array_equal(img, want)
 
-
 def test_write_pngs_once(tmp_path):
     images = C.make_shapes(3, 8)
     folder = C.write_pngs(images, str(tmp_path / "ref"))
@@ -140,11 +130,9 @@ def test_write_pngs_once(tmp_path):
     C.write_pngs(C.make_shapes(5, 8), folder)                       # already complete: left alone
     assert len(os.listdir(folder)) == 3
 
-
 def test_save_grid(tmp_path):
     C.save_grid(torch.zeros(10, 3, 8, 8), str(tmp_path / "g.png"), nrow=4)
     assert Image.open(tmp_path / "g.png").size == (4 * 9 + 1, 3 * 9 + 1)
-
 
 class StandIn:
     """A small fixed feature network with Inception's interface: 64-d features of images in [0, 255]
@@ -164,12 +152,10 @@ class StandIn:
     def probs(self, x):
         return torch.softmax(self._flat(x) @ self.c.T * 20, 1)
 
-
 def _write_pngs(folder, images):
     os.makedirs(folder, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:06d}.png"))
-
 
 def test_fid_is_through_clean_fid_with_stand_in(tmp_path):
     shapes = C.make_shapes(200, 16, seed=0)
@@ -186,13 +172,11 @@ def test_fid_is_through_clean_fid_with_stand_in(tmp_path):
     with pytest.raises(ValueError, match="reference images"):
         C.fid_is(str(tmp_path / "same"), "shapes", inception=det, modes=("clean",))
 
-
 def test_inception_score_limits():
     uniform = np.full((100, 10), 0.1)
     assert C.inception_score(uniform)[0] == pytest.approx(1.0)
     onehot = np.eye(10)[np.arange(100) % 10]
     assert C.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
-
 
 def test_frechet_distance_closed_form_and_newest_scipy(monkeypatch):
     """Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2. scipy 1.18's sqrtm has no `disp`
@@ -205,7 +189,6 @@ def test_frechet_distance_closed_form_and_newest_scipy(monkeypatch):
     want = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert C.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
 
-
 def test_fid_of_cifar10_against_a_statistics_file_offline(tmp_path):
     shapes = C.make_shapes(60, 16, seed=1)
     _write_pngs(tmp_path / "gen", shapes)
@@ -215,7 +198,6 @@ def test_fid_of_cifar10_against_a_statistics_file_offline(tmp_path):
     out = C.fid_is(str(tmp_path / "gen"), "cifar10", inception=det, stats=str(tmp_path / "stats.npz"),
                    batch_size=20)
     assert abs(out["fid"]) < 1e-6 and "fid_clean" not in out
-
 
 def test_missing_inception_weights_error_is_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):

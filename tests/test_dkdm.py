@@ -12,7 +12,6 @@ import torch
 import common as C
 import dkdm as D
 
-
 def _teacher(arch="dit", var="learned_range", seed=0):
     """A small teacher with random (non-zero) weights on the linear schedule: every path matters, and it is
     fast."""
@@ -25,19 +24,16 @@ def _teacher(arch="dit", var="learned_range", seed=0):
             p.add_(0.05 * torch.randn_like(p))
     return C.Denoiser(net, C.Schedule("linear"), "eps", var).eval()
 
-
 def _teacher_file(tmp_path, **kw):
     path = str(tmp_path / "teacher.pt")
     C.save_checkpoint(path, **_teacher(**kw).state(), method="teacher", config={})
     return path
-
 
 def _small(tmp_path, teacher, *flags):
     """--quick shrunk to seconds: a random teacher file, a short chain, few updates and evaluation samples."""
     return ["--quick", "--teacher", teacher, "--out", str(tmp_path), "--device", "cpu", "--chain-steps", "10",
             "--rho", "0.5", "--batch", "8", "--updates", "12", "--eval-samples", "4", "--eps-samples", "16",
             "--eval-steps", "5", "--log-every", "4", "--ckpt-every", "4", *flags]
-
 
 class Spy(torch.nn.Module):
     """Keeps the network's raw output, to read the gradient that reaches it."""
@@ -51,10 +47,8 @@ class Spy(torch.nn.Module):
         self.out.retain_grad()
         return self.out
 
-
 def _row(metrics, model, sampler="ddim"):
     return next(r for r in metrics["results"] if r["model"] == model and r["sampler"] == sampler)
-
 
 def test_reverse_gaussian_matches_iddpm_respaced_formulas():
     """Eqs. 7 and 12 on a respaced chain, written out as IDDPM's SpacedDiffusion does in float64: betas from
@@ -81,7 +75,6 @@ def test_reverse_gaussian_matches_iddpm_respaced_formulas():
     ours = D.reverse_gaussian(schedule, torch.arange(1000), z[:4].float(), t, x[:4].float(), frac[:4].float())
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref, ours))
 
-
 @pytest.mark.parametrize("var", ["learned_range", "fixed_large"])
 def test_vlb_is_zero_between_identical_models_and_trains_only_the_variance(var):
     teacher = _teacher(var=var)
@@ -106,7 +99,6 @@ def test_vlb_is_zero_between_identical_models_and_trains_only_the_variance(var):
     grad = student.net.out.grad
     assert grad[:, 3:].abs().max() == 0 and grad[:, :3].abs().max() > 0         # L'simple only the eps ones
     assert torch.isfinite(vlb).all() and (vlb > 0).all()
-
 
 def test_dynamic_set_keeps_its_size_and_a_uniform_spread_of_t():
     """Shuffle denoise spreads the entries uniformly over the chain (sec. 3.3); updates of b random entries
@@ -140,7 +132,6 @@ def test_dynamic_set_keeps_its_size_and_a_uniform_spread_of_t():
         target = D.teacher_step(teacher, grid, it["z"], it["k"], noise, True)
         D.write_back(it, idx, it["k"].clone(), target["z_prev"], K, gen)
 
-
 def test_vit_student_learns_from_a_unet_teacher(tmp_path):
     """Table 5 in small: a DiT student, randomly initialised, distilled from the shapes U-Net teacher."""
     metrics = D.main(_small(tmp_path / "run", C.cached_teacher(), "--student", "dit_tiny", "--updates", "40",
@@ -150,7 +141,6 @@ def test_vit_student_learns_from_a_unet_teacher(tmp_path):
     assert student["eps_rmse"] < 0.8 * init["eps_rmse"]
     den = C.load_teacher(str(tmp_path / "run" / "student.pt"))       # the student is a teacher in its turn
     assert isinstance(den.net, C.DiT) and den.var == "learned_range"
-
 
 def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, monkeypatch):
     teacher, calls = _teacher_file(tmp_path), []
@@ -173,7 +163,6 @@ def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, 
     assert [(r["model"], r["sampler"]) for r in metrics["results"] if r["fid"] == 1.5 and r["is"] == 2.5] == [
         ("teacher", "ancestral"), ("student", "ancestral")]
 
-
 def test_resume_restores_the_dynamic_set(tmp_path, kill_on_call):
     teacher = _teacher_file(tmp_path)
     flags = ("--dropout", "0.1")                                       # dropout masks must repeat too
@@ -193,7 +182,6 @@ def test_resume_restores_the_dynamic_set(tmp_path, kill_on_call):
     assert resumed["results"] == straight["results"]
     assert D.main(_small(tmp_path / "b", teacher, *flags)) == resumed          # a finished run is not redone
 
-
 @pytest.mark.parametrize("flags,message", [
     (["--collect", "random"], "invalid choice: 'random'"),
     (["--student", "resnet"], "invalid choice: 'resnet'"),
@@ -207,7 +195,6 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, flags, message)
         D.main(["--quick", "--teacher", teacher, "--out", str(tmp_path / "run"), *flags])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run")
-
 
 def test_quick_run_shows_table_2_and_fig_4a_in_small(tmp_path):
     """--quick end to end, and in small what table 2 and fig. 4a claim: with the same number of updates, the

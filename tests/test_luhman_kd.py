@@ -28,13 +28,11 @@ TABLE3 = {"cifar10": (512, 2e-4, 0.9, 0.98, 0.995, 5000, 50_000, 100),
           "lsun_church": (32, 5e-6, 0.98, 0.999, 0.9995, 1000, 256_000, 50)}
 SHAPE = (3, 16, 16)
 
-
 def random_teacher(dropout=0.0):
     """A random tiny eps teacher with learned-range variance channels (6 outputs), as the shapes teacher."""
     torch.manual_seed(0)
     net = common.build_net("tiny", zero_init=False, out_channels=6, dropout=dropout)
     return common.Denoiser(net, common.Schedule("linear"), "eps", "learned_range").eval()
-
 
 def small_cfg(path, **kw):
     """A few dozen pairs with a 2-step teacher: enough for the storage, resume and training on a CPU."""
@@ -45,20 +43,17 @@ def small_cfg(path, **kw):
     os.makedirs(cfg.out, exist_ok=True)
     return cfg
 
-
 def make_pairs(cfg, teacher):
     times = common.sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
     recipe = kd.pairs_recipe(cfg, times, SHAPE)
     kd.generate_pairs(cfg, teacher, recipe, SHAPE, "cpu")
     return recipe
 
-
 def test_teacher_timesteps_match_reference_lists():
     schedule = common.Schedule("linear")
     assert common.sampler_times(schedule, 10, "quad") == QUAD_10
     assert common.sampler_times(schedule, 100, "quad") == QUAD_100
     assert common.sampler_times(schedule, 50, "uniform") == list(range(980, -1, -20))      # LSUN
-
 
 def test_uint8_targets_round_trip():
     grid = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16) / 127.5 - 1  # every uint8 level
@@ -73,7 +68,6 @@ def test_uint8_targets_round_trip():
     err = kd.quantize(x, "trunc").float() / 127.5 - 1 - x.clamp(-1, 1)
     assert err.max() <= 1e-6 and err.min() >= -1 / 127.5 - 1e-6                       # official: always down
     assert err.mean() < -0.2 / 127.5                                                  # bias: about -0.5 level
-
 
 def test_recipes_follow_table3_and_show_in_help(capsys):
     for data, recipe in (("cifar10", "cifar10"), ("folder:/data/celeba64", "celeba"),
@@ -97,7 +91,6 @@ def test_recipes_follow_table3_and_show_in_help(capsys):
         for v in values:
             assert f"{v:g}" in text                                                   # every value, in --help
 
-
 def test_student_starts_as_the_teacher_network_without_dropout():
     teacher = random_teacher(dropout=0.1)                                             # as Ho et al.'s
     x_T = common.seeded_noise(range(4), SHAPE)
@@ -114,7 +107,6 @@ def test_student_starts_as_the_teacher_network_without_dropout():
                 assert torch.equal(x0, x_T - teacher.net(x_T, torch.full((4,), 999.0))[:, :3])
             else:                                                                     # the 1-step DDIM
                 assert torch.allclose(x0, common.ddim_sample(teacher, x_T, [999]), atol=1e-4)
-
 
 def test_pair_generation_resumes_after_a_crash(tmp_path):
     teacher = random_teacher()
@@ -147,7 +139,6 @@ def test_pair_generation_resumes_after_a_crash(tmp_path):
     with pytest.raises(ValueError, match="other teacher_steps"):                      # another recipe
         make_pairs(dataclasses.replace(cfg, teacher_steps=3), teacher)
 
-
 def test_seeds_of_two_runs_share_no_noise(tmp_path):
     teacher = random_teacher()
     runs = [small_cfg(tmp_path / f"seed{s}", seed=s, num_pairs=16) for s in (0, 1)]
@@ -161,7 +152,6 @@ def test_seeds_of_two_runs_share_no_noise(tmp_path):
                   for s in (0, 1, 2) for split in kd.OFFSET)                          # 10^9 pairs a split
     assert all(a[1] < b[0] for a, b in zip(ends, ends[1:]))                          # disjoint seed ranges
 
-
 def test_stage_train_refuses_missing_pairs_and_pairs_of_another_recipe(tmp_path):
     teacher = random_teacher()
     cfg = small_cfg(tmp_path / "run")
@@ -172,7 +162,6 @@ def test_stage_train_refuses_missing_pairs_and_pairs_of_another_recipe(tmp_path)
     other = dataclasses.replace(cfg, teacher_steps=3, targets="trunc")
     with pytest.raises(ValueError, match="other teacher_steps, times, targets"):
         kd.train(other, teacher, None, kd.pairs_recipe(other, [999, 500, 0], SHAPE), "cpu")
-
 
 def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(tmp_path, kill_on_call):
     teacher = random_teacher()
@@ -205,7 +194,6 @@ def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(t
         initial = kd.student_x0(kd.make_student(teacher, "official"), z)
         assert not torch.allclose(kd.student_x0(student, z), initial)                # it has trained
 
-
 def test_accumulation_gives_the_same_updates_and_no_test_pairs_work(tmp_path):
     teacher = random_teacher()
     full = small_cfg(tmp_path / "full", updates=4)
@@ -229,7 +217,6 @@ def test_accumulation_gives_the_same_updates_and_no_test_pairs_work(tmp_path):
     assert student["test_loss"] is None and student["selected_update"] == 4 and metrics["finished"]
     for name in ("samples_student.png", "samples_teacher.png", "interpolation.png"):
         assert os.path.exists(os.path.join(parts.out, name)), name
-
 
 def test_metrics_are_written_before_fid_and_the_statistics_file_is_used(tmp_path, monkeypatch):
     teacher = random_teacher()
@@ -257,7 +244,6 @@ def test_metrics_are_written_before_fid_and_the_statistics_file_is_used(tmp_path
     assert seen == {"n": 4, "stats": str(stats), "ref": None}
     assert metrics["finished"] and metrics["results"][2]["fid"] == 12.5 and common.run_finished(cfg.out)
 
-
 def test_bad_flags_are_rejected_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kw):
         raise AssertionError("a teacher was trained or loaded before the flags were checked")
@@ -283,7 +269,6 @@ def test_bad_flags_are_rejected_before_any_work(tmp_path, monkeypatch):
             kd.main(["--quick", "--out", out, *argv])
     assert not os.path.exists(out)                                                    # nothing written
 
-
 def test_run_contract_refuses_changed_flags_and_reports_a_finished_run(tmp_path, capsys):
     tiny = ["--quick", "--out", str(tmp_path / "run"), "--num-pairs", "32", "--num-test-pairs", "8",
             "--teacher-steps", "2", "--batch", "8", "--updates", "4", "--test-every", "2", "--eval-n", "8",
@@ -297,7 +282,6 @@ def test_run_contract_refuses_changed_flags_and_reports_a_finished_run(tmp_path,
     assert longer["finished"] and longer["results"][2]["updates"] == 6
     with open(tmp_path / "run" / "log.jsonl") as f:
         assert sum(json.loads(line).get("event") == "resumed" for line in f) == 2     # the refused one: none
-
 
 def test_quick_run_shows_the_papers_claim(tmp_path):
     """--quick end to end with half its pairs and half its batch (the claim's budget): the 1-step student is

@@ -21,7 +21,6 @@ LINSPACE_100 = [999, 989, 979, 969, 959, 949, 938, 928, 918, 908, 898, 888, 878,
                 232, 222, 212, 202, 192, 182, 172, 161, 151, 141, 131, 121, 111, 101, 91, 81, 71, 61, 50, 40,
                 30, 20, 10, 0]
 
-
 def test_timestep_sequences_match_reference_lists():
     assert C.ddim_timesteps(1000, 10, "uniform") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert C.ddim_timesteps(1000, 10, "trailing") == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
@@ -37,7 +36,6 @@ def test_timestep_sequences_match_reference_lists():
     with pytest.raises(ValueError, match="unknown skip"):
         C.ddim_timesteps(1000, 10, "cubic")
 
-
 def test_timesteps_match_diffusers_spacings():
     from diffusers import DDIMScheduler
     for spacing, skip in (("leading", "uniform"), ("trailing", "trailing"), ("linspace", "linspace")):
@@ -45,7 +43,6 @@ def test_timesteps_match_diffusers_spacings():
         for steps in (10, 50, 100):
             sched.set_timesteps(steps)
             assert sched.timesteps.tolist() == C.ddim_timesteps(1000, steps, skip), (spacing, steps)
-
 
 def test_linear_schedule_closed_form():
     s = C.Schedule("linear")
@@ -64,7 +61,6 @@ def test_linear_schedule_closed_form():
     assert abs(lam[1] - (s.logsnr_table[10] + s.logsnr_table[11]) / 2) < 1e-12
     assert s.net_time(torch.tensor([0, 999])).tolist() == [0.0, 999.0]
 
-
 def test_cosine_schedule_closed_form():
     s = C.Schedule("cosine", T=1000)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -73,7 +69,6 @@ def test_cosine_schedule_closed_form():
     assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
     s4000 = C.Schedule("cosine", T=4000, t_scale=0.25)
     assert s4000.net_time(torch.tensor([3999.0])).item() == pytest.approx(999.75)
-
 
 def test_continuous_cosine_logsnr_schedule():
     s = C.Schedule("cosine_logsnr")
@@ -87,14 +82,12 @@ def test_continuous_cosine_logsnr_schedule():
     # the inv_cos network input recovers 1000 t up to the +-20 clipping offsets
     assert torch.allclose(s.net_time(t), (1000 * t).float(), atol=0.05)
 
-
 def _random_state(shape=(4, 3, 8, 8), seed=0):
     g = torch.Generator().manual_seed(seed)
     x, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     lam = torch.empty(shape[0]).uniform_(-8, 8, generator=g)
     alpha, sigma = C.bcast(torch.sigmoid(lam).sqrt(), x), C.bcast(torch.sigmoid(-lam).sqrt(), x)
     return x, eps, alpha, sigma
-
 
 def test_parameterisation_round_trips():
     x, eps, alpha, sigma = _random_state()
@@ -114,7 +107,6 @@ def test_parameterisation_round_trips():
     with pytest.raises(ValueError, match="unknown parameterisation"):
         C.x_eps_from_output(eps, z, alpha, sigma, "score")
 
-
 def test_ddim_step_is_invertible():
     """DDIM is a deterministic map: stepping t -> s and back s -> t with the same (x, eps) prediction
     returns z_t exactly (Song et al. 2021, sec. 4.3)."""
@@ -126,7 +118,6 @@ def test_ddim_step_is_invertible():
     assert torch.allclose(back, z_t, atol=1e-4)
     assert torch.equal(C.ddim_step(x, eps, 1.0, 0.0), x)
 
-
 class _Toy(torch.nn.Module):
     """A fixed nonlinear 'network' of (z, t) so DDIM chains are non-trivial."""
 
@@ -137,7 +128,6 @@ class _Toy(torch.nn.Module):
 
     def forward(self, z, t):
         return torch.tanh(torch.einsum("oc,bchw->bohw", self.w, z) + t.view(-1, 1, 1, 1) / 1000)
-
 
 def test_ddim_sample_matches_diffusers_ddim_unclipped():
     """Our DDIM chain equals diffusers' DDIMScheduler (clip_sample=False, set_alpha_to_one) step for step."""
@@ -153,7 +143,6 @@ def test_ddim_sample_matches_diffusers_ddim_unclipped():
         z = ref.step(net(z, t.float().expand(2)), t, z).prev_sample
     ours = C.ddim_sample(C.Denoiser(net, sched, "eps"), z0, C.ddim_timesteps(1000, 20, "uniform"))
     assert (ours - z).abs().max() < 1e-4
-
 
 def test_posterior_matches_ddpm_coefficients():
     """For adjacent discrete steps the posterior equals Ho et al. eq. 7: beta~_t, beta_t and the mean
@@ -173,7 +162,6 @@ def test_posterior_matches_ddpm_coefficients():
         assert abs(mean_x - ac[t - 1].sqrt() * betas[t] / (1 - ac[t])) < 1e-5
         assert abs(mean_z - (1 - betas[t]).sqrt() * (1 - ac[t - 1]) / (1 - ac[t])) < 1e-5
 
-
 def test_learned_range_variance_interpolates_in_log_space():
     small, large = torch.tensor([0.01]), torch.tensor([0.04])
     for v, expected in ((-1.0, 0.01), (1.0, 0.04), (0.0, 0.02)):
@@ -183,13 +171,11 @@ def test_learned_range_variance_interpolates_in_log_space():
     with pytest.raises(ValueError, match="unknown variance type"):
         C.variance_frac("fixed_medium")
 
-
 def test_ancestral_step_adds_no_noise_into_the_data():
     z, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     alpha_t, sigma_t, alpha_s, sigma_s = (torch.tensor(v) for v in (0.9, 0.4359, 1.0, 0.0))
     out = C.ancestral_step(z, x, alpha_t, sigma_t, alpha_s, sigma_s, torch.randn(2, 3, 4, 4), frac=1.0)
     assert torch.allclose(out, x, atol=1e-6)
-
 
 def test_step_gaussian_matches_improved_diffusion_coefficients():
     """p(z_{t-1} | z_t) for learned-range frac: log-variance frac log beta_t + (1 - frac) log beta~_t with
@@ -208,7 +194,6 @@ def test_step_gaussian_matches_improved_diffusion_coefficients():
         assert logvar[i].float().mean().item() == pytest.approx(want, rel=1e-4)
     assert torch.allclose(mean[0], x[0], atol=1e-5)
 
-
 def test_vlb_terms_zero_at_the_true_posterior_and_decoder_nll_is_a_likelihood():
     s = C.Schedule("linear")
     x = C.to_float(torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8))
@@ -224,7 +209,6 @@ def test_vlb_terms_zero_at_the_true_posterior_and_decoder_nll_is_a_likelihood():
     total = torch.exp(-C.discretized_gaussian_nll(levels, mean, logvar)).sum().item()
     assert total == pytest.approx(1.0, abs=1e-4)
 
-
 def test_ancestral_sample_noise_depends_on_the_seed_only():
     den = C.Denoiser(_Toy(5), C.Schedule("linear"), "eps", "fixed_large")
     times = C.ddim_timesteps(1000, 5, "uniform")
@@ -235,7 +219,6 @@ def test_ancestral_sample_noise_depends_on_the_seed_only():
     assert torch.allclose(together, alone, atol=1e-6)
     assert not torch.allclose(together, C.ancestral_sample(den, z, times, [s + 1 for s in seeds]), atol=1e-3)
     assert not torch.allclose(together, C.ddim_sample(den, z, times), atol=1e-3)
-
 
 def test_gaussian_kl_against_monte_carlo():
     g = torch.Generator().manual_seed(0)
@@ -248,7 +231,6 @@ def test_gaussian_kl_against_monte_carlo():
     assert torch.allclose(kl, mc, atol=0.01)
     assert C.gaussian_kl(m1, lv1, m1, lv1).abs().max() < 1e-7
     assert (kl > 0).all()
-
 
 def test_weightings_are_snr_functions_of_the_x_mse():
     """Salimans & Ho sec. 4: eps-MSE = SNR x-MSE, trunc = max(SNR, 1) x-MSE, v-MSE = (1 + SNR) x-MSE."""
@@ -263,7 +245,6 @@ def test_weightings_are_snr_functions_of_the_x_mse():
     assert torch.allclose(w("snr"), snr * x_mse, rtol=1e-3)
     assert torch.allclose(w("trunc_snr"), torch.maximum(snr, torch.ones_like(snr)) * x_mse, rtol=1e-3)
     assert torch.allclose(w("snr_plus_one"), (1 + snr) * x_mse, rtol=1e-3)
-
 
 def test_lr_schedule():
     assert C.lr_at(0, 1.0, warmup=10) == pytest.approx(0.1)

@@ -55,7 +55,6 @@ HO_SMALL_DIFFUSERS = dict(DDPM_CIFAR10, sample_size=16, block_out_channels=[32, 
                           down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                           up_block_types=["AttnUpBlock2D", "UpBlock2D"])
 
-
 @torch.no_grad()
 def perturb(net, seed, scale=0.01):
     g = torch.Generator().manual_seed(seed)
@@ -63,22 +62,18 @@ def perturb(net, seed, scale=0.01):
         p.add_(scale * torch.randn(p.shape, generator=g))
     return net
 
-
 def max_diff(a, b):
     return (a - b).abs().max().item()
-
 
 def assert_same_state(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-
 def one_line_error(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg and len(msg) > 20
     return msg
-
 
 def convert_file(sd, tmp_path, name, *flags):
     """Save sd as an original checkpoint, convert it through the converter's main(), load it as a teacher."""
@@ -86,7 +81,6 @@ def convert_file(sd, tmp_path, name, *flags):
     torch.save(sd, src)
     found = convert([src, dst, *flags])
     return load_teacher(dst), found
-
 
 @pytest.fixture(scope="module")
 def ddpm(tmp_path_factory):
@@ -102,7 +96,6 @@ def ddpm(tmp_path_factory):
         y = ref(x, t).sample
     return dict(ref=ref, folder=folder, x=x, t=t, y=y, den=load_teacher(str(folder)))
 
-
 def test_ddpm_cifar10_from_diffusers_exact(ddpm):
     assert sum(p.numel() for p in ddpm["ref"].parameters()) == 35_746_307
     assert ddpm["ref"].down_blocks[1].attentions[0].heads == 1
@@ -117,7 +110,6 @@ def test_ddpm_cifar10_from_diffusers_exact(ddpm):
         diff = max_diff(net(ddpm["x"], ddpm["t"].float()), ddpm["y"])
     print(f"ddpm_cifar10 diffusers vs ours max|diff| = {diff:.2e}")
     assert diff <= 1e-5
-
 
 def test_diffusers_old_attention_names_and_bin_fallback(tmp_path):
     from diffusers import UNet2DModel
@@ -161,7 +153,6 @@ def test_diffusers_old_attention_names_and_bin_fallback(tmp_path):
     assert den.var == "fixed_small"
     assert_same_state(den.net.state_dict(), net.state_dict())
 
-
 def test_ermongroup_naming_and_conversion(ddpm, tmp_path):
     net = ddpm["den"].net
     cfg, ours = net.config, net.state_dict()
@@ -190,7 +181,6 @@ def test_ermongroup_naming_and_conversion(ddpm, tmp_path):
     print(f"converted ermongroup file vs diffusers max|diff| = {diff:.2e}")
     assert diff <= 1e-5
 
-
 def test_ermongroup_ddim_list_checkpoint_and_inferred_config(tmp_path):
     torch.manual_seed(0)
     net = perturb(UNet(HO_SMALL).eval(), 2)
@@ -207,7 +197,6 @@ def test_ermongroup_ddim_list_checkpoint_and_inferred_config(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(den.net(x, torch.tensor([5.0, 700.0])), net(x, torch.tensor([5.0, 700.0])))
-
 
 @pytest.mark.parametrize("variant", list(ADM_VARIANTS))
 def test_adm_style_diffusers_and_guided(variant, tmp_path):
@@ -251,7 +240,6 @@ def test_adm_style_diffusers_and_guided(variant, tmp_path):
         assert (found["format"], loaded.var, loaded.schedule.kind) == ("guided", "learned_range", "cosine")
         assert_same_state(loaded.net.state_dict(), net.state_dict())
 
-
 def reference_fused_attention(x, g, prefix, heads, layout, groups=32):
     """ADM attention block written from the layout descriptions: qkv is a conv1d with 3C outputs;
     'legacy' reshapes to (B*heads, 3*d, T) (each head's [q,k,v] contiguous), 'new' chunks q,k,v first
@@ -270,7 +258,6 @@ def reference_fused_attention(x, g, prefix, heads, layout, groups=32):
     a = torch.einsum("bts,bcs->bct", w, v).reshape(B, C, T)
     return x + F.conv1d(a, g[f"{prefix}.proj_out.weight"], g[f"{prefix}.proj_out.bias"]).reshape(B, C, H, W)
 
-
 @pytest.mark.parametrize("layout", ["legacy", "new"])
 def test_fused_qkv_layouts_numerically(layout):
     cfg = dataclasses.replace(PRESETS["tiny"], qkv_layout=layout)
@@ -285,7 +272,6 @@ def test_fused_qkv_layouts_numerically(layout):
         wrong = reference_fused_attention(x, g, "middle_block.1", 2, other, cfg.norm_groups)
     assert max_diff(ours, right) <= 1e-5
     assert max_diff(ours, wrong) > 1e-3  # the two orders really differ
-
 
 def test_published_parameter_counts_preset_inference_and_known_schedules():
     counts = {"ddpm_cifar10": 35_746_307, "ddim_celeba64": 78_700_803, "ddpm_256": 113_673_219,
@@ -312,7 +298,6 @@ def test_published_parameter_counts_preset_inference_and_known_schedules():
     flags = dict(schedule="linear", T=500, var="fixed_large")
     assert diffusion_of("ddpm_256", 3, **flags) == (dict(ho_linear, T=500), "eps", "fixed_large")  # flags win
 
-
 def test_build_net_and_net_config_round_trip():
     for name in ("tiny", "dit_tiny"):
         net = build_net(name)
@@ -325,7 +310,6 @@ def test_build_net_and_net_config_round_trip():
         build_net({"arch": "unet", "channels": 3})
     one_line_error(e)
 
-
 def test_dit_shapes_and_adaln_zero():
     cfg = dataclasses.replace(PRESETS["dit_tiny"], out_channels=6)
     net = DiT(cfg).eval()
@@ -336,7 +320,6 @@ def test_dit_shapes_and_adaln_zero():
         y = net(x, t)
         assert y.shape == (2, 6, 16, 16) and y.abs().min() > 0 and torch.isfinite(y).all()
         assert torch.allclose(net(x, 500.0), net(x, torch.tensor([500.0, 500.0])))
-
 
 def test_mismatched_checkpoints_raise_one_line(tmp_path):
     torch.manual_seed(0)
@@ -368,7 +351,6 @@ def test_mismatched_checkpoints_raise_one_line(tmp_path):
     with pytest.raises(ValueError) as e:
         unet_config_from_diffusers(dict(ADM_SMALL, **ADM_VARIANTS["conv_sym"], attn_norm_num_groups=None))
     one_line_error(e)
-
 
 def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     """Project checkpoints load (EMA first); foreign, corrupt, truncated and malicious files, missing paths
@@ -418,7 +400,6 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
         load_teacher("google/ddpm-cifar10-32")
     assert "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json" in one_line_error(e)
 
-
 def test_converter_command_line(tmp_path, monkeypatch):
     """`python tools/convert_teacher.py IN OUT ...` run as a script; a bad call ends in one line 'error:'."""
     torch.manual_seed(0)
@@ -434,12 +415,10 @@ def test_converter_command_line(tmp_path, monkeypatch):
     runpy.run_path(script, run_name="__main__")
     assert_same_state(load_teacher(str(tmp_path / "out.pt")).net.state_dict(), net.state_dict())
 
-
 def test_diffusers_attention_head_dim_default():
     assert unet_config_from_diffusers(DDPM_CIFAR10).num_head_channels == -1  # null: one head
     missing = {k: v for k, v in DDPM_CIFAR10.items() if k != "attention_head_dim"}
     assert unet_config_from_diffusers(missing).num_head_channels == 8  # diffusers' default
-
 
 def test_read_safetensors_matches_package(tmp_path):
     from safetensors.torch import load_file, save_file
@@ -454,7 +433,6 @@ def test_read_safetensors_matches_package(tmp_path):
     for k in theirs:
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
 
-
 class FakeResponse(io.BytesIO):
     def __init__(self, data, fail_after=None):
         super().__init__(data)
@@ -465,7 +443,6 @@ class FakeResponse(io.BytesIO):
         if self.fail_after is not None and self.tell() >= self.fail_after:
             raise ConnectionResetError("connection reset")
         return super().read(min(n, 1000) if n > 0 else n)
-
 
 def test_hub_download(tmp_path, monkeypatch):
     data = os.urandom(5000)
@@ -495,7 +472,6 @@ def test_hub_download(tmp_path, monkeypatch):
         assert str(tmp_path) in msg
         folder = tmp_path / repo.replace("/", "--") / "main"
         assert os.listdir(folder) == []  # atomic: no partial or temp file left behind
-
 
 def test_hub_id_loads_through_plain_https(tmp_path, monkeypatch):
     """load_teacher('owner/name') fetches config.json, the weights (.bin when the hub has no .safetensors)

@@ -13,7 +13,6 @@ import torch
 import common as C
 import progressive as P
 
-
 def _den(param="x", kind="cosine_logsnr", size=8, var="fixed_large", seed=0):
     """A Denoiser over a small U-Net with random (non-zero) weights: every path of the teacher matters."""
     torch.manual_seed(seed)
@@ -24,12 +23,10 @@ def _den(param="x", kind="cosine_logsnr", size=8, var="fixed_large", seed=0):
             p.add_(0.05 * torch.randn_like(p))
     return C.Denoiser(net, C.Schedule(kind), param, var).eval()
 
-
 def _teacher_file(path, param="x", kind="cosine_logsnr", var="fixed_large"):
     """A project checkpoint of a random 8x8 teacher (loads with load_teacher)."""
     C.save_checkpoint(str(path), **_den(param, kind, var=var).state(), method="teacher", config={})
     return str(path)
-
 
 @pytest.fixture
 def small_data(monkeypatch):
@@ -39,22 +36,18 @@ def small_data(monkeypatch):
     monkeypatch.setattr(P, "load_dataset", small)
     monkeypatch.setattr(C, "load_dataset", small)  # the base model's training (common.train_teacher)
 
-
 def _run(out, *flags):
     P.main(["--quick", "--out", str(out), "--device", "cpu", *flags])
     metrics = json.load(open(out / "metrics.json"))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     return metrics, [row for row in log if row.get("stage") == "distill"]
 
-
 TINY = ["--image-size", "0", "--start-steps", "4", "--updates-per-round", "2", "--final-rounds-factor", "1",
         "--batch", "4", "--eval-samples", "4", "--grid", "2", "--log-every", "1", "--ckpt-every", "100"]
-
 
 def _rmse(metrics, model, steps):
     return next(r["rmse_to_reference"] for r in metrics["results"]
                 if r["model"] == model and r["steps"] == steps and r["sampler"] == "ddim")
-
 
 # ---- the method ------------------------------------------------------------------------------------------
 
@@ -71,7 +64,6 @@ def _brute_force(teacher, z, u, N, clip=False):
     z2 = a[t2][0] * x2 + a[t2][1] / a[t1][1] * (z1 - a[t1][0] * x2)                                # line 12
     ratio = a[t2][1] / a[t][1]
     return x1, x2, z2, (z2 - ratio * z) / (a[t2][0] - ratio * a[t][0]), a                        # eq. 43
-
 
 @pytest.mark.parametrize("kind,param,clip", [("cosine_logsnr", "x", False), ("cosine_logsnr", "v", False),
                                              ("cosine_logsnr", "eps", False), ("linear", "eps", False),
@@ -106,7 +98,6 @@ def test_pd_target_lands_on_two_teacher_steps(kind, param, clip):
     phi = [P.angle(teacher.schedule, torch.tensor([v], dtype=torch.float64)) for v in (0.2, 0.1, 0.0)]
     assert P.target_weight(*phi).item() == 0.0           # (alpha, sigma) = (1, 0) at t'': x~ = x2 exactly
 
-
 def test_target_keeps_float32_precision_at_8192_steps():
     """Issue 7 item 3: at N = 8192 near t = 1 the denominator of eq. 43 is ~1e-4; x~ must still match the
     float64 brute force to float32 precision (eq. 43 evaluated in float32 is off by ~1e-3)."""
@@ -123,7 +114,6 @@ def test_target_keeps_float32_precision_at_8192_steps():
             r = torch.tensor(s_2, dtype=torch.float32) / s_t
             eq43_float32 = (z2_32 - r * z32) / (torch.tensor(a_2, dtype=torch.float32) - r * a_t)
             assert (eq43_float32.double() - x_eq43).abs().max() > 1e-4 * x_eq43.abs().max(), kind
-
 
 def test_round_schedule_and_defaults():
     paper = P.round_schedule(8192, 1, 2, 50_000, 2)
@@ -144,7 +134,6 @@ def test_round_schedule_and_defaults():
     assert (cfg.teacher_clip, cfg.eval_clip, cfg.fid_max_steps, cfg.fid_reference) == \
         ("auto", True, 512, False)
 
-
 @pytest.mark.parametrize("param,var,both", [("x", "fixed_large", False), ("v", "learned_range", False),
                                             ("eps", "learned_range", False), ("eps", "learned_range", True)])
 def test_student_starts_as_the_teacher(param, var, both):
@@ -161,7 +150,6 @@ def test_student_starts_as_the_teacher(param, var, both):
         x_s, x_t = student(z, t)[0], teacher(z, t)[0]
         alpha = teacher.schedule.alpha_sigma(t)[0]
         assert torch.allclose(x_s, alpha ** 2 * x_t if both else x_t, atol=1e-5, rtol=1e-4)
-
 
 # ---- the run contract --------------------------------------------------------------------------------------
 
@@ -183,12 +171,10 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, monkeypatch, flags
         P.main(["--quick", "--out", str(tmp_path), *flags])
     assert not os.path.exists(tmp_path / "config.json")
 
-
 def test_cli_error_is_one_line():
     out = subprocess.run([sys.executable, "progressive.py", "--start-steps", "12"], capture_output=True,
                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
-
 
 def test_resume_refuses_other_flags_and_a_finished_run_says_so(tmp_path, small_data, capsys):
     """Issue 11: a finished 4-step run resumed with --start-steps 8 (or another teacher) is refused in one
@@ -205,7 +191,6 @@ def test_resume_refuses_other_flags_and_a_finished_run_says_so(tmp_path, small_d
     capsys.readouterr()
     again, log_again = _run(tmp_path / "run", "--teacher", teacher, *TINY, "--log-every", "2")
     assert "is finished" in capsys.readouterr().out and again == metrics and log_again == log
-
 
 def test_crash_inside_and_after_a_round_resumes_exactly(tmp_path, small_data, monkeypatch):
     """Killed in the middle of round 2, and killed again while round 2's student is being evaluated: the
@@ -241,7 +226,6 @@ def test_crash_inside_and_after_a_round_resumes_exactly(tmp_path, small_data, mo
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
-
 def test_fid_folders_hold_one_model_and_skip_costly_models(tmp_path, small_data, monkeypatch):
     """Issue 7 items 1 and 5: by default FID runs only for students with N <= --fid-max-steps (no start-steps
     reference, no undistilled teacher), and a folder holding another model's samples is emptied first."""
@@ -260,7 +244,6 @@ def test_fid_folders_hold_one_model_and_skip_costly_models(tmp_path, small_data,
     assert [(r["model"], r["steps"]) for r in metrics["results"] if r["fid"] is not None] == [("student", 1)]
     assert open(stale / "000000.png", "rb").read(4) == b"\x89PNG"
 
-
 def test_stochastic_sampler_is_reproducible_per_seed_and_covers_the_teacher(tmp_path, small_data):
     """App. F (issue 7 item 6): the ancestral sampler's noise comes from each sample's seed, so a sample does
     not depend on its batch; fig. 4's undistilled teacher is offered with it too."""
@@ -275,7 +258,6 @@ def test_stochastic_sampler_is_reproducible_per_seed_and_covers_the_teacher(tmp_
     rows = {(r["model"], r["steps"], r["sampler"], r["gamma"]) for r in metrics["results"]}
     assert {("student", 1, "stochastic", 1.0), ("teacher", 1, "stochastic", 0.0),
             ("teacher", 2, "ddim", None)} <= rows
-
 
 def test_base_model_alg1_and_resume_none_keeps_it(tmp_path, small_data, monkeypatch):
     """Without --teacher the base model is trained first (Alg. 1) in OUT/base; --resume none restarts the
@@ -295,7 +277,6 @@ def test_base_model_alg1_and_resume_none_keeps_it(tmp_path, small_data, monkeypa
     assert (os.path.getmtime(base), os.path.getsize(base)) == (mtime, size)
     assert open(tmp_path / "base" / "log.jsonl").read().count('"stage": "teacher"') == base_rows
     assert len(log_again) == 2 * len(log) and again["results"] == metrics["results"]
-
 
 def test_eps_teacher_in_ddpm_cifar10_format(tmp_path, small_data, monkeypatch):
     """A google/ddpm-cifar10-32 look-alike (diffusers UNet2DModel + scheduler_config.json, linear beta, eps):
@@ -328,7 +309,6 @@ def test_eps_teacher_in_ddpm_cifar10_format(tmp_path, small_data, monkeypatch):
                                ("student_1steps", "both", 1)):
         student = C.load_teacher(str(tmp_path / "run" / f"{name}.pt"))
         assert (student.param, student.steps, student.schedule.kind) == (param, steps, "linear")
-
 
 # ---- the paper's claim in small ----------------------------------------------------------------------------
 

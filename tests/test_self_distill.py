@@ -11,7 +11,6 @@ import torch
 import common as C
 import self_distill as S
 
-
 def _den(param="eps", schedule="linear", seed=0, size=8):
     """A tiny U-Net with random (non-zero) weights read as a denoiser: every path of the model matters."""
     torch.manual_seed(seed)
@@ -21,26 +20,21 @@ def _den(param="eps", schedule="linear", seed=0, size=8):
             p.add_(0.05 * torch.randn_like(p))
     return C.Denoiser(net, C.Schedule(schedule), param)
 
-
 def _close(a, b):
     """Equal up to float32 rounding of values as large as b's (an eps model's x at alpha ~ 0.006 is ~ 1e2)."""
     return (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-4
 
-
 def _flat_grad(den):
     return torch.cat([p.grad.flatten() for p in den.parameters()])
-
 
 def _run(tmp_path, *flags):
     metrics = S.main(["--quick", "--out", str(tmp_path), "--device", "cpu", *flags])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     return metrics, [row for row in log if "loss" in row]
 
-
 def _rmse(metrics, model, steps):
     return next(r["rmse_to_reference"] for r in metrics["results"]
                 if r["model"] == model and r["steps"] == steps)
-
 
 @pytest.mark.parametrize("param,kind,tsd,clip", [
     ("eps", "linear", False, False), ("eps", "linear", False, True), ("v", "cosine_logsnr", False, False),
@@ -89,7 +83,6 @@ def test_x_prime_and_x_double_prime_against_two_explicit_ddim_steps(param, kind,
         assert abs(official.item() - expected) <= 1e-4 * expected + 1e-6
         z = z_next.detach()
 
-
 def test_training_dsd_distillation_term_reaches_the_weights():
     """Eq. 1 in one graph: beta ||x' - x''||^2 sends its gradient into the weights through x' = x(z_t) (this
     fails if the term is detached, as in the official code), x'' is a constant, alpha and beta add up."""
@@ -119,7 +112,6 @@ def test_training_dsd_distillation_term_reaches_the_weights():
     (((x_pred - x_target) ** 2).flatten(1).mean(1) * (u >= 2 / 8)).mean().backward()
     assert (g_d - _flat_grad(den)).norm() <= 1e-5 * g_d.norm()
 
-
 def test_schedules_of_n():
     """Sec. 4.1.1 and app. J at the paper's P = 4000, N = 64: the depths, U_i trajectories of N_i/2 updates,
     about P/|N| updates per depth (DSDN, DSDI, DSDGL), exp(1/S_i) shares for DSDGEXP; TSD plans as DSDI."""
@@ -140,7 +132,6 @@ def test_schedules_of_n():
     assert exp[-1][2] > exp[-2][2] > exp[-3][2] > exp[0][2]          # the most updates at the fewest steps
     assert S.plan("dsdi", 16, 100) == [(16, 3, 24), (8, 6, 24), (4, 12, 24), (2, 25, 25)]
 
-
 @pytest.mark.parametrize("flags,message", [
     (["--variant", "dsdi", "--steps", "12"], "power of 2"), (["--variant", "dsdgl", "--steps", "7"], "even"),
     (["--eval-steps", "2,x"], "--eval-steps"), (["--variant", "nope"], "--variant"),
@@ -157,12 +148,10 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, monkeypatch, flags
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run")
 
-
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as e:
         S.main(["--help"])
     assert e.value.code == 0 and "--distill-weight" in capsys.readouterr().out
-
 
 @pytest.mark.parametrize("variant,flags,crash_at", [
     ("dsdi", ["--steps", "4", "--updates", "12"], 3),      # mid-trajectory, first depth
@@ -192,7 +181,6 @@ def test_resume_mid_schedule_reproduces_an_uninterrupted_run(tmp_path, monkeypat
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert _run(tmp_path / "b", *flags)[0] == resumed                   # a finished run returns its metrics
-
 
 def test_quick_run_beats_the_original_model_at_two_steps(tmp_path):
     """The paper's claim in small (table 2 in teacher-fidelity terms): after DSDI fine-tuning (16 -> 2 steps,

@@ -9,12 +9,10 @@ import torch
 
 import common as C
 
-
 def _cfg(tmp_path, **kw):
     base = dict(image_size=8, updates=6, batch=8, warmup=2, log_every=2, ckpt_every=100, sample_steps=2,
                 out=str(tmp_path / "run"), device="cpu")
     return C.TeacherConfig(**{**base, **kw})
-
 
 def test_resume_restores_training_state_exactly(tmp_path):
     straight = C.load_checkpoint(C.train_teacher(_cfg(tmp_path / "a")))
@@ -36,7 +34,6 @@ def test_resume_restores_training_state_exactly(tmp_path):
     assert os.path.exists(tmp_path / "b" / "run" / "samples.png")
     assert json.load(open(tmp_path / "b" / "run" / "config.json"))["updates"] == 6
 
-
 @pytest.mark.parametrize("param,schedule,var", [("eps", "linear", "learned_range"),
                                               ("v", "cosine_logsnr", "fixed_large"),
                                               ("both", "cosine", "learned_range")])
@@ -53,7 +50,6 @@ def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
     x, eps = den(z, den.schedule.time(0.5))
     assert x.shape == z.shape and torch.isfinite(x).all() and torch.isfinite(eps).all()
 
-
 def test_loss_decreases_on_shapes():
     """Alg. 1 learns: the shared shapes teacher's logged loss (the hybrid loss, every log_every updates)
     falls. Read from its training log, so the suite trains no extra model for it."""
@@ -62,7 +58,6 @@ def test_loss_decreases_on_shapes():
     losses = [r["loss"] for r in rows if r.get("stage") == "teacher"]
     assert len(losses) == cfg.updates // cfg.log_every
     assert losses[-1] < 0.2 * losses[0] and losses[-1] < 0.7 * losses[1]
-
 
 def test_cached_teacher_trains_once(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "CACHE_DIR", str(tmp_path))
@@ -73,13 +68,11 @@ def test_cached_teacher_trains_once(tmp_path, monkeypatch):
     assert os.path.getmtime(path) == mtime
     assert C.cached_teacher(dataclasses.replace(cfg, seed=1)) != path
 
-
 def test_parse_config_quick_and_explicit_flags():
     cfg = C.parse_config(C.TeacherConfig, ["--quick", "--batch", "16", "--data", "cifar10"],
                          quick={"batch": 4, "updates": 10, "data": "shapes"})
     assert (cfg.batch, cfg.updates, cfg.data) == (16, 10, "cifar10")
     assert C.parse_config(C.TeacherConfig, []).updates == C.TeacherConfig().updates
-
 
 @pytest.mark.parametrize("flags,message", [
     (["--no-such-flag", "1"], "unrecognized arguments"), (["--batch", "0"], "--batch: must be at least 1"),
@@ -92,7 +85,6 @@ def test_bad_flag_values_are_one_line_errors(flags, message):
         C.parse_config(C.TeacherConfig, flags)
     text = str(e.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
-
 
 def test_changed_settings_are_refused_on_resume_and_config_json_kept(tmp_path):
     cfg = _cfg(tmp_path, updates=2)
@@ -108,7 +100,6 @@ def test_changed_settings_are_refused_on_resume_and_config_json_kept(tmp_path):
     C.train_teacher(dataclasses.replace(cfg, lr=0.01, resume="none"))
     assert C.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))["config"]["lr"] == 0.01
 
-
 def test_checkpoints_are_plain_data_with_normal_permissions_and_no_orphans(tmp_path):
     path = C.train_teacher(_cfg(tmp_path, updates=2))
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
@@ -118,17 +109,14 @@ def test_checkpoints_are_plain_data_with_normal_permissions_and_no_orphans(tmp_p
     C.train_teacher(_cfg(tmp_path, updates=2))
     assert not os.path.exists(orphan)
 
-
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
-
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
-
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -138,7 +126,6 @@ def test_a_malicious_checkpoint_runs_no_code(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="evil.pt"):
         C.load_teacher(str(tmp_path / "evil.pt"))
     assert not os.path.exists(tmp_path / "pwned")
-
 
 def test_bad_teacher_and_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
@@ -151,7 +138,6 @@ def test_bad_teacher_and_checkpoint_errors(tmp_path):
         C.load_checkpoint(str(tmp_path / "trunc.pt"))
     with pytest.raises(ValueError, match="no such checkpoint"):
         C.train_teacher(_cfg(tmp_path, resume=str(tmp_path / "missing.pt")))
-
 
 def test_cli_turns_expected_failures_into_one_line(capsys):
     def fail(exc):

@@ -44,7 +44,6 @@ FORMATS = {"ermongroup": "temb.dense.0.weight", "guided": "time_embed.0.weight"}
 
 # ---- key maps: our modules, each at a format-neutral place that each format names ---------------------
 
-
 def _modules(cfg):
     """(our module, kind, place) for every parametrised module of UNet(cfg), in forward order. A place names
     the module independently of the format, e.g. ('down', level, block) or ('upsample', level)."""
@@ -74,7 +73,6 @@ def _modules(cfg):
     yield "norm_out", "plain", ("norm_out",)
     yield "conv_out", "plain", ("conv_out",)
 
-
 def _ermongroup_path(place, cfg):
     match place:
         case ("time", n): return f"temb.dense.{n}"
@@ -86,7 +84,6 @@ def _ermongroup_path(place, cfg):
         case ("downsample", i): return f"down.{i}.downsample"
         case ("upsample", i): return f"up.{i}.upsample"
         case ("mid", n): return ["mid.block_1", "mid.attn_1", "mid.block_2"][n]
-
 
 def _guided_path(place, cfg):
     L, R = len(cfg.ch_mult), cfg.num_res_blocks
@@ -104,7 +101,6 @@ def _guided_path(place, cfg):
         case ("up_attn", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.1"
         case ("upsample", i): return f"output_blocks.{(L - 1 - i) * (R + 1) + R}.{2 if has_attn[i] else 1}"
 
-
 _PATHS = {"ermongroup": _ermongroup_path, "guided": _guided_path}
 _RES = {  # our res block leaves -> theirs
     "ermongroup": dict(norm1="norm1", conv1="conv1", emb_proj="temb_proj", norm2="norm2", conv2="conv2",
@@ -115,7 +111,6 @@ _RES = {  # our res block leaves -> theirs
 _DOWNCONV = {"ermongroup": "conv", "guided": "op"}
 _QKV = {"ermongroup": ("q", "k", "v"), "guided": ("qkv",)}
 _PAD = {"ermongroup": 2, "guided": 1}  # trailing 1-dims of their attention projections: conv2d 1x1 / conv1d
-
 
 @dataclasses.dataclass
 class _Entry:
@@ -138,11 +133,9 @@ class _Entry:
             x = x.reshape(3, self.legacy_heads, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         return [t.reshape(*t.shape, *[1] * self.pad).clone() for t in x.chunk(len(self.theirs))]
 
-
 def _label(cfg):
     name = next((n for n, c in PRESETS.items() if c == cfg), None)
     return f"'{name}'" if name else "(custom)"
-
 
 def _entries(cfg, fmt):
     """The _Entry list mapping UNet(cfg)'s tensors to format fmt, and our state dict on the meta device."""
@@ -177,7 +170,6 @@ def _entries(cfg, fmt):
     assert sorted(e.ours for e in out) == sorted(ours), "key table out of sync with common.UNet"
     return out, ours
 
-
 def _check(sd, expected, fmt, cfg):
     """One-line ValueError unless sd has exactly the expected keys and shapes."""
     missing, extra = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
@@ -188,13 +180,11 @@ def _check(sd, expected, fmt, cfg):
         raise ValueError(f"the file has {len(sd)} tensors in {fmt} format but config {_label(cfg)} expects "
                          f"{len(expected)} ({detail}); pass --preset with the model's architecture")
 
-
 def from_original(sd, cfg: UNetConfig, fmt):
     """An ermongroup or guided state dict as UNet(cfg)'s (cfg.qkv_layout: a guided file's qkv order)."""
     entries, ours = _entries(cfg, fmt)
     _check(sd, {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(ours[e.ours]))}, fmt, cfg)
     return {e.ours: e.to_ours([sd[k] for k in e.theirs]) for e in entries}
-
 
 def to_original(sd, cfg: UNetConfig, fmt):
     """UNet(cfg)'s state dict in ermongroup or guided names and layouts (the inverse of from_original)."""
@@ -202,14 +192,12 @@ def to_original(sd, cfg: UNetConfig, fmt):
     _check(sd, ours, "our", cfg)
     return {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(sd[e.ours]))}
 
-
 def infer_format(sd):
     fmt = next((f for f, key in FORMATS.items() if key in sd), None)
     if fmt is None:
         raise ValueError(f"the file's {len(sd)} tensors (first '{next(iter(sd), None)}') have neither "
                          "ermongroup/pesser nor guided-diffusion names (diffusers folders load as --teacher)")
     return fmt
-
 
 def config_from_ermongroup(sd) -> UNetConfig:
     """The architecture of a Ho et al. port from its keys. The file does not store the image size: Ho et
@@ -230,7 +218,6 @@ def config_from_ermongroup(sd) -> UNetConfig:
     return UNetConfig(image_size=size, in_channels=in_ch, out_channels=out_ch, ch=ch, ch_mult=mult,
                       num_res_blocks=R, attn_resolutions=tuple(size >> i for i in attn_levels))
 
-
 def infer_preset(sd, fmt):
     """The one U-Net preset whose tensor names and shapes in format fmt are sd's; ValueError otherwise."""
     def fits(cfg):
@@ -248,7 +235,6 @@ def infer_preset(sd, fmt):
                          "JSON file of UNetConfig fields")
     return names[0]
 
-
 def read_original(path):
     """The state dict in an original file: of ermongroup/ddim's training list [model, optimizer, epoch, step,
     ema], the last tensor dict (the EMA); DataParallel's 'module.' prefix is dropped."""
@@ -261,7 +247,6 @@ def read_original(path):
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
-
 
 def diffusion_of(name, out_channels, schedule=None, T=None, beta_start=None, beta_end=None, t_scale=None,
                  param=None, var=None):
@@ -281,7 +266,6 @@ def diffusion_of(name, out_channels, schedule=None, T=None, beta_start=None, bet
     if var is None:
         raise ValueError("the variance type is unknown: pass --var fixed_small or --var fixed_large")
     return Schedule(**spec).spec(), param or known.get("param", "eps"), var
-
 
 def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
     """Write the original checkpoint src as a project checkpoint dst; returns what it found.
@@ -314,7 +298,6 @@ def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
     print(f"{src} -> {dst}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     return found
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the original checkpoint (.pt, .pth, .ckpt, .bin or .safetensors)")
@@ -333,7 +316,6 @@ def main(argv=None):
     p.add_argument("--var", choices=("fixed_small", "fixed_large", "learned_range"),
                    help="the variance of ancestral steps (default: KNOWN's; learned_range for 6 outputs)")
     return convert(**vars(p.parse_args(argv)))
-
 
 if __name__ == "__main__":
     cli(main)
