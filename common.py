@@ -1004,8 +1004,8 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     from cleanfid import features as cf_features, fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
     outputs = lambda path, mode, fn: cleanfid.get_folder_features(  # fn of clean-fid's batches, (B, 3, H, W)
-        path, model=lambda x: fn(x.float()), num_workers=0, batch_size=batch_size, device=torch.device(device),
-        mode=mode, verbose=False)
+        path, model=lambda x: fn(x.float()), num_workers=0, batch_size=batch_size,
+        device=torch.device(device), mode=mode, verbose=False)
 
     def moments(path, mode):
         f = outputs(path, mode, lambda x: det.features(x, mode))
@@ -1028,7 +1028,7 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
             raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
         fid = frechet_distance(*moments(folder, mode), *ref)
         out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = fid
-    # IS on the images as they are (the network resizes inside, as TF's): clean-fid's legacy_tensorflow batches
+    # IS of the images as they are (the network resizes inside, as TF's), via clean-fid's loader
     out["is"], out["is_std"] = inception_score(outputs(folder, "legacy_tensorflow", det.probs))
     return out
 
