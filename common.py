@@ -1003,9 +1003,10 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception."""
     from cleanfid import features as cf_features, fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
-    outputs = lambda path, mode, fn: cleanfid.get_folder_features(  # fn of clean-fid's batches, (B, 3, H, W)
-        path, model=lambda x: fn(x.float()), num_workers=0, batch_size=batch_size,
-        device=torch.device(device), mode=mode, verbose=False)
+
+    def outputs(path, mode, fn):  # fn of clean-fid's batches of a folder: (B, 3, H, W), uint8 values as float
+        return cleanfid.get_folder_features(path, model=lambda x: fn(x.float()), num_workers=0, mode=mode,
+                                            batch_size=batch_size, device=torch.device(device), verbose=False)
 
     def moments(path, mode):
         f = outputs(path, mode, lambda x: det.features(x, mode))
