@@ -53,7 +53,7 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
     "cnn_32m": dataclasses.replace(_ADM57, ch=96),                    # 32,136,582
     "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
     "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
-    "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: the shapes teacher, half as wide
+    "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: tiny at half width
 }
 
 @dataclasses.dataclass
