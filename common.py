@@ -2,7 +2,8 @@
 sections: math, nets, teachers, data, checkpoints, evaluation, training. Images are NCHW float in [-1, 1]
 (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
 units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
-import argparse, copy, dataclasses, functools, hashlib, json, math, os, pickle, shutil, sys, tarfile, time
+import argparse, copy, dataclasses, functools, glob, hashlib, json, math, os, pickle, shutil, sys, tarfile
+import time
 import urllib.request
 from dataclasses import asdict, dataclass
 
@@ -220,15 +221,27 @@ def vlb_terms(schedule, z_t, t, x, x_pred, v):
 SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
 
 def ddim_timesteps(T, steps, skip="uniform"):
-    """Descending timesteps of a `steps`-step chain over a T-step model: uniform (DDIM, ermongroup, diffusers'
-    'leading'), quad (ermongroup, Luhman & Luhman; from 0.8 T), trailing (from T - 1), linspace."""
-    seqs = dict(uniform=lambda: np.arange(0, T, T // steps),
-                quad=lambda: (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64),
-                trailing=lambda: np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1,
-                linspace=lambda: np.round(np.linspace(0, T - 1, steps)).astype(np.int64))
-    if skip not in seqs:
-        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS)}")
-    return [int(t) for t in seqs[skip]()[::-1]]
+    """Exactly `steps` descending timesteps of a chain over a T-step model, 1 <= steps <= T: uniform (DDIM,
+    diffusers' 'leading': i T // steps; ermongroup/ddim's range(0, T, T // steps) gives more times when steps
+    does not divide T, e.g. 67 for 64 steps: ours are its first `steps`), quad (ermongroup, Luhman & Luhman;
+    from 0.8 T), trailing (from T - 1), linspace. A 1-step chain starts at the noise end, T - 1, whatever the
+    kind (the others would put its one step at t = 0 or 0.8 T)."""
+    if skip not in SKIPS[:4]:
+        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS[:4])}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"{steps} steps over a {T}-step model: expected 1 to {T}")
+    i = np.arange(steps)
+    if steps == 1:
+        seq = np.array([T - 1])
+    elif skip == "uniform":
+        seq = i * (T // steps)
+    elif skip == "quad":
+        seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64)
+    elif skip == "trailing":
+        seq = (np.round(T - i * T / steps) - 1).astype(np.int64)[::-1]
+    else:
+        seq = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
+    return [int(t) for t in seq[::-1]]
 
 def sampler_times(schedule, steps, skip="uniform"):
     """A `steps`-step sampler's times, descending; 'unit' is Salimans & Ho's t_i = i/N, i = N..1 (from 1/N
@@ -236,6 +249,13 @@ def sampler_times(schedule, steps, skip="uniform"):
     if schedule.discrete and skip != "unit":
         return ddim_timesteps(schedule.T, steps, skip)
     return [schedule.time(i / steps) for i in range(steps, 0, -1)]
+
+def check_steps(schedule, skip, **counts):
+    """Before any work: step counts (flag=count) that a discrete grid of this schedule cannot hold (> T)."""
+    for flag, n in counts.items():
+        if schedule.discrete and skip != "unit" and n > schedule.T:
+            raise ValueError(f"--{flag.replace('_', '-')} {n}: the model has T = {schedule.T} timesteps, so "
+                             f"a {skip} grid holds at most {schedule.T} steps")
 
 @torch.no_grad()
 def ddim_sample(den, z, times, clip=False):
@@ -867,8 +887,11 @@ CKPT_FORMAT = "distill-ref/1"
 
 def save_checkpoint(path, **state):
     """One self-describing checkpoint (den.state(), ema, method, config, optimizer, step, what a method needs
-    to resume), readable with weights_only=True, written atomically (start_run removes orphan temp files)."""
+    to resume), readable with weights_only=True, written atomically (start_run removes orphan temp files).
+    log_bytes: the length of log.jsonl beside it, so that a resumed run drops the rows written after it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    log = os.path.join(os.path.dirname(os.path.abspath(path)), "log.jsonl")
+    state.setdefault("log_bytes", os.path.getsize(log) if os.path.exists(log) else 0)
     torch.save({"format": CKPT_FORMAT, **state}, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
@@ -953,19 +976,48 @@ def write_pngs(images_uint8, folder):
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
+FID_MODES = ("legacy_tensorflow", "clean")
+
+def inception_weights(path=None):
+    """The path of the Inception weights: `path` if given (it must exist), else a copy downloaded once."""
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"--inception {path}: no such file")
+        return path
+    path = os.path.join(CACHE_DIR, "inception-2015-12-05.pt")
+    try:
+        return download(INCEPTION_URL, path, what="Inception weights")
+    except ValueError as e:
+        raise ValueError(f"Inception weights unavailable: {e}; or pass --inception PATH") from None
+
+def cifar10_statistics(mode, stats=None):
+    """(mu, sigma) of the CIFAR-10 train images: `stats` (.npz, 'legacy_tensorflow' only) or clean-fid's."""
+    if stats:
+        if not os.path.isfile(stats):
+            raise ValueError(f"--fid-stats {stats}: no such file")
+        with np.load(stats) as f:
+            return f["mu"], f["sigma"]
+    from cleanfid import features as cf_features
+    try:
+        return cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
+    except Exception as e:
+        raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once online "
+                         "or pass --fid-stats PATH") from None
+
+def prepare_fid(dataset, inception=None, stats=None):
+    """Fetch or verify what fid_is will need (the Inception weights; for cifar10 the reference statistics)
+    before any work, so that a machine that cannot fetch them fails at the start, not after the training."""
+    inception_weights(inception)
+    if dataset == "cifar10":
+        for mode in ("legacy_tensorflow",) if stats else FID_MODES:
+            cifar10_statistics(mode, stats)
 
 class Inception:
     """clean-fid's TF-ported Inception-v3: features(x, mode) of uint8-valued images (resized inside, as TF,
     for 'legacy_tensorflow'; 299x299 for 'clean'), probs(x) for the IS (no output bias, as its code)."""
 
     def __init__(self, path=None, device="cpu"):
-        path = path or os.path.join(CACHE_DIR, "inception-2015-12-05.pt")
-        if not os.path.exists(path):
-            try:
-                download(INCEPTION_URL, path, what="Inception weights")
-            except ValueError as e:
-                raise ValueError(f"Inception weights unavailable: {e}; or pass --inception PATH") from None
-        self.base = torch.jit.load(path, map_location=device).eval()
+        self.base = torch.jit.load(inception_weights(path), map_location=device).eval()
 
     def features(self, x, mode):
         if mode == "legacy_tensorflow":
@@ -996,12 +1048,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
-def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None,
-           modes=("legacy_tensorflow", "clean"), batch_size=200):
+def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None, modes=FID_MODES,
+           batch_size=200):
     """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
     (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
     `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception."""
-    from cleanfid import features as cf_features, fid as cleanfid
+    from cleanfid import fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
 
     def outputs(path, mode, fn):  # fn of clean-fid's batches of a folder: (B, 3, H, W), uint8 values as float
@@ -1016,15 +1068,8 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
         if ref_folder is not None:
             ref = moments(ref_folder, mode)
-        elif dataset == "cifar10" and stats:
-            with np.load(stats) as f:
-                ref = f["mu"], f["sigma"]
         elif dataset == "cifar10":
-            try:
-                ref = cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
-            except Exception as e:
-                raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once "
-                                 "online or pass the statistics file by path") from None
+            ref = cifar10_statistics(mode, stats)
         else:
             raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
         fid = frechet_distance(*moments(folder, mode), *ref)
@@ -1039,13 +1084,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
 
-def field(default, help, choices=None, low=None, fixed=True):
-    """A config field that becomes a flag (argparse checks choices and low); fixed=False: may change when
-    resuming, the run still equalling an uninterrupted one (logging, device, eval sizes, constant lr)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, fixed=fixed))
+def field(default, help, choices=None, low=None, high=None, below=None, fixed=True):
+    """A config field that becomes a flag: argparse checks choices, low <= value <= high and value < below
+    (floats must be finite); fixed=False: may change when resuming, the run still equalling an uninterrupted
+    one (logging, device, eval sizes, constant lr)."""
+    meta = dict(help=help, choices=choices, low=low, high=high, below=below, fixed=fixed)
+    return dataclasses.field(default=default, metadata=meta)
 
 def _flag_type(f):
-    kind, low = f.type if isinstance(f.type, type) else eval(f.type), f.metadata.get("low")
+    kind, m = f.type if isinstance(f.type, type) else eval(f.type), f.metadata
     bools = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
     def parse(text):
@@ -1054,8 +1101,12 @@ def _flag_type(f):
         except (KeyError, ValueError):
             what = "true or false" if kind is bool else "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        for bad, what in ((kind is float and not math.isfinite(value), "a finite number"),
+                          (m.get("low") is not None and value < m["low"], f"at least {m.get('low')}"),
+                          (m.get("high") is not None and value > m["high"], f"at most {m.get('high')}"),
+                          (m.get("below") is not None and value >= m["below"], f"below {m.get('below')}")):
+            if bad:
+                raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
         return value
     return parse
 
@@ -1075,13 +1126,17 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     return dataclasses.replace(cfg, **args)
 
 def pick_device(name="auto"):
+    """A device torch has: auto (cuda if visible, else cpu), cpu, cuda or cuda:N; else a one-line error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device {name}: expected auto, cpu or cuda[:N]")
-    return name
+    kind, _, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (index == "" or index.isdigit())):
+        count = torch.cuda.device_count() if kind == "cuda" else 1
+        if kind == "cuda" and int(index or 0) >= count:
+            raise ValueError(f"--device {name}: " + (f"only cuda:0 .. cuda:{count - 1} exist" if count else
+                                                     "no CUDA GPU is visible; use --device cpu"))
+        return name
+    raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
 
 def autocast(device, dtype):
     """Mixed precision for network calls ('fp32', 'bf16', 'fp16'); the schedule algebra stays fp32."""
@@ -1097,13 +1152,24 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
-def start_run(cfg, ckpt_name="ckpt.pt"):
-    """Open cfg.out once everything is checked; returns the checkpoint to resume (--resume auto: OUT/ckpt_name
-    if present, PATH, none) or None. Its fixed flags must match (else a one-line ValueError lists them); then
-    config.json is (re)written, a 'resumed' row logged and orphan temp files removed."""
-    os.makedirs(cfg.out, exist_ok=True)
+def writable(path):
+    """A one-line error unless a run directory can be made or written at `path` (nothing is created)."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path}: {parent} is " + ("not a folder" if not os.path.isdir(parent) else
+                                                          "not writable") + "; pass another --out")
+
+def read_resume(cfg, ckpt_name="ckpt.pt"):
+    """The checkpoint a run continues from (--resume auto: OUT/ckpt_name if present; PATH; none) or None,
+    read before any work and writing nothing: a missing or unreadable file, an --out that cannot be written,
+    or fixed flags that differ from the checkpoint's (listed) are one-line ValueErrors."""
+    writable(cfg.out)
     path = {"none": None, "": None, "auto": os.path.join(cfg.out, ckpt_name)}.get(cfg.resume, cfg.resume)
-    ckpt = load_checkpoint(path) if path and (cfg.resume != "auto" or os.path.exists(path)) else None
+    if cfg.resume not in ("none", "", "auto") and not os.path.isfile(path):
+        raise ValueError(f"--resume {path}: no such checkpoint (expected auto, none or a file)")
+    ckpt = load_checkpoint(path) if path and os.path.exists(path) else None
     old = (ckpt or {}).get("config") or {}
     diff = [f.name for f in dataclasses.fields(cfg) if f.metadata.get("fixed", True) and f.name in old
             and json.loads(json.dumps(getattr(cfg, f.name))) != old[f.name]]
@@ -1111,12 +1177,30 @@ def start_run(cfg, ckpt_name="ckpt.pt"):
         listed = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {old[k]!r})" for k in diff)
         raise ValueError(f"{path} was made with other settings: {listed}; rerun with the stored flags (see "
                          f"{os.path.join(cfg.out, 'config.json')}), or pass --resume none or another --out")
+    return ckpt and {**ckpt, "path": path}
+
+def start_run(cfg, ckpt, outputs=()):
+    """Open cfg.out for work once everything is checked (a finished run is left as it is). Resuming, log.jsonl
+    is cut back to the rows written before the checkpoint (its log_bytes) and a 'resumed' row added; starting
+    over, the old log, metrics.json and `outputs` (the method's result files and folders, glob patterns) go,
+    so that no result of an earlier run is reported as this one's. Orphan temp files go; config.json is
+    written."""
+    os.makedirs(cfg.out, exist_ok=True)
+    log = os.path.join(cfg.out, "log.jsonl")
     for tmp in [os.path.join(d, f) for d, _, files in os.walk(cfg.out) for f in files if f.endswith(".tmp")]:
         os.remove(tmp)
+    if ckpt is None:
+        for path in [p for name in ("log.jsonl", "metrics.json", *outputs)
+                     for p in glob.glob(os.path.join(glob.escape(cfg.out), name))]:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    elif os.path.exists(log) and ckpt.get("log_bytes") is not None:
+        os.truncate(log, min(ckpt["log_bytes"], os.path.getsize(log)))
     write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     if ckpt is not None:
-        log_row(cfg.out, {"event": "resumed", "from": path, "step": ckpt.get("step")})
-    return ckpt
+        log_row(cfg.out, {"event": "resumed", "from": ckpt["path"], "step": ckpt.get("step")})
 
 def run_finished(out):
     """The metrics of a finished run in `out` (metrics.json with finished = true), else None."""
@@ -1201,8 +1285,8 @@ class TeacherConfig:
     learned variance (hybrid loss), so that every method, DKDM's variance term included, has a CPU teacher."""
     data: str = field("shapes", f"dataset: {DATASETS}")
     image_size: int = field(16, "image resolution", low=8)
-    net: str = field("tiny", "network preset (common.PRESETS)")
-    dropout: float = field(0.0, "dropout in the res blocks", low=0.0)
+    net: str = field("tiny", "network preset (common.PRESETS)", choices=tuple(PRESETS))
+    dropout: float = field(0.0, "dropout in the res blocks", low=0.0, below=1.0)
     schedule: str = field("linear", "noise schedule", choices=("linear", "cosine", "cosine_logsnr"))
     param: str = field("eps", "network output", choices=PARAMS[:4])
     weighting: str = field("snr", "loss weighting (see weighted_loss)", choices=WEIGHTINGS)
@@ -1213,7 +1297,7 @@ class TeacherConfig:
     lr: float = field(5e-4, "Adam learning rate", low=0.0)
     warmup: int = field(100, "linear warm-up updates", low=0)
     weight_decay: float = field(0.0, "decoupled weight decay (AdamW)", low=0.0)
-    ema: float = field(0.995, "EMA decay", low=0.0)
+    ema: float = field(0.995, "EMA decay", low=0.0, below=1.0)
     grad_clip: float = field(1.0, "clip the global gradient norm (0 = off)", low=0.0)
     seed: int = field(0, "seed")
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
@@ -1231,6 +1315,9 @@ def train_teacher(cfg):
     if cfg.var == "learned_range" and cfg.schedule == "cosine_logsnr":
         raise ValueError("--var learned_range needs a discrete schedule (linear or cosine)")
     device = pick_device(cfg.device)
+    ckpt, path = read_resume(cfg), os.path.join(cfg.out, "ckpt.pt")
+    if ckpt and ckpt["step"] >= cfg.updates and os.path.exists(os.path.join(cfg.out, "samples.png")):
+        return path  # finished: nothing to do, nothing rewritten
     data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed).to(device)
     out_ch = 3 * (2 if cfg.param == "both" else 1) + (3 if cfg.var == "learned_range" else 0)
     torch.manual_seed(cfg.seed)
@@ -1239,8 +1326,8 @@ def train_teacher(cfg):
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    step, elapsed, path = 0, 0.0, os.path.join(cfg.out, "ckpt.pt")
-    ckpt = start_run(cfg)
+    step, elapsed = 0, 0.0
+    start_run(cfg, ckpt, outputs=("samples.png",))
     if ckpt is not None:
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
@@ -1270,7 +1357,7 @@ def train_teacher(cfg):
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
-                            gen=gen.get_state(), elapsed=elapsed)
+                            gen=gen.get_state(), elapsed=elapsed + time.time() - t0)
     z = seeded_noise(range(64), data.shape[1:], device)
     grid = ddim_sample(den.copy(ema).eval(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
     save_grid(grid, os.path.join(cfg.out, "samples.png"))

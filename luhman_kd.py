@@ -27,11 +27,12 @@ import dataclasses, math, os, re, shutil, sys, time
 import numpy as np
 import torch
 
-from common import (DATASETS, SKIPS, TeacherConfig, autocast, build_net, cached_teacher, cli, ddim_sample,
-                    ema_update, fid_is, field, generate, load_checkpoint, load_dataset, load_teacher, log_row,
-                    lr_at, net_config, parse_config, pick_device, read_file, rmse, run_finished,
-                    sample_to_folder, sampler_times, save_checkpoint, save_grid, seeded_noise, start_run,
-                    to_float, write_json, write_metrics, write_pngs)
+from common import (DATASETS, SKIPS, TeacherConfig, autocast, build_net, cached_teacher, check_steps, cli,
+                    ddim_sample, ema_update, fid_is, field, generate, load_checkpoint, load_dataset,
+                    load_teacher, log_row, lr_at, net_config, parse_config, pick_device, prepare_fid,
+                    read_file, read_resume, rmse, run_finished, sample_to_folder, sampler_times,
+                    save_checkpoint, save_grid, seeded_noise, start_run, to_float, write_json, write_metrics,
+                    write_pngs)
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -79,13 +80,14 @@ class Config:
     accum: int = field(1, "gradient accumulation: the batch in N parts (less memory)", low=1, fixed=False)
     updates: int = by_recipe("updates", "parameter updates (constant lr: extensible)", low=1, fixed=False)
     lr: float = by_recipe("lr", "Adam learning rate", low=0.0)
-    beta1: float = by_recipe("beta1", "Adam beta1", low=0.0)
-    beta2: float = by_recipe("beta2", "Adam beta2", low=0.0)
+    beta1: float = by_recipe("beta1", "Adam beta1", low=0.0, below=1.0)
+    beta2: float = by_recipe("beta2", "Adam beta2", low=0.0, below=1.0)
     warmup: int = by_recipe("warmup", "linear warm-up updates", low=0)
-    ema: float = by_recipe("ema", "EMA decay; the EMA of lowest test loss is kept", low=0.0)
+    ema: float = by_recipe("ema", "EMA decay; the EMA of lowest test loss is kept", low=0.0, below=1.0)
     test_every: int = by_recipe("test_every", "test loss of the EMA every N updates", low=1)
     # evaluation (sec. 4)
-    eval_n: int = field(1024, "held-out noise samples for the teacher-fidelity RMSE", low=1, fixed=False)
+    eval_n: int = field(1024, "held-out noise samples for the teacher-fidelity RMSE (the first 8 make "
+                              "fig. 6's interpolations)", low=8, fixed=False)
     time_batch: int = field(250, "batch of the Table 2 timing (paper: 250); 0 = skip", low=0, fixed=False)
     fid: int = field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False)
     fid_teacher: bool = field(False, "also FID/IS of the teacher (--teacher-steps x the cost)", fixed=False)
@@ -151,9 +153,9 @@ def quantize(x_0, targets):
     y = x_0.clamp(-1, 1) * 127.5 + 127.5
     return (y.round() if targets == "round" else y.floor()).to(torch.uint8)
 
-def pairs_recipe(cfg, times, shape):
+def pairs_recipe(cfg, spec, times, shape):
     """What the pairs depend on; a pair folder of another recipe is refused (generation and training)."""
-    return dict(teacher=cfg.teacher, teacher_steps=cfg.teacher_steps, skip=cfg.skip, times=list(times),
+    return dict(teacher=spec, teacher_steps=cfg.teacher_steps, skip=cfg.skip, times=list(times),
                 dtype=cfg.dtype, targets=cfg.targets, seed=cfg.seed, shape=list(shape))
 
 def read_meta(pairs, recipe):
@@ -256,7 +258,8 @@ def train(cfg, teacher, ckpt, recipe, device):
             os.remove(os.path.join(cfg.out, name))
     save = lambda path, opt: save_checkpoint(
         path, **student.state(), ema=ema.net.state_dict(), method="luhman_kd", config=dataclasses.asdict(cfg),
-        optimizer=opt and opt.state_dict(), step=step, elapsed=elapsed, best_test=best, best_step=best_step)
+        optimizer=opt and opt.state_dict(), step=step, elapsed=elapsed + time.time() - t0, best_test=best,
+        best_step=best_step)
     per_epoch = cfg.num_pairs // cfg.batch                        # the last partial batch is dropped
     loss_sum, t0, last_log, order = torch.zeros((), device=device), time.time(), step, None
     while step < cfg.updates:
@@ -343,16 +346,16 @@ def evaluate(cfg, teacher, times, shape, device):
         save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
         rows += [dict(model="teacher", steps=1, rmse_to_reference=rmse(o_one, o_ref), image_size=[h, w]),
                  dict(model="student", steps=1, rmse_to_reference=rmse(o_stu, o_ref), image_size=[h, w])]
-    print(f"student 1-step RMSE / teacher 1-step DDIM RMSE = "
-          f"{rows[2]['rmse_to_reference'] / rows[1]['rmse_to_reference']:.3f} (claim in small: <= 0.5)")
+    print(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
+          f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
 
     # FID / IS (Table 1) on seeds no pair used; metrics.json before and after, so a failed FID keeps the rows.
-    metrics = lambda finished: write_metrics(cfg.out, "luhman_kd", cfg.data, cfg.teacher, {
+    metrics = lambda finished: write_metrics(cfg.out, "luhman_kd", cfg.data, teacher.source, {
         "sampler": f"ddim_{cfg.skip}", "steps": len(times)}, rows, finished=finished)
     metrics(False)
     if cfg.fid:
         ref = cfg.fid_ref or (None if cfg.data == "cifar10" else write_pngs(
-            load_dataset(cfg.data, cfg.image_size), os.path.join(cfg.out, "fid_real")))
+            load_dataset(cfg.data, shape[-1]), os.path.join(cfg.out, "fid_real")))
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
             folder = sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,
@@ -386,12 +389,15 @@ def resolve(cfg):
              f"--data {cfg.data}: expected {DATASETS}"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
-            (cfg.batch % cfg.accum == 0, f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}"),
-            (cfg.batch <= cfg.num_pairs, f"--batch {cfg.batch} exceeds --num-pairs {cfg.num_pairs}"),
-            (max(cfg.beta1, cfg.beta2, cfg.ema) < 1, "--beta1, --beta2, --ema: expected values below 1"),
+            (cfg.stage == "pairs" or cfg.batch % cfg.accum == 0,
+             f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}"),
+            (cfg.stage == "pairs" or cfg.batch <= cfg.num_pairs,
+             f"--batch {cfg.batch} exceeds --num-pairs {cfg.num_pairs}"),
+            (cfg.stage != "train" or os.path.isfile(os.path.join(cfg.pairs, "meta.json")),
+             f"--pairs {cfg.pairs}: no pairs there (no meta.json); run --stage pairs first (it resumes)"),
+            (not os.path.exists(cfg.pairs) or os.path.isdir(cfg.pairs), f"--pairs {cfg.pairs}: not a folder"),
             (max(cfg.num_pairs, cfg.num_test_pairs, cfg.eval_n, cfg.fid) < SPLIT and cfg.seed < 10 ** 8,
              "--num-pairs, --num-test-pairs, --eval-n, --fid: expected below 10^9; --seed: below 10^8"),
-            (cfg.resume in ("auto", "none") or os.path.isfile(cfg.resume), f"--resume {cfg.resume}: no file"),
             *[(not path or os.path.exists(path), f"--{flag} {path}: no such file or folder") for flag, path in
               (("fid-ref", cfg.fid_ref), ("fid-stats", cfg.fid_stats), ("inception", cfg.inception))]]:
         if not ok:
@@ -410,24 +416,27 @@ def main(argv=None):
     if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
         raise ValueError(f"--data {cfg.data}: no such folder")
     device = pick_device(cfg.device)
-    if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
-        shapes = TeacherConfig()                                  # before it is trained (once per machine)
-        check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
-        cfg = dataclasses.replace(cfg, teacher=cached_teacher(shapes))
-    teacher = load_teacher(cfg.teacher, device)
-    if cfg.student_param == "official" and teacher.param != "eps":
-        raise ValueError(f"--student-param official reads the output as eps; {cfg.teacher} predicts "
-                         f"{teacher.param}: use --student-param exact")
-    check_sizes(cfg, net_config(teacher.net))
-    cfg = dataclasses.replace(cfg, image_size=cfg.image_size or net_config(teacher.net)["image_size"])
-    ckpt = start_run(cfg)                                         # refuses a resume with other result flags
+    if cfg.fid:
+        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = read_resume(cfg)                                       # refuses a resume with other result flags
     if run_finished(cfg.out) and cfg.stage == "all" and ckpt is not None and ckpt["step"] >= cfg.updates:
         print(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
         return run_finished(cfg.out)
-    shape = (3, cfg.image_size, cfg.image_size)
+    if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
+        shapes = TeacherConfig()                                  # before it is trained (once per machine)
+        check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
+    teacher = load_teacher(cfg.teacher or cached_teacher(TeacherConfig()), device)
+    if cfg.student_param == "official" and teacher.param != "eps":
+        raise ValueError(f"--student-param official reads the output as eps; {teacher.source} predicts "
+                         f"{teacher.param}: use --student-param exact")
+    check_sizes(cfg, net_config(teacher.net))
+    check_steps(teacher.schedule, cfg.skip, teacher_steps=cfg.teacher_steps)
+    start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"))
+    size = cfg.image_size or net_config(teacher.net)["image_size"]
+    shape = (3, size, size)
     times = sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
-    recipe = pairs_recipe(cfg, times, shape)
-    print(f"teacher {cfg.teacher}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
+    recipe = pairs_recipe(cfg, teacher.source, times, shape)
+    print(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
           f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates", flush=True)
     if cfg.stage in ("all", "pairs"):
         generate_pairs(cfg, teacher, recipe, shape, device)

@@ -50,9 +50,9 @@ import torch.nn as nn
 from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
                     autocast, bcast, build_net, cached_teacher, cli, ddim_sample, ddim_step, eps_from_x,
                     fid_is, field, generate, load_dataset, load_teacher, log_row, lr_at, net_config,
-                    parse_config, pick_device, rmse, run_finished, sample_batch, sample_to_folder,
-                    sampler_times, save_checkpoint, save_grid, start_run, train_teacher, weighted_loss,
-                    write_metrics, write_pngs)
+                    parse_config, pick_device, prepare_fid, read_resume, rmse, run_finished, sample_batch,
+                    sample_to_folder, sampler_times, save_checkpoint, save_grid, start_run, train_teacher,
+                    weighted_loss, write_metrics, write_pngs)
 
 @dataclasses.dataclass
 class Config:
@@ -73,13 +73,14 @@ class Config:
     weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr): "
                                         "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
                            choices=WEIGHTINGS)
-    dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0)
+    dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
     base_updates: int = field(800_000, "base model updates (app. E)", low=1)
     base_batch: int = field(128, "base model batch size (app. E)", low=1)
     base_lr: float = field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
     base_warmup: int = field(1000, "base lr warm-up updates (official config)", low=0)
     base_weight_decay: float = field(0.001, "base decoupled weight decay (app. E)", low=0.0)
-    base_ema: float = field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0)
+    base_ema: float = field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0,
+                            below=1.0)
     base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE), not in "
                                     "OUT/base")
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
@@ -342,7 +343,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
                                 round=r, step=step, optimizer=opt.state_dict(), gen=gen.get_state(),
                                 teacher=teacher.state(), results=results, reference=reference,
-                                grid_rows=grid_rows, elapsed=elapsed, teacher_spec=spec)
+                                grid_rows=grid_rows, elapsed=elapsed + time.time() - t0, teacher_spec=spec)
 
         # the round's student as a teacher checkpoint, its evaluation; it becomes the next teacher (Alg. 2)
         student.eval()
@@ -382,8 +383,6 @@ def check(cfg):
     for flag, path in (("--fid-stats", cfg.fid_stats), ("--inception", cfg.inception)):
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
-    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
-        raise ValueError(f"--resume {cfg.resume}: no such checkpoint (expected auto, none or a file)")
     if not cfg.teacher:
         net, size = PRESETS[cfg.net], cfg.image_size or 32
         factor = net.patch_size if hasattr(net, "patch_size") else 2 ** (len(net.ch_mult) - 1)
@@ -416,6 +415,13 @@ def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
     device = pick_device(cfg.device)
+    if cfg.fid_samples:
+        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = read_resume(cfg)  # before any work: the base model is trained only for a run that can go on
+    if ckpt is not None and run_finished(cfg.out):
+        print(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again",
+              flush=True)
+        return run_finished(cfg.out)
     spec, teacher0 = get_teacher(cfg, device)
     if teacher0.steps and teacher0.steps != cfg.start_steps:
         raise ValueError(f"{spec} was distilled for {teacher0.steps} steps; pass --start-steps "
@@ -424,14 +430,10 @@ def main(argv=None):
     if cfg.image_size not in (0, size):
         raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
     data = load_dataset(cfg.data, size, seed=cfg.seed)
-    ckpt = start_run(cfg)
-    finished = run_finished(cfg.out) if ckpt is not None else None
-    if finished:
-        print(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again",
-              flush=True)
-        return finished["results"]
+    start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"))
     torch.manual_seed(cfg.seed)
-    return distill(cfg, spec, teacher0, data.to(device), device, ckpt)
+    distill(cfg, spec, teacher0, data.to(device), device, ckpt)
+    return run_finished(cfg.out)
 
 if __name__ == "__main__":
     cli(main)

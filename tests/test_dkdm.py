@@ -144,7 +144,8 @@ def test_vit_student_learns_from_a_unet_teacher(tmp_path):
 
 def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, monkeypatch):
     teacher, calls = _teacher_file(tmp_path), []
-    monkeypatch.setattr(D, "fid_is", lambda folder, data, device, inception, ref_folder: calls.append(
+    monkeypatch.setattr(D, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
+    monkeypatch.setattr(D, "fid_is", lambda folder, data, device, inception, ref_folder, stats: calls.append(
         (len(os.listdir(folder)), len(os.listdir(ref_folder)))) or {"fid": 1.5, "is": 2.5})
     metrics = D.main(_small(tmp_path / "run", teacher, "--method", "datafree", "--synthetic", "6",
                             "--synthetic-steps", "4", "--fid-samples", "5", "--fid-teacher", "true"))
@@ -187,7 +188,7 @@ def test_resume_restores_the_dynamic_set(tmp_path, kill_on_call):
     (["--student", "resnet"], "invalid choice: 'resnet'"),
     (["--batch", "0"], "--batch: must be at least 1"), (["--rho", "0.001"], "--rho 0.001: round(rho K) = 0"),
     (["--chain-steps", "5000"], "--chain-steps 5000: the teacher has T = 1000"),
-    (["--ema", "1"], "--ema 1.0"),
+    (["--ema", "1"], "--ema: must be below 1.0"),
     (["--data", "cifar10", "--teacher", ""], "--teacher: which model")])
 def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, flags, message):
     teacher = _teacher_file(tmp_path)
@@ -212,3 +213,27 @@ def test_quick_run_shows_table_2_and_fig_4a_in_small(tmp_path):
     for name in ("config.json", "log.jsonl", "ckpt.pt", "student.pt", "samples.png"):
         assert os.path.exists(tmp_path / "dynamic" / name), name
     assert C.load_checkpoint(str(tmp_path / "dynamic" / "ckpt.pt"))["knowledge"]["z"].shape[0] == 10 * 16
+
+def test_ema_snapshots_load_as_teachers_and_an_evaluation_only_run_scores_them(tmp_path):
+    """Issue 23: the early stop of '200k with early stop' is reproducible: EMA snapshots every
+    --snapshot-every updates, each a teacher checkpoint; --eval-snapshots scores all or some of them (the same
+    rows as the run's own evaluation) without training or touching the run's results."""
+    teacher = _teacher_file(tmp_path)
+    out = tmp_path / "run"
+    metrics = D.main(_small(out, teacher, "--snapshot-every", "4"))
+    assert sorted(os.listdir(out / "snapshots")) == ["ema_0000004.pt", "ema_0000008.pt", "ema_0000012.pt"]
+    last, student = (C.load_teacher(str(out / p)) for p in ("snapshots/ema_0000012.pt", "student.pt"))
+    for name, tensor in student.net.state_dict().items():
+        assert torch.equal(tensor, last.net.state_dict()[name]), name
+    before = {n: open(out / n, "rb").read() for n in ("metrics.json", "log.jsonl", "config.json")}
+    rows = D.main(_small(out, teacher, "--eval-snapshots", "all"))
+    assert [(r["update"], r["sampler"]) for r in rows] == [(u, s) for u in (4, 8, 12)
+                                                           for s in ("ddim", "ancestral")]
+    final = [r for r in metrics["results"] if r["model"] == "student"]
+    for row, ours in zip(final, rows[-2:]):  # the last snapshot is the evaluated student
+        assert row["eps_rmse"] == ours["eps_rmse"] and row["rmse_to_teacher"] == ours["rmse_to_teacher"]
+    assert json.load(open(out / "snapshots.json")) == rows
+    assert [r["update"] for r in D.main(_small(out, teacher, "--eval-snapshots", "8"))] == [8, 8]
+    assert {n: open(out / n, "rb").read() for n in before} == before
+    with pytest.raises(ValueError, match=r"no snapshot of update\(s\) \[5\]"):
+        D.main(_small(out, teacher, "--eval-snapshots", "4,5"))

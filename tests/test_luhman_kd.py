@@ -45,7 +45,7 @@ def small_cfg(path, **kw):
 
 def make_pairs(cfg, teacher):
     times = common.sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
-    recipe = kd.pairs_recipe(cfg, times, SHAPE)
+    recipe = kd.pairs_recipe(cfg, cfg.teacher, times, SHAPE)
     kd.generate_pairs(cfg, teacher, recipe, SHAPE, "cpu")
     return recipe
 
@@ -157,11 +157,11 @@ def test_stage_train_refuses_missing_pairs_and_pairs_of_another_recipe(tmp_path)
     cfg = small_cfg(tmp_path / "run")
     times = common.sampler_times(teacher.schedule, 2, "uniform")
     with pytest.raises(ValueError, match="run --stage pairs first"):
-        kd.train(cfg, teacher, None, kd.pairs_recipe(cfg, times, SHAPE), "cpu")
+        kd.train(cfg, teacher, None, kd.pairs_recipe(cfg, cfg.teacher, times, SHAPE), "cpu")
     make_pairs(cfg, teacher)
     other = dataclasses.replace(cfg, teacher_steps=3, targets="trunc")
     with pytest.raises(ValueError, match="other teacher_steps, times, targets"):
-        kd.train(other, teacher, None, kd.pairs_recipe(other, [999, 500, 0], SHAPE), "cpu")
+        kd.train(other, teacher, None, kd.pairs_recipe(other, other.teacher, [999, 500, 0], SHAPE), "cpu")
 
 def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(tmp_path, kill_on_call):
     teacher = random_teacher()
@@ -256,9 +256,9 @@ def test_bad_flags_are_rejected_before_any_work(tmp_path, monkeypatch):
             (["--other-size", "16x23"], ValueError, "multiples of 2"),
             (["--other-size", "16by24"], ValueError, "expected HxW"),
             (["--batch", "4096"], ValueError, "exceeds --num-pairs"),
-            (["--ema", "1.5"], ValueError, "below 1"),
+            (["--ema", "1.5"], SystemExit, "below 1"),
             (["--inception", str(tmp_path / "no.pt")], ValueError, "no such file"),
-            (["--resume", str(tmp_path / "no.pt")], ValueError, "no file"),
+            (["--resume", str(tmp_path / "no.pt")], ValueError, "no such checkpoint"),
             (["--data", "cifar100"], ValueError, "expected cifar10, folder:PATH or shapes"),
             (["--batch", "0"], SystemExit, "at least 1"),
             (["--num-test-pairs", "-1"], SystemExit, "at least 0"),
@@ -281,7 +281,7 @@ def test_run_contract_refuses_changed_flags_and_reports_a_finished_run(tmp_path,
     longer = kd.main(tiny + ["--updates", "6"])                                       # constant lr: extended
     assert longer["finished"] and longer["results"][2]["updates"] == 6
     with open(tmp_path / "run" / "log.jsonl") as f:
-        assert sum(json.loads(line).get("event") == "resumed" for line in f) == 2     # the refused one: none
+        assert sum(json.loads(line).get("event") == "resumed" for line in f) == 1     # rerun, refused: none
 
 def test_quick_run_shows_the_papers_claim(tmp_path):
     """--quick end to end with half its pairs and half its batch (the claim's budget): the 1-step student is

@@ -36,6 +36,22 @@ def test_timestep_sequences_match_reference_lists():
     with pytest.raises(ValueError, match="unknown skip"):
         C.ddim_timesteps(1000, 10, "cubic")
 
+def test_every_skip_gives_exactly_n_steps_from_the_noise_end():
+    """Issue 23: exactly N timesteps for every N in 1..T (ermongroup's range(0, T, T // N) gives 67 for 64),
+    each in 0..T-1, descending (quad repeats some: identity steps); a 1-step chain starts at T - 1."""
+    for T in (1000, 37):
+        for skip in C.SKIPS[:4]:
+            for n in range(1, T + 1):
+                times = C.ddim_timesteps(T, n, skip)
+                assert len(times) == n and 0 <= times[-1] and times[0] <= T - 1, (T, skip, n)
+                assert all(a > b if skip != "quad" else a >= b for a, b in zip(times, times[1:])), (skip, n)
+            assert C.ddim_timesteps(T, 1, skip) == [T - 1]
+            with pytest.raises(ValueError, match=f"{T + 1} steps over a {T}-step model"):
+                C.ddim_timesteps(T, T + 1, skip)
+    assert C.ddim_timesteps(1000, 64, "uniform")[:2] == [945, 930]
+    assert len(C.ddim_timesteps(1000, 61, "trailing")) == 61
+    assert C.sampler_times(C.Schedule("linear"), 1, "uniform") == [999]
+
 def test_timesteps_match_diffusers_spacings():
     from diffusers import DDIMScheduler
     for spacing, skip in (("leading", "uniform"), ("trailing", "trailing"), ("linspace", "linspace")):

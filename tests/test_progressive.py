@@ -231,6 +231,7 @@ def test_fid_folders_hold_one_model_and_skip_costly_models(tmp_path, small_data,
     reference, no undistilled teacher), and a folder holding another model's samples is emptied first."""
     teacher = _teacher_file(tmp_path / "teacher.pt")
     scored = {}
+    monkeypatch.setattr(P, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
     monkeypatch.setattr(P, "fid_is", lambda folder, *a, **k: scored.setdefault(
         os.path.basename(folder), sorted(f for f in os.listdir(folder) if f.endswith(".png"))) and
         {"fid": 1.0, "is": 1.0})
@@ -276,7 +277,7 @@ def test_base_model_alg1_and_resume_none_keeps_it(tmp_path, small_data, monkeypa
     again, log_again = _run(tmp_path, *flags, "--resume", "none")
     assert (os.path.getmtime(base), os.path.getsize(base)) == (mtime, size)
     assert open(tmp_path / "base" / "log.jsonl").read().count('"stage": "teacher"') == base_rows
-    assert len(log_again) == 2 * len(log) and again["results"] == metrics["results"]
+    assert len(log_again) == len(log) and again["results"] == metrics["results"]  # a fresh log, the same run
 
 def test_eps_teacher_in_ddpm_cifar10_format(tmp_path, small_data, monkeypatch):
     """A google/ddpm-cifar10-32 look-alike (diffusers UNet2DModel + scheduler_config.json, linear beta, eps):

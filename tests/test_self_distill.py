@@ -196,3 +196,15 @@ def test_quick_run_beats_the_original_model_at_two_steps(tmp_path):
     assert log[-1]["update"] == sum(r["updates"] for r in plan)
     den = C.load_teacher(str(tmp_path / "ckpt.pt"))                   # the EMA weights load as a model
     assert den.param == "eps" and os.path.exists(tmp_path / "samples.png")
+
+def test_training_dsd_target_pass_runs_without_dropout():
+    """Issue 23: x'' of training DSD comes from a pass without dropout (a fixed target, as progressive's
+    frozen teacher); x' (the first pass, with the gradient) keeps it, and the model stays in train mode."""
+    torch.manual_seed(0)
+    net = C.build_net("tiny16", image_size=16, dropout=0.5)
+    den = C.Denoiser(net, C.Schedule("cosine_logsnr"), "v", "fixed_large").train()
+    modes = []
+    net.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    gen = torch.Generator().manual_seed(0)
+    S.training_dsd_loss(den, torch.rand(4, 3, 16, 16) * 2 - 1, gen, steps=8)
+    assert modes == [True, False] and net.training

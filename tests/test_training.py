@@ -93,8 +93,10 @@ def test_changed_settings_are_refused_on_resume_and_config_json_kept(tmp_path):
     with pytest.raises(ValueError, match=r"--net 'dit_tiny' \(was 'tiny'\), --lr 0.01 \(was 0.0005\)"):
         C.train_teacher(dataclasses.replace(cfg, lr=0.01, net="dit_tiny", updates=4))
     assert open(os.path.join(cfg.out, "config.json")).read() == before
-    # flags that do not change results may differ, and are recorded
+    # a finished run is left as it is; flags that do not change results may differ, and are recorded
     C.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3))
+    assert open(os.path.join(cfg.out, "config.json")).read() == before
+    C.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3, updates=3))
     assert json.load(open(os.path.join(cfg.out, "config.json")))["sample_steps"] == 3
     # --resume none starts over
     C.train_teacher(dataclasses.replace(cfg, lr=0.01, resume="none"))
@@ -106,7 +108,7 @@ def test_checkpoints_are_plain_data_with_normal_permissions_and_no_orphans(tmp_p
     torch.load(path, weights_only=True)  # nothing but tensors and plain containers
     orphan = os.path.join(os.path.dirname(path), "ckpt.pt.999.tmp")
     open(orphan, "w").write("half a checkpoint")
-    C.train_teacher(_cfg(tmp_path, updates=2))
+    C.train_teacher(_cfg(tmp_path, updates=3))  # the next start (a finished run is left as it is)
     assert not os.path.exists(orphan)
 
 def _umask():
