@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -875,10 +876,11 @@ def to_float(images_uint8): return images_uint8.float() / 127.5 - 1.0           
 def to_uint8(images): return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # rounded, clipped
 
 def sample_batch(data, batch_size, generator):
-    """A random batch, float [-1, 1] with random horizontal flips, from a uint8 dataset on the device."""
-    idx = torch.randint(len(data), (batch_size,), generator=generator, device=generator.device)
+    """This rank's part of a random global batch of batch_size, float [-1, 1] with random horizontal flips,
+    from a uint8 dataset on the device (every rank draws the whole batch's indices and flips)."""
+    idx = mine(torch.randint(len(data), (batch_size,), generator=generator, device=generator.device))
     x = to_float(data[idx.to(data.device)])
-    flip = torch.rand(batch_size, generator=generator, device=generator.device).to(x.device) < 0.5
+    flip = mine(torch.rand(batch_size, generator=generator, device=generator.device)).to(x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 # ========================================= checkpoints ==========================================
@@ -888,7 +890,10 @@ CKPT_FORMAT = "distill-ref/1"
 def save_checkpoint(path, **state):
     """One self-describing checkpoint (den.state(), ema, method, config, optimizer, step, what a method needs
     to resume), readable with weights_only=True, written atomically (start_run removes orphan temp files).
-    log_bytes: the length of log.jsonl beside it, so that a resumed run drops the rows written after it."""
+    log_bytes: the length of log.jsonl beside it, so that a resumed run drops the rows written after it.
+    Rank 0 writes it (the state is the same on every rank)."""
+    if rank() > 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     log = os.path.join(os.path.dirname(os.path.abspath(path)), "log.jsonl")
     state.setdefault("log_bytes", os.path.getsize(log) if os.path.exists(log) else 0)
@@ -917,11 +922,21 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
     return out.to(device)
 
 @torch.no_grad()
-def generate(sample_fn, seeds, shape, batch_size, device):
-    """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches; returns a CPU tensor."""
+def generate(sample_fn, seeds, shape, batch_size, device, what="sampling"):
+    """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches, the batches shared out
+    over the ranks (EDM's generate.py); returns every seed's image, in order, on every rank (CPU tensor)."""
     seeds = list(seeds)
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    return torch.cat([sample_fn(seeded_noise(b, shape, device), b).float().cpu() for b in batches])
+    done, t0, ours = 0, time.time(), {}
+    for i in range(rank(), len(batches), world_size()):
+        ours[i] = sample_fn(seeded_noise(batches[i], shape, device), batches[i]).float().cpu()
+        done += len(batches[i]) * world_size()
+        progress(what, min(done, len(seeds)), len(seeds), t0, " images/s")
+    if world_size() > 1:
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, ours)
+        ours = {i: images for part in parts for i, images in part.items()}
+    return torch.cat([ours[i] for i in range(len(batches))])
 
 def rmse(a, b):
     """Root mean squared difference over all pixels (images in [-1, 1]): the teacher-fidelity measure."""
@@ -935,7 +950,9 @@ def save_png(image_uint8, path):
     os.replace(tmp, path)
 
 def save_grid(images, path, nrow=8):
-    """Save images (N, C, H, W) in [-1, 1] as one PNG grid with 1-pixel gaps."""
+    """Save images (N, C, H, W) in [-1, 1] as one PNG grid with 1-pixel gaps (rank 0)."""
+    if rank() > 0:
+        return
     x = to_uint8(images.cpu())
     n, c, h, w = x.shape
     ncol = min(nrow, n)
@@ -949,29 +966,31 @@ def save_grid(images, path, nrow=8):
 @torch.no_grad()
 def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
     """n samples as PNGs named by seed (seed0 .. seed0+n-1), each written atomically, so that an interrupted
-    run resumes where it stopped. The folder belongs to one model: a retrained model needs a fresh one."""
+    run resumes where it stopped, the batches shared out over the ranks: the folder is the same whatever their
+    number. The folder belongs to one model: a retrained model needs a fresh one."""
     os.makedirs(folder, exist_ok=True)
-    todo = [s for s in range(seed0, seed0 + n) if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))]
-    t0 = time.time()
-    for i in range(0, len(todo), batch_size):
-        seeds = todo[i:i + batch_size]
+    todo = broadcast_object([s for s in range(seed0, seed0 + n)
+                             if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))])
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    done, t0 = 0, time.time()
+    for seeds in batches[rank()::world_size()]:
         for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
             save_png(im, os.path.join(folder, f"{s:06d}.png"))
-        done = i + len(seeds)
-        print(f"\rsampling {done}/{len(todo)} ({done / (time.time() - t0):.1f}/s)", end="", file=sys.stderr)
-    if todo:
-        print(file=sys.stderr)
+        done += len(seeds) * world_size()
+        progress(f"sampling {os.path.basename(folder)}", min(done, len(todo)), len(todo), t0, " images/s")
+    barrier()
     return folder
 
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
-    clean-fid statistics), written once: into a temp folder, renamed when complete."""
-    if not os.path.isdir(folder):
+    clean-fid statistics), written once by rank 0: into a temp folder, renamed when complete."""
+    if rank() == 0 and not os.path.isdir(folder):
         shutil.rmtree(folder + ".tmp", ignore_errors=True)
         os.makedirs(folder + ".tmp")
         for i, im in enumerate(images_uint8):
             save_png(im, os.path.join(folder + ".tmp", f"{i:06d}.png"))
         os.replace(folder + ".tmp", folder)
+    barrier()
     return folder
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -1052,7 +1071,10 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
            batch_size=200):
     """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
     (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
-    `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception."""
+    `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception.
+    Rank 0 scores; every rank returns its numbers."""
+    if rank() > 0:
+        return broadcast_object(None)
     from cleanfid import fid as cleanfid
     det = inception if hasattr(inception, "features") else Inception(inception, device)
 
@@ -1076,7 +1098,7 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
         out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = fid
     # IS of the images as they are (the network resizes inside, as TF's), via clean-fid's loader
     out["is"], out["is_std"] = inception_score(outputs(folder, "legacy_tensorflow", det.probs))
-    return out
+    return broadcast_object(out)
 
 # =========================================== training ===========================================
 
@@ -1143,10 +1165,116 @@ def autocast(device, dtype):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     return torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
 
+# ---- many GPUs: torchrun and DistributedDataParallel (nanoGPT's and NVlabs/edm's pattern) -----------------
+# One process per device. --batch is the global batch: every rank draws the whole batch's randomness from the
+# same generator and keeps its own slice (mine), so k ranks take the update of one process with that batch, up
+# to the order of float sums, and a run resumes on any number of ranks. Sampling is sharded by seed; rank 0
+# alone writes files and prints.
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def setup_device(name="auto"):
+    """This process's device. Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set; several nodes through its own
+    rendezvous) the process group starts once, nccl on CUDA and gloo on CPU, and each process takes the GPU
+    of its LOCAL_RANK; a plain `python method.py` is one process without a group."""
+    device = pick_device(name)
+    if "RANK" not in os.environ:
+        return device
+    if device != "cpu":
+        device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    return device
+
+def check_batch(**batches):
+    """Before any work: each global batch (flag=size) must split evenly over the ranks."""
+    for flag, batch in batches.items():
+        if batch % world_size():
+            raise ValueError(f"--{flag.replace('_', '-')} {batch}: the global batch must split evenly over "
+                             f"the {world_size()} processes; pass a multiple of {world_size()}")
+
+def mine(x):
+    """This rank's slice of a global batch: its dim 0 in world_size() parts, as torch.tensor_split."""
+    return x.tensor_split(world_size())[rank()]
+
+def gather(x, n=None):
+    """The global batch of n (default: equal parts) from every rank's slice `mine` made, in order, on every
+    rank (x itself in a plain run)."""
+    if world_size() == 1:
+        return x
+    q, r = divmod(n or len(x) * world_size(), world_size())
+    sizes = [q + (i < r) for i in range(world_size())]
+    padded = torch.cat([x, x.new_zeros((q + (r > 0) - len(x), *x.shape[1:]))]).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+def mean_over_ranks(x):
+    """The mean of a tensor over the ranks (a logged loss: the global batch's mean)."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+def broadcast_object(obj):
+    """Rank 0's `obj`, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (the other ranks print nothing but their errors)."""
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+def data_parallel(den):
+    """den for the training pass: under torchrun its net in DistributedDataParallel (the same parameters,
+    gradients averaged over the ranks in backward); den itself in a plain run. Checkpoints keep using den."""
+    if world_size() == 1:
+        return den
+    device = next(den.net.parameters()).device
+    net = nn.parallel.DistributedDataParallel(den.net, device_ids=[device] if device.type == "cuda" else None)
+    return Denoiser(net, den.schedule, den.param, den.var, den.steps, den.source)
+
+def rank_dropout_seed(seed):
+    """Each rank its own dropout masks (a plain run keeps its generator): dropout makes k ranks match one
+    process in distribution only."""
+    if world_size() > 1:
+        torch.manual_seed(seed * 1000 + rank())
+
+def progress(what, done, total, t0, unit="/s"):
+    """'what: done/total, rate, ETA' on rank 0's stderr: one line that updates on a terminal, in a log a line
+    at most every 30 s and the last."""
+    now = time.time()
+    if rank() > 0 or (not sys.stderr.isatty() and now - _PRINTED.get(what, 0.0) < 30 and done < total):
+        return
+    _PRINTED[what] = now
+    rate = done / max(now - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    end = "\n" if done >= total or not sys.stderr.isatty() else ""
+    print(f"\r{what}: {done:,}/{total:,}, {rate:.1f}{unit}, ETA {eta / 60:.1f} min", end=end, file=sys.stderr,
+          flush=True)
+
+_PRINTED = {}  # when progress() last printed each line
+
 # ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
 def write_json(path, obj):
-    """Atomic JSON write."""
+    """Atomic JSON write (rank 0's)."""
+    if rank() > 0:
+        return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -1179,12 +1307,14 @@ def read_resume(cfg, ckpt_name="ckpt.pt"):
                          f"{os.path.join(cfg.out, 'config.json')}), or pass --resume none or another --out")
     return ckpt and {**ckpt, "path": path}
 
-def start_run(cfg, ckpt, outputs=()):
+def start_run(cfg, ckpt, outputs=(), batch=None):
     """Open cfg.out for work once everything is checked (a finished run is left as it is). Resuming, log.jsonl
     is cut back to the rows written before the checkpoint (its log_bytes) and a 'resumed' row added; starting
     over, the old log, metrics.json and `outputs` (the method's result files and folders, glob patterns) go,
     so that no result of an earlier run is reported as this one's. Orphan temp files go; config.json is
-    written."""
+    written; the first row says how many processes share the global batch."""
+    if rank() > 0:
+        return barrier()
     os.makedirs(cfg.out, exist_ok=True)
     log = os.path.join(cfg.out, "log.jsonl")
     for tmp in [os.path.join(d, f) for d, _, files in os.walk(cfg.out) for f in files if f.endswith(".tmp")]:
@@ -1198,9 +1328,11 @@ def start_run(cfg, ckpt, outputs=()):
                 os.remove(path)
     elif os.path.exists(log) and ckpt.get("log_bytes") is not None:
         os.truncate(log, min(ckpt["log_bytes"], os.path.getsize(log)))
-    write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-    if ckpt is not None:
-        log_row(cfg.out, {"event": "resumed", "from": ckpt["path"], "step": ckpt.get("step")})
+    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "world_size": world_size()})
+    ranks = {"world_size": world_size(), "batch_per_rank": batch // world_size()} if batch else {}
+    log_row(cfg.out, {"event": "resumed", "from": ckpt["path"], "step": ckpt.get("step"), **ranks}
+            if ckpt is not None else {"event": "started", **ranks})
+    barrier()
 
 def run_finished(out):
     """The metrics of a finished run in `out` (metrics.json with finished = true), else None."""
@@ -1211,7 +1343,9 @@ def run_finished(out):
     return metrics if metrics.get("finished") else None
 
 def log_row(out_dir, row):
-    """Append one JSON line to out_dir/log.jsonl and print it."""
+    """Append one JSON line to out_dir/log.jsonl and print it (rank 0)."""
+    if rank() > 0:
+        return
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(*(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -1228,6 +1362,8 @@ def cli(main):
     'error: ...' that says what to do; a traceback is left for real bugs."""
     try:
         main()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except (ValueError, OSError, EOFError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
@@ -1266,12 +1402,12 @@ def weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting):
 def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     """Salimans & Ho alg. 1 (Ho et al. alg. 1), t ~ U[0, 1] or U{0..T-1}; learned-range variance adds Nichol &
     Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient."""
-    B, schedule, g = x.shape[0], den.schedule, generator
+    B, schedule, g = x.shape[0] * world_size(), den.schedule, generator  # x: this rank's part of B
     t = torch.randint(schedule.T, (B,), generator=g, device=g.device) if schedule.discrete else \
         torch.rand(B, generator=g, device=g.device)
-    t = t.to(x.device)
+    t = mine(t).to(x.device)
     alpha, sigma = (bcast(v, x) for v in schedule.alpha_sigma(t))
-    eps = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
+    eps = mine(torch.randn((B, *x.shape[1:]), generator=g, device=g.device)).to(x.device)
     z = alpha * x + sigma * eps
     x_pred, eps_pred, v = den.full(z, t)
     loss = weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting)
@@ -1314,7 +1450,8 @@ def train_teacher(cfg):
     Returns the checkpoint path; the checkpoint loads with load_teacher."""
     if cfg.var == "learned_range" and cfg.schedule == "cosine_logsnr":
         raise ValueError("--var learned_range needs a discrete schedule (linear or cosine)")
-    device = pick_device(cfg.device)
+    device = setup_device(cfg.device)
+    check_batch(batch=cfg.batch)
     ckpt, path = read_resume(cfg), os.path.join(cfg.out, "ckpt.pt")
     if ckpt and ckpt["step"] >= cfg.updates and os.path.exists(os.path.join(cfg.out, "samples.png")):
         return path  # finished: nothing to do, nothing rewritten
@@ -1323,11 +1460,12 @@ def train_teacher(cfg):
     torch.manual_seed(cfg.seed)
     net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
     den = Denoiser(net, Schedule(cfg.schedule), cfg.param, cfg.var)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    trained, ema = data_parallel(den), copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
+    rank_dropout_seed(cfg.seed)
     step, elapsed = 0, 0.0
-    start_run(cfg, ckpt, outputs=("samples.png",))
+    start_run(cfg, ckpt, outputs=("samples.png",), batch=cfg.batch)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
@@ -1339,7 +1477,7 @@ def train_teacher(cfg):
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
         x = sample_batch(data, cfg.batch, gen)
         with autocast(device, cfg.dtype):
-            loss = diffusion_loss(den, cfg.weighting, x, gen)
+            loss = diffusion_loss(trained, cfg.weighting, x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -1351,8 +1489,9 @@ def train_teacher(cfg):
         if step % cfg.log_every == 0 or step == cfg.updates:  # the only host sync
             dt, n = time.time() - t0, step - last_log
             elapsed, t0, last_log = elapsed + dt, time.time(), step
-            log_row(cfg.out, {"stage": "teacher", "step": step, "loss": loss_sum.item() / n,
-                              "sec_per_update": dt / n, "elapsed_s": elapsed})
+            log_row(cfg.out, {"stage": "teacher", "step": step, "loss": mean_over_ranks(loss_sum).item() / n,
+                              "sec_per_update": dt / n, "elapsed_s": elapsed,
+                              "eta_s": (cfg.updates - step) * dt / n})
             loss_sum.zero_()
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
@@ -1375,15 +1514,21 @@ def cached_teacher(cfg=None):
     path = os.path.join(CACHE_DIR, "teachers", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a") as lock:
-        if os.name == "posix":  # processes sharing the cache (pytest -n workers): one trains, the rest wait
+        if os.name == "posix" and rank() == 0:  # runs sharing the cache (pytest -n workers): one trains
             import fcntl
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(path):
+        if not broadcast_object(os.path.exists(path)):  # the ranks of one run train it together
             run_dir = path[:-3] + "_run"
-            print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}", flush=True)
-            shutil.copyfile(train_teacher(dataclasses.replace(cfg, out=run_dir)), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            if rank() == 0:
+                print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}",
+                      flush=True)
+            trained = train_teacher(dataclasses.replace(cfg, out=run_dir))
+            if rank() == 0:
+                shutil.copyfile(trained, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        barrier()
     return path
 
 if __name__ == "__main__":
-    cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion model (Alg. 1)."))))
+    cli(lambda: print(train_teacher(parse_config(TeacherConfig, doc="Train a diffusion model (Alg. 1).")))
+        if rank() == 0 else None)

@@ -18,6 +18,7 @@ steps); the teacher is https://drive.google.com/file/d/1m-a3WqfpMTibzuTC2om046yW
   gives the curves): --student cnn_57m with --collect iterative | shuffled (4a), --rho 0.01 .. 0.4 (4b);
   students: --student cnn_57m .. cnn_24m;
   table 5, CNN -> ViT: --student dit_s2; ViT -> CNN: --teacher a ViT checkpoint (e.g. that run's student.pt).
+Many GPUs: torchrun --standalone --nproc_per_node=8 dkdm.py ... (every process holds the whole set; README).
 Quick (16x16 shapes, the cached learned-variance shapes teacher with its chain respaced to 50 steps, CPU):
     python dkdm.py --quick
 
@@ -39,16 +40,16 @@ Seeds 1 and 2: eps 0.232 and 0.206 (dynamic) against 0.311 and 0.310 (iterative)
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import torch
 
 from common import (DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast, bcast,
-                    build_net, cached_teacher, check_steps, cli, ddim_sample, diffusion_loss, ema_update,
-                    fid_is, field, gaussian_kl, generate, load_dataset, load_teacher, log_row, parse_config,
-                    pick_device, posterior, prepare_fid, read_resume, rmse, run_finished, sample_batch,
-                    sample_to_folder, sampler_times, save_checkpoint, save_grid, start_run, variance_frac,
+                    build_net, cached_teacher, check_batch, check_steps, cli, data_parallel, ddim_sample,
+                    diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate, load_dataset,
+                    load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior, prepare_fid,
+                    print0, progress, rank, read_resume, rmse, run_finished, sample_batch, sample_to_folder,
+                    sampler_times, save_checkpoint, save_grid, setup_device, start_run, variance_frac,
                     write_json, write_metrics, write_pngs)
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
@@ -202,16 +203,14 @@ def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every
             break
         z, k = kset["z"][todo], kset["k"][todo]
         noise = torch.randn(z.shape, generator=gen, device=gen.device)
-        kset["z"][todo], kset["k"][todo] = teacher_step(teacher, grid, z, k, noise, clip)["z_prev"], k - 1
+        z_prev = teacher_step(teacher, grid, mine(z), mine(k), mine(noise), clip)["z_prev"]  # ranks share out
+        kset["z"][todo], kset["k"][todo] = gather(z_prev, len(todo)), k - 1
         calls += 1
         if calls % 20 == 0 or len(todo) < batch:
             done = total - int((kset["k"] - kset["stop"]).sum())
-            print(f"\rshuffle denoise: {done}/{total} teacher steps ({done / (time.time() - t0):.0f}/s)",
-                  end="", file=sys.stderr, flush=True)
+            progress("shuffle denoise", done, total, t0, " teacher steps/s")
         if save and calls % save_every == 0:
             save()
-    if total:
-        print(file=sys.stderr)
     return {"z": kset["z"], "k": kset["k"]}
 
 def draw(n, b, collect, gen):
@@ -305,7 +304,7 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
-    ema = student.copy().eval()
+    trained, ema = data_parallel(student), student.copy().eval()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed, kset, t0 = 0, 0.0, None, time.time()
@@ -334,36 +333,37 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     student.train()
     sums, t0, last = torch.zeros(2, device=device), time.time(), step
     while step < cfg.updates:
-        torch.manual_seed(cfg.seed * 10 ** 7 + step)  # dropout masks depend on (seed, update): exact resume
+        torch.manual_seed(cfg.seed * 10 ** 7 + step + rank() * 10 ** 13)  # dropout: (seed, update, rank)
         with autocast(device, cfg.dtype):
             if cfg.method == "dkdm":                                                     # alg. 1
                 idx = draw(len(kset["k"]), cfg.batch, cfg.collect, gen)                  # line 4
-                z_t, k = kset["z"][idx], kset["k"][idx]
-                noise = torch.randn(z_t.shape, generator=gen, device=device)
+                noise = torch.randn((len(idx), *shape), generator=gen, device=device)
+                z_t, k, noise = (mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))  # this rank's part
                 target = teacher_step(teacher, grid, z_t, k, noise, cfg.teacher_clip)    # one teacher step
-                simple, vlb = dkdm_loss(student, grid, z_t, k, target)                   # lines 5-6
+                simple, vlb = dkdm_loss(trained, grid, z_t, k, target)                   # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
                 x = sample_batch(data, cfg.batch, gen)
-                loss = diffusion_loss(student, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
+                loss = diffusion_loss(trained, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
                 vlb = torch.zeros((), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()                                                                       # line 7
         ema_update(ema.net, student.net, cfg.ema)
-        if cfg.method == "dkdm":
-            write_back(kset, idx, k, target["z_prev"], len(grid), gen)                   # line 8
+        if cfg.method == "dkdm":  # line 8, on every rank: each holds the whole set, the same after each step
+            write_back(kset, idx, kset["k"][idx], gather(target["z_prev"]), len(grid), gen)
         step += 1
         sums += torch.stack([loss.detach(), vlb.detach()])
         if step % cfg.log_every == 0 or step == cfg.updates:
             dt, n = time.time() - t0, step - last
             elapsed, t0, last = elapsed + dt, time.time(), step
-            loss_mean, vlb_mean = (sums / n).tolist()                                    # the only host sync
+            loss_mean, vlb_mean = (mean_over_ranks(sums) / n).tolist()                   # the only host sync
             if not math.isfinite(loss_mean):
                 raise RuntimeError(f"training diverged at update {step} (loss {loss_mean}); lower --lr")
             vlb_row = {"vlb_bits": vlb_mean} if cfg.method == "dkdm" else {}
             log_row(cfg.out, {"stage": "train", "update": step, "loss": loss_mean, **vlb_row,
-                              "sec_per_update": dt / n, "elapsed_s": elapsed})
+                              "sec_per_update": dt / n, "elapsed_s": elapsed,
+                              "eta_s": (cfg.updates - step) * dt / n})
             sums.zero_()
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save()
@@ -429,8 +429,7 @@ def evaluate_snapshots(cfg, chosen, teacher, grid, device):
         den = load_teacher(path, device)
         new = evaluate(cfg, f"snapshot_{update}", den, ref, grid, shape, device, cfg.fid_samples > 0)[0]
         rows += [{**row, "update": update} for row in new]
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in new[-1].items()),
-              flush=True)
+        print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in new[-1].items()))
     write_json(os.path.join(cfg.out, "snapshots.json"), rows)
     return rows
 
@@ -439,13 +438,14 @@ def main(argv=None):
     if not cfg.teacher and cfg.data != "shapes":
         raise ValueError("--teacher: which model to distil? e.g. DDPM-IP's ADM_cifar10_baseline.pt (the "
                          "paper's; convert it with tools/convert_teacher.py) or google/ddpm-cifar10-32")
-    device = pick_device(cfg.device)
+    device = setup_device(cfg.device)
+    check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
     chosen = snapshots(cfg) if cfg.eval_snapshots else None
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = None if chosen else read_resume(cfg)  # refuses a resume with other result flags, before any work
     if ckpt is not None and ckpt["step"] >= cfg.updates and run_finished(cfg.out):
-        print(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again", flush=True)
+        print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again")
         return run_finished(cfg.out)
     spec = cfg.teacher or cached_teacher()
     teacher = load_teacher(spec, device)
@@ -453,7 +453,8 @@ def main(argv=None):
     check_steps(teacher.schedule, "linspace", eval_steps=cfg.eval_steps, synthetic_steps=cfg.synthetic_steps)
     if chosen:
         return evaluate_snapshots(cfg, chosen, teacher, grid, device)
-    start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"))
+    start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),
+              batch=cfg.batch)
     results = train(cfg, spec, teacher, grid, ckpt, device)
     reference = {"sampler": "the teacher's own sampler from the same noise", "steps": cfg.eval_steps}
     write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,

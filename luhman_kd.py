@@ -10,6 +10,7 @@ The paper's CIFAR-10 run (Table 1: FID 9.36, IS 8.36; teacher google/ddpm-cifar1
   1,024,000 + 51,200 pairs (9.9 GB, 107.5M teacher evaluations), then 50k updates at batch 512 (peak 23.7 GiB
   fp32 on an H100: --accum 2 runs each batch in two halves). --stage pairs|train|eval: one stage; all resume.
   Offline FID: --inception PATH --fid-stats PATH (clean-fid's CIFAR-10 statistics).
+Many GPUs: torchrun --standalone --nproc_per_node=8 luhman_kd.py ... (pairs and batches shared out; README).
 Quick (shapes 16x16, the cached shapes teacher, 10-step quad DDIM, 2,048 pairs, 384 updates at batch 32):
     python luhman_kd.py --quick
 Unset training flags come from the app. B table 3 column that --data (cifar10, *celeba*, *bedroom*, *church*)
@@ -22,16 +23,17 @@ give table 3's LSUN updates only with its 204,800 pairs: --num-pairs 204800); ta
 code: x0 = x_T - net(x_T, T-1) (param 'resid'; --student-param exact: the DDPM conversion), no dropout
 (app. B), the best EMA by held-out test loss kept. Measured --quick numbers: README, Denoising Student.
 """
-import dataclasses, math, os, re, shutil, sys, time
+import contextlib, dataclasses, math, os, re, shutil, time
 
 import numpy as np
 import torch
 
-from common import (DATASETS, SKIPS, TeacherConfig, autocast, build_net, cached_teacher, check_steps, cli,
-                    ddim_sample, ema_update, fid_is, field, generate, load_checkpoint, load_dataset,
-                    load_teacher, log_row, lr_at, net_config, parse_config, pick_device, prepare_fid,
-                    read_file, read_resume, rmse, run_finished, sample_to_folder, sampler_times,
-                    save_checkpoint, save_grid, seeded_noise, start_run, to_float, write_json, write_metrics,
+from common import (DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net, cached_teacher,
+                    check_steps, cli, data_parallel, ddim_sample, ema_update, fid_is, field, generate,
+                    load_checkpoint, load_dataset, load_teacher, log_row, lr_at, mean_over_ranks, mine,
+                    net_config, parse_config, prepare_fid, print0, progress, rank, read_file, read_resume,
+                    rmse, run_finished, sample_to_folder, sampler_times, save_checkpoint, save_grid,
+                    seeded_noise, setup_device, start_run, to_float, world_size, write_json, write_metrics,
                     write_pngs)
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
@@ -187,34 +189,41 @@ def pair_array(pairs, split, n, dtype=None):
 
 @torch.no_grad()
 def generate_pairs(cfg, teacher, recipe, shape, device):
-    """The --num-pairs and --num-test-pairs pairs (x_T, F_teacher(x_T)), each from its own seed; resumes."""
+    """The --num-pairs and --num-test-pairs pairs (x_T, F_teacher(x_T)), each from its own seed, in rounds of
+    one --gen-batch chunk per rank (each rank fills its own rows); resumes with any number of ranks."""
     os.makedirs(cfg.pairs, exist_ok=True)
     done = read_meta(cfg.pairs, recipe) or {"train": 0, "test": 0}
     dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)])
     splits = (("train", cfg.num_pairs), ("test", cfg.num_test_pairs))
     todo = sum(max(0, n - done[split]) for split, n in splits)
-    print(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
-          f"to make with {len(recipe['times'])} teacher steps each", flush=True)
+    print0(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
+           f"to make with {len(recipe['times'])} teacher steps each")
     write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
     made, t0 = 0, time.time()
     for split, n in splits:
-        data = pair_array(cfg.pairs, split, n, dtype)
-        for i in range(done[split], n, cfg.gen_batch):
-            j = min(i + cfg.gen_batch, n)
-            x_T = seeded_noise(noise_seeds(cfg.seed, split, i, j), shape, device)       # (b, C, H, W)
-            with autocast(device, cfg.dtype):
-                x_0 = teacher_x0(teacher, x_T, recipe["times"])
-            data["x_T"][i:j], data["x_0"][i:j] = x_T.half().cpu().numpy(), quantize(x_0, cfg.targets).cpu()
-            data.flush()                                          # the pairs on disk before the count
-            done[split] = j
+        if rank() == 0:
+            pair_array(cfg.pairs, split, n, dtype)                # made (and its disk reserved) once
+        barrier()
+        data, starts = pair_array(cfg.pairs, split, n, dtype), range(done[split], n, cfg.gen_batch)
+        for r in range(0, len(starts), world_size()):
+            chunks = starts[r:r + world_size()]                   # this round: chunk k is rank k's
+            if rank() < len(chunks):
+                i, j = chunks[rank()], min(chunks[rank()] + cfg.gen_batch, n)
+                x_T = seeded_noise(noise_seeds(cfg.seed, split, i, j), shape, device)   # (b, C, H, W)
+                with autocast(device, cfg.dtype):
+                    x_0 = teacher_x0(teacher, x_T, recipe["times"])
+                data["x_T"][i:j] = x_T.half().cpu().numpy()
+                data["x_0"][i:j] = quantize(x_0, cfg.targets).cpu()
+                data.flush()
+            barrier()                                             # the round's pairs on disk before the count
+            made += min(chunks[-1] + cfg.gen_batch, n) - done[split]
+            done[split] = min(chunks[-1] + cfg.gen_batch, n)
             write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
-            made += j - i
-            rate = made / (time.time() - t0)
-            print(f"\r{split}: {j:,}/{n:,} pairs, {rate:.1f}/s, ETA {(todo - made) / rate / 60:.1f} min",
-                  end="", file=sys.stderr, flush=True)
+            progress("pairs", made, todo, t0, " pairs/s")
+    barrier()                                                     # meta.json counts them all
     if made:
-        print(file=sys.stderr)
-        log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0)})
+        log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0),
+                          "world_size": world_size()})
 
 def fetch(data, idx, device):
     """Pairs idx -> (x_T, x_0), float32 (B, C, H, W) each on the device, in sorted index order."""
@@ -229,13 +238,15 @@ def fetch(data, idx, device):
 
 @torch.no_grad()
 def test_loss(ema, test_set, cfg, device):
-    """Mean per-sample loss of the EMA student on the held-out pairs (one host sync)."""
-    total, b = torch.zeros((), device=device), cfg.batch // cfg.accum
-    for i in range(0, cfg.num_test_pairs, b):
-        x_T, x_0 = fetch(test_set, np.arange(i, min(i + b, cfg.num_test_pairs)), device)
+    """Mean per-sample loss of the EMA student on the held-out pairs, shared out over the ranks (one host
+    sync)."""
+    ours, b = mine(torch.arange(cfg.num_test_pairs)).numpy(), cfg.batch // world_size() // cfg.accum
+    total = torch.zeros((), device=device)
+    for i in range(0, len(ours), b):
+        x_T, x_0 = fetch(test_set, ours[i:i + b], device)
         with autocast(device, cfg.dtype):
             total += student_loss(student_x0(ema, x_T), x_0, cfg.loss).sum()
-    return total.item() / cfg.num_test_pairs
+    return (mean_over_ranks(total) * world_size()).item() / cfg.num_test_pairs  # the sum over the ranks
 
 def train(cfg, teacher, ckpt, recipe, device):
     done = read_meta(cfg.pairs, recipe)                           # refuses pairs of another recipe
@@ -244,7 +255,7 @@ def train(cfg, teacher, ckpt, recipe, device):
     train_set, test_set = pair_array(cfg.pairs, "train", cfg.num_pairs), pair_array(cfg.pairs, "test",
                                                                                     cfg.num_test_pairs)
     student = make_student(teacher, cfg.student_param)
-    ema = student.copy().eval()
+    trained, ema = data_parallel(student), student.copy().eval()
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     step, elapsed, best, best_step = 0, 0.0, math.inf, None
     if ckpt is not None:                                          # the data order is a function of the step
@@ -270,11 +281,13 @@ def train(cfg, teacher, ckpt, recipe, device):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)             # warm-up, then constant (app. B)
         opt.zero_grad(set_to_none=True)
-        for part in np.array_split(order[i * cfg.batch:(i + 1) * cfg.batch], cfg.accum):
-            x_T, x_0 = fetch(train_set, part, device)             # (B / accum, C, H, W) each
-            with autocast(device, cfg.dtype):
-                loss = student_loss(student_x0(student, x_T), x_0, cfg.loss).sum() / cfg.batch
-            loss.backward()                                       # summed over the parts: the batch mean
+        ours = mine(torch.from_numpy(order[i * cfg.batch:(i + 1) * cfg.batch])).numpy()  # this rank's part
+        for a, part in enumerate(np.array_split(ours, cfg.accum)):
+            x_T, x_0 = fetch(train_set, part, device)             # (B / ranks / accum, C, H, W) each
+            last = world_size() == 1 or a + 1 == cfg.accum         # DDP averages the gradients at the end
+            with autocast(device, cfg.dtype), contextlib.nullcontext() if last else trained.net.no_sync():
+                loss = student_loss(student_x0(trained, x_T), x_0, cfg.loss).sum() / len(ours)
+                loss.backward()                                   # summed over the parts: the batch mean
             loss_sum += loss.detach()
         opt.step()                                                # no gradient clipping (app. B)
         ema_update(ema.net, student.net, cfg.ema)
@@ -282,8 +295,9 @@ def train(cfg, teacher, ckpt, recipe, device):
         if step % cfg.log_every == 0 or step == cfg.updates:      # the loop's only host sync
             dt, n = time.time() - t0, step - last_log
             elapsed, t0, last_log = elapsed + dt, time.time(), step
-            log_row(cfg.out, {"stage": "train", "step": step, "loss": loss_sum.item() / n, "lr": g["lr"],
-                              "images_per_s": n * cfg.batch / dt, "elapsed_s": elapsed})
+            log_row(cfg.out, {"stage": "train", "step": step, "loss": mean_over_ranks(loss_sum).item() / n,
+                              "lr": g["lr"], "images_per_s": n * cfg.batch / dt, "elapsed_s": elapsed,
+                              "eta_s": (cfg.updates - step) * dt / n})
             loss_sum.zero_()
         tested = cfg.num_test_pairs > 0 and (step % cfg.test_every == 0 or step == cfg.updates)
         if tested:                                                # early stopping on the test loss (official)
@@ -305,6 +319,7 @@ def slerp(z0, z1, a):
 
 @torch.no_grad()
 def evaluate(cfg, teacher, times, shape, device):
+    barrier()                                                     # rank 0's checkpoints are on disk
     paths = [p for p in (os.path.join(cfg.out, n) for n in ("best.pt", "ckpt.pt")) if os.path.exists(p)]
     if not paths:
         raise ValueError(f"no student checkpoint in {cfg.out}; run --stage train first")
@@ -346,8 +361,8 @@ def evaluate(cfg, teacher, times, shape, device):
         save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
         rows += [dict(model="teacher", steps=1, rmse_to_reference=rmse(o_one, o_ref), image_size=[h, w]),
                  dict(model="student", steps=1, rmse_to_reference=rmse(o_stu, o_ref), image_size=[h, w])]
-    print(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
-          f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
+    print0(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
+           f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
 
     # FID / IS (Table 1) on seeds no pair used; metrics.json before and after, so a failed FID keeps the rows.
     metrics = lambda finished: write_metrics(cfg.out, "luhman_kd", cfg.data, teacher.source, {
@@ -389,8 +404,9 @@ def resolve(cfg):
              f"--data {cfg.data}: expected {DATASETS}"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
-            (cfg.stage == "pairs" or cfg.batch % cfg.accum == 0,
-             f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}"),
+            (cfg.stage == "pairs" or cfg.batch % (cfg.accum * world_size()) == 0,
+             f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}" + (
+                 f" / {world_size()} processes" if world_size() > 1 else "")),
             (cfg.stage == "pairs" or cfg.batch <= cfg.num_pairs,
              f"--batch {cfg.batch} exceeds --num-pairs {cfg.num_pairs}"),
             (cfg.stage != "train" or os.path.isfile(os.path.join(cfg.pairs, "meta.json")),
@@ -412,15 +428,16 @@ def check_sizes(cfg, net_cfg):
         raise ValueError(f"--image-size/--other-size {sides}: this teacher needs multiples of {step}, >= 8")
 
 def main(argv=None):
-    cfg = resolve(parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0]))
+    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    device = setup_device(cfg.device)                             # first: the batch splits over the ranks
+    cfg = resolve(cfg)
     if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
         raise ValueError(f"--data {cfg.data}: no such folder")
-    device = pick_device(cfg.device)
     if cfg.fid:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = read_resume(cfg)                                       # refuses a resume with other result flags
     if run_finished(cfg.out) and cfg.stage == "all" and ckpt is not None and ckpt["step"] >= cfg.updates:
-        print(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
+        print0(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
         return run_finished(cfg.out)
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
         shapes = TeacherConfig()                                  # before it is trained (once per machine)
@@ -431,13 +448,14 @@ def main(argv=None):
                          f"{teacher.param}: use --student-param exact")
     check_sizes(cfg, net_config(teacher.net))
     check_steps(teacher.schedule, cfg.skip, teacher_steps=cfg.teacher_steps)
-    start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"))
+    start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"),
+              batch=cfg.batch)
     size = cfg.image_size or net_config(teacher.net)["image_size"]
     shape = (3, size, size)
     times = sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
     recipe = pairs_recipe(cfg, teacher.source, times, shape)
-    print(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
-          f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates", flush=True)
+    print0(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
+           f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates")
     if cfg.stage in ("all", "pairs"):
         generate_pairs(cfg, teacher, recipe, shape, device)
     if cfg.stage in ("all", "train"):

@@ -10,6 +10,7 @@ updates, 100k for the rounds to 2 and 1 steps; FID of every student up to 512 st
     python progressive.py --data cifar10 --out runs/pd_cifar10 --fid-samples 50000
 From a public eps teacher (the paper released no checkpoints):
     python progressive.py --data cifar10 --teacher google/ddpm-cifar10-32 --start-steps 1024
+Many GPUs: torchrun --standalone --nproc_per_node=8 progressive.py ... (--batch is the global batch; README).
 Quick (16x16 shapes, a paper-style x-prediction base model trained once into the cache, 16 -> 1 steps):
     python progressive.py --quick
     python progressive.py --quick --teacher cached --lr 1e-4 --updates-per-round 150   # the eps route
@@ -47,12 +48,13 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
-                    autocast, bcast, build_net, cached_teacher, cli, ddim_sample, ddim_step, eps_from_x,
-                    fid_is, field, generate, load_dataset, load_teacher, log_row, lr_at, net_config,
-                    parse_config, pick_device, prepare_fid, read_resume, rmse, run_finished, sample_batch,
-                    sample_to_folder, sampler_times, save_checkpoint, save_grid, start_run, train_teacher,
-                    weighted_loss, write_metrics, write_pngs)
+from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample, autocast,
+                    barrier, bcast, build_net, cached_teacher, check_batch, cli, data_parallel, ddim_sample,
+                    ddim_step, eps_from_x, fid_is, field, generate, load_dataset, load_teacher, log_row,
+                    lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, rank,
+                    read_resume, rmse, run_finished, sample_batch, sample_to_folder, sampler_times,
+                    save_checkpoint, save_grid, setup_device, start_run, train_teacher, weighted_loss,
+                    world_size, write_metrics, write_pngs)
 
 @dataclasses.dataclass
 class Config:
@@ -180,12 +182,12 @@ def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
 def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
     """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
     sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
-    B, schedule = x.shape[0], student.schedule
-    i = torch.randint(1, N + 1, (B,), generator=generator, device=generator.device)
+    B, schedule = x.shape[0] * world_size(), student.schedule  # x: this rank's part of the global batch B
+    i = mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
     u = i.to(x.device, torch.float64) / N
     phi = angle(schedule, u)
     alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
-    eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    eps = mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
     z_t = alpha * x + sigma * eps
     x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
     x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
@@ -248,11 +250,13 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
         for tensor in den.net.state_dict().values():
             stamp.update(tensor.cpu().numpy().tobytes())
         stamp = stamp.hexdigest()
-        if os.path.isdir(folder) and (not os.path.exists(owner) or open(owner).read() != stamp):
-            shutil.rmtree(folder)
-        os.makedirs(folder, exist_ok=True)
-        with open(owner, "w") as f:
-            f.write(stamp)
+        if rank() == 0:
+            if os.path.isdir(folder) and (not os.path.exists(owner) or open(owner).read() != stamp):
+                shutil.rmtree(folder)
+            os.makedirs(folder, exist_ok=True)
+            with open(owner, "w") as f:
+                f.write(stamp)
+        barrier()
         sample_to_folder(fn, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device)
     ref = None if cfg.data == "cifar10" else write_pngs(
         data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
@@ -304,6 +308,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
         student = make_student(teacher, N, both=n_teacher == N)  # Alg. 2: theta <- eta, a fresh optimiser
+        trained = data_parallel(student)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # no weight decay, no EMA (official config)
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
         step = 0
@@ -311,7 +316,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
             student.net.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["gen"])
             step = ckpt["step"]
-            print(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}", flush=True)
+            print0(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}")
         weighting = "snr" if student.param == "eps" else cfg.weighting  # eps students: their teacher's loss
         loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
         while step < updates:
@@ -320,7 +325,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 g["lr"] = lr
             x = sample_batch(data, cfg.batch, gen)
             with autocast(device, cfg.dtype):
-                loss = distill_loss(student, teacher, x, N, weighting, gen, n_teacher == N, clip)
+                loss = distill_loss(trained, teacher, x, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -331,13 +336,13 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
             if step % cfg.log_every == 0 or step == updates:  # the only host sync
                 dt, n = time.time() - t0, step - last_log
                 elapsed, t0, last_log = elapsed + dt, time.time(), step
-                mean_loss = loss_sum.item() / n
+                mean_loss = mean_over_ranks(loss_sum).item() / n
                 if mean_loss != mean_loss or abs(mean_loss) == float("inf"):
                     raise ValueError(f"round {r + 1} ({N} steps) diverged at update {step} (loss "
                                      f"{mean_loss}); rerun with a lower --lr and --resume none")
                 log_row(cfg.out, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
                                   "update": step, "loss": mean_loss, "lr": lr, "sec_per_update": dt / n,
-                                  "elapsed_s": elapsed})
+                                  "elapsed_s": elapsed, "eta_s": (updates - step) * dt / n})
                 loss_sum.zero_()
             if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
                 save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
@@ -358,8 +363,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                       finished=r + 1 == len(rounds))
         save_grid(torch.cat(grid_rows), os.path.join(cfg.out, "rounds.png"), nrow=2 * cfg.grid)
         rmses = [f"{row['model']} {row['rmse_to_reference']:.4f}" for row in rows if row["sampler"] == "ddim"]
-        print(f"round {r + 1}/{len(rounds)}: {N} steps ({student.param}), RMSE {', '.join(rmses)}",
-              flush=True)
+        print0(f"round {r + 1}/{len(rounds)}: {N} steps ({student.param}), RMSE {', '.join(rmses)}")
         teacher = student
     return results
 
@@ -414,13 +418,13 @@ def get_teacher(cfg, device):
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
-    device = pick_device(cfg.device)
+    device = setup_device(cfg.device)
+    check_batch(batch=cfg.batch, **({} if cfg.teacher else {"base_batch": cfg.base_batch}))
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = read_resume(cfg)  # before any work: the base model is trained only for a run that can go on
     if ckpt is not None and run_finished(cfg.out):
-        print(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again",
-              flush=True)
+        print0(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again")
         return run_finished(cfg.out)
     spec, teacher0 = get_teacher(cfg, device)
     if teacher0.steps and teacher0.steps != cfg.start_steps:
@@ -430,7 +434,7 @@ def main(argv=None):
     if cfg.image_size not in (0, size):
         raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
     data = load_dataset(cfg.data, size, seed=cfg.seed)
-    start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"))
+    start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
     torch.manual_seed(cfg.seed)
     distill(cfg, spec, teacher0, data.to(device), device, ckpt)
     return run_finished(cfg.out)

@@ -13,6 +13,7 @@ pixel space on our teachers (google/ddpm-cifar10-32 by default). Table 2, one co
     python self_distill.py --variant dsdi --fid-samples 30000     # FID/IS of the original and DSD models
 Training DSD (fig. 3: --distill-weight 0 is the baseline it is compared with):
     python self_distill.py --variant train --out runs/dsd_train
+Many GPUs: torchrun --standalone --nproc_per_node=8 self_distill.py ... (--batch trajectories in all; README).
 Quick (the cached 16x16 shapes teacher, DSDI 16 -> 2 steps, about 40 s of one CPU core):
     python self_distill.py --quick
 
@@ -77,11 +78,11 @@ import torch
 import torch.nn as nn
 
 from common import (DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net, cached_teacher,
-                    check_steps, cli, ddim_sample, ddim_step, ema_update, fid_is, field, generate,
-                    load_dataset, load_teacher, log_row, net_config, parse_config, pick_device, prepare_fid,
-                    read_resume, rmse, run_finished, sample_batch, sample_to_folder, sampler_times,
-                    save_checkpoint, save_grid, start_run, weighted_loss, write_json, write_metrics,
-                    write_pngs)
+                    check_batch, check_steps, cli, data_parallel, ddim_sample, ddim_step, ema_update, fid_is,
+                    field, gather, generate, load_dataset, load_teacher, log_row, mean_over_ranks, mine,
+                    net_config, parse_config, prepare_fid, print0, rank_dropout_seed, read_resume, rmse,
+                    run_finished, sample_batch, sample_to_folder, sampler_times, save_checkpoint, save_grid,
+                    setup_device, start_run, weighted_loss, world_size, write_json, write_metrics, write_pngs)
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
 
@@ -237,9 +238,9 @@ def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
     (detached) comes from two DDIM steps of the same model from z_t, t -> t - 1/N -> t - 2/N (alg. 2), its
     second pass run without dropout (the first step reuses x', so only x' sees dropout).
     Samples with u < 2/N (no room for two steps) get the v term only."""
-    B, schedule = x.shape[0], den.schedule
-    u = torch.rand(B, generator=gen, device=gen.device).to(x.device, torch.float64)
-    eps = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+    B, schedule = x.shape[0] * world_size(), den.schedule  # x: this rank's part of the global batch B
+    u = mine(torch.rand(B, generator=gen, device=gen.device)).to(x.device, torch.float64)
+    eps = mine(torch.randn((B, *x.shape[1:]), generator=gen, device=gen.device)).to(x.device)
     us = torch.stack([u, u - 1 / steps, u - 2 / steps]).clamp_min(0)
     logsnr = schedule.logsnr(schedule.time(us))
     alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
@@ -275,14 +276,14 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
     else:
         total, peak, warmup, end = cfg.train_updates, cfg.train_lr, cfg.train_warmup, 1.0
     opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2))
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    teacher = den0 if cfg.variant == "tsd" else None
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
+    trained, teacher = data_parallel(model), den0 if cfg.variant == "tsd" else None
     step, z, elapsed = 0, None, 0.0
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
         step, z, elapsed = ckpt["step"], ckpt["z"], ckpt["elapsed"]
-        z = None if z is None else z.to(device)
+        z = None if z is None else mine(z.to(device))  # this rank's trajectories
         if ckpt["teacher"] is not None:
             teacher = den0.copy().eval()
             teacher.net.load_state_dict(ckpt["teacher"])
@@ -294,17 +295,17 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         with autocast(device, cfg.dtype):
             if fine_tune:
                 n, k = sequence[step]
-                if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I)
-                    z = torch.randn((cfg.batch, *shape), generator=gen, device=device)
+                if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I), ours a slice
+                    z = mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
                     if teacher is not None and step > 0 and sequence[step - 1][0] != n:
                         teacher = model.copy().eval()  # TSD: the student becomes the next teacher (PD)
                 times, alpha, sigma = grids[n]
                 j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
-                loss, z = dsd_loss(model, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
-                                   cfg.weighting, cfg.target, teacher, clipped(cfg, model))
+                loss, z = dsd_loss(trained, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j],
+                                   sigma[j], cfg.weighting, cfg.target, teacher, clipped(cfg, model))
             else:
                 x = sample_batch(data, cfg.train_batch, gen)
-                loss = training_dsd_loss(model, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
+                loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -316,17 +317,18 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         if step % cfg.log_every == 0 or step == total:  # the only host sync
             dt, count = time.time() - t0, step - last_log
             elapsed, t0, last_log = elapsed + dt, time.time(), step
-            mean_loss = loss_sum.item() / count
+            mean_loss = mean_over_ranks(loss_sum).item() / count
             if not math.isfinite(mean_loss):
                 raise ValueError(f"{cfg.variant} diverged at update {step} (loss {mean_loss}); lower the lr")
             log_row(cfg.out, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
                               "loss": mean_loss, "lr": lr, "sec_per_update": dt / count,
-                              "elapsed_s": elapsed})
+                              "elapsed_s": elapsed, "eta_s": (total - step) * dt / count})
             loss_sum.zero_()
-        if step % cfg.ckpt_every == 0 or step == total:
+        if step % cfg.ckpt_every == 0 or step == total:  # z: all ranks' trajectories
             save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
                             method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                            optimizer=opt.state_dict(), step=step, gen=gen.get_state(), z=z,
+                            optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
+                            z=None if z is None else gather(z),
                             elapsed=elapsed + time.time() - t0,
                             teacher=None if teacher in (None, den0) else teacher.net.state_dict())
 
@@ -362,8 +364,8 @@ def evaluate(cfg, models, reference_model, shape, data, device):
             results.append({"model": name, "steps": steps, "rmse_to_reference": rmse(images, reference),
                             **scores})
             rows.append(images[:cfg.grid])
-        print(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
-                                               for r in results[-len(models):]), flush=True)
+        print0(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
+                                               for r in results[-len(models):]))
     save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
     return results
 
@@ -391,15 +393,15 @@ def check(cfg):
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
-    device = pick_device(cfg.device)
+    device = setup_device(cfg.device)
+    check_batch(**({"train_batch": cfg.train_batch} if cfg.variant == "train" else {"batch": cfg.batch}))
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = read_resume(cfg)  # refuses a resume with other result flags, before any work
     rows = plan(cfg.variant, cfg.steps, cfg.updates) if cfg.variant != "train" else []
     total = sum(p for _, _, p in rows) or cfg.train_updates
     if ckpt is not None and ckpt["step"] >= total and run_finished(cfg.out):
-        print(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again",
-              flush=True)
+        print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again")
         return run_finished(cfg.out)
     torch.manual_seed(cfg.seed)
     data = None
@@ -426,10 +428,12 @@ def main(argv=None):
             data = load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
-    start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"))
+    start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
+              batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
+    rank_dropout_seed(cfg.seed)
     if rows:
-        print(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
-              + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows), flush=True)
+        print0(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
+              + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows))
         write_json(os.path.join(cfg.out, "plan.json"),
                    [{"steps": n, "trajectories": u, "updates": p} for n, u, p in rows])
     train(cfg, rows, model, ema, den0, shape, None if data is None else data.to(device), device, ckpt)

@@ -212,16 +212,17 @@ def test_a_run_started_over_and_killed_reports_nothing_of_the_old_run(tmp_path, 
 def test_a_resumed_log_has_one_row_per_update_and_time_runs_to_the_checkpoint(tmp_path, kill_on_call):
     cfg = C.TeacherConfig(net="tiny16", updates=6, batch=2, log_every=1, ckpt_every=3, sample_steps=2,
                           out=str(tmp_path / "run"), device="cpu")
-    restore = kill_on_call(C, "log_row", 5)                                 # killed at update 5's row
+    restore = kill_on_call(C, "log_row", 6)     # the started row, updates 1-4, killed at update 5's row
     with pytest.raises(KeyboardInterrupt):
         C.train_teacher(cfg)
     restore()
     ckpt = C.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     before = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert [r["step"] for r in before] == [1, 2, 3, 4] and ckpt["step"] == 3
-    assert ckpt["elapsed"] > before[2]["elapsed_s"]                         # to the checkpoint
+    assert [r.get("event") for r in before[:1]] == ["started"] and ckpt["step"] == 3
+    assert [r["step"] for r in before[1:]] == [1, 2, 3, 4]
+    assert ckpt["elapsed"] > before[3]["elapsed_s"]                         # to the checkpoint
     C.train_teacher(cfg)
     after = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r.get("step") for r in after if r.get("stage") == "teacher"] == [1, 2, 3, 4, 5, 6]
-    assert [r.get("event") for r in after][3] == "resumed"
-    assert after[4]["elapsed_s"] > ckpt["elapsed"]
+    assert [r.get("event") for r in after][4] == "resumed"
+    assert after[5]["elapsed_s"] > ckpt["elapsed"]

@@ -1,0 +1,199 @@
+"""Many GPUs, tested on CPU: torchrun with two gloo ranks against one process with the same global batch, for
+Alg. 1 and the four methods (weights, metrics rows and logged losses), a run killed on two ranks resumed on
+one (and one on one resumed on two), and sharded sampling: FID folders and Denoising Student pairs written by
+two ranks byte for byte those of one. Dropout is 0 throughout: each rank draws its own masks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common as C
+import dkdm
+import luhman_kd
+import progressive
+import self_distill
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+METHODS = {"common": None, "progressive": progressive, "luhman_kd": luhman_kd, "self_distill": self_distill,
+           "dkdm": dkdm}
+
+def _torchrun(method, argv, ranks=2, wait=True):
+    """`torchrun --standalone --nproc_per_node=ranks METHOD.py argv` on CPU, one thread a rank (method: a
+    method file's name or a script's path)."""
+    script = method if method.endswith(".py") else os.path.join(ROOT, f"{method}.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", script,
+           *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+def _main(method, argv):
+    return C.train_teacher(C.parse_config(C.TeacherConfig, argv)) if method == "common" else \
+        METHODS[method].main(argv)
+
+def _teacher_file(path):
+    torch.manual_seed(0)
+    net = C.build_net("tiny16", image_size=16, out_channels=6, zero_init=False)
+    C.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
+                      method="t")
+    return str(path)
+
+def _argv(method, teacher):
+    """Seconds of each method on CPU. Adam turns the float noise of gradients that are zero in exact
+    arithmetic (the attention key biases') into steps of +-lr, so the runs that compare weights use small
+    lrs."""
+    return {
+        "common": ["--net", "tiny16", "--updates", "4", "--batch", "4", "--sample-steps", "2", "--lr",
+                   "1e-4"],
+        "progressive": ["--quick", "--start-steps", "4", "--updates-per-round", "3", "--batch", "4",
+                        "--eval-samples", "6", "--grid", "2"],
+        "luhman_kd": ["--quick", "--teacher", teacher, "--num-pairs", "32", "--num-test-pairs", "8",
+                      "--teacher-steps", "3", "--batch", "8", "--accum", "2", "--updates", "6",
+                      "--test-every", "3", "--eval-n", "8", "--time-batch", "0", "--other-size", "16x24",
+                      "--gen-batch", "6", "--lr", "1e-4"],
+        "self_distill": ["--quick", "--teacher", teacher, "--steps", "4", "--updates", "6", "--batch", "4",
+                         "--eval-samples", "6", "--eval-steps", "2", "--reference-steps", "4"],
+        "dkdm": ["--quick", "--teacher", teacher, "--chain-steps", "10", "--rho", "0.5", "--batch", "4",
+                 "--updates", "6", "--eval-samples", "6", "--eps-samples", "8", "--eval-steps", "5",
+                 "--prep-batch", "6", "--lr", "1e-4"]}[method] + ["--device", "cpu", "--log-every", "1"]
+
+def _close_weights(a, b, tol=1e-4):
+    """Largest parameter difference relative to the network's largest parameter."""
+    scale = max(float(v.abs().max()) for v in a.values())
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= tol * scale, (worst, scale)
+
+def _losses(out):
+    return [row["loss"] for row in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in row]
+
+def _rows(out):
+    rows = json.load(open(os.path.join(out, "metrics.json")))["results"]
+    return [{k: v for k, v in r.items() if k in ("model", "steps", "sampler", "round")} for r in rows], \
+        [r.get("rmse_to_reference", r.get("rmse_to_teacher")) for r in rows]
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_take_the_update_of_one_process(tmp_path, method):
+    teacher = _teacher_file(tmp_path / "teacher.pt")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _main(method, _argv(method, teacher) + ["--out", one])
+    _torchrun(method, _argv(method, teacher) + ["--out", two])
+    a, b = (C.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (one, two))
+    _close_weights(a["model"], b["model"])
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    started = [json.loads(line) for line in open(os.path.join(two, "log.jsonl"))][0]
+    assert started["event"] == "started" and started["world_size"] == 2
+    assert json.load(open(os.path.join(two, "config.json")))["world_size"] == 2
+    if method == "common":
+        return
+    (keys_a, rmse_a), (keys_b, rmse_b) = _rows(one), _rows(two)
+    assert keys_a == keys_b and rmse_b == pytest.approx(rmse_a, rel=1e-4, abs=1e-6)
+    if method == "dkdm":  # every rank holds the whole set, the same as one process's
+        assert torch.equal(a["knowledge"]["k"], b["knowledge"]["k"])
+        assert torch.allclose(a["knowledge"]["z"], b["knowledge"]["z"], atol=1e-4)
+    if method == "luhman_kd":  # each rank filled its own chunks of the memory maps
+        for split in ("train", "test"):
+            assert open(os.path.join(one, "pairs", f"{split}.npy"), "rb").read() == \
+                open(os.path.join(two, "pairs", f"{split}.npy"), "rb").read()
+
+def _kill_all(marker):
+    """SIGKILL every process whose command line holds `marker`, and wait until they are gone."""
+    def holders():
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if marker in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"):
+                    pids.append(int(pid))
+            except OSError:
+                pass
+        return pids
+    for pid in holders():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while holders() and time.time() < deadline:
+        time.sleep(0.05)
+
+def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
+    teacher = _teacher_file(tmp_path / "teacher.pt")
+    argv = _argv("self_distill", teacher) + ["--updates", "40", "--ckpt-every", "2"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    self_distill.main(argv + ["--out", straight])
+    run = _torchrun("self_distill", argv + ["--out", killed], wait=False)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(killed, "ckpt.pt")) and run.poll() is None and \
+            time.time() < deadline:
+        time.sleep(0.02)
+    _kill_all(killed)  # torchrun and its workers (each in a session of its own), as a power cut would
+    run.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json")), "finished before it could be killed"
+    resumed = self_distill.main(argv + ["--out", killed])
+    log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
+    assert [row.get("world_size") for row in log if "event" in row] == [2, 1]  # started on 2, resumed on 1
+    assert [row["update"] for row in log if "loss" in row] == list(range(1, 41))   # one row per update
+    _close_weights(C.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
+                   C.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
+    assert _rows(killed)[1] == pytest.approx(_rows(straight)[1], rel=1e-4)
+    assert resumed["finished"]
+
+def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):
+    """DKDM's dynamic set and generator state carry over: 3 updates on one process, 3 more on two ranks."""
+    teacher = _teacher_file(tmp_path / "teacher.pt")
+    argv = _argv("dkdm", teacher)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    dkdm.main(argv + ["--out", straight])
+    dkdm.main(argv + ["--out", resumed, "--updates", "3"])
+    _torchrun("dkdm", argv + ["--out", resumed])
+    a, b = (C.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (straight, resumed))
+    _close_weights(a["model"], b["model"])
+    assert torch.allclose(a["knowledge"]["z"], b["knowledge"]["z"], atol=1e-4)
+    assert _losses(resumed)[-3:] == pytest.approx(_losses(straight)[-3:], rel=1e-4)
+
+SAMPLE = """
+import sys
+sys.path.insert(0, {root!r})
+import common as C
+C.setup_device("cpu")
+den = C.load_teacher({teacher!r})
+times = C.sampler_times(den.schedule, 3, "linspace")
+C.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10, sys.argv[1], (3, 16, 16), 3,
+                   "cpu")
+images = C.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
+if C.rank() == 0:
+    C.torch.save(images, sys.argv[1] + ".pt")
+"""
+
+def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
+    """EDM's sharded sampling: one PNG per seed, so the FID folder is the same whatever the number of ranks;
+    generate() returns every seed's image in order on every rank."""
+    script = tmp_path / "sample.py"
+    script.write_text(SAMPLE.format(root=ROOT, teacher=_teacher_file(tmp_path / "teacher.pt")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True, timeout=300)
+    _torchrun(str(script), [str(tmp_path / "two")])
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 10
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.shape == (7, 3, 16, 16) and torch.equal(one, two)
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", os.path.join(ROOT, "dkdm.py"), "--quick", "--device", "cpu",
+                           "--batch", "5", "--out", str(tmp_path / "run")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "error: --batch 5: the global batch must split evenly over the 2 " \
+        "processes; pass a multiple of 2" in done.stderr
+    assert not os.path.exists(tmp_path / "run")
