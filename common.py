@@ -112,12 +112,28 @@ def x_eps_from_output(out, z, alpha, sigma, param):
 
 class Denoiser(nn.Module):
     """A network read as a denoiser (k-diffusion's wrapper): (z_t, t) -> (x_pred, eps_pred), with its
-    schedule, parameterisation, ancestral variance (variance_frac) and a student's step count."""
+    schedule, parameterisation, ancestral variance (variance_frac) and, for a student, the sampler it was
+    trained for (sampler_spec), so that sample() draws from any checkpoint without knowing its method."""
 
-    def __init__(self, net, schedule, param, var="fixed_small", steps=None, source=""):
+    def __init__(self, net, schedule, param, var="fixed_small", sampler=None, source=""):
         super().__init__()
-        self.net, self.schedule, self.param, self.var, self.steps, self.source = \
-            net, schedule, param, var, steps, source
+        self.net, self.schedule, self.param, self.var, self.sampler, self.source = \
+            net, schedule, param, var, sampler, source
+
+    @property
+    def steps(self):
+        """The network evaluations of a student's sampler (None: no sampler recorded, e.g. a teacher)."""
+        return len(self.sampler["times"]) if self.sampler else None
+
+    def sample(self, z, seeds=None):
+        """Images in [-1, 1] from noise z (B, C, H, W) with the recorded sampler; seeds: the samples' seeds,
+        whose streams give an ancestral sampler's noise."""
+        s = self.sampler
+        if s is None:
+            raise ValueError(f"{self.source or 'this model'} records no sampler; sample it with ddim_sample")
+        if s["ancestral"]:
+            return ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"]).clamp(-1, 1)
+        return ddim_sample(self, z, s["times"], s["clip"]).clamp(-1, 1)
 
     def full(self, z, t, clip=False):
         """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
@@ -140,13 +156,13 @@ class Denoiser(nn.Module):
 
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
-        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "steps", "source")}
+        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source")}
         return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**kept, **changes}).train()
 
     def state(self):
         """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
         return dict(net_config=net_config(self.net), model=self.net.state_dict(),
-                    schedule=self.schedule.spec(), param=self.param, var=self.var, steps=self.steps)
+                    schedule=self.schedule.spec(), param=self.param, var=self.var, sampler=self.sampler)
 
     @staticmethod
     def from_state(state, source=""):
@@ -154,7 +170,13 @@ class Denoiser(nn.Module):
         net = build_net(state["net_config"])
         net.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
-                        state.get("steps"), source).eval()
+                        state.get("sampler"), source).eval()
+
+def sampler_spec(times, ancestral=False, clip=False, frac=None):
+    """The sampler a student was trained for, stored in its checkpoint: its times (descending, in the
+    schedule's units), DDIM or ancestral (frac: variance_frac; None: the model's own), x_pred clipped or
+    not."""
+    return dict(times=list(times), ancestral=ancestral, clip=clip, frac=frac)
 
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
     """Deterministic DDIM (Song et al. 2021 eq. 12, eta = 0; Salimans & Ho eq. 8); (1, 0) gives x_pred."""
@@ -280,6 +302,24 @@ def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
         noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
         f = variance_frac(den.var, v) if frac is None else frac
         z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
+
+@torch.no_grad()
+def dpm_solver_2m(den, z, times, clip=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): the probability-flow ODE in lambda = log(alpha / sigma),
+    data prediction, second order by reusing the previous step's x_pred: z_s = (sigma_s/sigma_t) z_t -
+    alpha_s (e^-h - 1) D, h = lambda_s - lambda_t, D = (1 + 1/2r) x_t - (1/2r) x_prev, r = h_prev / h; the
+    first step (D = x_t) is DDIM's. Over times as ddim_sample, ending with x_pred: the same network calls."""
+    x_prev = h_prev = None
+    for i, t in enumerate(times):
+        x_pred, _ = den(z, t, clip=clip)
+        if i + 1 == len(times):
+            return x_pred
+        lam_t, lam_s = (0.5 * den.schedule.logsnr(u) for u in (t, times[i + 1]))  # float64
+        h = float(lam_s - lam_t)
+        sigma_t, (alpha_s, sigma_s) = den.schedule.alpha_sigma(t)[1], den.schedule.alpha_sigma(times[i + 1])
+        d = x_pred if x_prev is None else (1 + h / (2 * h_prev)) * x_pred - h / (2 * h_prev) * x_prev
+        z = float(sigma_s / sigma_t) * z - float(alpha_s) * math.expm1(-h) * d
+        x_prev, h_prev = x_pred, h
 
 # ============================================= nets =============================================
 # Both networks take (x, t): x is (B, C, H, W); t a float tensor (B,) or a scalar, in the units of the model's
@@ -1246,7 +1286,7 @@ def data_parallel(den):
         return den
     device = next(den.net.parameters()).device
     net = nn.parallel.DistributedDataParallel(den.net, device_ids=[device] if device.type == "cuda" else None)
-    return Denoiser(net, den.schedule, den.param, den.var, den.steps, den.source)
+    return Denoiser(net, den.schedule, den.param, den.var, den.sampler, den.source)
 
 def rank_dropout_seed(seed):
     """Each rank its own dropout masks (a plain run keeps its generator): dropout makes k ranks match one

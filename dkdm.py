@@ -49,8 +49,8 @@ from common import (DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sam
                     diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate, load_dataset,
                     load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior, prepare_fid,
                     print0, progress, rank, read_resume, rmse, run_finished, sample_batch, sample_to_folder,
-                    sampler_times, save_checkpoint, save_grid, setup_device, start_run, variance_frac,
-                    write_json, write_metrics, write_pngs)
+                    sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
+                    variance_frac, write_json, write_metrics, write_pngs)
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
 STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
@@ -283,7 +283,7 @@ def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
         want = want_fid and sampler == "ancestral"
         scores = fid(cfg, f"{name}_{sampler}", fn, shape, device) if want else {}
         rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
-                     "rmse_to_teacher": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
+                     "rmse_to_reference": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
                      "is": scores.get("is")})
     return rows, images
 
@@ -296,7 +296,9 @@ def make_student(cfg, teacher):
     torch.manual_seed(cfg.seed)
     net = build_net(STUDENTS.get(cfg.student, cfg.student), image_size=c.image_size,
                     in_channels=c.in_channels, out_channels=2 * c.in_channels, dropout=cfg.dropout)
-    return Denoiser(net, teacher.schedule, "eps", "learned_range")
+    times = sampler_times(teacher.schedule, cfg.eval_steps, "linspace")  # its sampler: the paper's IDDPM one
+    return Denoiser(net, teacher.schedule, "eps", "learned_range",
+                    sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
 
 def train(cfg, spec, teacher, grid, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`, then the evaluation.
@@ -379,7 +381,7 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     rows = evaluate(cfg, "student_init", initial, ref, grid, shape, device)[0]
     student_rows, images = evaluate(cfg, "student", ema, ref, grid, shape, device, cfg.fid_samples > 0)
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
-                     "rmse_to_teacher": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
+                     "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
         scores = fid(cfg, "teacher_ancestral", samplers(cfg, teacher)["ancestral"], shape, device)
         teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})

@@ -32,9 +32,9 @@ from common import (DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net
                     check_steps, cli, data_parallel, ddim_sample, ema_update, fid_is, field, generate,
                     load_checkpoint, load_dataset, load_teacher, log_row, lr_at, mean_over_ranks, mine,
                     net_config, parse_config, prepare_fid, print0, progress, rank, read_file, read_resume,
-                    rmse, run_finished, sample_to_folder, sampler_times, save_checkpoint, save_grid,
-                    seeded_noise, setup_device, start_run, to_float, world_size, write_json, write_metrics,
-                    write_pngs)
+                    rmse, run_finished, sample_to_folder, sampler_spec, sampler_times, save_checkpoint,
+                    save_grid, seeded_noise, setup_device, start_run, to_float, world_size, write_json,
+                    write_metrics, write_pngs)
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -124,7 +124,8 @@ def make_student(teacher, student_param):
     net = build_net(net_config(teacher.net), dropout=0.0)
     net.load_state_dict(teacher.net.state_dict())
     param = "resid" if student_param == "official" else teacher.param
-    return teacher.copy(net=net, param=param, steps=1).to(next(teacher.parameters()).device)
+    one_step = sampler_spec([teacher.schedule.time(1.0)], clip=True)   # student_x0, clipped as evaluated
+    return teacher.copy(net=net, param=param, sampler=one_step).to(next(teacher.parameters()).device)
 
 def student_x0(student, x_T):
     """F_student(x_T): one evaluation at the top noise level t = T-1 (official: 999.0). 'resid' subtracts the
@@ -326,7 +327,7 @@ def evaluate(cfg, teacher, times, shape, device):
     student = load_teacher(paths[0], device)                      # the best EMA, read as any teacher is
     last = load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
     amp = autocast(device, cfg.dtype)                             # sample_fn(z, seeds) under --dtype
-    F_student = amp(lambda z, seeds=None: student_x0(student, z).clamp(-1, 1))
+    F_student = amp(lambda z, seeds=None: student.sample(z))  # its recorded sampler: student_x0, clipped
     F_teacher = amp(lambda z, seeds=None: teacher_x0(teacher, z, times))
     F_teacher_1 = amp(lambda z, seeds=None: teacher_x0(teacher, z, times[:1]))
 
@@ -334,9 +335,10 @@ def evaluate(cfg, teacher, times, shape, device):
     seeds = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n)
     x_ref, x_one, x_stu = (generate(fn, seeds, shape, cfg.gen_batch, device)
                            for fn in (F_teacher, F_teacher_1, F_student))
-    rows = [dict(model="teacher", steps=len(times), rmse_to_reference=0.0),
-            dict(model="teacher", steps=1, rmse_to_reference=rmse(x_one, x_ref)),
-            dict(model="student", steps=1, rmse_to_reference=rmse(x_stu, x_ref), updates=last["step"],
+    rows = [dict(model="teacher", steps=len(times), sampler="ddim", rmse_to_reference=0.0),
+            dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(x_one, x_ref)),
+            dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(x_stu, x_ref),
+                 updates=last["step"],
                  selected_update=last["best_step"] if paths[0].endswith("best.pt") else last["step"],
                  test_loss=last["best_test"] if math.isfinite(last["best_test"]) else None)]
     for row in rows:
@@ -359,8 +361,10 @@ def evaluate(cfg, teacher, times, shape, device):
         o_ref, o_stu, o_one = (generate(fn, seeds[:16], (shape[0], h, w), cfg.gen_batch, device)
                                for fn in (F_teacher, F_student, F_teacher_1))
         save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
-        rows += [dict(model="teacher", steps=1, rmse_to_reference=rmse(o_one, o_ref), image_size=[h, w]),
-                 dict(model="student", steps=1, rmse_to_reference=rmse(o_stu, o_ref), image_size=[h, w])]
+        rows += [dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(o_one, o_ref),
+                      image_size=[h, w]),
+                 dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(o_stu, o_ref),
+                      image_size=[h, w])]
     print0(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
            f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
 

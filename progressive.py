@@ -52,9 +52,9 @@ from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ance
                     barrier, bcast, build_net, cached_teacher, check_batch, cli, data_parallel, ddim_sample,
                     ddim_step, eps_from_x, fid_is, field, generate, load_dataset, load_teacher, log_row,
                     lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, rank,
-                    read_resume, rmse, run_finished, sample_batch, sample_to_folder, sampler_times,
-                    save_checkpoint, save_grid, setup_device, start_run, train_teacher, weighted_loss,
-                    world_size, write_metrics, write_pngs)
+                    read_resume, rmse, run_finished, sample_batch, sample_to_folder, sampler_spec,
+                    sampler_times, save_checkpoint, save_grid, setup_device, start_run, train_teacher,
+                    weighted_loss, world_size, write_metrics, write_pngs)
 
 @dataclasses.dataclass
 class Config:
@@ -194,10 +194,11 @@ def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, c
     eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
     return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
 
-def make_student(teacher, steps, both=False):
-    """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` sampling steps; the
-    mean channels only (a learned-range teacher's variance channels are dropped). both=True makes an eps
-    teacher's student predict 'both' (sec. 4): its output layer gets a zero x head before the eps head."""
+def make_student(teacher, steps, both=False, clip=True):
+    """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` DDIM steps on the
+    grid t = i/N (its recorded sampler; clip: x_pred clipped, as --eval-clip); the mean channels only (a
+    learned-range teacher's variance channels are dropped). both=True makes an eps teacher's student predict
+    'both' (sec. 4): its output layer gets a zero x head before the eps head."""
     cfg, state = {**net_config(teacher.net), "dropout": 0.0}, dict(teacher.net.state_dict())
     C = cfg["in_channels"]
     param = "both" if teacher.param == "eps" and both else teacher.param
@@ -209,7 +210,8 @@ def make_student(teacher, steps, both=False):
     net = build_net(cfg).to(next(teacher.parameters()).device)
     net.load_state_dict(state)
     var = "fixed_large" if teacher.var == "learned_range" else teacher.var
-    return Denoiser(net, teacher.schedule, param, var, steps, teacher.source).train()
+    times = sampler_times(teacher.schedule, steps, "unit")
+    return Denoiser(net, teacher.schedule, param, var, sampler_spec(times, clip=clip), teacher.source).train()
 
 def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, reparam_updates=0):
     """[(teacher steps, student steps, updates)] of every round: N -> N/divisor (Alg. 2; app. I for 4), with
@@ -231,7 +233,7 @@ def sampler(den, steps, gamma, clip):
     """DDIM on the grid t = i/N the students are trained on, or (gamma: app. F) ancestral sampling on it with
     the log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log sigma~_{s|t}^2, noise per seed."""
     times = sampler_times(den.schedule, steps, skip="unit")
-    if gamma is None:
+    if gamma is None:  # a student's recorded sampler (den.sample)
         return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
     return lambda z, seeds: ancestral_sample(den, z, times, seeds, frac=gamma, clip=clip).clamp(-1, 1)
 
@@ -307,7 +309,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
 
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
-        student = make_student(teacher, N, both=n_teacher == N)  # Alg. 2: theta <- eta, a fresh optimiser
+        student = make_student(teacher, N, n_teacher == N, cfg.eval_clip)  # Alg. 2: theta <- eta, new Adam
         trained = data_parallel(student)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # no weight decay, no EMA (official config)
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)

@@ -81,8 +81,9 @@ from common import (DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcas
                     check_batch, check_steps, cli, data_parallel, ddim_sample, ddim_step, ema_update, fid_is,
                     field, gather, generate, load_dataset, load_teacher, log_row, mean_over_ranks, mine,
                     net_config, parse_config, prepare_fid, print0, rank_dropout_seed, read_resume, rmse,
-                    run_finished, sample_batch, sample_to_folder, sampler_times, save_checkpoint, save_grid,
-                    setup_device, start_run, weighted_loss, world_size, write_json, write_metrics, write_pngs)
+                    run_finished, sample_batch, sample_to_folder, sampler_spec, sampler_times,
+                    save_checkpoint, save_grid, setup_device, start_run, weighted_loss, world_size,
+                    write_json, write_metrics, write_pngs)
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
 
@@ -356,13 +357,14 @@ def evaluate(cfg, models, reference_model, shape, data, device):
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
 
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
-    results = [{"model": reference_model, "steps": cfg.reference_steps, "rmse_to_reference": 0.0, **scores}]
+    results = [{"model": reference_model, "steps": cfg.reference_steps, "sampler": "ddim",
+                "rmse_to_reference": 0.0, **scores}]
     rows = [reference[:cfg.grid]]
     for steps in parse_steps(cfg.eval_steps):
         for name, den in models.items():
             images, scores = run(name, den, steps)
-            results.append({"model": name, "steps": steps, "rmse_to_reference": rmse(images, reference),
-                            **scores})
+            results.append({"model": name, "steps": steps, "sampler": "ddim",
+                            "rmse_to_reference": rmse(images, reference), **scores})
             rows.append(images[:cfg.grid])
         print0(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
                                                for r in results[-len(models):]))
@@ -428,6 +430,9 @@ def main(argv=None):
             data = load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
+    steps = rows[-1][0] if rows else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
+    times = sampler_times(model.schedule, steps, cfg.skip)
+    model.sampler = ema.sampler = sampler_spec(times, clip=clipped(cfg, model))  # recorded in checkpoints
     start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
               batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
     rank_dropout_seed(cfg.seed)

@@ -206,9 +206,9 @@ def test_quick_run_shows_table_2_and_fig_4a_in_small(tmp_path):
                         "--eval-samples", "4"])
     d, i = _row(dynamic, "student"), _row(iterative, "student")
     print(f"eps RMSE: dynamic {d['eps_rmse']:.4f}, iterative {i['eps_rmse']:.4f}; DDIM RMSE to the teacher: "
-          f"{_row(dynamic, 'student_init')['rmse_to_teacher']:.4f} at init -> {d['rmse_to_teacher']:.4f}")
+          f"{_row(dynamic, 'student_init')['rmse_to_reference']:.4f} at init -> {d['rmse_to_reference']:.4f}")
     assert d["eps_rmse"] < i["eps_rmse"]
-    assert d["rmse_to_teacher"] < 0.7 * _row(dynamic, "student_init")["rmse_to_teacher"]
+    assert d["rmse_to_reference"] < 0.7 * _row(dynamic, "student_init")["rmse_to_reference"]
     assert dynamic["method"] == "dkdm" and dynamic == json.load(open(tmp_path / "dynamic" / "metrics.json"))
     for name in ("config.json", "log.jsonl", "ckpt.pt", "student.pt", "samples.png"):
         assert os.path.exists(tmp_path / "dynamic" / name), name
@@ -231,7 +231,7 @@ def test_ema_snapshots_load_as_teachers_and_an_evaluation_only_run_scores_them(t
                                                            for s in ("ddim", "ancestral")]
     final = [r for r in metrics["results"] if r["model"] == "student"]
     for row, ours in zip(final, rows[-2:]):  # the last snapshot is the evaluated student
-        assert row["eps_rmse"] == ours["eps_rmse"] and row["rmse_to_teacher"] == ours["rmse_to_teacher"]
+        assert row["eps_rmse"] == ours["eps_rmse"] and row["rmse_to_reference"] == ours["rmse_to_reference"]
     assert json.load(open(out / "snapshots.json")) == rows
     assert [r["update"] for r in D.main(_small(out, teacher, "--eval-snapshots", "8"))] == [8, 8]
     assert {n: open(out / n, "rb").read() for n in before} == before

@@ -1,0 +1,205 @@
+"""The four methods side by side: one teacher, one evaluation, one table and one plot.
+
+Each method file runs with its own flags on the same teacher, each into OUT/METHOD (a finished run is
+reused, an unfinished one resumes: the method files do both). Then ONE evaluation scores every student,
+loaded through load_teacher and drawn with the sampler its checkpoint records (Denoiser.sample), so no
+method's evaluation code is trusted: the same seeds, the RMSE to the teacher's own DDIM at --reference-steps
+from the same noise, FID/IS with --fid-samples; next to the undistilled teacher at the same network
+evaluations with its DDIM and with DPM-Solver++(2M) (Lu et al. 2022): is distillation worth it over a good
+solver at the same NFE?
+    python tools/compare.py --quick              # the cached 16x16 shapes teacher, CPU (README: the table)
+    python tools/compare.py --data cifar10 --teacher google/ddpm-cifar10-32 --fid-samples 50000 \
+        --out runs/compare
+Writes OUT/compare.json (every row), compare.md (the table) and compare.png (quality against NFE).
+"""
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+import dkdm  # noqa: E402
+import luhman_kd  # noqa: E402
+import progressive  # noqa: E402
+import self_distill  # noqa: E402
+
+METHODS = {"progressive": progressive, "luhman_kd": luhman_kd, "self_distill": self_distill, "dkdm": dkdm}
+
+@dataclasses.dataclass
+class Config:
+    data: str = C.field("cifar10", f"dataset of the teacher ({C.DATASETS}): the FID reference")
+    teacher: str = C.field("google/ddpm-cifar10-32", "the one teacher (a load_teacher spec; 'cached' = the "
+                                                     "shared shapes teacher)")
+    methods: str = C.field("progressive,luhman_kd,self_distill,dkdm", "method files to run, comma-separated")
+    progressive: str = C.field("", "extra flags of progressive.py (e.g. '--start-steps 1024')")
+    luhman_kd: str = C.field("", "extra flags of luhman_kd.py")
+    self_distill: str = C.field("", "extra flags of self_distill.py")
+    dkdm: str = C.field("", "extra flags of dkdm.py (an ADM teacher with learned variance, as the paper's)")
+    reference_steps: int = C.field(256, "DDIM steps of the teacher's reference output", low=1)
+    nfe: str = C.field("1,2,4,8,16", "network evaluations of the teacher's DDIM and DPM-Solver++(2M)")
+    eval_samples: int = C.field(256, "seeds 0..n-1 of the RMSE", low=1)
+    fid_samples: int = C.field(0, "FID/IS samples per model (0 = off; the papers: 50000)", low=0)
+    fid_stats: str = C.field("", "cifar10 FID statistics .npz for offline machines")
+    inception: str = C.field("", "Inception weights for FID/IS ('' = download once)")
+    batch: int = C.field(256, "sampling batch", low=1)
+    device: str = C.field("auto", "auto | cpu | cuda[:N]")
+    out: str = C.field("runs/compare", "folder of the runs (OUT/METHOD) and of compare.json/.md/.png")
+
+QUICK = dict(data="shapes", teacher="cached", reference_steps=16, nfe="1,2,4,8,16", eval_samples=64,
+             batch=64, out="runs/compare_quick")
+
+# ---- the runs ----------------------------------------------------------------------------
+
+def run_methods(cfg, spec, quick):
+    """Each method file's main with its own flags (--quick in small) on the one teacher, into OUT/METHOD."""
+    for name in cfg.methods.split(","):
+        argv = ["--quick"] * quick + ["--teacher", spec, "--data", cfg.data, "--device", cfg.device,
+                                      "--out", os.path.join(cfg.out, name), *shlex.split(getattr(cfg, name))]
+        C.print0(f"== {name} {' '.join(argv)}")
+        METHODS[name].main(argv)
+
+def students(cfg):
+    """{(method, checkpoint name): path} of every student the runs left, each a teacher checkpoint."""
+    found = {}
+    for name in cfg.methods.split(","):
+        out = os.path.join(cfg.out, name)
+        paths = {"progressive": sorted(glob.glob(os.path.join(out, "student_*steps.pt"))),
+                 "luhman_kd": [p for p in (os.path.join(out, "best.pt"),) if os.path.exists(p)]
+                 or [os.path.join(out, "ckpt.pt")],
+                 "self_distill": [os.path.join(out, "ckpt.pt")],
+                 "dkdm": [os.path.join(out, "student.pt")]}[name]
+        found.update({(name, os.path.basename(p)[:-3]): p for p in paths if "_reparam" not in p})
+    return found
+
+def cost(cfg, name):
+    """Updates, teacher network evaluations (images times passes) and wall time of a run, from its files."""
+    out = os.path.join(cfg.out, name)
+    run = json.load(open(os.path.join(out, "config.json")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    train = [r for r in rows if "loss" in r and r.get("stage") not in ("teacher", "test")]
+    groups = {}
+    for r in train:  # progressive counts updates per round
+        groups[r.get("round")] = max(groups.get(r.get("round"), 0), r.get("update", r.get("step", 0)))
+    last = {}
+    for r in train:
+        last[r.get("round")] = r["elapsed_s"]
+    wall = sum(last.values()) + sum(r["pairs"] / r["pairs_per_s"] for r in rows if r.get("stage") == "pairs")
+    updates = sum(groups.values())
+    if name == "progressive":  # two teacher passes per image, one in the re-parameterisation round
+        one_step = {r["round"] for r in train if r["round"] > 1 and any(
+            p["round"] == r["round"] - 1 and p["steps"] == r["steps"] for p in train)}
+        evals = sum(u * run["batch"] * (1 if k in one_step else 2) for k, u in groups.items())
+    elif name == "luhman_kd":  # the pairs: a teacher DDIM chain each
+        evals = (run["num_pairs"] + run["num_test_pairs"]) * run["teacher_steps"]
+    elif name == "self_distill":  # the target's passes: the model's own (DSD), the frozen teacher's (TSD)
+        evals = updates * run["batch"] * (2 if run["variant"] == "tsd" else 1)
+    else:  # one teacher step per entry and update (the dynamic set's preparation is not counted)
+        evals = updates * run["batch"]
+    return {"updates": updates, "teacher_evals": evals, "wall_s": wall}
+
+# ---- one evaluation ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(cfg, teacher, models, device):
+    """Rows of the table: the teacher's DDIM and DPM-Solver++(2M) at each --nfe, then every model
+    ({(method, name): Denoiser with a recorded sampler}), as RMSE to the teacher's --reference-steps DDIM from
+    the same seeds; FID/IS with --fid-samples."""
+    c = teacher.net.config
+    seeds, shape = range(cfg.eval_samples), (c.in_channels, c.image_size, c.image_size)
+    clip = teacher.param == "eps"  # an eps model's x explodes as alpha -> 0 (the method files clip it too)
+
+    def teacher_sampler(solver, n):
+        times = C.sampler_times(teacher.schedule, n, "unit")
+        return lambda z, seeds: solver(teacher, z, times, clip=clip).clamp(-1, 1)
+
+    def row(method, model, steps, sampler, fn):
+        images = C.generate(fn, seeds, shape, cfg.batch, device, what=f"{method} {model}")
+        scores = {}
+        if cfg.fid_samples:
+            folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
+            C.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device)
+            ref = None if cfg.data == "cifar10" else C.write_pngs(C.load_dataset(
+                cfg.data, shape[-1])[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
+            scores = C.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None)
+        result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
+                  "rmse_to_reference": C.rmse(images, reference), "fid": scores.get("fid"),
+                  "is": scores.get("is")}
+        C.print0(f"{method:13s} {model:20s} {steps:4d} NFE  {sampler:9s} "
+                 f"RMSE {result['rmse_to_reference']:.4f}")
+        return result
+
+    reference = C.generate(teacher_sampler(C.ddim_sample, cfg.reference_steps), seeds, shape, cfg.batch,
+                           device, what="reference")
+    rows = []
+    for n in [int(v) for v in cfg.nfe.split(",")]:
+        rows.append(row("teacher", "ddim", n, "ddim", teacher_sampler(C.ddim_sample, n)))
+        rows.append(row("teacher", "dpm_solver_2m", n, "dpm++2m", teacher_sampler(C.dpm_solver_2m, n)))
+    for (method, name), den in models.items():
+        sampler = "ancestral" if den.sampler["ancestral"] else "ddim"
+        rows.append(row(method, name, den.steps, sampler, lambda z, seeds, den=den: den.sample(z, seeds)))
+    return rows
+
+# ---- the table and the plot ----------------------------------------------------------------------------
+
+def report(rows, out):
+    """compare.json, compare.md and compare.png in out (rank 0)."""
+    if C.rank() > 0:
+        return
+    C.write_json(os.path.join(out, "compare.json"), rows)
+    fmt = lambda v, spec: "" if v is None else format(v, spec)
+    lines = ["| method | model | NFE | sampler | RMSE to reference | FID | IS | updates | teacher evals "
+             "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['model']} | {r['steps']} | {r['sampler']} | "
+                     f"{r['rmse_to_reference']:.4f} | {fmt(r['fid'], '.2f')} | {fmt(r['is'], '.2f')} | "
+                     f"{fmt(r.get('updates'), ',')} | {fmt(r.get('teacher_evals'), ',')} | "
+                     f"{fmt(r.get('wall_s'), '.0f')} |")
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib  # the comparison's alone (requirements.txt)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, style in ((("teacher", "ddim"), "k--"), (("teacher", "dpm_solver_2m"), "k:")):
+        pts = [(r["steps"], r["rmse_to_reference"]) for r in rows if (r["method"], r["model"]) == key]
+        ax.plot(*zip(*pts), style, marker=".", label=f"teacher, {key[1].replace('_', '-')}")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
+        pts = sorted((r["steps"], r["rmse_to_reference"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel("RMSE to the teacher's reference")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"))
+    plt.close(fig)
+
+def main(argv=None):
+    quick = "--quick" in (argv if argv is not None else sys.argv[1:])
+    cfg = C.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    unknown = set(cfg.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise ValueError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(METHODS)}")
+    device = C.setup_device(cfg.device)
+    if cfg.fid_samples:
+        C.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    spec = C.cached_teacher() if cfg.teacher == "cached" else cfg.teacher
+    teacher = C.load_teacher(spec, device)
+    run_methods(cfg, spec, quick)
+    models = {key: C.load_teacher(path, device) for key, path in students(cfg).items()}
+    rows = evaluate(cfg, teacher, models, device)
+    for r in rows:
+        r.update(cost(cfg, r["method"]) if r["method"] != "teacher" else {})
+    report(rows, cfg.out)
+    if C.rank() == 0:
+        print(open(os.path.join(cfg.out, "compare.md")).read())
+    return rows
+
+if __name__ == "__main__":
+    C.cli(main)
