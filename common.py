@@ -819,25 +819,29 @@ def _md5(path):
         return hashlib.md5(f.read()).hexdigest()
 
 def download(url, path, md5=None, what="file"):
-    """Fetch url to path once (temp file then rename), with a progress line; one-line errors."""
-    if os.path.exists(path) and (md5 is None or _md5(path) == md5):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            for block in iter(lambda: r.read(1 << 20), b""):
-                done += f.write(block)
-                print(f"\rdownloading {what}: {done >> 20}/{total >> 20} MB", end="", file=sys.stderr)
-        print(file=sys.stderr)
-        if md5 is not None and _md5(tmp) != md5:
-            raise OSError(f"the wrong md5, expected {md5}")
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ValueError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") from None
-    os.replace(tmp, path)
+    """Fetch url to path once (temp file then rename), with progress; one-line errors. Under torchrun rank 0
+    fetches while the others wait, then find the file."""
+    if rank() > 0:
+        barrier()
+    if not (os.path.exists(path) and (md5 is None or _md5(path) == md5)):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp, t0 = path + f".tmp{os.getpid()}", time.time()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total, done = int(r.headers.get("Content-Length") or 0), 0
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    done += f.write(block)
+                    progress(f"downloading {what}", done >> 20, total >> 20, t0, " MB/s")
+            if md5 is not None and _md5(tmp) != md5:
+                raise OSError(f"the wrong md5, expected {md5}")
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise ValueError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") \
+                from None
+        os.replace(tmp, path)
+    if rank() == 0:
+        barrier()
     return path
 
 def load_cifar10(data_dir, split="train"):

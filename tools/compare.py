@@ -86,10 +86,8 @@ def cost(cfg, name):
     groups = {}
     for r in train:  # progressive counts updates per round
         groups[r.get("round")] = max(groups.get(r.get("round"), 0), r.get("update", r.get("step", 0)))
-    last = {}
-    for r in train:
-        last[r.get("round")] = r["elapsed_s"]
-    wall = sum(last.values()) + sum(r["pairs"] / r["pairs_per_s"] for r in rows if r.get("stage") == "pairs")
+    pairs = sum(r["pairs"] / r["pairs_per_s"] for r in rows if r.get("stage") == "pairs")
+    wall = max(r["elapsed_s"] for r in train) + pairs  # elapsed_s counts from the start of the training
     updates = sum(groups.values())
     if name == "progressive":  # two teacher passes per image, one in the re-parameterisation round
         one_step = {r["round"] for r in train if r["round"] > 1 and any(
