@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (CKPT_FORMAT, PRESETS, DiT, UNet, UNetConfig, build_net, from_diffusers, hub_download,
-                    load_teacher, net_config, read_file, read_safetensors, save_checkpoint,
+                    load_teacher, net_config, read_file, read_safetensors, sampler_spec, save_checkpoint,
                     unet_config_from_diffusers)
 from tools.convert_teacher import (KNOWN, config_from_ermongroup, diffusion_of, from_original, infer_format,
                                    infer_preset, main as convert, to_original)
@@ -360,9 +360,12 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     ema = perturb(build_net("tiny"), 7)
     schedule = dict(kind="cosine", T=1000, cosine_s=0.008, t_scale=1.0)
     save_checkpoint(str(tmp_path / "ours.pt"), net_config=net_config(net), model=net.state_dict(),
-                    ema=ema.state_dict(), schedule=schedule, param="x", var="fixed_small", steps=4)
+                    ema=ema.state_dict(), schedule=schedule, param="x", var="fixed_small",
+                    sampler=sampler_spec([999, 749.25, 499.5, 249.75], clip=True))
     den = load_teacher(str(tmp_path / "ours.pt"))
     assert (den.param, den.var, den.steps, den.schedule.spec()) == ("x", "fixed_small", 4, schedule)
+    assert den.sampler == {"times": [999, 749.25, 499.5, 249.75], "ancestral": False, "clip": True,
+                           "frac": None}
     assert_same_state(den.net.state_dict(), ema.state_dict()) and not den.net.training
 
     guided = dataclasses.replace(PRESETS["tiny"], qkv_layout="new")
