@@ -44,13 +44,13 @@ import time
 
 import torch
 
-from common import (DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast, bcast,
-                    build_net, cached_teacher, check_batch, check_steps, cli, data_parallel, ddim_sample,
-                    diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate, load_dataset,
-                    load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior, prepare_fid,
-                    print0, progress, rank, read_resume, rmse, run_finished, sample_batch, sample_to_folder,
-                    sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
-                    variance_frac, write_json, write_metrics, write_pngs)
+from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast,
+                    bcast, build_net, cached_teacher, check_batch, check_steps, cli, compiled, data_parallel,
+                    ddim_sample, diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate,
+                    load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior,
+                    prepare_fid, print0, progress, rank, read_resume, rmse, run_finished, sample_batch,
+                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
+                    start_run, variance_frac, write_json, write_metrics, write_pngs)
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
 STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
@@ -104,6 +104,7 @@ class Config:
                                         "with early stop', --eval-snapshots picks it", low=0, fixed=False)
     dtype: str = field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
                        choices=("fp32", "bf16"))
+    compile: bool = field(False, COMPILE_HELP, fixed=False)
     # the data-free baseline (sec. 4.1, table 4)
     synthetic: int = field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1)
     synthetic_steps: int = field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
@@ -306,8 +307,10 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
-    trained, ema = data_parallel(student), student.copy().eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained, ema = compiled(data_parallel(student), cfg.compile), student.copy().eval()
+    fast_teacher = compiled(teacher, cfg.compile)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed, kset, t0 = 0, 0.0, None, time.time()
     if ckpt is not None:
@@ -341,7 +344,7 @@ def train(cfg, spec, teacher, grid, ckpt, device):
                 idx = draw(len(kset["k"]), cfg.batch, cfg.collect, gen)                  # line 4
                 noise = torch.randn((len(idx), *shape), generator=gen, device=device)
                 z_t, k, noise = (mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))  # this rank's part
-                target = teacher_step(teacher, grid, z_t, k, noise, cfg.teacher_clip)    # one teacher step
+                target = teacher_step(fast_teacher, grid, z_t, k, noise, cfg.teacher_clip)  # a teacher step
                 simple, vlb = dkdm_loss(trained, grid, z_t, k, target)                   # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight

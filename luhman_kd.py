@@ -28,13 +28,13 @@ import contextlib, dataclasses, math, os, re, shutil, time
 import numpy as np
 import torch
 
-from common import (DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net, cached_teacher,
-                    check_steps, cli, data_parallel, ddim_sample, ema_update, fid_is, field, generate,
-                    load_checkpoint, load_dataset, load_teacher, log_row, lr_at, mean_over_ranks, mine,
-                    net_config, parse_config, prepare_fid, print0, progress, rank, read_file, read_resume,
-                    rmse, run_finished, sample_to_folder, sampler_spec, sampler_times, save_checkpoint,
-                    save_grid, seeded_noise, setup_device, start_run, to_float, world_size, write_json,
-                    write_metrics, write_pngs)
+from common import (COMPILE_HELP, DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net,
+                    cached_teacher, check_steps, cli, compiled, data_parallel, ddim_sample, ema_update,
+                    fid_is, field, generate, load_checkpoint, load_dataset, load_teacher, log_row, lr_at,
+                    mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, progress, rank,
+                    read_file, read_resume, rmse, run_finished, sample_to_folder, sampler_spec, sampler_times,
+                    save_checkpoint, save_grid, seeded_noise, setup_device, start_run, to_float, world_size,
+                    write_json, write_metrics, write_pngs)
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -67,6 +67,7 @@ class Config:
     teacher_steps: int = by_recipe("teacher_steps", "DDIM steps of the teacher", low=1)
     skip: str = by_recipe("skip", "teacher timesteps (quad: from 0.8 T)", choices=SKIPS)
     dtype: str = field("fp32", "network precision (autocast); schedules in fp32", choices=("fp32", "bf16"))
+    compile: bool = field(False, COMPILE_HELP, fixed=False)
     # synthetic dataset (sec. 3.1)
     num_pairs: int = field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1)
     num_test_pairs: int = by_recipe("num_test_pairs", "held-out pairs; 0 = no early stopping", low=0)
@@ -256,8 +257,9 @@ def train(cfg, teacher, ckpt, recipe, device):
     train_set, test_set = pair_array(cfg.pairs, "train", cfg.num_pairs), pair_array(cfg.pairs, "test",
                                                                                     cfg.num_test_pairs)
     student = make_student(teacher, cfg.student_param)
-    trained, ema = data_parallel(student), student.copy().eval()
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    trained, ema = compiled(data_parallel(student), cfg.compile), student.copy().eval()
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                           fused=device != "cpu")
     step, elapsed, best, best_step = 0, 0.0, math.inf, None
     if ckpt is not None:                                          # the data order is a function of the step
         if ckpt.get("optimizer") is None:

@@ -48,13 +48,13 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample, autocast,
-                    barrier, bcast, build_net, cached_teacher, check_batch, cli, data_parallel, ddim_sample,
-                    ddim_step, eps_from_x, fid_is, field, generate, load_dataset, load_teacher, log_row,
-                    lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, rank,
-                    read_resume, rmse, run_finished, sample_batch, sample_to_folder, sampler_spec,
-                    sampler_times, save_checkpoint, save_grid, setup_device, start_run, train_teacher,
-                    weighted_loss, world_size, write_metrics, write_pngs)
+from common import (COMPILE_HELP, DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
+                    autocast, barrier, bcast, build_net, cached_teacher, check_batch, cli, compiled,
+                    data_parallel, ddim_sample, ddim_step, eps_from_x, fid_is, field, generate, load_dataset,
+                    load_teacher, log_row, lr_at, mean_over_ranks, mine, net_config, parse_config,
+                    prepare_fid, print0, rank, read_resume, rmse, run_finished, sample_batch,
+                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
+                    start_run, train_teacher, weighted_loss, world_size, write_metrics, write_pngs)
 
 @dataclasses.dataclass
 class Config:
@@ -132,6 +132,7 @@ class Config:
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
     dtype: str = field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
                        choices=("fp32", "bf16", "fp16"))
+    compile: bool = field(False, COMPILE_HELP, fixed=False)
     log_every: int = field(500, "log every N updates", low=1, fixed=False)
     ckpt_every: int = field(5000, "checkpoint every N updates", low=1, fixed=False)
     out: str = field("runs/progressive", "run directory", fixed=False)
@@ -310,8 +311,9 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
         student = make_student(teacher, N, n_teacher == N, cfg.eval_clip)  # Alg. 2: theta <- eta, new Adam
-        trained = data_parallel(student)
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # no weight decay, no EMA (official config)
+        trained, fast_teacher = compiled(data_parallel(student), cfg.compile), compiled(teacher, cfg.compile)
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr,  # no weight decay, no EMA (official config)
+                               fused=device != "cpu")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
         step = 0
         if r == r0 and "optimizer" in ckpt:  # resume inside this round
@@ -327,7 +329,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 g["lr"] = lr
             x = sample_batch(data, cfg.batch, gen)
             with autocast(device, cfg.dtype):
-                loss = distill_loss(trained, teacher, x, N, weighting, gen, n_teacher == N, clip)
+                loss = distill_loss(trained, fast_teacher, x, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -402,6 +404,7 @@ def base_config(cfg):
                          updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
                          warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
                          grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                         compile=cfg.compile,
                          log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                          out=os.path.join(cfg.out, "base"), resume="auto")
 

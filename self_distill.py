@@ -77,13 +77,13 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net, cached_teacher,
-                    check_batch, check_steps, cli, data_parallel, ddim_sample, ddim_step, ema_update, fid_is,
-                    field, gather, generate, load_dataset, load_teacher, log_row, mean_over_ranks, mine,
-                    net_config, parse_config, prepare_fid, print0, rank_dropout_seed, read_resume, rmse,
-                    run_finished, sample_batch, sample_to_folder, sampler_spec, sampler_times,
-                    save_checkpoint, save_grid, setup_device, start_run, weighted_loss, world_size,
-                    write_json, write_metrics, write_pngs)
+from common import (COMPILE_HELP, DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net,
+                    cached_teacher, check_batch, check_steps, cli, compiled, data_parallel, ddim_sample,
+                    ddim_step, ema_update, fid_is, field, gather, generate, load_dataset, load_teacher,
+                    log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
+                    rank_dropout_seed, read_resume, rmse, run_finished, sample_batch, sample_to_folder,
+                    sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
+                    weighted_loss, world_size, write_json, write_metrics, write_pngs)
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
 
@@ -152,6 +152,7 @@ class Config:
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
     dtype: str = field("fp32", "network precision (schedule algebra fp32, targets fp64)",
                        choices=("fp32", "bf16", "fp16"))
+    compile: bool = field(False, COMPILE_HELP, fixed=False)
     log_every: int = field(100, "log every N updates", low=1, fixed=False)
     ckpt_every: int = field(500, "checkpoint every N updates", low=1, fixed=False)
     out: str = field("runs/self_distill", "run directory", fixed=False)
@@ -276,9 +277,9 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         total, peak, warmup, end = len(sequence), cfg.lr, round(cfg.warmup * len(sequence)), cfg.lr_end
     else:
         total, peak, warmup, end = cfg.train_updates, cfg.train_lr, cfg.train_warmup, 1.0
-    opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
-    trained, teacher = data_parallel(model), den0 if cfg.variant == "tsd" else None
+    trained, teacher = compiled(data_parallel(model), cfg.compile), den0 if cfg.variant == "tsd" else None
     step, z, elapsed = 0, None, 0.0
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
