@@ -154,6 +154,11 @@ class Denoiser(nn.Module):
     def train(self, mode=True):  # eval() = train(False); a frozen denoiser has no gradients
         return super().train(mode).requires_grad_(mode)
 
+    def view(self, net):
+        """The same denoiser over `net`, a wrapper of this one's (DistributedDataParallel, torch.compile) that
+        shares its parameters: no copy, and the training mode and gradients left as they are."""
+        return Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source)
+
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
         kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source")}
@@ -1293,14 +1298,13 @@ def data_parallel(den):
     if world_size() == 1:
         return den
     device = next(den.net.parameters()).device
-    net = nn.parallel.DistributedDataParallel(den.net, device_ids=[device] if device.type == "cuda" else None)
-    return Denoiser(net, den.schedule, den.param, den.var, den.sampler, den.source)
+    ids = [device] if device.type == "cuda" else None
+    return den.view(nn.parallel.DistributedDataParallel(den.net, device_ids=ids))
 
 def compiled(den, on=True):
     """den with its net under torch.compile (on): a view sharing the parameters, for the hot loops. Compiled
     code is reused by later networks of the same architecture (a progressive round's new student)."""
-    return Denoiser(torch.compile(den.net), den.schedule, den.param, den.var, den.sampler, den.source) if on \
-        else den
+    return den.view(torch.compile(den.net)) if on else den
 
 def rank_dropout_seed(seed):
     """Each rank its own dropout masks (a plain run keeps its generator): dropout makes k ranks match one

@@ -171,6 +171,9 @@ C.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10
 images = C.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
 if C.rank() == 0:
     C.torch.save(images, sys.argv[1] + ".pt")
+C.barrier()
+if C.world_size() > 1:
+    C.dist.destroy_process_group()
 """
 
 def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
@@ -178,8 +181,9 @@ def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
     generate() returns every seed's image in order on every rank."""
     script = tmp_path / "sample.py"
     script.write_text(SAMPLE.format(root=ROOT, teacher=_teacher_file(tmp_path / "teacher.pt")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True, timeout=300)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
     _torchrun(str(script), [str(tmp_path / "two")])
     names = sorted(os.listdir(tmp_path / "one"))
     assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 10
