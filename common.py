@@ -1420,7 +1420,8 @@ def cli(main):
     'error: ...' that says what to do; a traceback is left for real bugs."""
     try:
         main()
-        if dist.is_initialized():
+        if dist.is_initialized():  # every rank tears gloo/nccl down together: a rank that leaves while rank 0
+            dist.barrier()         # still writes its files can abort at exit (seen once in CI, gloo)
             dist.destroy_process_group()
     except (ValueError, OSError, EOFError) as e:
         sys.exit(f"error: {e}")
