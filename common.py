@@ -1473,9 +1473,10 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
 
-COMPILE_HELP = ("torch.compile the networks of the training loop (measured on an H100: the CIFAR-10 U-Net's "
-                "forward 2.7x, a pd_cifar10 update 1.4x faster; off by default: on CPU the compile time is "
-                "not won back in short runs)")
+COMPILE_HELP = ("torch.compile the networks of the training loop and of the long sampling phases (the teacher's "
+                "pairs, knowledge and synthetic sets; FID samples), once per network (measured on an H100: "
+                "the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10 update 1.4x faster; off by default: on CPU "
+                "the compile time is not won back in short runs)")
 
 @dataclasses.dataclass
 class TeacherConfig:

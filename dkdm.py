@@ -282,7 +282,8 @@ def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
         with autocast(device, cfg.dtype):
             images[sampler] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
         want = want_fid and sampler == "ancestral"
-        scores = fid(cfg, f"{name}_{sampler}", fn, shape, device) if want else {}
+        fast = samplers(cfg, compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
+        scores = fid(cfg, f"{name}_{sampler}", fast, shape, device) if want else {}
         rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
                      "rmse_to_reference": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
                      "is": scores.get("is")})
@@ -329,10 +330,10 @@ def train(cfg, spec, teacher, grid, ckpt, device):
                                    step=step, gen=gen.get_state(), knowledge=kset,
                                    elapsed=elapsed + time.time() - t0)
     if cfg.method == "datafree":
-        data = synthesize(cfg, teacher, shape, device)
+        data = synthesize(cfg, fast_teacher, shape, device)
     elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
         with autocast(device, cfg.dtype):
-            kset = shuffle_denoise(teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
+            kset = shuffle_denoise(fast_teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
         save()
 
     student.train()
@@ -386,7 +387,8 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
                      "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
-        scores = fid(cfg, "teacher_ancestral", samplers(cfg, teacher)["ancestral"], shape, device)
+        scores = fid(cfg, "teacher_ancestral", samplers(cfg, compiled(teacher, cfg.compile))["ancestral"],
+                     shape, device)
         teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
     g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
     save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g], images["ancestral"][:g]]),

@@ -327,6 +327,8 @@ def evaluate(cfg, teacher, times, shape, device):
     if not paths:
         raise ValueError(f"no student checkpoint in {cfg.out}; run --stage train first")
     student = load_teacher(paths[0], device)                      # the best EMA, read as any teacher is
+    if cfg.fid:                                                   # compiling pays for FID's samples only
+        student, teacher = compiled(student, cfg.compile), compiled(teacher, cfg.compile)
     last = load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
     amp = autocast(device, cfg.dtype)                             # sample_fn(z, seeds) under --dtype
     F_student = amp(lambda z, seeds=None: student.sample(z))  # its recorded sampler: student_x0, clipped
@@ -463,7 +465,7 @@ def main(argv=None):
     print0(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
            f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates")
     if cfg.stage in ("all", "pairs"):
-        generate_pairs(cfg, teacher, recipe, shape, device)
+        generate_pairs(cfg, compiled(teacher, cfg.compile), recipe, shape, device)
     if cfg.stage in ("all", "train"):
         train(cfg, teacher, ckpt, recipe, device)
     if cfg.stage in ("all", "eval"):

@@ -260,7 +260,8 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
             with open(owner, "w") as f:
                 f.write(stamp)
         barrier()
-        sample_to_folder(fn, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device)
+        fast = sampler(compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
+        sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device)
     ref = None if cfg.data == "cifar10" else write_pngs(
         data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
     return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,

@@ -352,7 +352,9 @@ def evaluate(cfg, models, reference_model, shape, data, device):
             if not cfg.fid_samples:
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
-            sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.eval_batch, device)
+            fast_den = compiled(den, cfg.compile)  # pays at FID's sizes
+            sample_to_folder(lambda z, seeds: ddim_sample(fast_den, z, times, clip=clip).clamp(-1, 1),
+                             cfg.fid_samples, folder, shape, cfg.eval_batch, device)
         scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
                         stats=cfg.fid_stats or None)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}

@@ -1,7 +1,12 @@
 """Speed switches change no result (issue 21): each method's --compile run logs the losses of its eager run
-(one update each at log-every 1, on a tiny net), and the foreach EMA is the per-tensor lerp."""
+(one update each at log-every 1, on a tiny net), and the foreach EMA is the per-tensor lerp. The methods
+benchmark compares like with like: its bare passes are the update's FLOPs, its two DDIM loops the same
+samples (its timings are never asserted)."""
 import json
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,3 +37,16 @@ def test_foreach_ema_is_the_per_tensor_update():
     expected = [e.detach().lerp(p.detach(), 0.01) for e, p in zip(ema.parameters(), net.parameters())]
     C.ema_update(ema, net, 0.99)
     assert all(torch.equal(e, x) for e, x in zip(ema.parameters(), expected))
+
+def test_the_benchmark_races_each_update_against_its_own_network_passes(tmp_path):
+    out, root = tmp_path / "bench.json", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_methods.py"), "--pairs", "1",
+                    "--steps", "2", "--json", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"progressive", "luhman_kd", "self_distill", "dkdm", "ddim"}
+    for method, r in rows.items():
+        assert r["device"] == "cpu" and math.isfinite(r["efficiency"]) and r["efficiency"] > 0
+        if method != "ddim":
+            assert r["tflop_per_update"] > 0 and r["tflop_per_update"] == r["bare_tflop_per_update"]
+    assert rows["ddim"]["max_abs_diff"] < 1e-4
