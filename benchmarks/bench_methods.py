@@ -159,21 +159,22 @@ def setup(method, spec, args, device, fast):
     return step, lambda: bare_step(small_v, [big_v.net], z, t, opt)
 
 def ddim_race(args, device):
-    """(batch, the largest gap between the two loops' samples, race(ours, diffusers)) of DDIM sampling in
-    --steps, same weights, same noise; --paper: google/ddpm-cifar10-32's architecture at 32 px and batch 128,
-    else a small U-Net of the same kind."""
+    """(batch, the largest gap between the two loops' samples, our loop's FLOPs, race(ours, diffusers)) of DDIM
+    sampling in --steps, same weights, same noise; --paper: google/ddpm-cifar10-32's architecture at 32 px and
+    the Denoising Student's pair-generation batch 1024, else a small U-Net of the same kind."""
     from diffusers import DDIMScheduler, UNet2DModel
     torch.manual_seed(0)
     arch = DDPM_CIFAR10 if args.paper else dict(
         sample_size=args.image_size, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=None,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
-    size, batch = (32, 128) if args.paper else (args.image_size, args.batch)
+    size, batch = (32, 1024) if args.paper else (args.image_size, args.batch)  # paper: luhman_kd's --gen-batch
     theirs = UNet2DModel(**arch).to(device).eval()
     cfg = C.unet_config_from_diffusers(dict(theirs.config))
     net = C.UNet(cfg).to(device)
     net.load_state_dict(C.from_diffusers(theirs.state_dict(), cfg))
-    ours = C.compiled(C.Denoiser(net, C.Schedule("linear"), "eps").eval(), args.compile)
+    eager = C.Denoiser(net, C.Schedule("linear"), "eps").eval()
+    ours = C.compiled(eager, args.compile)
     theirs_fn = torch.compile(theirs) if args.compile else theirs
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
     sched.set_timesteps(args.steps)
@@ -193,7 +194,9 @@ def ddim_race(args, device):
         with amp:
             return C.ddim_sample(ours, z, times)
     gap = (ours_loop().float() - diffusers_loop().float()).abs().max().item()  # the same samples, or no race
-    return batch, gap, race(ours_loop, diffusers_loop, device, max(3, args.pairs // 2))
+    with amp:
+        count = flops(lambda: C.ddim_sample(eager, z, times))
+    return batch, gap, count, race(ours_loop, diffusers_loop, device, max(3, args.pairs // 2))
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,11 +244,12 @@ def main():
                          device=device, threads=torch.get_num_threads()))
         del step, bare, eager
     if "ddim" in methods:
-        batch, gap, (ours, theirs, efficiency) = ddim_race(args, device)
+        batch, gap, count, (ours, theirs, efficiency) = ddim_race(args, device)
         rows.append(dict(method="ddim", net="ddpm_cifar10" if args.paper else "diffusers-style U-Net",
                          batch=batch, dtype=args.dtype, compile=args.compile, sec_per_update=None,
                          images_per_s=batch / ours, bare_sec_per_update=None, efficiency=efficiency,
                          diffusers_images_per_s=batch / theirs, max_abs_diff=gap, steps=args.steps, device=device,
+                         tflops=count / ours / 1e12, mfu=count / ours / 1e12 / peak if peak else None,
                          threads=torch.get_num_threads()))
     print(f"{'method':13s} {'net':24s} {'batch':>5s} {'dtype':5s} {'s/update':>9s} {'images/s':>9s} "
           f"{'bare s':>9s} {'efficiency':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s}")
