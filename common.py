@@ -2,7 +2,7 @@
 sections: math, nets, teachers, data, checkpoints, evaluation, training. Images are NCHW float in [-1, 1]
 (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
 units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
-import argparse, copy, dataclasses, functools, glob, hashlib, json, math, os, pickle, shutil, sys, tarfile
+import argparse, copy, dataclasses, functools, gc, glob, hashlib, json, math, os, pickle, shutil, sys, tarfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -1420,8 +1420,9 @@ def cli(main):
     'error: ...' that says what to do; a traceback is left for real bugs."""
     try:
         main()
-        if dist.is_initialized():  # every rank tears gloo/nccl down together: a rank that leaves while rank 0
-            dist.barrier()         # still writes its files can abort at exit (seen once in CI, gloo)
+        if dist.is_initialized():  # a clean exit (a rank aborted at exit once in CI, gloo): DDP's reducers
+            gc.collect()           # freed while their group lives, then every rank tears it down together
+            dist.barrier()
             dist.destroy_process_group()
     except (ValueError, OSError, EOFError) as e:
         sys.exit(f"error: {e}")
