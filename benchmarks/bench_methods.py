@@ -227,11 +227,12 @@ def main():
     for method in (m for m in PAPER if m in methods):
         spec = {"net": args.net, "student": args.student, "batch": args.batch, "image_size": args.image_size}
         if args.paper:
-            spec.update({"student": args.student, **PAPER[method], "image_size": 32})
+            spec.update({**PAPER[method], "image_size": 32})
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         step, bare = setup(method, spec, args, device, lambda den: C.compiled(den, args.compile))
         sec, bare_sec, efficiency = race(step, bare, device, args.pairs)
+        peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
         eager = setup(method, spec, args, device, lambda den: den) if args.compile else (step, bare)
         count, bare_count = flops(eager[0]), flops(eager[1])  # equal: the bare passes are the update's
         rows.append(dict(method=method, net=spec["net"] + ("/" + spec["student"] if method == "dkdm" else ""),
@@ -240,7 +241,7 @@ def main():
                          tflop_per_update=count / 1e12, bare_tflop_per_update=bare_count / 1e12,
                          tflops=count / sec / 1e12,
                          mfu=count / sec / 1e12 / peak if peak else None,
-                         peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None,
+                         peak_gib=peak_gib,
                          device=device, threads=torch.get_num_threads()))
         del step, bare, eager
     if "ddim" in methods:
