@@ -1339,13 +1339,19 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 def writable(path):
-    """A one-line error unless a run directory can be made or written at `path` (nothing is created)."""
+    """A one-line error unless a run directory can be made or written at `path`: its deepest existing folder
+    takes a probe folder, removed at once (os.access says yes to root on a read-only filesystem)."""
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {path}: {parent} is " + ("not a folder" if not os.path.isdir(parent) else
-                                                          "not writable") + "; pass another --out")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: {parent} is not a folder; pass another --out")
+    probe = os.path.join(parent, f".probe{os.getpid()}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise ValueError(f"--out {path}: {parent} is not writable ({e.strerror}); pass another --out") from None
 
 def read_resume(cfg, ckpt_name="ckpt.pt"):
     """The checkpoint a run continues from (--resume auto: OUT/ckpt_name if present; PATH; none) or None,

@@ -49,8 +49,8 @@ from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar,
                     ddim_sample, diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate,
                     load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior,
                     prepare_fid, print0, progress, rank, read_resume, rmse, run_finished, sample_batch,
-                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
-                    start_run, variance_frac, write_json, write_metrics, write_pngs)
+                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, Schedule,
+                    setup_device, start_run, TeacherConfig, variance_frac, write_json, write_metrics, write_pngs)
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
 STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
@@ -395,18 +395,20 @@ def train(cfg, spec, teacher, grid, ckpt, device):
               os.path.join(cfg.out, "samples.png"), nrow=g)
     return teacher_rows + rows + student_rows
 
-def chain(cfg, teacher, spec):
-    """The timesteps of the teacher's reverse chain the knowledge comes from, ascending (index k -> t)."""
-    if not teacher.schedule.discrete:
+def chain(cfg, schedule, spec):
+    """The timesteps of the teacher's reverse chain the knowledge comes from, ascending (index k -> t); the
+    step flags checked against its T."""
+    if not schedule.discrete:
         raise ValueError(f"{spec} has a continuous-time schedule; DKDM needs a discrete teacher (T steps)")
-    T = teacher.schedule.T
+    T = schedule.T
     K = cfg.chain_steps or T
     if K > T:
         raise ValueError(f"--chain-steps {K}: the teacher has T = {T} steps; expected at most that")
     if cfg.method == "dkdm" and cfg.collect == "dynamic" and round(cfg.rho * K) < 1:
         raise ValueError(f"--rho {cfg.rho}: round(rho K) = 0 entries per batch slot at K = {K}; expected "
                          f"rho >= {0.5 / K:.3g}")
-    return sorted(sampler_times(teacher.schedule, K, "linspace"))
+    check_steps(schedule, "linspace", eval_steps=cfg.eval_steps, synthetic_steps=cfg.synthetic_steps)
+    return sorted(sampler_times(schedule, K, "linspace"))
 
 def snapshots(cfg):
     """{update: path} of the EMA snapshots --eval-snapshots names ('all' or updates), or a one-line error."""
@@ -454,10 +456,11 @@ def main(argv=None):
     if ckpt is not None and ckpt["step"] >= cfg.updates and run_finished(cfg.out):
         print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again")
         return run_finished(cfg.out)
+    if not cfg.teacher:  # the cached teacher's T is known from its config: refused before it is trained
+        chain(cfg, Schedule(TeacherConfig().schedule), "the cached shapes teacher")
     spec = cfg.teacher or cached_teacher()
     teacher = load_teacher(spec, device)
-    grid = torch.tensor(chain(cfg, teacher, spec), device=device)
-    check_steps(teacher.schedule, "linspace", eval_steps=cfg.eval_steps, synthetic_steps=cfg.synthetic_steps)
+    grid = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
     if chosen:
         return evaluate_snapshots(cfg, chosen, teacher, grid, device)
     start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),

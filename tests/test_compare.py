@@ -87,11 +87,11 @@ def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path)
     z = C.seeded_noise(range(6), (3, 16, 16))
     times = C.sampler_times(teacher.schedule, 8, "unit")
     reference = C.ddim_sample(teacher, z, times, clip=True).clamp(-1, 1)
-    dkdm_row, dpm_row = rows[-1], rows[5]
+    dkdm_row, dpm_row = rows[-1], rows[5]  # rel 1e-4: float32 at another batch size moves an RMSE ~1e-5 rel.
     direct = models[("dkdm", "student")].sample(z, range(6))
-    assert dkdm_row["rmse_to_reference"] == pytest.approx(C.rmse(direct, reference), rel=1e-6)
+    assert dkdm_row["rmse_to_reference"] == pytest.approx(C.rmse(direct, reference), rel=1e-4)
     dpm = C.dpm_solver_2m(teacher, z, C.sampler_times(teacher.schedule, 4, "unit"), clip=True).clamp(-1, 1)
-    assert dpm_row["rmse_to_reference"] == pytest.approx(C.rmse(dpm, reference), rel=1e-6)
+    assert dpm_row["rmse_to_reference"] == pytest.approx(C.rmse(dpm, reference), rel=1e-4)
     compare.report(rows, cfg.out)
     assert json.load(open(os.path.join(cfg.out, "compare.json"))) == rows
     table = open(os.path.join(cfg.out, "compare.md")).read().splitlines()

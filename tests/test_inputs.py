@@ -127,6 +127,12 @@ def test_a_pairs_folder_without_pairs(tmp_path, no_work):
 def test_an_out_that_cannot_be_written(tmp_path, no_work, method):
     (tmp_path / "file").write_text("")
     _refused(method, [], "is not a folder; pass another --out", tmp_path / "file" / "run")
+    _refused(method, [], "/proc is not writable", "/proc/run")  # read-only, though os.access says yes to root
+
+@pytest.mark.parametrize("flags,message", [(["--rho", "0.001"], "--rho 0.001: round(rho K) = 0"),
+                                           (["--chain-steps", "5000"], "--chain-steps 5000: the teacher has T")])
+def test_dkdm_chain_flags_refused_before_the_cached_teacher_is_trained(tmp_path, no_work, flags, message):
+    _refused("dkdm", flags, message, tmp_path / "run")
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("device,message", [("cuda:7", "--device cuda:7"), ("tpu", "expected auto, cpu"),
