@@ -2,8 +2,8 @@
 sections: math, nets, teachers, data, checkpoints, evaluation, training. Images are NCHW float in [-1, 1]
 (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
 units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
-import argparse, copy, dataclasses, functools, gc, glob, hashlib, json, math, os, pickle, shutil, sys, tarfile
-import time
+import argparse, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle, shutil
+import socket, sys, tarfile, time
 import urllib.request
 from dataclasses import asdict, dataclass
 
@@ -824,13 +824,14 @@ def _md5(path):
         return hashlib.md5(f.read()).hexdigest()
 
 def download(url, path, md5=None, what="file"):
-    """Fetch url to path once (temp file then rename), with progress; one-line errors. Under torchrun rank 0
-    fetches while the others wait, then find the file."""
-    if rank() > 0:
-        barrier()
-    if not (os.path.exists(path) and (md5 is None or _md5(path) == md5)):
+    """Fetch url to path once (temp file then rename: a file that exists is whole), with progress; one-line
+    errors. Every rank calls it: under torchrun each node's first process fetches (a cache folder that nodes
+    share is written whole by whichever renames last) while the others wait (wait_for_fetchers)."""
+    if local_rank() > 0:
+        wait_for_fetchers()
+    if not os.path.exists(path):  # a file there is whole (renamed once complete, md5-checked before)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp, t0 = path + f".tmp{os.getpid()}", time.time()
+        tmp, t0 = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp", time.time()
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                 total, done = int(r.headers.get("Content-Length") or 0), 0
@@ -845,8 +846,8 @@ def download(url, path, md5=None, what="file"):
             raise ValueError(f"could not download {url} ({e}); fetch it by hand and place it at {path}") \
                 from None
         os.replace(tmp, path)
-    if rank() == 0:
-        barrier()
+    if local_rank() == 0:
+        wait_for_fetchers()
     return path
 
 def load_cifar10(data_dir, split="train"):
@@ -970,12 +971,20 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
 
+def batched(seeds, batch_size):
+    """Seeds in batches dealt round-robin over the ranks (EDM's generate.py): of batch_size, or smaller when
+    there are fewer batches than ranks, so that every rank samples (the batches, and so the samples, are then
+    those of one process only when len(seeds) >= ranks x batch_size)."""
+    b = max(1, min(batch_size, -(-len(seeds) // world_size())))
+    return [seeds[i:i + b] for i in range(0, len(seeds), b)]
+
 @torch.no_grad()
-def generate(sample_fn, seeds, shape, batch_size, device, what="sampling"):
+def generate(sample_fn, seeds, shape, batch_size, device, what="sampling", full=None):
     """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches, the batches shared out
-    over the ranks (EDM's generate.py); returns every seed's image, in order, on every rank (CPU tensor)."""
+    over the ranks (EDM's generate.py); returns every seed's image, in order, on every rank (CPU tensor).
+    full: how many the full run samples here, under --rehearse."""
     seeds = list(seeds)
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    batches = batched(seeds, batch_size)
     done, t0, ours = 0, time.time(), {}
     for i in range(rank(), len(batches), world_size()):
         ours[i] = sample_fn(seeded_noise(batches[i], shape, device), batches[i]).float().cpu()
@@ -985,6 +994,7 @@ def generate(sample_fn, seeds, shape, batch_size, device, what="sampling"):
         parts = [None] * world_size()
         dist.all_gather_object(parts, ours)
         ours = {i: images for part in parts for i, images in part.items()}
+    rehearsal_rate(what, len(seeds), time.time() - t0, full)
     return torch.cat([ours[i] for i in range(len(batches))])
 
 def rmse(a, b):
@@ -1013,14 +1023,15 @@ def save_grid(images, path, nrow=8):
     save_png(grid, path)
 
 @torch.no_grad()
-def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
+def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, full=None):
     """n samples as PNGs named by seed (seed0 .. seed0+n-1), each written atomically, so that an interrupted
     run resumes where it stopped, the batches shared out over the ranks: the folder is the same whatever their
-    number. The folder belongs to one model: a retrained model needs a fresh one."""
+    number (on CPU; cuDNN's autotuned kernels may differ by a rounding per process). The folder belongs to one
+    model: a retrained model needs a fresh one. full: the full run's n, under --rehearse."""
     os.makedirs(folder, exist_ok=True)
     todo = broadcast_object([s for s in range(seed0, seed0 + n)
                              if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))])
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = batched(todo, batch_size)
     done, t0 = 0, time.time()
     for seeds in batches[rank()::world_size()]:
         for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
@@ -1028,17 +1039,23 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0):
         done += len(seeds) * world_size()
         progress(f"sampling {os.path.basename(folder)}", min(done, len(todo)), len(todo), t0, " images/s")
     barrier()
+    rehearsal_rate(f"FID samples {os.path.basename(folder)}", len(todo), time.time() - t0,
+                   full and full * len(todo) // n)
     return folder
 
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
-    clean-fid statistics), written once by rank 0: into a temp folder, renamed when complete."""
-    if rank() == 0 and not os.path.isdir(folder):
-        shutil.rmtree(folder + ".tmp", ignore_errors=True)
-        os.makedirs(folder + ".tmp")
-        for i, im in enumerate(images_uint8):
-            save_png(im, os.path.join(folder + ".tmp", f"{i:06d}.png"))
-        os.replace(folder + ".tmp", folder)
+    clean-fid statistics), written once, each rank its share: into a temp folder, renamed when complete."""
+    if not broadcast_object(os.path.isdir(folder)):
+        if rank() == 0:
+            shutil.rmtree(folder + ".tmp", ignore_errors=True)
+            os.makedirs(folder + ".tmp")
+        barrier()
+        for i in mine(torch.arange(len(images_uint8))).tolist():
+            save_png(images_uint8[i], os.path.join(folder + ".tmp", f"{i:06d}.png"))
+        barrier()
+        if rank() == 0:
+            os.replace(folder + ".tmp", folder)
     barrier()
     return folder
 
@@ -1058,19 +1075,24 @@ def inception_weights(path=None):
     except ValueError as e:
         raise ValueError(f"Inception weights unavailable: {e}; or pass --inception PATH") from None
 
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_{mode}_train_32.npz"
+
 def cifar10_statistics(mode, stats=None):
-    """(mu, sigma) of the CIFAR-10 train images: `stats` (.npz, 'legacy_tensorflow' only) or clean-fid's."""
+    """(mu, sigma) of the CIFAR-10 train images: `stats` (.npz, 'legacy_tensorflow' only) or clean-fid's,
+    fetched once into CACHE_DIR/fid_stats by download() (clean-fid's own fetch writes into its package folder
+    from every rank at once, not atomically). Every rank calls it."""
     if stats:
         if not os.path.isfile(stats):
             raise ValueError(f"--fid-stats {stats}: no such file")
-        with np.load(stats) as f:
-            return f["mu"], f["sigma"]
-    from cleanfid import features as cf_features
-    try:
-        return cf_features.get_reference_statistics("cifar10", 32, mode=mode, split="train")
-    except Exception as e:
-        raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); run once online "
-                         "or pass --fid-stats PATH") from None
+    else:
+        stats = os.path.join(CACHE_DIR, "fid_stats", f"cifar10_{mode}_train_32.npz")
+        try:
+            download(CLEANFID_STATS_URL.format(mode=mode), stats, what=f"CIFAR-10 statistics ({mode})")
+        except ValueError as e:
+            raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); or pass "
+                             "--fid-stats PATH") from None
+    with np.load(stats) as f:
+        return f["mu"], f["sigma"]
 
 def prepare_fid(dataset, inception=None, stats=None):
     """Fetch or verify what fid_is will need (the Inception weights; for cifar10 the reference statistics)
@@ -1095,13 +1117,26 @@ class Inception:
     def probs(self, x):
         return self.base(x, no_output_bias=True)
 
+def _is_sums(probs, first, n, splits):
+    """This share's part of the IS: per split of the n images (np.array_split order; probs are images first
+    .. first + len(probs) - 1) the count, sum over images of sum_y p log p, and sum of p(y|x)."""
+    which = np.repeat(np.arange(splits), [len(c) for c in np.array_split(np.arange(n), splits)])
+    which = which[first:first + len(probs)]
+    p = np.asarray(probs, dtype=np.float64).reshape(len(which), -1)
+    p_sum = np.zeros((splits, p.shape[1]))
+    np.add.at(p_sum, which, p)
+    plogp = np.bincount(which, (p * np.log(p + 1e-12)).sum(1), minlength=splits)
+    return np.bincount(which, minlength=splits).astype(np.float64), plogp, p_sum
+
+def _is_from_sums(count, plogp, p_sum):
+    """exp(E_x KL(p(y|x) || p(y))) per split from _is_sums (E_x sum_y p log p - sum_y p(y) log p(y))."""
+    marginal = p_sum / count[:, None]
+    scores = np.exp(plogp / count - (marginal * np.log(marginal + 1e-12)).sum(1))
+    return float(np.mean(scores)), float(np.std(scores))
+
 def inception_score(probs, splits=10):
     """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))), mean and std over splits."""
-    scores = []
-    for p in np.array_split(np.asarray(probs, dtype=np.float64), splits):
-        kl = p * (np.log(p + 1e-12) - np.log(p.mean(0, keepdims=True) + 1e-12))
-        scores.append(np.exp(kl.sum(1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    return _is_from_sums(*_is_sums(probs, 0, len(probs), splits))
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017) as clean-fid (eps I if singular),
@@ -1116,37 +1151,83 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
+def sum_over_ranks(*arrays):
+    """float64 numpy arrays summed over the ranks, on every rank (as they are in a plain run)."""
+    if world_size() == 1:
+        return arrays
+    flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64))
+    on_gpu = dist.get_backend() == "nccl"
+    flat = flat.cuda() if on_gpu else flat
+    dist.all_reduce(flat)
+    flat, out, i = flat.cpu().numpy(), [], 0
+    for a in arrays:
+        out.append(flat[i:i + np.size(a)].reshape(np.shape(a)))
+        i += np.size(a)
+    return out
+
+def _scored(files, det, mode, splits, batch_size, device):
+    """Inception over every rank's share of `files` (contiguous, in order; NVlabs/edm's fid.py), reduced to
+    (mu, sigma) in clean-fid's `mode` and, with splits, the IS (mean, std) from the same pass."""
+    from cleanfid import fid as cleanfid
+    ours = np.array_split(np.arange(len(files)), world_size())[rank()]
+    width = []
+
+    def fn(x):  # clean-fid's batches of uint8 values as float (B, 3, H, W): features, then the IS's p(y|x)
+        f = det.features(x.float(), mode)
+        width[:] = [f.shape[1]]
+        return torch.cat([f, det.probs(x.float())], 1) if splits else f
+    out = cleanfid.get_files_features([files[i] for i in ours], model=fn, num_workers=0, mode=mode,
+                                      batch_size=batch_size, device=torch.device(device), verbose=False) \
+        if len(ours) else None
+    d = broadcast_object(width[0] if width else None) if world_size() > 1 else width[0]
+    f = out[:, :d].astype(np.float64) if out is not None else np.zeros((0, d))
+    n, s1, s2 = sum_over_ranks(np.float64(len(f)), f.sum(0), f.T @ f)
+    mu = s1 / n
+    scores = None
+    if splits:
+        probs = out[:, d:] if out is not None else np.zeros((0, 1))
+        scores = _is_from_sums(*sum_over_ranks(*_is_sums(probs, ours[0] if len(ours) else 0, len(files),
+                                                         min(splits, len(files)))))
+    return mu, (s2 - n * np.outer(mu, mu)) / (n - 1), scores
+
+def image_files(folder):
+    """The images below a folder, sorted, as clean-fid lists them."""
+    from cleanfid.utils import EXTENSIONS
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                  if os.path.splitext(f)[1].lower()[1:] in EXTENSIONS)
+
+_REFERENCE = {}  # (folder, its image count, mode, Inception) -> (mu, sigma): each reference scored once a run
+
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None, modes=FID_MODES,
-           batch_size=200):
+           batch_size=200, splits=10, full=None):
     """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
     (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
     `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception.
-    Rank 0 scores; every rank returns its numbers."""
-    if rank() > 0:
-        return broadcast_object(None)
-    from cleanfid import fid as cleanfid
+    Every rank calls it and scores its share of the images; every rank returns rank 0's numbers. full: the
+    full run's number of images, under --rehearse."""
+    if ref_folder is None and dataset != "cifar10":
+        raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
     det = inception if hasattr(inception, "features") else Inception(inception, device)
-
-    def outputs(path, mode, fn):  # fn of clean-fid's batches of a folder: (B, 3, H, W), uint8 values as float
-        return cleanfid.get_folder_features(path, model=lambda x: fn(x.float()), num_workers=0, mode=mode,
-                                            batch_size=batch_size, device=torch.device(device), verbose=False)
-
-    def moments(path, mode):
-        f = outputs(path, mode, lambda x: det.features(x, mode))
-        return f.mean(0), np.cov(f, rowvar=False)
-
-    out = {}
+    files, out, t0 = image_files(folder), {}, time.time()
     for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
         if ref_folder is not None:
-            ref = moments(ref_folder, mode)
-        elif dataset == "cifar10":
-            ref = cifar10_statistics(mode, stats)
+            refs = image_files(ref_folder)
+            key = (os.path.realpath(ref_folder), len(refs), mode, id(det))
+            if key not in _REFERENCE:
+                _REFERENCE[key] = _scored(refs, det, mode, 0, batch_size, device)[:2]
+            ref = _REFERENCE[key]
         else:
-            raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
-        fid = frechet_distance(*moments(folder, mode), *ref)
-        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = fid
-    # IS of the images as they are (the network resizes inside, as TF's), via clean-fid's loader
-    out["is"], out["is_std"] = inception_score(outputs(folder, "legacy_tensorflow", det.probs))
+            ref = cifar10_statistics(mode, stats)
+        # the IS of the images as they are (the network resizes inside, as TF's), from the TF-mode pass
+        mu, sigma, scores = _scored(files, det, mode, splits if mode == "legacy_tensorflow" else 0,
+                                    batch_size, device)
+        out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = \
+            frechet_distance(mu, sigma, *ref) if rank() == 0 else None
+        if scores is not None:
+            out["is"], out["is_std"] = scores
+    if "is" not in out:  # clean mode alone: the IS still reads the images as the TF network does
+        out["is"], out["is_std"] = _scored(files, det, "legacy_tensorflow", splits, batch_size, device)[2]
+    rehearsal_rate("FID/IS scoring", len(files), time.time() - t0, full, "image")
     return broadcast_object(out)
 
 # =========================================== training ===========================================
@@ -1155,11 +1236,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
 
-def field(default, help, choices=None, low=None, high=None, below=None, fixed=True):
+def field(default, help, choices=None, low=None, high=None, below=None, fixed=True, rehearse=None):
     """A config field that becomes a flag: argparse checks choices, low <= value <= high and value < below
     (floats must be finite); fixed=False: may change when resuming, the run still equalling an uninterrupted
-    one (logging, device, eval sizes, constant lr)."""
-    meta = dict(help=help, choices=choices, low=low, high=high, below=below, fixed=fixed)
+    one (logging, device, eval sizes, constant lr); rehearse: its value under --rehearse (a number: at most
+    that, so 0 stays 0; or a function of the config as given)."""
+    meta = dict(help=help, choices=choices, low=low, high=high, below=below, fixed=fixed, rehearse=rehearse)
     return dataclasses.field(default=default, metadata=meta)
 
 def _flag_type(f):
@@ -1186,6 +1268,8 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     field()), plus --quick, which applies the `quick` overrides before any flag given explicitly."""
     parser = _Parser(description=doc)
     parser.add_argument("--quick", action="store_true", help="tiny configuration on shapes; minutes on a CPU")
+    parser.add_argument("--rehearse", action="store_true", help="this run with every count cut to the least "
+                        "that passes once through each phase, into OUT/rehearsal: the full run's time per phase")
     defaults = cls()
     for f in dataclasses.fields(cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f),
@@ -1193,6 +1277,8 @@ def parse_config(cls, argv=None, quick=None, doc=None):
                             help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
                             .replace("%", "%%"))
     args = vars(parser.parse_args(argv))
+    if args.pop("rehearse"):
+        _REHEARSAL["asked"] = True
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)
 
@@ -1220,8 +1306,19 @@ def autocast(device, dtype):
 # to the order of float sums, and a run resumes on any number of ranks. Sampling is sharded by seed; rank 0
 # alone writes files and prints.
 
+# Waits: collectives of the process group time out after DIST_TIMEOUT (NCCL's default is 10 minutes), which
+# every phase keeps well inside, as no rank works alone for long: sampling, FID and PNG writing are sharded.
+# Work that only some ranks can do (a download, another job's lock on the cached teacher) is waited for on a
+# second, gloo group with a 24-hour timeout (wait_for_fetchers).
+DIST_TIMEOUT, WAIT_TIMEOUT = datetime.timedelta(minutes=30), datetime.timedelta(hours=24)
+_WAIT_GROUP = None
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+def local_rank():
+    """This process's index on its node (torchrun's LOCAL_RANK): 0 fetches the node's downloads."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else 0
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -1241,7 +1338,10 @@ def setup_device(name="auto"):
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+        global _WAIT_GROUP
+        dist.init_process_group("nccl" if device != "cpu" else "gloo", timeout=DIST_TIMEOUT,
+                                device_id=torch.device(device) if device != "cpu" else None)
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return device
 
 def check_batch(**batches):
@@ -1287,6 +1387,11 @@ def barrier():
     if world_size() > 1:
         dist.barrier()
 
+def wait_for_fetchers():
+    """A barrier on the 24-hour gloo group: where some ranks fetch or wait for a lock while the others wait."""
+    if world_size() > 1:
+        dist.barrier(group=_WAIT_GROUP)
+
 def print0(*args, **kwargs):
     """print on rank 0 only (the other ranks print nothing but their errors)."""
     if rank() == 0:
@@ -1326,6 +1431,82 @@ def progress(what, done, total, t0, unit="/s"):
           flush=True)
 
 _PRINTED = {}  # when progress() last printed each line
+
+# ---- --rehearse: the run as configured, every count cut, each phase timed (Lightning's fast_dev_run) --------
+# Networks, batches, dtype, --compile, data, teacher, FID files and processes stay; each count flag declares
+# its cut (field(rehearse=...)); the phases report their rates through rehearsal_rate, and cli prints the
+# table and writes OUT/rehearsal/rehearsal.json.
+_REHEARSAL = {}  # "asked"; "runs": [(config as given, config as run)]; "phases": {name: row}
+
+def rehearsal(cfg):
+    """Under --rehearse: cfg with every count cut and --out OUT/rehearsal, started afresh; else cfg."""
+    if not _REHEARSAL.get("asked"):
+        return cfg
+    cut = {}
+    for f in dataclasses.fields(cfg):
+        r, value = f.metadata.get("rehearse"), getattr(cfg, f.name)
+        if r is not None:
+            cut[f.name] = r(cfg) if callable(r) else min(value, r)
+    run = dataclasses.replace(cfg, **cut, out=os.path.join(cfg.out, "rehearsal"), resume="auto")
+    if rank() == 0:
+        shutil.rmtree(run.out, ignore_errors=True)
+    barrier()
+    _REHEARSAL.setdefault("runs", []).append((cfg, run))
+    return run
+
+def full_config(cfg):
+    """The config as given of a rehearsed config (cfg itself outside a rehearsal): the full run's counts."""
+    return next((given for given, run in _REHEARSAL.get("runs", []) if run == cfg), cfg)
+
+def rehearsal_rate(phase, done, seconds, full_count=None, unit="sample", last=False):
+    """A phase's measured rate into the rehearsal table: `done` units in `seconds`, of `full_count` in the full
+    run. Sampling phases add up over their calls; a training loop reports each log interval (last=True), so
+    that its row is the rate after warm-up. Peak memory: the device's since the previous row (CUDA), else
+    the process's maximum resident set."""
+    if not _REHEARSAL.get("asked") or done <= 0:
+        return
+    phases = _REHEARSAL.setdefault("phases", {})
+    row = phases.get(phase) if not last else None
+    row = row or dict(unit=unit, done=0, seconds=0.0, full=0, full_s=0.0)
+    full_count = done if full_count is None else full_count
+    row.update(done=row["done"] + done, seconds=row["seconds"] + seconds, full=row["full"] + full_count,
+               full_s=row["full_s"] + seconds / done * full_count)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        row["peak_gib"] = max(row.get("peak_gib", 0.0), torch.cuda.max_memory_allocated() / 2 ** 30)
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        import resource
+        row["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    phases[phase] = row
+
+def rehearsal_report():
+    """The table of a finished rehearsal (rank 0): per phase the measured rate, peak memory and the full
+    run's time at that rate on these processes; each run's checkpoint read back as --resume would."""
+    if rank() > 0 or not _REHEARSAL.get("runs"):
+        return
+    for given, run in _REHEARSAL["runs"]:
+        path = os.path.join(run.out, "ckpt.pt")
+        if os.path.exists(path):
+            t0 = time.time()
+            read_resume(run)  # the resume path: a readable checkpoint whose fixed flags match
+            rehearsal_rate(f"checkpoint read back ({os.path.getsize(path) / 2 ** 20:.0f} MB)", 1,
+                           time.time() - t0, 1, "file")
+    rows = [dict(phase=name, **row) for name, row in _REHEARSAL.get("phases", {}).items()]
+    total = sum(row["full_s"] for row in rows)
+    report = dict(world_size=world_size(), rows=rows, full_run_s=total)
+    write_json(os.path.join(_REHEARSAL["runs"][0][1].out, "rehearsal.json"), report)
+    print(f"rehearsal on {world_size()} process(es): rates measured here, the full run's counts at those rates")
+    print(f"{'phase':<44} {'rehearsed':>10} {'rate':>16} {'peak GiB':>9} {'full run':>12} {'est. time':>10}")
+    for row in rows:
+        rate = row["done"] / max(row["seconds"], 1e-9)
+        rate = f"{rate:.1f} {row['unit']}/s" if rate >= 1 else f"{1 / rate:.3f} s/{row['unit']}"
+        print(f"{row['phase'][:44]:<44} {row['done']:>10,} {rate:>16} {row['peak_gib']:>9.2f} "
+              f"{row['full']:>12,} {_duration(row['full_s']):>10}")
+    print(f"{'the full run':<44} {'':>10} {'':>16} {'':>9} {'':>12} {_duration(total):>10}", flush=True)
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 # ---- the run contract: OUT/config.json, log.jsonl, ckpt.pt, metrics.json ---------------------------------
 
@@ -1426,14 +1607,20 @@ def cli(main):
     'error: ...' that says what to do; a traceback is left for real bugs."""
     try:
         main()
+        rehearsal_report()
         if dist.is_initialized():  # a clean exit (a rank aborted at exit once in CI, gloo): DDP's reducers
             gc.collect()           # freed while their group lives, then every rank tears it down together
             dist.barrier()
             dist.destroy_process_group()
+        return
     except (ValueError, OSError, EOFError) as e:
-        sys.exit(f"error: {e}")
+        line = f"error: {e}"
     except KeyboardInterrupt:
-        sys.exit("interrupted: rerun the same command to resume")
+        line = "interrupted: rerun the same command to resume"
+    print(line, file=sys.stderr, flush=True)
+    if dist.is_initialized():  # this rank's end of the group, without waiting for the others
+        dist.destroy_process_group()
+    sys.exit(1)
 
 # ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
@@ -1516,9 +1703,10 @@ class TeacherConfig:
                      fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
 
-def train_teacher(cfg):
+def train_teacher(cfg, full_updates=None):
     """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample grid.
-    Returns the checkpoint path; the checkpoint loads with load_teacher."""
+    Returns the checkpoint path; the checkpoint loads with load_teacher. full_updates: the full run's, under
+    --rehearse."""
     if cfg.var == "learned_range" and cfg.schedule == "cosine_logsnr":
         raise ValueError("--var learned_range needs a discrete schedule (linear or cosine)")
     device = setup_device(cfg.device)
@@ -1564,6 +1752,7 @@ def train_teacher(cfg):
             log_row(cfg.out, {"stage": "teacher", "step": step, "loss": mean_over_ranks(loss_sum).item() / n,
                               "sec_per_update": dt / n, "elapsed_s": elapsed,
                               "eta_s": (cfg.updates - step) * dt / n})
+            rehearsal_rate("base model (Alg. 1)", n, dt, full_updates or cfg.updates, "update", last=True)
             loss_sum.zero_()
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
@@ -1572,6 +1761,7 @@ def train_teacher(cfg):
     z = seeded_noise(range(64), data.shape[1:], device)
     grid = ddim_sample(den.copy(ema).eval(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
+    barrier()  # every rank leaves with the final checkpoint on disk (the next step loads it)
     return path
 
 def cached_teacher(cfg=None):
@@ -1588,8 +1778,13 @@ def cached_teacher(cfg=None):
     with open(path + ".lock", "a") as lock:
         if os.name == "posix" and rank() == 0:  # runs sharing the cache (pytest -n workers): one trains
             import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)    # may wait while another job trains it: the others wait
+        wait_for_fetchers()                     # on the 24-hour group
         if not broadcast_object(os.path.exists(path)):  # the ranks of one run train it together
+            if cfg.batch % world_size():
+                raise ValueError(f"the cached {cfg.data} teacher ({name}) trains once at batch {cfg.batch}, "
+                                 f"which does not split over {world_size()} processes: run this command once "
+                                 "as one process (or a divisor of the batch); later runs on any number reuse it")
             run_dir = path[:-3] + "_run"
             if rank() == 0:
                 print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}",
@@ -1598,7 +1793,7 @@ def cached_teacher(cfg=None):
             if rank() == 0:
                 shutil.copyfile(trained, path + ".tmp")
                 os.replace(path + ".tmp", path)
-        barrier()
+        barrier()  # every rank leaves with the cached file on disk
     return path
 
 if __name__ == "__main__":

@@ -268,8 +268,8 @@ def train(cfg, teacher, ckpt, recipe, device):
         opt.load_state_dict(ckpt["optimizer"])
         step, elapsed, best, best_step = ckpt["step"], ckpt["elapsed"], ckpt["best_test"], ckpt["best_step"]
     for name in ("metrics.json", "best.pt")[:1 if ckpt else 2] if step < cfg.updates else ():
-        if os.path.exists(os.path.join(cfg.out, name)):           # the student changes: no stale result
-            os.remove(os.path.join(cfg.out, name))
+        if rank() == 0 and os.path.exists(os.path.join(cfg.out, name)):  # the student changes: no stale
+            os.remove(os.path.join(cfg.out, name))                        # result (rank 0 writes the folder)
     save = lambda path, opt: save_checkpoint(
         path, **student.state(), ema=ema.net.state_dict(), method="luhman_kd", config=dataclasses.asdict(cfg),
         optimizer=opt and opt.state_dict(), step=step, elapsed=elapsed + time.time() - t0, best_test=best,
@@ -378,7 +378,7 @@ def evaluate(cfg, teacher, times, shape, device):
     metrics(False)
     if cfg.fid:
         ref = cfg.fid_ref or (None if cfg.data == "cifar10" else write_pngs(
-            load_dataset(cfg.data, shape[-1]), os.path.join(cfg.out, "fid_real")))
+            load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
             folder = sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,

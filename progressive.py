@@ -50,9 +50,10 @@ import torch.nn as nn
 
 from common import (COMPILE_HELP, DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
                     autocast, barrier, bcast, build_net, cached_teacher, check_batch, cli, compiled,
-                    data_parallel, ddim_sample, ddim_step, eps_from_x, fid_is, field, generate, load_dataset,
-                    load_teacher, log_row, lr_at, mean_over_ranks, mine, net_config, parse_config,
-                    prepare_fid, print0, rank, read_resume, rmse, run_finished, sample_batch,
+                    data_parallel, ddim_sample, ddim_step, eps_from_x, fid_is, field, full_config, generate,
+                    load_dataset, load_teacher, log_row, lr_at, mean_over_ranks, mine, net_config,
+                    parse_config, prepare_fid, print0, rank, read_resume, rehearsal, rehearsal_rate, rmse,
+                    run_finished, sample_batch,
                     sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
                     start_run, train_teacher, weighted_loss, world_size, write_metrics, write_pngs)
 
@@ -76,7 +77,7 @@ class Config:
                                         "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
                            choices=WEIGHTINGS)
     dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
-    base_updates: int = field(800_000, "base model updates (app. E)", low=1)
+    base_updates: int = field(800_000, "base model updates (app. E)", low=1, rehearse=2)
     base_batch: int = field(128, "base model batch size (app. E)", low=1)
     base_lr: float = field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
     base_warmup: int = field(1000, "base lr warm-up updates (official config)", low=0)
@@ -90,7 +91,8 @@ class Config:
     end_steps: int = field(1, "student sampling steps of the last round, a power of 2", low=1)
     divisor: int = field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
                             "target still comes from two teacher DDIM steps)", choices=(2, 4))
-    updates_per_round: int = field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1)
+    updates_per_round: int = field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1,
+                                   rehearse=2)
     final_rounds_factor: int = field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)", low=1)
     lr: float = field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
                       low=0.0)
@@ -100,19 +102,19 @@ class Config:
     reparam_steps: int = field(2, "eps teachers: students predict eps down to this many steps, then the "
                                   "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
                                low=0)
-    reparam_updates: int = field(50_000, "updates of the re-parameterisation round", low=1)
+    reparam_updates: int = field(50_000, "updates of the re-parameterisation round", low=1, rehearse=2)
     teacher_clip: str = field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
                                       "prediction: auto (eps teachers only, measured: docstring) | yes | no "
                                       "(Alg. 2)", choices=("auto", "yes", "no"))
     # evaluation (fig. 4, fig. 7, app. F). Cost in network evaluations: eval_samples x N per model and round
     # (the start-steps reference: eval_samples x start_steps), FID fid_samples x N per model and round
     eval_samples: int = field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
-                                   "0..n-1", low=1)
+                                   "0..n-1", low=1, rehearse=4)
     grid: int = field(8, "samples per model in rounds.png: a row per round, the student at N steps left and "
                          "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
     eval_clip: bool = field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
     fid_samples: int = field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
-                                "network evaluations per model)", low=0, fixed=False)
+                                "network evaluations per model)", low=0, fixed=False, rehearse=32)
     fid_max_steps: int = field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
                                     "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
                                low=1, fixed=False)
@@ -133,8 +135,8 @@ class Config:
     dtype: str = field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
                        choices=("fp32", "bf16", "fp16"))
     compile: bool = field(False, COMPILE_HELP, fixed=False)
-    log_every: int = field(500, "log every N updates", low=1, fixed=False)
-    ckpt_every: int = field(5000, "checkpoint every N updates", low=1, fixed=False)
+    log_every: int = field(500, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = field(5000, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
     out: str = field("runs/progressive", "run directory", fixed=False)
     resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (restart the distillation) | PATH",
                         fixed=False)
@@ -244,7 +246,8 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     restart)."""
     fn = sampler(den, steps, gamma, cfg.eval_clip)
     with autocast(device, cfg.dtype):
-        images = generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device)
+        images = generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
+                          f"evaluation {name}", full_config(cfg).eval_samples)
         if not (fid and cfg.fid_samples):
             return images, {"fid": None, "is": None}
         folder = os.path.join(cfg.out, "samples", name)
@@ -261,11 +264,12 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
                 f.write(stamp)
         barrier()
         fast = sampler(compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
-        sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device)
+        sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
+                         full=full_config(cfg).fid_samples)
     ref = None if cfg.data == "cifar10" else write_pngs(
         data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
     return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                          stats=cfg.fid_stats or None)
+                          stats=cfg.fid_stats or None, full=full_config(cfg).fid_samples)
 
 def evaluate(cfg, r, N, student, teacher0, reference, data, device):
     """Round r's rows: the student and the undistilled teacher (None: already evaluated at N) at N steps,
@@ -293,8 +297,9 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     """Rounds of Alg. 2 from teacher0, resumable inside a round and across rounds: all resume state is in
     OUT/ckpt.pt, itself a teacher checkpoint of the round's student. Returns the metrics rows."""
     eps = teacher0.param == "eps"
-    rounds = round_schedule(cfg.start_steps, cfg.end_steps, cfg.divisor, cfg.updates_per_round,
-                            cfg.final_rounds_factor, cfg.reparam_steps if eps else 0, cfg.reparam_updates)
+    rounds, full_rounds = (round_schedule(c.start_steps, c.end_steps, c.divisor, c.updates_per_round,
+                                          c.final_rounds_factor, c.reparam_steps if eps else 0, c.reparam_updates)
+                           for c in (cfg, full_config(cfg)))  # the latter: the full run's, under --rehearse
     clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and eps)
     path = os.path.join(cfg.out, "ckpt.pt")
     if ckpt is None:  # the reference: the original teacher's start-steps DDIM from the evaluation noise
@@ -348,6 +353,8 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 log_row(cfg.out, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
                                   "update": step, "loss": mean_loss, "lr": lr, "sec_per_update": dt / n,
                                   "elapsed_s": elapsed, "eta_s": (updates - step) * dt / n})
+                rehearsal_rate(f"round {r + 1}: {n_teacher} -> {N} steps", n, dt, full_rounds[r][2], "update",
+                               last=True)
                 loss_sum.zero_()
             if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
                 save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
@@ -418,13 +425,15 @@ def get_teacher(cfg, device):
         spec = cfg.teacher
     else:
         base = base_config(cfg)
-        spec = cached_teacher(base) if cfg.base_cache else train_teacher(base)
+        spec = cached_teacher(base) if cfg.base_cache else \
+            train_teacher(base, full_updates=full_config(cfg).base_updates)
     return spec, load_teacher(spec, device)
 
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
     device = setup_device(cfg.device)
+    cfg = rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
     check_batch(batch=cfg.batch, **({} if cfg.teacher else {"base_batch": cfg.base_batch}))
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)

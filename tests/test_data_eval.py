@@ -47,8 +47,8 @@ def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")  # wrong md5: re-download, clear error
-    with pytest.raises(ValueError, match="place it at"):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")  # placed by hand: read, refused
+    with pytest.raises(ValueError, match="not the CIFAR-10 python tarball.*delete it to download it again"):
         C.load_dataset("cifar10", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="32x32"):
         C.load_dataset("cifar10", image_size=64, data_dir=str(tmp_path))
