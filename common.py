@@ -1198,6 +1198,11 @@ def image_files(folder):
 
 _REFERENCE = {}  # (folder, its image count, mode, Inception) -> (mu, sigma): each reference scored once a run
 
+@functools.lru_cache(maxsize=2)
+def _inception(path, device):
+    """The Inception network of `path` (None: the cached download) on `device`, loaded once a run."""
+    return Inception(path, device)
+
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None, modes=FID_MODES,
            batch_size=200, splits=10, full=None):
     """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
@@ -1207,13 +1212,13 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     full run's number of images, under --rehearse."""
     if ref_folder is None and dataset != "cifar10":
         raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
-    det = inception if hasattr(inception, "features") else Inception(inception, device)
+    det = inception if hasattr(inception, "features") else _inception(inception, device)
     files, out, t0 = image_files(folder), {}, time.time()
     for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
         if ref_folder is not None:
             refs = image_files(ref_folder)
-            key = (os.path.realpath(ref_folder), len(refs), mode, id(det))
-            if key not in _REFERENCE:
+            key = (os.path.realpath(ref_folder), len(refs), mode, inception if det is not inception else id(det))
+            if sum_over_ranks(np.float64(key in _REFERENCE))[0] < world_size():  # scored on all ranks or none
                 _REFERENCE[key] = _scored(refs, det, mode, 0, batch_size, device)[:2]
             ref = _REFERENCE[key]
         else:
@@ -1447,7 +1452,8 @@ def rehearsal(cfg):
         r, value = f.metadata.get("rehearse"), getattr(cfg, f.name)
         if r is not None:
             cut[f.name] = r(cfg) if callable(r) else min(value, r)
-    run = dataclasses.replace(cfg, **cut, out=os.path.join(cfg.out, "rehearsal"), resume="auto")
+    fresh = {"resume": "auto"} if hasattr(cfg, "resume") else {}  # never a checkpoint of the real run
+    run = dataclasses.replace(cfg, **cut, **fresh, out=os.path.join(cfg.out, "rehearsal"))
     if rank() == 0:
         shutil.rmtree(run.out, ignore_errors=True)
     barrier()

@@ -46,9 +46,10 @@ import torch
 
 from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast,
                     bcast, build_net, cached_teacher, check_batch, check_steps, cli, compiled, data_parallel,
-                    ddim_sample, diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate,
-                    load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior,
-                    prepare_fid, print0, progress, rank, read_resume, rmse, run_finished, sample_batch,
+                    ddim_sample, diffusion_loss, ema_update, fid_is, field, full_config, gather, gaussian_kl,
+                    generate, load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config,
+                    posterior, prepare_fid, print0, progress, rank, read_resume, rehearsal, rehearsal_rate, rmse,
+                    run_finished, sample_batch,
                     sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, Schedule,
                     setup_device, start_run, TeacherConfig, variance_frac, write_json, write_metrics, write_pngs)
 
@@ -88,36 +89,39 @@ class Config:
                                     "shuffled t) | dynamic (b random entries of a rho T b set per update)",
                          choices=("iterative", "shuffled", "dynamic"))
     rho: float = field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
-                       low=0.0, high=1.0)
+                       low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
     chain_steps: int = field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
                                 "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
                                 "timesteps", low=0)
     prep_batch: int = field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
     # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
     batch: int = field(128, "batch size b", low=1)
-    updates: int = field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False)
+    updates: int = field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
+                         rehearse=2)
     lr: float = field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
     weight_decay: float = field(0.0, "AdamW weight decay", low=0.0)
     ema: float = field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
     snapshot_every: int = field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
                                         "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
-                                        "with early stop', --eval-snapshots picks it", low=0, fixed=False)
+                                        "with early stop', --eval-snapshots picks it", low=0, fixed=False,
+                                rehearse=1)
     dtype: str = field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
                        choices=("fp32", "bf16"))
     compile: bool = field(False, COMPILE_HELP, fixed=False)
     # the data-free baseline (sec. 4.1, table 4)
-    synthetic: int = field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1)
+    synthetic: int = field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1,
+                           rehearse=lambda c: min(c.synthetic, c.batch))
     synthetic_steps: int = field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
     # evaluation (sec. 4.1), at the end of the run
     eval_steps: int = field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
                             low=1, fixed=False)
     eval_samples: int = field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
-                              fixed=False)
+                              fixed=False, rehearse=4)
     eps_samples: int = field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
-                             low=1, fixed=False)
+                             low=1, fixed=False, rehearse=8)
     eval_clip: bool = field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
     fid_samples: int = field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
-                             low=0, fixed=False)
+                             low=0, fixed=False, rehearse=32)
     fid_teacher: bool = field(False, "also FID/IS of the teacher's", fixed=False)
     fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
                                "clean-fid's, downloaded once)", fixed=False)
@@ -130,8 +134,9 @@ class Config:
     # run
     seed: int = field(0, "seed")
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    log_every: int = field(1000, "log every N updates", low=1, fixed=False)
-    ckpt_every: int = field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False)
+    log_every: int = field(1000, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False,
+                            rehearse=1)
     out: str = field("runs/dkdm", "run directory", fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
 
@@ -235,7 +240,8 @@ def synthesize(cfg, teacher, shape, device):
     folder = os.path.join(cfg.out, "synthetic")
     with autocast(device, cfg.dtype):
         sample_to_folder(lambda z, seeds: ancestral_sample(teacher, z, times, seeds, clip=cfg.teacher_clip),
-                         cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6)
+                         cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6,
+                         full=full_config(cfg).synthetic)
     return load_dataset(f"folder:{folder}", shape[-1]).to(device)
 
 # ---- evaluation (sec. 4.1) -----------------------------------------------------------------------------
@@ -252,24 +258,26 @@ def samplers(cfg, den):
 def teacher_reference(cfg, teacher, grid, shape, device):
     """The teacher's side of the evaluation: fresh states of its trajectories (a shuffle denoise from a seed
     training never uses, stopping evenly along the chain), its eps there, and its samples of seeds 0..n-1."""
-    gen = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed)
+    gen, t0, full = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed), time.time(), full_config(cfg)
     with autocast(device, cfg.dtype):
         states = new_set(cfg.eps_samples, len(grid), shape, "shuffled", gen, spread=True)
         ref = shuffle_denoise(teacher, grid, states, cfg.prep_batch, cfg.teacher_clip, gen)
         ref["eps"] = teacher(ref["z"], grid[ref["k"]])[1]
+        rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples, "state")
         for name, fn in samplers(cfg, teacher).items():
-            ref[name] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
+            ref[name] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device, f"evaluation teacher "
+                                 f"{name}", full.eval_samples)
     return ref
 
 def fid(cfg, name, fn, shape, device):
     """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
     with autocast(device, cfg.dtype):
         folder = sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
-                                  cfg.batch, device)
+                                  cfg.batch, device, full=full_config(cfg).fid_samples)
     ref = None if cfg.data == "cifar10" else write_pngs(load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-                                                        os.path.join(cfg.out, "samples", "data"))
+                                                        os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
     return fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                  stats=cfg.fid_stats or None)
+                  stats=cfg.fid_stats or None, full=full_config(cfg).fid_samples)
 
 @torch.no_grad()
 def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
@@ -280,7 +288,8 @@ def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
     rows, images = [], {}
     for sampler, fn in samplers(cfg, den).items():
         with autocast(device, cfg.dtype):
-            images[sampler] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device)
+            images[sampler] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
+                                       f"evaluation {name} {sampler}", full_config(cfg).eval_samples)
         want = want_fid and sampler == "ancestral"
         fast = samplers(cfg, compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
         scores = fid(cfg, f"{name}_{sampler}", fast, shape, device) if want else {}
@@ -332,9 +341,13 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     if cfg.method == "datafree":
         data = synthesize(cfg, fast_teacher, shape, device)
     elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
+        t_prep, full = time.time(), full_config(cfg)
         with autocast(device, cfg.dtype):
             kset = shuffle_denoise(fast_teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
         save()
+        rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
+                       round(full.rho * len(grid)) * full.batch if full.collect == "dynamic" else full.batch,
+                       "entry")
 
     student.train()
     sums, t0, last = torch.zeros(2, device=device), time.time(), step
@@ -370,6 +383,7 @@ def train(cfg, spec, teacher, grid, ckpt, device):
             log_row(cfg.out, {"stage": "train", "update": step, "loss": loss_mean, **vlb_row,
                               "sec_per_update": dt / n, "elapsed_s": elapsed,
                               "eta_s": (cfg.updates - step) * dt / n})
+            rehearsal_rate("student training", n, dt, full_config(cfg).updates, "update", last=True)
             sums.zero_()
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save()
@@ -448,8 +462,9 @@ def main(argv=None):
         raise ValueError("--teacher: which model to distil? e.g. DDPM-IP's ADM_cifar10_baseline.pt (the "
                          "paper's; convert it with tools/convert_teacher.py) or google/ddpm-cifar10-32")
     device = setup_device(cfg.device)
+    chosen = snapshots(cfg) if cfg.eval_snapshots else None  # --rehearse: the run's own, scored in small
+    cfg = rehearsal(cfg)                                      # --rehearse: every count cut, into OUT/rehearsal
     check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
-    chosen = snapshots(cfg) if cfg.eval_snapshots else None
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = None if chosen else read_resume(cfg)  # refuses a resume with other result flags, before any work

@@ -30,9 +30,10 @@ import torch
 
 from common import (COMPILE_HELP, DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net,
                     cached_teacher, check_steps, cli, compiled, data_parallel, ddim_sample, ema_update,
-                    fid_is, field, generate, load_checkpoint, load_dataset, load_teacher, log_row, lr_at,
-                    mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, progress, rank,
-                    read_file, read_resume, rmse, run_finished, sample_to_folder, sampler_spec, sampler_times,
+                    fid_is, field, full_config, generate, load_checkpoint, load_dataset, load_teacher, log_row,
+                    lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, progress, rank,
+                    read_file, read_resume, rehearsal, rehearsal_rate, rmse, run_finished, sample_to_folder,
+                    sampler_spec, sampler_times,
                     save_checkpoint, save_grid, seeded_noise, setup_device, start_run, to_float, world_size,
                     write_json, write_metrics, write_pngs)
 
@@ -69,11 +70,14 @@ class Config:
     dtype: str = field("fp32", "network precision (autocast); schedules in fp32", choices=("fp32", "bf16"))
     compile: bool = field(False, COMPILE_HELP, fixed=False)
     # synthetic dataset (sec. 3.1)
-    num_pairs: int = field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1)
-    num_test_pairs: int = by_recipe("num_test_pairs", "held-out pairs; 0 = no early stopping", low=0)
+    num_pairs: int = field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1,
+                           rehearse=lambda c: min(c.num_pairs, max(c.batch, 2 * c.gen_batch * world_size())))
+    num_test_pairs: int = by_recipe("num_test_pairs", "held-out pairs; 0 = no early stopping", low=0,
+                                    rehearse=lambda c: min(c.num_test_pairs, c.batch))
     gen_batch: int = field(1024, "teacher batch (a crash loses one batch of pairs)", low=1, fixed=False)
     targets: str = field("round", "x_0 to uint8: round | trunc (official)", choices=("round", "trunc"))
-    pairs: str = field("", "pair folder, shared by runs of one teacher recipe; '' = OUT/pairs", fixed=False)
+    pairs: str = field("", "pair folder, shared by runs of one teacher recipe; '' = OUT/pairs", fixed=False,
+                       rehearse=lambda c: os.path.join(c.out, "rehearsal", "pairs"))
     seed: int = field(0, "seed s: the data order; the noise of seeds s*10^10 on", low=0)
     # student (sec. 3.2) and training (app. B)
     student_param: str = field("official", "official: x0 = x_T - net(x_T, T-1) (the code) | exact: the "
@@ -81,18 +85,20 @@ class Config:
     loss: str = by_recipe("loss", "per-sample |.| or (.)^2 summed over pixels", choices=("l1", "l2"))
     batch: int = by_recipe("batch", "batch size", low=1)
     accum: int = field(1, "gradient accumulation: the batch in N parts (less memory)", low=1, fixed=False)
-    updates: int = by_recipe("updates", "parameter updates (constant lr: extensible)", low=1, fixed=False)
+    updates: int = by_recipe("updates", "parameter updates (constant lr: extensible)", low=1, fixed=False,
+                             rehearse=2)
     lr: float = by_recipe("lr", "Adam learning rate", low=0.0)
     beta1: float = by_recipe("beta1", "Adam beta1", low=0.0, below=1.0)
     beta2: float = by_recipe("beta2", "Adam beta2", low=0.0, below=1.0)
     warmup: int = by_recipe("warmup", "linear warm-up updates", low=0)
     ema: float = by_recipe("ema", "EMA decay; the EMA of lowest test loss is kept", low=0.0, below=1.0)
-    test_every: int = by_recipe("test_every", "test loss of the EMA every N updates", low=1)
+    test_every: int = by_recipe("test_every", "test loss of the EMA every N updates", low=1, rehearse=1)
     # evaluation (sec. 4)
     eval_n: int = field(1024, "held-out noise samples for the teacher-fidelity RMSE (the first 8 make "
-                              "fig. 6's interpolations)", low=8, fixed=False)
+                              "fig. 6's interpolations)", low=8, fixed=False, rehearse=8)
     time_batch: int = field(250, "batch of the Table 2 timing (paper: 250); 0 = skip", low=0, fixed=False)
-    fid: int = field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False)
+    fid: int = field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False,
+                     rehearse=32)
     fid_teacher: bool = field(False, "also FID/IS of the teacher (--teacher-steps x the cost)", fixed=False)
     fid_ref: str = field("", "real PNGs for FID; '' = clean-fid's (cifar10) or --data's", fixed=False)
     fid_stats: str = field("", "cifar10 statistics .npz (mu, sigma), offline; '' = download", fixed=False)
@@ -101,8 +107,9 @@ class Config:
     # run
     stage: str = field("all", "what to run", choices=("all", "pairs", "train", "eval"), fixed=False)
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    log_every: int = field(100, "log the training loss every N updates", low=1, fixed=False)
-    ckpt_every: int = field(1000, "checkpoint every N updates (and at every test)", low=1, fixed=False)
+    log_every: int = field(100, "log the training loss every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = field(1000, "checkpoint every N updates (and at every test)", low=1, fixed=False,
+                            rehearse=1)
     out: str = field("runs/luhman_kd", "run directory (config.json, log.jsonl, *.pt, metrics)", fixed=False)
     resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (keeps the pairs) | PATH", fixed=False)
 
@@ -201,14 +208,14 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
     print0(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
            f"to make with {len(recipe['times'])} teacher steps each")
     write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
-    made, t0 = 0, time.time()
+    made, t0, full = 0, time.time(), full_config(cfg)
     for split, n in splits:
         if rank() == 0:
             pair_array(cfg.pairs, split, n, dtype)                # made (and its disk reserved) once
         barrier()
         data, starts = pair_array(cfg.pairs, split, n, dtype), range(done[split], n, cfg.gen_batch)
         for r in range(0, len(starts), world_size()):
-            chunks = starts[r:r + world_size()]                   # this round: chunk k is rank k's
+            chunks, t_round = starts[r:r + world_size()], time.time()  # this round: chunk k is rank k's
             if rank() < len(chunks):
                 i, j = chunks[rank()], min(chunks[rank()] + cfg.gen_batch, n)
                 x_T = seeded_noise(noise_seeds(cfg.seed, split, i, j), shape, device)   # (b, C, H, W)
@@ -222,6 +229,8 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
             done[split] = min(chunks[-1] + cfg.gen_batch, n)
             write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
             progress("pairs", made, todo, t0, " pairs/s")
+            rehearsal_rate("teacher pairs", min(chunks[-1] + cfg.gen_batch, n) - chunks[0], time.time() - t_round,
+                           full.num_pairs + full.num_test_pairs, "pair", last=True)
     barrier()                                                     # meta.json counts them all
     if made:
         log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0),
@@ -301,10 +310,14 @@ def train(cfg, teacher, ckpt, recipe, device):
             log_row(cfg.out, {"stage": "train", "step": step, "loss": mean_over_ranks(loss_sum).item() / n,
                               "lr": g["lr"], "images_per_s": n * cfg.batch / dt, "elapsed_s": elapsed,
                               "eta_s": (cfg.updates - step) * dt / n})
+            rehearsal_rate("student training", n, dt, full_config(cfg).updates, "update", last=True)
             loss_sum.zero_()
         tested = cfg.num_test_pairs > 0 and (step % cfg.test_every == 0 or step == cfg.updates)
         if tested:                                                # early stopping on the test loss (official)
+            t_test, full = time.time(), full_config(cfg)
             loss_test = test_loss(ema, test_set, cfg, device)
+            rehearsal_rate("held-out test loss", cfg.num_test_pairs, time.time() - t_test,
+                           full.num_test_pairs * (full.updates // full.test_every), "pair", last=True)
             if loss_test < best:
                 best, best_step = loss_test, step
                 save(os.path.join(cfg.out, "best.pt"), None)
@@ -336,9 +349,10 @@ def evaluate(cfg, teacher, times, shape, device):
     F_teacher_1 = amp(lambda z, seeds=None: teacher_x0(teacher, z, times[:1]))
 
     # Teacher fidelity on held-out noise: the student's 1 step vs the teacher's own 1-step DDIM, same x_T.
-    seeds = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n)
-    x_ref, x_one, x_stu = (generate(fn, seeds, shape, cfg.gen_batch, device)
-                           for fn in (F_teacher, F_teacher_1, F_student))
+    seeds, full = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n), full_config(cfg)
+    x_ref, x_one, x_stu = (generate(fn, seeds, shape, cfg.gen_batch, device, f"evaluation {name}", full.eval_n)
+                           for fn, name in ((F_teacher, "teacher"), (F_teacher_1, "teacher 1 step"),
+                                            (F_student, "student")))
     rows = [dict(model="teacher", steps=len(times), sampler="ddim", rmse_to_reference=0.0),
             dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(x_one, x_ref)),
             dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(x_stu, x_ref),
@@ -382,9 +396,9 @@ def evaluate(cfg, teacher, times, shape, device):
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
             folder = sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,
-                                      device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"])
+                                      device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"], full=full.fid)
             scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                            stats=cfg.fid_stats or None)
+                            stats=cfg.fid_stats or None, full=full.fid)
             row.update(fid=scores["fid"], fid_clean=scores.get("fid_clean"), **{"is": scores["is"]})
     metrics(True)
     for row in rows:
@@ -438,7 +452,7 @@ def check_sizes(cfg, net_cfg):
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     device = setup_device(cfg.device)                             # first: the batch splits over the ranks
-    cfg = resolve(cfg)
+    cfg = rehearsal(resolve(cfg))                                 # --rehearse: every count cut
     if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
         raise ValueError(f"--data {cfg.data}: no such folder")
     if cfg.fid:

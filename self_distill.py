@@ -80,9 +80,10 @@ import torch.nn as nn
 
 from common import (COMPILE_HELP, DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net,
                     cached_teacher, check_batch, check_steps, cli, compiled, data_parallel, ddim_sample,
-                    ddim_step, ema_update, fid_is, field, gather, generate, load_dataset, load_teacher,
-                    log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
-                    rank_dropout_seed, read_resume, rmse, run_finished, sample_batch, sample_to_folder,
+                    ddim_step, ema_update, fid_is, field, full_config, gather, generate, load_dataset,
+                    load_teacher, log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
+                    rank_dropout_seed, read_resume, rehearsal, rehearsal_rate, rmse, run_finished,
+                    sample_batch, sample_to_folder,
                     sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
                     weighted_loss, world_size, write_json, write_metrics, write_pngs)
 
@@ -99,7 +100,8 @@ class Config:
     image_size: int = field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
     steps: int = field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
-    updates: int = field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1)
+    updates: int = field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
+                         rehearse=1)  # --rehearse: one trajectory per depth
     batch: int = field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
     skip: str = field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                       choices=SKIPS[:1] + SKIPS[2:])
@@ -126,7 +128,8 @@ class Config:
                            choices=tuple(PRESETS))
     train_schedule: str = field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
                                 choices=("cosine_logsnr", "linear", "cosine"))
-    train_updates: int = field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False)
+    train_updates: int = field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False,
+                               rehearse=2)
     train_lr: float = field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
     train_warmup: int = field(1000, "linear warm-up updates", low=0)
     train_batch: int = field(128, "batch size", low=1)
@@ -139,12 +142,14 @@ class Config:
     reference_steps: int = field(64, "DDIM steps of the original model's reference output (the paper's "
                                      "'original 64'); --variant train: the model's own", low=1, fixed=False)
     eval_steps: str = field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
-    eval_samples: int = field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False)
+    eval_samples: int = field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
+                              rehearse=4)
     eval_batch: int = field(128, "batch size of sampling", low=1, fixed=False)
     grid: int = field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
                       low=1, fixed=False)
     fid_samples: int = field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
-                                " the IS reads the same samples (the paper: 5000)", low=0, fixed=False)
+                                " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
+                              rehearse=32)
     fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
                                "clean-fid's, downloaded once)", fixed=False)
     inception: str = field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
@@ -154,8 +159,8 @@ class Config:
     dtype: str = field("fp32", "network precision (schedule algebra fp32, targets fp64)",
                        choices=("fp32", "bf16", "fp16"))
     compile: bool = field(False, COMPILE_HELP, fixed=False)
-    log_every: int = field(100, "log every N updates", low=1, fixed=False)
-    ckpt_every: int = field(500, "checkpoint every N updates", low=1, fixed=False)
+    log_every: int = field(100, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = field(500, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
     out: str = field("runs/self_distill", "run directory", fixed=False)
     resume: str = field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
 
@@ -271,7 +276,8 @@ def learning_rate(step, peak, warmup, total, end):
 def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
     """Trains `model` in place and its EMA, resumable at any update (mid-trajectory and mid-schedule):
     fine-tuning under the plan `rows`, or training DSD when there is none."""
-    fine_tune = bool(rows)
+    fine_tune, full = bool(rows), full_config(cfg)
+    full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, full.updates)} if fine_tune else {}
     if fine_tune:
         grids = {n: grid(model.schedule, n, cfg.skip) for n, _, _ in rows}
         sequence = [(n, k) for n, trajectories, _ in rows for _ in range(trajectories) for k in range(n // 2)]
@@ -329,6 +335,8 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
             log_row(cfg.out, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
                               "loss": mean_loss, "lr": lr, "sec_per_update": dt / count,
                               "elapsed_s": elapsed, "eta_s": (total - step) * dt / count})
+            rehearsal_rate(f"{cfg.variant} N = {n}" if fine_tune else "training DSD", count, dt,
+                           full_updates[n] if fine_tune else full.train_updates, "update", last=True)
             loss_sum.zero_()
         if step % cfg.ckpt_every == 0 or step == total:  # z: all ranks' trajectories
             save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
@@ -343,24 +351,25 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
 def evaluate(cfg, models, reference_model, shape, data, device):
     """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
     from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
-    seeds, clip = range(cfg.eval_samples), clipped(cfg, models[reference_model])
+    seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), full_config(cfg)
     ref_folder = None
     if cfg.fid_samples and cfg.data != "cifar10":
-        ref_folder = write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
+        ref_folder = write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
 
     def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
         times = sampler_times(den.schedule, steps, cfg.skip)
         fn = lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
         with autocast(device, cfg.dtype):
-            images = generate(fn, seeds, shape, cfg.eval_batch, device)
+            images = generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
+                              full.eval_samples)
             if not cfg.fid_samples:
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
             fast_den = compiled(den, cfg.compile)  # pays at FID's sizes
             sample_to_folder(lambda z, seeds: ddim_sample(fast_den, z, times, clip=clip).clamp(-1, 1),
-                             cfg.fid_samples, folder, shape, cfg.eval_batch, device)
+                             cfg.fid_samples, folder, shape, cfg.eval_batch, device, full=full.fid_samples)
         scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
-                        stats=cfg.fid_stats or None)
+                        stats=cfg.fid_stats or None, full=full.fid_samples)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
 
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
@@ -403,6 +412,7 @@ def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
     device = setup_device(cfg.device)
+    cfg = rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
     check_batch(**({"train_batch": cfg.train_batch} if cfg.variant == "train" else {"batch": cfg.batch}))
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)

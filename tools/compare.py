@@ -43,8 +43,8 @@ class Config:
     dkdm: str = C.field("", "extra flags of dkdm.py (an ADM teacher with learned variance, as the paper's)")
     reference_steps: int = C.field(256, "DDIM steps of the teacher's reference output", low=1)
     nfe: str = C.field("1,2,4,8,16", "network evaluations of the teacher's DDIM and DPM-Solver++(2M)")
-    eval_samples: int = C.field(256, "seeds 0..n-1 of the RMSE", low=1)
-    fid_samples: int = C.field(0, "FID/IS samples per model (0 = off; the papers: 50000)", low=0)
+    eval_samples: int = C.field(256, "seeds 0..n-1 of the RMSE", low=1, rehearse=4)
+    fid_samples: int = C.field(0, "FID/IS samples per model (0 = off; the papers: 50000)", low=0, rehearse=32)
     fid_stats: str = C.field("", "cifar10 FID statistics .npz for offline machines")
     inception: str = C.field("", "Inception weights for FID/IS ('' = download once)")
     batch: int = C.field(256, "sampling batch", low=1)
@@ -56,11 +56,20 @@ QUICK = dict(data="shapes", teacher="cached", reference_steps=16, nfe="1,2,4,8,1
 
 # ---- the runs ----------------------------------------------------------------------------
 
+def rehearsing(cfg):
+    return C.full_config(cfg) is not cfg
+
+def run_dir(cfg, name):
+    """OUT/METHOD, where a method's run is (under --rehearse its own rehearsal folder inside)."""
+    return os.path.join(cfg.out, name, *["rehearsal"] * rehearsing(cfg))
+
 def run_methods(cfg, spec, quick):
-    """Each method file's main with its own flags (--quick in small) on the one teacher, into OUT/METHOD."""
+    """Each method file's main with its own flags (--quick in small) on the one teacher, into OUT/METHOD
+    (--rehearse: rehearsed, each its phases in the one table)."""
     for name in cfg.methods.split(","):
-        argv = ["--quick"] * quick + ["--teacher", spec, "--data", cfg.data, "--device", cfg.device,
-                                      "--out", os.path.join(cfg.out, name), *shlex.split(getattr(cfg, name))]
+        argv = ["--quick"] * quick + ["--rehearse"] * rehearsing(cfg) + [
+            "--teacher", spec, "--data", cfg.data, "--device", cfg.device, "--out", os.path.join(cfg.out, name),
+            *shlex.split(getattr(cfg, name))]
         C.print0(f"== {name} {' '.join(argv)}")
         METHODS[name].main(argv)
 
@@ -68,7 +77,7 @@ def students(cfg):
     """{(method, checkpoint name): path} of every student the runs left, each a teacher checkpoint."""
     found = {}
     for name in cfg.methods.split(","):
-        out = os.path.join(cfg.out, name)
+        out = run_dir(cfg, name)
         paths = {"progressive": sorted(glob.glob(os.path.join(out, "student_*steps.pt"))),
                  "luhman_kd": [p for p in (os.path.join(out, "best.pt"),) if os.path.exists(p)]
                  or [os.path.join(out, "ckpt.pt")],
@@ -79,7 +88,7 @@ def students(cfg):
 
 def cost(cfg, name):
     """Updates, teacher network evaluations (images times passes) and wall time of a run, from its files."""
-    out = os.path.join(cfg.out, name)
+    out = run_dir(cfg, name)
     run = json.load(open(os.path.join(out, "config.json")))
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     train = [r for r in rows if "loss" in r and r.get("stage") not in ("teacher", "test")]
@@ -111,20 +120,22 @@ def evaluate(cfg, teacher, models, device):
     c = teacher.net.config
     seeds, shape = range(cfg.eval_samples), (c.in_channels, c.image_size, c.image_size)
     clip = teacher.param == "eps"  # an eps model's x explodes as alpha -> 0 (the method files clip it too)
+    full = C.full_config(cfg)  # the full run's counts, under --rehearse
 
     def teacher_sampler(solver, n):
         times = C.sampler_times(teacher.schedule, n, "unit")
         return lambda z, seeds: solver(teacher, z, times, clip=clip).clamp(-1, 1)
 
     def row(method, model, steps, sampler, fn):
-        images = C.generate(fn, seeds, shape, cfg.batch, device, what=f"{method} {model}")
+        images = C.generate(fn, seeds, shape, cfg.batch, device, f"{method} {model}", full.eval_samples)
         scores = {}
         if cfg.fid_samples:
             folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
-            C.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device)
+            C.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
             ref = None if cfg.data == "cifar10" else C.write_pngs(C.load_dataset(
-                cfg.data, shape[-1])[:cfg.fid_samples], os.path.join(cfg.out, "samples", "data"))
-            scores = C.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None)
+                cfg.data, shape[-1])[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+            scores = C.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
+                              full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
                   "rmse_to_reference": C.rmse(images, reference), "fid": scores.get("fid"),
                   "is": scores.get("is")}
@@ -133,7 +144,7 @@ def evaluate(cfg, teacher, models, device):
         return result
 
     reference = C.generate(teacher_sampler(C.ddim_sample, cfg.reference_steps), seeds, shape, cfg.batch,
-                           device, what="reference")
+                           device, "reference", full.eval_samples)
     rows = []
     for n in [int(v) for v in cfg.nfe.split(",")]:
         rows.append(row("teacher", "ddim", n, "ddim", teacher_sampler(C.ddim_sample, n)))
@@ -185,6 +196,7 @@ def main(argv=None):
     if unknown:
         raise ValueError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(METHODS)}")
     device = C.setup_device(cfg.device)
+    cfg = C.rehearsal(cfg)  # --rehearse: every count cut, each method rehearsed, into OUT/rehearsal
     if cfg.fid_samples:
         C.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     spec = C.cached_teacher() if cfg.teacher == "cached" else cfg.teacher
