@@ -47,10 +47,10 @@ import torch
 from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast,
                     bcast, build_net, cached_teacher, check_batch, check_steps, cli, compiled, data_parallel,
                     ddim_sample, diffusion_loss, ema_update, fid_is, field, gather, gaussian_kl, generate,
-                    load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config, posterior,
-                    prepare_fid, print0, progress, rank, read_resume, rmse, run_finished, sample_batch,
-                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
-                    start_run, variance_frac, write_json, write_metrics, write_pngs)
+                    load_dataset, load_teacher, lock_out, log_row, mean_over_ranks, mine, one_writer,
+                    parse_config, posterior, prepare_fid, print0, progress, rank, read_resume, rmse,
+                    run_finished, sample_batch, sample_to_folder, sampler_spec, sampler_times, save_checkpoint,
+                    save_grid, setup_device, start_run, variance_frac, write_json, write_metrics, write_pngs)
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
 STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
@@ -440,6 +440,7 @@ def evaluate_snapshots(cfg, chosen, teacher, grid, device):
     write_json(os.path.join(cfg.out, "snapshots.json"), rows)
     return rows
 
+@one_writer
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     if not cfg.teacher and cfg.data != "shapes":
@@ -448,6 +449,8 @@ def main(argv=None):
     device = setup_device(cfg.device)
     check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
     chosen = snapshots(cfg) if cfg.eval_snapshots else None
+    if chosen:
+        lock_out(cfg.out)  # evaluation writes snapshots.json and FID folders there: not beside a training run
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = None if chosen else read_resume(cfg)  # refuses a resume with other result flags, before any work
