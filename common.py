@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
+PARENT = os.getppid()  # at start-up: a torchrun worker's launcher (stop_with_launcher)
 
 # ============================================= math =============================================
 
@@ -1237,12 +1238,25 @@ def setup_device(name="auto"):
         torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
         return device
+    stop_with_launcher()
     if device != "cpu":
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
     return device
+
+def stop_with_launcher():
+    """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a kill
+    -9 of torchrun's process group (a job script's, a scheduler's) reaches torchrun alone, and its orphans would
+    train on beside a restarted run. Linux sends the worker SIGTERM when the launcher dies (PR_SET_PDEATHSIG;
+    torchrun starts its workers from its main thread), which cli turns into the 'interrupted' exit; a
+    checkpoint is written to a temporary name and renamed, so the next start resumes as after any kill."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != PARENT:  # the launcher died before this process asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 def check_batch(**batches):
     """Before any work: each global batch (flag=size) must split evenly over the ranks."""
