@@ -3,7 +3,7 @@ sections: math, nets, teachers, data, checkpoints, evaluation, training. Images 
 (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own
 units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input."""
 import argparse, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle, shutil
-import socket, sys, tarfile, time
+import signal, socket, sys, tarfile, time
 import urllib.request
 from dataclasses import asdict, dataclass
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
+PARENT = os.getppid()  # at start-up: a torchrun worker's launcher (stop_with_launcher)
 
 # ============================================= math =============================================
 
@@ -1339,6 +1340,7 @@ def setup_device(name="auto"):
         torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
         return device
+    stop_with_launcher()
     if device != "cpu":
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
@@ -1348,6 +1350,18 @@ def setup_device(name="auto"):
                                 device_id=torch.device(device) if device != "cpu" else None)
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return device
+
+def stop_with_launcher():
+    """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a kill
+    -9 of torchrun's process group (a job script's, a scheduler's) reaches torchrun alone, and its orphans would
+    train on beside a restarted run. Linux sends the worker SIGTERM when the launcher dies (PR_SET_PDEATHSIG;
+    torchrun starts its workers from its main thread), which cli turns into the 'interrupted' exit; a
+    checkpoint is written to a temporary name and renamed, so the next start resumes as after any kill."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != PARENT:  # the launcher died before this process asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 def check_batch(**batches):
     """Before any work: each global batch (flag=size) must split evenly over the ranks."""
@@ -1540,11 +1554,56 @@ def writable(path):
     except OSError as e:
         raise ValueError(f"--out {path}: {parent} is not writable ({e.strerror}); pass another --out") from None
 
+LOCKS = {}  # real path of a run folder -> the open OUT/.lock whose flock this process holds
+
+def lock_out(out, flag="--out"):
+    """One writer per run folder: rank 0 takes an exclusive flock on OUT/.lock (OUT must exist) before the run
+    writes there and holds it while the run lives; the OS frees it when the process ends, killed or not, so a
+    kill leaves no stale lock. A folder another process holds is a one-line error that names the holder (flag:
+    the option that named the folder); one this process holds already is fine (one_writer frees a run's locks
+    when it returns)."""
+    key = os.path.realpath(out)
+    if rank() > 0 or os.name != "posix" or key in LOCKS:
+        return
+    import fcntl
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{flag} {out} is in use by {holder}; wait for it to end, stop it, or pass another "
+                         f"{flag}") from None
+    except OSError as e:  # a filesystem without locks (some network mounts): the run goes on unguarded
+        print(f"warning: {out} cannot be locked ({e.strerror}); see that no other run writes there",
+              file=sys.stderr, flush=True)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    LOCKS[key] = f
+
+def one_writer(run):
+    """Decorates a run's entry point (a method's main, train_teacher): the --out locks it took are freed when
+    it returns or raises, so that one process may run several runs in turn (pytest, tools/compare.py)."""
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        before = set(LOCKS)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for key in set(LOCKS) - before:
+                LOCKS.pop(key).close()
+    return locked
+
 def read_resume(cfg, ckpt_name="ckpt.pt"):
     """The checkpoint a run continues from (--resume auto: OUT/ckpt_name if present; PATH; none) or None,
-    read before any work and writing nothing: a missing or unreadable file, an --out that cannot be written,
-    or fixed flags that differ from the checkpoint's (listed) are one-line ValueErrors."""
+    read before any work and writing nothing but the lock of an --out that exists (lock_out): a missing or
+    unreadable file, an --out that cannot be written or that another run holds, or fixed flags that differ
+    from the checkpoint's (listed) are one-line ValueErrors."""
     writable(cfg.out)
+    if os.path.isdir(cfg.out):
+        lock_out(cfg.out)
     path = {"none": None, "": None, "auto": os.path.join(cfg.out, ckpt_name)}.get(cfg.resume, cfg.resume)
     if cfg.resume not in ("none", "", "auto") and not os.path.isfile(path):
         raise ValueError(f"--resume {path}: no such checkpoint (expected auto, none or a file)")
@@ -1567,6 +1626,7 @@ def start_run(cfg, ckpt, outputs=(), batch=None):
     if rank() > 0:
         return barrier()
     os.makedirs(cfg.out, exist_ok=True)
+    lock_out(cfg.out)  # before anything is written (read_resume took it if the folder was there)
     log = os.path.join(cfg.out, "log.jsonl")
     for tmp in [os.path.join(d, f) for d, _, files in os.walk(cfg.out) for f in files if f.endswith(".tmp")]:
         os.remove(tmp)
@@ -1608,9 +1668,18 @@ def write_metrics(out_dir, method, dataset, teacher, reference, results, finishe
                                                            reference=reference, results=results,
                                                            finished=finished))
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, torchrun's, or the launcher gone: stop_with_launcher), taken as Ctrl-C."""
+
+def stopped(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Stopped()
+
 def cli(main):
     """Run main() as a command: expected failures (bad values, files, downloads, a full disk) end in one line
-    'error: ...' that says what to do; a traceback is left for real bugs."""
+    'error: ...' that says what to do; a traceback is left for real bugs. SIGINT and SIGTERM end in one line
+    'interrupted: ...' (rank 0's), exit status 1 and 143 (128 + SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         main()
         rehearsal_report()
@@ -1620,13 +1689,17 @@ def cli(main):
             dist.destroy_process_group()
         return
     except (ValueError, OSError, EOFError) as e:
-        line = f"error: {e}"
-    except KeyboardInterrupt:
-        line = "interrupted: rerun the same command to resume"
-    print(line, file=sys.stderr, flush=True)
+        line, status = f"error: {e}", 1
+    except KeyboardInterrupt as e:
+        line, status = "interrupted: rerun the same command to resume", 128 + signal.SIGTERM if \
+            isinstance(e, Stopped) else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if rank() == 0 or line.startswith("error"):  # an error on any rank; the interruption once
+        print(line, file=sys.stderr, flush=True)
     if dist.is_initialized():  # this rank's end of the group, without waiting for the others
         dist.destroy_process_group()
-    sys.exit(1)
+    sys.exit(status)
 
 # ---- standard diffusion training (Alg. 1) -----------------------------------------------------------------
 
@@ -1709,6 +1782,7 @@ class TeacherConfig:
                      fixed=False)
     resume: str = field("auto", "auto (continue from --out/ckpt.pt if present) | none | PATH", fixed=False)
 
+@one_writer
 def train_teacher(cfg, full_updates=None):
     """Train a diffusion model from scratch (Alg. 1) into cfg.out/ckpt.pt, resumable, and write a sample grid.
     Returns the checkpoint path; the checkpoint loads with load_teacher. full_updates: the full run's, under

@@ -47,7 +47,7 @@ import torch
 from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast,
                     bcast, build_net, cached_teacher, check_batch, check_steps, cli, compiled, data_parallel,
                     ddim_sample, diffusion_loss, ema_update, fid_is, field, full_config, gather, gaussian_kl,
-                    generate, load_dataset, load_teacher, log_row, mean_over_ranks, mine, parse_config,
+                    generate, load_dataset, load_teacher, lock_out, one_writer, log_row, mean_over_ranks, mine, parse_config,
                     posterior, prepare_fid, print0, progress, rank, read_resume, rehearsal, rehearsal_rate, rmse,
                     run_finished, sample_batch,
                     sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, Schedule,
@@ -456,6 +456,7 @@ def evaluate_snapshots(cfg, chosen, teacher, grid, device):
     write_json(os.path.join(cfg.out, "snapshots.json"), rows)
     return rows
 
+@one_writer
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     if not cfg.teacher and cfg.data != "shapes":
@@ -465,6 +466,9 @@ def main(argv=None):
     chosen = snapshots(cfg) if cfg.eval_snapshots else None  # --rehearse: the run's own, scored in small
     cfg = rehearsal(cfg)                                      # --rehearse: every count cut, into OUT/rehearsal
     check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
+    if chosen:  # evaluation writes snapshots.json and FID folders there: not beside a training run
+        os.makedirs(cfg.out, exist_ok=True)
+        lock_out(cfg.out)
     if cfg.fid_samples:
         prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = None if chosen else read_resume(cfg)  # refuses a resume with other result flags, before any work

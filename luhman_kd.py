@@ -30,7 +30,7 @@ import torch
 
 from common import (COMPILE_HELP, DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net,
                     cached_teacher, check_steps, cli, compiled, data_parallel, ddim_sample, ema_update,
-                    fid_is, field, full_config, generate, load_checkpoint, load_dataset, load_teacher, log_row,
+                    fid_is, field, full_config, generate, load_checkpoint, load_dataset, load_teacher, lock_out, one_writer, log_row,
                     lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, progress, rank,
                     read_file, read_resume, rehearsal, rehearsal_rate, rmse, run_finished, sample_to_folder,
                     sampler_spec, sampler_times,
@@ -201,6 +201,7 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
     """The --num-pairs and --num-test-pairs pairs (x_T, F_teacher(x_T)), each from its own seed, in rounds of
     one --gen-batch chunk per rank (each rank fills its own rows); resumes with any number of ranks."""
     os.makedirs(cfg.pairs, exist_ok=True)
+    lock_out(cfg.pairs, "--pairs")  # a --pairs folder shared by runs is filled by one at a time
     done = read_meta(cfg.pairs, recipe) or {"train": 0, "test": 0}
     dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)])
     splits = (("train", cfg.num_pairs), ("test", cfg.num_test_pairs))
@@ -449,6 +450,7 @@ def check_sizes(cfg, net_cfg):
     if any(s < 8 or s % step for s in sides):
         raise ValueError(f"--image-size/--other-size {sides}: this teacher needs multiples of {step}, >= 8")
 
+@one_writer
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     device = setup_device(cfg.device)                             # first: the batch splits over the ranks

@@ -51,7 +51,7 @@ import torch.nn as nn
 from common import (COMPILE_HELP, DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
                     autocast, barrier, bcast, build_net, cached_teacher, check_batch, cli, compiled,
                     data_parallel, ddim_sample, ddim_step, eps_from_x, fid_is, field, full_config, generate,
-                    load_dataset, load_teacher, log_row, lr_at, mean_over_ranks, mine, net_config,
+                    load_dataset, load_teacher, one_writer, log_row, lr_at, mean_over_ranks, mine, net_config,
                     parse_config, prepare_fid, print0, rank, read_resume, rehearsal, rehearsal_rate, rmse,
                     run_finished, sample_batch,
                     sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
@@ -429,6 +429,7 @@ def get_teacher(cfg, device):
             train_teacher(base, full_updates=full_config(cfg).base_updates)
     return spec, load_teacher(spec, device)
 
+@one_writer
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)

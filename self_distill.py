@@ -81,7 +81,7 @@ import torch.nn as nn
 from common import (COMPILE_HELP, DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net,
                     cached_teacher, check_batch, check_steps, cli, compiled, data_parallel, ddim_sample,
                     ddim_step, ema_update, fid_is, field, full_config, gather, generate, load_dataset,
-                    load_teacher, log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
+                    load_teacher, one_writer, log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
                     rank_dropout_seed, read_resume, rehearsal, rehearsal_rate, rmse, run_finished,
                     sample_batch, sample_to_folder,
                     sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
@@ -408,6 +408,7 @@ def check(cfg):
     if cfg.variant == "train" and cfg.v_weight == 0 and cfg.distill_weight == 0:
         raise ValueError("--v-weight and --distill-weight are both 0: nothing to train")
 
+@one_writer
 def main(argv=None):
     cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)

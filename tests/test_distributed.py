@@ -1,7 +1,8 @@
 """Many GPUs, tested on CPU: torchrun with two gloo ranks against one process with the same global batch, for
 Alg. 1 and the four methods (weights, metrics rows and logged losses), a run killed on two ranks resumed on
-one (and one on one resumed on two), and sharded sampling: FID folders and Denoising Student pairs written by
-two ranks byte for byte those of one. Dropout is 0 throughout: each rank draws its own masks."""
+one (and one on one resumed on two), workers that stop when torchrun alone is killed, and sharded sampling:
+FID folders and Denoising Student pairs written by two ranks byte for byte those of one. Dropout is 0
+throughout: each rank draws its own masks."""
 import json
 import os
 import signal
@@ -104,25 +105,33 @@ def test_two_ranks_take_the_update_of_one_process(tmp_path, method):
             assert open(os.path.join(one, "pairs", f"{split}.npy"), "rb").read() == \
                 open(os.path.join(two, "pairs", f"{split}.npy"), "rb").read()
 
+def _holders(marker):
+    """The pids of the processes whose command line holds `marker`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
 def _kill_all(marker):
     """SIGKILL every process whose command line holds `marker`, and wait until they are gone."""
-    def holders():
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if marker in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"):
-                    pids.append(int(pid))
-            except OSError:
-                pass
-        return pids
-    for pid in holders():
+    for pid in _holders(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.time() + 30
-    while holders() and time.time() < deadline:
+    while _holders(marker) and time.time() < deadline:
         time.sleep(0.05)
+
+def _started(run, out):
+    """Wait until the run writing `out` has its first checkpoint."""
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(out, "ckpt.pt")) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
 
 def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
     teacher = _teacher_file(tmp_path / "teacher.pt")
@@ -130,10 +139,7 @@ def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     self_distill.main(argv + ["--out", straight])
     run = _torchrun("self_distill", argv + ["--out", killed], wait=False)
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(killed, "ckpt.pt")) and run.poll() is None and \
-            time.time() < deadline:
-        time.sleep(0.02)
+    _started(run, killed)
     _kill_all(killed)  # torchrun and its workers (each in a session of its own), as a power cut would
     run.wait()
     assert not os.path.exists(os.path.join(killed, "metrics.json")), "finished before it could be killed"
@@ -144,6 +150,32 @@ def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
     _close_weights(C.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
                    C.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
     assert _rows(killed)[1] == pytest.approx(_rows(straight)[1], rel=1e-4)
+    assert resumed["finished"]
+
+def test_workers_stop_with_their_launcher(tmp_path):
+    """kill -9 of torchrun alone (a job script's kill of its process group: each worker has a session of its
+    own): the workers stop too (PR_SET_PDEATHSIG), rank 0 with its one line, and the restart resumes."""
+    teacher = _teacher_file(tmp_path / "teacher.pt")
+    argv = _argv("self_distill", teacher) + ["--updates", "40", "--ckpt-every", "2"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    self_distill.main(argv + ["--out", straight])
+    run = _torchrun("self_distill", argv + ["--out", killed], wait=False)
+    _started(run, killed)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.time() + 10
+    while _holders(killed) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _holders(killed), "the workers outlived their launcher"
+    assert not os.path.exists(os.path.join(killed, "metrics.json")), "finished before it could be killed"
+    said = run.stderr.read().decode()
+    assert "interrupted: rerun the same command to resume" in said and "Traceback" not in said, said
+    resumed = self_distill.main(argv + ["--out", killed])
+    log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
+    assert [row.get("world_size") for row in log if "event" in row] == [2, 1]
+    assert [row["update"] for row in log if "loss" in row] == list(range(1, 41))   # no orphan wrote a row
+    _close_weights(C.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
+                   C.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
     assert resumed["finished"]
 
 def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):

@@ -1,8 +1,13 @@
 """Bad input, refused before any work in one line, class by class over the four method files; and the run
 contract that keeps runs from lying: a run started over clears the old results, a resumed log holds one row
-per update, elapsed time runs to the checkpoint, a finished run is left untouched."""
+per update, elapsed time runs to the checkpoint, a finished run is left untouched, a folder has one writer."""
+import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ import progressive
 import self_distill
 
 METHODS = {"progressive": progressive, "luhman_kd": luhman_kd, "self_distill": self_distill, "dkdm": dkdm}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _teacher_file(path, param="eps", var="fixed_small"):
     """A random 16x16 tiny16 teacher on the linear schedule (T = 1000), saved as a project checkpoint."""
@@ -232,3 +238,51 @@ def test_a_resumed_log_has_one_row_per_update_and_time_runs_to_the_checkpoint(tm
     assert [r.get("step") for r in after if r.get("stage") == "teacher"] == [1, 2, 3, 4, 5, 6]
     assert [r.get("event") for r in after][4] == "resumed"
     assert after[5]["elapsed_s"] > ckpt["elapsed"]
+
+def _teacher_run(out):
+    """`python common.py` (Alg. 1, a tiny net, a checkpoint every update) into `out`, in the background."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "common.py"), "--net", "tiny16", "--batch", "2",
+                             "--updates", "100000", "--ckpt-every", "1", "--sample-steps", "2", "--device", "cpu",
+                             "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+def _wait(until, run):
+    deadline = time.time() + 120
+    while not until() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert until(), run.stderr.read() if run.poll() is not None else "timed out"
+
+def test_a_folder_has_one_writer(tmp_path):
+    """A second run on a folder that a live run holds is refused in one line before any work; kill -9 frees
+    the folder (the OS drops the lock with its process); SIGTERM ends a run in Ctrl-C's one line, status 143."""
+    out = tmp_path / "run"
+    cfg = C.TeacherConfig(net="tiny16", batch=2, updates=1, ckpt_every=1, sample_steps=2, device="cpu",
+                          out=str(out))  # done at once if it were let in
+    events = lambda: [row.get("event") for row in map(json.loads, open(out / "log.jsonl")) if "event" in row]
+    runs = [_teacher_run(out)]
+    try:
+        first = runs[0]
+        _wait(lambda: os.path.exists(out / "ckpt.pt"), first)
+        config = (out / "config.json").read_bytes()
+        with pytest.raises(ValueError) as e:
+            C.train_teacher(cfg)
+        said = str(e.value)
+        assert said.startswith(f"--out {out} is in use by pid {first.pid} on {socket.gethostname()} since ")
+        assert said.endswith("; wait for it to end, stop it, or pass another --out") and "\n" not in said
+        assert (out / "config.json").read_bytes() == config and events() == ["started"]   # no work done
+        first.kill()
+        first.wait()
+        step = C.load_checkpoint(out / "ckpt.pt")["step"]
+        C.train_teacher(dataclasses.replace(cfg, updates=step + 1))  # the lock went with the killed process
+        assert events() == ["started", "resumed"] and C.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+        runs.append(_teacher_run(out))
+        _wait(lambda: events() == ["started", "resumed", "resumed"], runs[1])
+        runs[1].terminate()  # SIGTERM
+        assert runs[1].wait(timeout=60) == 143
+        said = runs[1].stderr.read()
+        assert said.strip().splitlines()[-1] == "interrupted: rerun the same command to resume" and \
+            "Traceback" not in said, said
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()

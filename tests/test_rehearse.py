@@ -219,7 +219,7 @@ def test_dkdm_dynamic_with_fid_and_snapshots_rehearsed(cache, tmp_path):
                               "teacher trajectory states", "evaluation student ancestral",
                               "FID samples student_ancestral", "FID/IS scoring"])
     prep = next(r for r in report["rows"] if r["phase"].startswith("shuffle denoise"))
-    assert (prep["done"], prep["full"]) == (8, round(0.4 * 20) * 128)  # 1 entry a slot; the full rho T b
+    assert (prep["done"], prep["full"]) == (8, round(0.4 * 20) * 8)  # 1 entry a slot; the full rho T b
     assert sorted(os.listdir(os.path.join(out, "rehearsal", "snapshots"))) == ["ema_0000001.pt",
                                                                               "ema_0000002.pt"]
     _run(cache, "dkdm.py", [*flags, "--out", os.path.join(out, "rehearsal"), "--eval-snapshots", "all"])
