@@ -44,14 +44,11 @@ import time
 
 import torch
 
-from common import (COMPILE_HELP, DATASETS, PRESETS, Denoiser, ancestral_logvar, ancestral_sample, autocast,
-                    bcast, build_net, cached_teacher, check_batch, check_steps, cli, compiled, data_parallel,
-                    ddim_sample, diffusion_loss, ema_update, fid_is, field, full_config, gather, gaussian_kl,
-                    generate, load_dataset, load_teacher, lock_out, one_writer, log_row, mean_over_ranks, mine, parse_config,
-                    posterior, prepare_fid, print0, progress, rank, read_resume, rehearsal, rehearsal_rate, rmse,
-                    run_finished, sample_batch,
-                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, Schedule,
-                    setup_device, start_run, TeacherConfig, variance_frac, write_json, write_metrics, write_pngs)
+from common import (Denoiser, PRESETS, Schedule, ancestral_logvar, ancestral_sample, autocast, bcast,
+                    build_net, check_steps, ddim_sample, ema_update, gaussian_kl, posterior, rmse,
+                    sampler_spec, sampler_times, variance_frac)
+
+import runtime as R
 
 _ADM57 = PRESETS["adm_cifar10_57m"]
 STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
@@ -66,79 +63,79 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
 @dataclasses.dataclass
 class Config:
     # teacher and student (sec. 4.1)
-    data: str = field("cifar10", f"dataset the teacher models ({DATASETS}); only FID/IS read it; shapes "
-                                 "needs no --teacher")
-    teacher: str = field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
-                             "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
-                             "variance) or a project checkpoint work too; '' = the cached shapes teacher")
-    student: str = field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
-                                    "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
-                         choices=tuple({**STUDENTS, **PRESETS}))
-    dropout: float = field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
-                           below=1.0)
-    method: str = field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
-                                "sampled from the teacher, then standard training with the same budget)",
-                        choices=("dkdm", "datafree"))
+    data: str = R.field("cifar10", f"dataset the teacher models ({R.DATASETS}); only FID/IS read it; shapes "
+                                   "needs no --teacher")
+    teacher: str = R.field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
+                               "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
+                               "variance) or a project checkpoint work too; '' = the cached shapes teacher")
+    student: str = R.field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
+                                      "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
+                           choices=tuple({**STUDENTS, **PRESETS}))
+    dropout: float = R.field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
+                             below=1.0)
+    method: str = R.field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
+                                  "sampled from the teacher, then standard training with the same budget)",
+                          choices=("dkdm", "datafree"))
     # the DKDM objective (eqs. 19-21)
-    vlb_weight: float = field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
-                                   "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
-    teacher_clip: bool = field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
-                                     "(official clip_denoised=True); its eps target is the raw output")
+    vlb_weight: float = R.field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
+                                     "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
+    teacher_clip: bool = R.field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
+                                       "(official clip_denoised=True); its eps target is the raw output")
     # knowledge collection (sec. 3.3, alg. 1)
-    collect: str = field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
-                                    "shuffled t) | dynamic (b random entries of a rho T b set per update)",
-                         choices=("iterative", "shuffled", "dynamic"))
-    rho: float = field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
-                       low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
-    chain_steps: int = field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
-                                "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
-                                "timesteps", low=0)
-    prep_batch: int = field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
+    collect: str = R.field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
+                                      "shuffled t) | dynamic (b random entries of a rho T b set per update)",
+                           choices=("iterative", "shuffled", "dynamic"))
+    rho: float = R.field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
+                         low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
+    chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
+                                  "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
+                                  "timesteps", low=0)
+    prep_batch: int = R.field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
     # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
-    batch: int = field(128, "batch size b", low=1)
-    updates: int = field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
-                         rehearse=2)
-    lr: float = field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
-    weight_decay: float = field(0.0, "AdamW weight decay", low=0.0)
-    ema: float = field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
-    snapshot_every: int = field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
-                                        "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
-                                        "with early stop', --eval-snapshots picks it", low=0, fixed=False,
-                                rehearse=1)
-    dtype: str = field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
-                       choices=("fp32", "bf16"))
-    compile: bool = field(False, COMPILE_HELP, fixed=False)
+    batch: int = R.field(128, "batch size b", low=1)
+    updates: int = R.field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
+                           rehearse=2)
+    lr: float = R.field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
+    weight_decay: float = R.field(0.0, "AdamW weight decay", low=0.0)
+    ema: float = R.field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
+    snapshot_every: int = R.field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
+                                          "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
+                                          "with early stop', --eval-snapshots picks it", low=0, fixed=False,
+                                  rehearse=1)
+    dtype: str = R.field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
+                         choices=("fp32", "bf16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
     # the data-free baseline (sec. 4.1, table 4)
-    synthetic: int = field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1,
-                           rehearse=lambda c: min(c.synthetic, c.batch))
-    synthetic_steps: int = field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
+    synthetic: int = R.field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1,
+                             rehearse=lambda c: min(c.synthetic, c.batch))
+    synthetic_steps: int = R.field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
     # evaluation (sec. 4.1), at the end of the run
-    eval_steps: int = field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
-                            low=1, fixed=False)
-    eval_samples: int = field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
-                              fixed=False, rehearse=4)
-    eps_samples: int = field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
-                             low=1, fixed=False, rehearse=8)
-    eval_clip: bool = field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
-    fid_samples: int = field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
-                             low=0, fixed=False, rehearse=32)
-    fid_teacher: bool = field(False, "also FID/IS of the teacher's", fixed=False)
-    fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                               "clean-fid's, downloaded once)", fixed=False)
-    inception: str = field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
-    eval_snapshots: str = field("", "evaluation only, no training: score the EMA snapshots, 'all' or "
-                                    "comma-separated updates, into OUT/snapshots.json (teacher-fidelity "
-                                    "RMSE; FID/IS with --fid-samples): the early stop, fig. 4's curves",
-                                fixed=False)
-    grid: int = field(8, "samples per row of samples.png", low=1, fixed=False)
+    eval_steps: int = R.field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
+                              low=1, fixed=False)
+    eval_samples: int = R.field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
+                                fixed=False, rehearse=4)
+    eps_samples: int = R.field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
+                               low=1, fixed=False, rehearse=8)
+    eval_clip: bool = R.field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
+    fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
+                               low=0, fixed=False, rehearse=32)
+    fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
+                                 "clean-fid's, downloaded once)", fixed=False)
+    inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
+    eval_snapshots: str = R.field("", "evaluation only, no training: score the EMA snapshots, 'all' or "
+                                      "comma-separated updates, into OUT/snapshots.json (teacher-fidelity "
+                                      "RMSE; FID/IS with --fid-samples): the early stop, fig. 4's curves",
+                                  fixed=False)
+    grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
     # run
-    seed: int = field(0, "seed")
-    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    log_every: int = field(1000, "log every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False,
-                            rehearse=1)
-    out: str = field("runs/dkdm", "run directory", fixed=False)
-    resume: str = field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
+    seed: int = R.field(0, "seed")
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    log_every: int = R.field(1000, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False,
+                              rehearse=1)
+    out: str = R.field("runs/dkdm", "run directory", fixed=False)
+    resume: str = R.field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
 
 # --quick: the shared learned-variance shapes teacher (T = 1000) with its chain respaced to 50 steps, the 4x
 # narrower U-Net student, 300 updates at b = 16 (lr and EMA for that length), a 160-entry dynamic set.
@@ -209,12 +206,12 @@ def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every
             break
         z, k = kset["z"][todo], kset["k"][todo]
         noise = torch.randn(z.shape, generator=gen, device=gen.device)
-        z_prev = teacher_step(teacher, grid, mine(z), mine(k), mine(noise), clip)["z_prev"]  # ranks share out
-        kset["z"][todo], kset["k"][todo] = gather(z_prev, len(todo)), k - 1
+        z_prev = teacher_step(teacher, grid, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]  # ranks share out
+        kset["z"][todo], kset["k"][todo] = R.gather(z_prev, len(todo)), k - 1
         calls += 1
         if calls % 20 == 0 or len(todo) < batch:
             done = total - int((kset["k"] - kset["stop"]).sum())
-            progress("shuffle denoise", done, total, t0, " teacher steps/s")
+            R.progress("shuffle denoise", done, total, t0, " teacher steps/s")
         if save and calls % save_every == 0:
             save()
     return {"z": kset["z"], "k": kset["k"]}
@@ -239,10 +236,10 @@ def synthesize(cfg, teacher, shape, device):
     times = sampler_times(teacher.schedule, cfg.synthetic_steps, "linspace")
     folder = os.path.join(cfg.out, "synthetic")
     with autocast(device, cfg.dtype):
-        sample_to_folder(lambda z, seeds: ancestral_sample(teacher, z, times, seeds, clip=cfg.teacher_clip),
-                         cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6,
-                         full=full_config(cfg).synthetic)
-    return load_dataset(f"folder:{folder}", shape[-1]).to(device)
+        R.sample_to_folder(lambda z, seeds: ancestral_sample(teacher, z, times, seeds, clip=cfg.teacher_clip),
+                           cfg.synthetic, folder, shape, cfg.prep_batch, device, seed0=10 ** 6,
+                           full=R.full_config(cfg).synthetic)
+    return R.load_dataset(f"folder:{folder}", shape[-1]).to(device)
 
 # ---- evaluation (sec. 4.1) -----------------------------------------------------------------------------
 
@@ -258,26 +255,26 @@ def samplers(cfg, den):
 def teacher_reference(cfg, teacher, grid, shape, device):
     """The teacher's side of the evaluation: fresh states of its trajectories (a shuffle denoise from a seed
     training never uses, stopping evenly along the chain), its eps there, and its samples of seeds 0..n-1."""
-    gen, t0, full = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed), time.time(), full_config(cfg)
+    gen, t0, full = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed), time.time(), R.full_config(cfg)
     with autocast(device, cfg.dtype):
         states = new_set(cfg.eps_samples, len(grid), shape, "shuffled", gen, spread=True)
         ref = shuffle_denoise(teacher, grid, states, cfg.prep_batch, cfg.teacher_clip, gen)
         ref["eps"] = teacher(ref["z"], grid[ref["k"]])[1]
-        rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples, "state")
+        R.rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples, "state")
         for name, fn in samplers(cfg, teacher).items():
-            ref[name] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device, f"evaluation teacher "
-                                 f"{name}", full.eval_samples)
+            ref[name] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device, f"evaluation teacher "
+                                   f"{name}", full.eval_samples)
     return ref
 
 def fid(cfg, name, fn, shape, device):
     """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
     with autocast(device, cfg.dtype):
-        folder = sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
-                                  cfg.batch, device, full=full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else write_pngs(load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-                                                        os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
-    return fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                  stats=cfg.fid_stats or None, full=full_config(cfg).fid_samples)
+        folder = R.sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
+                                    cfg.batch, device, full=R.full_config(cfg).fid_samples)
+    ref = None if cfg.data == "cifar10" else R.write_pngs(R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
+                                                          os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    return R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
+                    stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
 @torch.no_grad()
 def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
@@ -288,10 +285,10 @@ def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
     rows, images = [], {}
     for sampler, fn in samplers(cfg, den).items():
         with autocast(device, cfg.dtype):
-            images[sampler] = generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
-                                       f"evaluation {name} {sampler}", full_config(cfg).eval_samples)
+            images[sampler] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
+                                         f"evaluation {name} {sampler}", R.full_config(cfg).eval_samples)
         want = want_fid and sampler == "ancestral"
-        fast = samplers(cfg, compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
+        fast = samplers(cfg, R.compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
         scores = fid(cfg, f"{name}_{sampler}", fast, shape, device) if want else {}
         rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
                      "rmse_to_reference": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
@@ -317,12 +314,12 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
-    trained, ema = compiled(data_parallel(student), cfg.compile), student.copy().eval()
-    fast_teacher = compiled(teacher, cfg.compile)
+    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().eval()
+    fast_teacher = R.compiled(teacher, cfg.compile)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    step, elapsed, kset, t0 = 0, 0.0, None, time.time()
+    step, elapsed, kset = 0, 0.0, None
     if ckpt is not None:
         student.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
@@ -331,67 +328,59 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     elif cfg.method == "dkdm":
         n = round(cfg.rho * len(grid)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
         kset = new_set(n, len(grid), shape, cfg.collect, gen)
-    path = os.path.join(cfg.out, "ckpt.pt")
+    path, names = os.path.join(cfg.out, "ckpt.pt"), ("loss", "vlb_bits") if cfg.method == "dkdm" else ("loss",)
+    meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, names, "student training",
+                    R.full_config(cfg).updates)
     # the set rides in ckpt.pt, atomic with the rest: at CIFAR-10 size (51,200 entries, 629 MB) a save took
     # 1.9 s (load 0.7 s) on a CPU machine's disk, against 10k updates between checkpoints
-    save = lambda: save_checkpoint(path, **student.state(), ema=ema.net.state_dict(), method="dkdm",
-                                   config=dataclasses.asdict(cfg), teacher=spec, optimizer=opt.state_dict(),
-                                   step=step, gen=gen.get_state(), knowledge=kset,
-                                   elapsed=elapsed + time.time() - t0)
+    save = lambda: R.save_checkpoint(path, **student.state(), ema=ema.net.state_dict(), method="dkdm",
+                                     config=dataclasses.asdict(cfg), teacher=spec, optimizer=opt.state_dict(),
+                                     step=step, gen=gen.get_state(), knowledge=kset,
+                                     elapsed=meter.now())
     if cfg.method == "datafree":
         data = synthesize(cfg, fast_teacher, shape, device)
     elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
-        t_prep, full = time.time(), full_config(cfg)
+        t_prep, full = time.time(), R.full_config(cfg)
         with autocast(device, cfg.dtype):
             kset = shuffle_denoise(fast_teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
         save()
-        rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
-                       round(full.rho * len(grid)) * full.batch if full.collect == "dynamic" else full.batch,
-                       "entry")
+        R.rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
+                         round(full.rho * len(grid)) * full.batch if full.collect == "dynamic" else full.batch,
+                         "entry")
 
     student.train()
-    sums, t0, last = torch.zeros(2, device=device), time.time(), step
+    meter.lap()  # the updates' rate from here
     while step < cfg.updates:
-        torch.manual_seed(cfg.seed * 10 ** 7 + step + rank() * 10 ** 13)  # dropout: (seed, update, rank)
+        torch.manual_seed(cfg.seed * 10 ** 7 + step + R.rank() * 10 ** 13)  # dropout: (seed, update, rank)
         with autocast(device, cfg.dtype):
             if cfg.method == "dkdm":                                                     # alg. 1
                 idx = draw(len(kset["k"]), cfg.batch, cfg.collect, gen)                  # line 4
                 noise = torch.randn((len(idx), *shape), generator=gen, device=device)
-                z_t, k, noise = (mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))  # this rank's part
+                z_t, k, noise = (R.mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))  # this rank's part
                 target = teacher_step(fast_teacher, grid, z_t, k, noise, cfg.teacher_clip)  # a teacher step
                 simple, vlb = dkdm_loss(trained, grid, z_t, k, target)                   # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
-                x = sample_batch(data, cfg.batch, gen)
-                loss = diffusion_loss(trained, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
+                x = R.sample_batch(data, cfg.batch, gen)
+                loss = R.diffusion_loss(trained, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
                 vlb = torch.zeros((), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()                                                                       # line 7
         ema_update(ema.net, student.net, cfg.ema)
         if cfg.method == "dkdm":  # line 8, on every rank: each holds the whole set, the same after each step
-            write_back(kset, idx, kset["k"][idx], gather(target["z_prev"]), len(grid), gen)
+            write_back(kset, idx, kset["k"][idx], R.gather(target["z_prev"]), len(grid), gen)
         step += 1
-        sums += torch.stack([loss.detach(), vlb.detach()])
+        meter.add(*(loss, vlb) if cfg.method == "dkdm" else (loss,))
         if step % cfg.log_every == 0 or step == cfg.updates:
-            dt, n = time.time() - t0, step - last
-            elapsed, t0, last = elapsed + dt, time.time(), step
-            loss_mean, vlb_mean = (mean_over_ranks(sums) / n).tolist()                   # the only host sync
-            if not math.isfinite(loss_mean):
-                raise RuntimeError(f"training diverged at update {step} (loss {loss_mean}); lower --lr")
-            vlb_row = {"vlb_bits": vlb_mean} if cfg.method == "dkdm" else {}
-            log_row(cfg.out, {"stage": "train", "update": step, "loss": loss_mean, **vlb_row,
-                              "sec_per_update": dt / n, "elapsed_s": elapsed,
-                              "eta_s": (cfg.updates - step) * dt / n})
-            rehearsal_rate("student training", n, dt, full_config(cfg).updates, "update", last=True)
-            sums.zero_()
+            meter.log(step, {"stage": "train", "update": step})
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
             save()
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:  # each a teacher, for the early stop
-            save_checkpoint(os.path.join(cfg.out, "snapshots", f"ema_{step:07d}.pt"), **ema.state(),
-                            method="dkdm", teacher=spec, config=dataclasses.asdict(cfg), step=step)
-    save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,
-                    config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
+            R.save_checkpoint(os.path.join(cfg.out, "snapshots", f"ema_{step:07d}.pt"), **ema.state(),
+                              method="dkdm", teacher=spec, config=dataclasses.asdict(cfg), step=step)
+    R.save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,
+                      config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
 
     # evaluation: the EMA student, and the same student at initialisation, against the teacher
     ref = teacher_reference(cfg, teacher, grid, shape, device)
@@ -401,12 +390,12 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
                      "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
-        scores = fid(cfg, "teacher_ancestral", samplers(cfg, compiled(teacher, cfg.compile))["ancestral"],
+        scores = fid(cfg, "teacher_ancestral", samplers(cfg, R.compiled(teacher, cfg.compile))["ancestral"],
                      shape, device)
         teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
     g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
-    save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g], images["ancestral"][:g]]),
-              os.path.join(cfg.out, "samples.png"), nrow=g)
+    R.save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g], images["ancestral"][:g]]),
+                os.path.join(cfg.out, "samples.png"), nrow=g)
     return teacher_rows + rows + student_rows
 
 def chain(cfg, schedule, spec):
@@ -449,46 +438,46 @@ def evaluate_snapshots(cfg, chosen, teacher, grid, device):
     ref = teacher_reference(cfg, teacher, grid, shape, device)
     rows = []
     for update, path in chosen.items():
-        den = load_teacher(path, device)
+        den = R.load_teacher(path, device)
         new = evaluate(cfg, f"snapshot_{update}", den, ref, grid, shape, device, cfg.fid_samples > 0)[0]
         rows += [{**row, "update": update} for row in new]
-        print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in new[-1].items()))
-    write_json(os.path.join(cfg.out, "snapshots.json"), rows)
+        R.print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in new[-1].items()))
+    R.write_json(os.path.join(cfg.out, "snapshots.json"), rows)
     return rows
 
-@one_writer
+@R.one_writer
 def main(argv=None):
-    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     if not cfg.teacher and cfg.data != "shapes":
         raise ValueError("--teacher: which model to distil? e.g. DDPM-IP's ADM_cifar10_baseline.pt (the "
                          "paper's; convert it with tools/convert_teacher.py) or google/ddpm-cifar10-32")
-    device = setup_device(cfg.device)
+    device = R.setup_device(cfg.device)
     chosen = snapshots(cfg) if cfg.eval_snapshots else None  # --rehearse: the run's own, scored in small
-    cfg = rehearsal(cfg)                                      # --rehearse: every count cut, into OUT/rehearsal
-    check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
+    cfg = R.rehearsal(cfg)                                      # --rehearse: every count cut, into OUT/rehearsal
+    R.check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
     if chosen:  # evaluation writes snapshots.json and FID folders there: not beside a training run
         os.makedirs(cfg.out, exist_ok=True)
-        lock_out(cfg.out)
+        R.lock_out(cfg.out)
     if cfg.fid_samples:
-        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
-    ckpt = None if chosen else read_resume(cfg)  # refuses a resume with other result flags, before any work
-    if ckpt is not None and ckpt["step"] >= cfg.updates and run_finished(cfg.out):
-        print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again")
-        return run_finished(cfg.out)
+        R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = None if chosen else R.read_resume(cfg)  # refuses a resume with other result flags, before any work
+    if ckpt is not None and ckpt["step"] >= cfg.updates and R.run_finished(cfg.out):
+        R.print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs again")
+        return R.run_finished(cfg.out)
     if not cfg.teacher:  # the cached teacher's T is known from its config: refused before it is trained
-        chain(cfg, Schedule(TeacherConfig().schedule), "the cached shapes teacher")
-    spec = cfg.teacher or cached_teacher()
-    teacher = load_teacher(spec, device)
+        chain(cfg, Schedule(R.TeacherConfig().schedule), "the cached shapes teacher")
+    spec = cfg.teacher or R.cached_teacher()
+    teacher = R.load_teacher(spec, device)
     grid = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
     if chosen:
         return evaluate_snapshots(cfg, chosen, teacher, grid, device)
-    start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),
-              batch=cfg.batch)
+    R.start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),
+                batch=cfg.batch)
     results = train(cfg, spec, teacher, grid, ckpt, device)
     reference = {"sampler": "the teacher's own sampler from the same noise", "steps": cfg.eval_steps}
-    write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
-                  results, finished=True)
-    return run_finished(cfg.out)
+    R.write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
+                    results, finished=True)
+    return R.run_finished(cfg.out)
 
 if __name__ == "__main__":
-    cli(main)
+    R.cli(main)

@@ -28,14 +28,10 @@ import contextlib, dataclasses, math, os, re, shutil, time
 import numpy as np
 import torch
 
-from common import (COMPILE_HELP, DATASETS, SKIPS, TeacherConfig, autocast, barrier, build_net,
-                    cached_teacher, check_steps, cli, compiled, data_parallel, ddim_sample, ema_update,
-                    fid_is, field, full_config, generate, load_checkpoint, load_dataset, load_teacher, lock_out, one_writer, log_row,
-                    lr_at, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0, progress, rank,
-                    read_file, read_resume, rehearsal, rehearsal_rate, rmse, run_finished, sample_to_folder,
-                    sampler_spec, sampler_times,
-                    save_checkpoint, save_grid, seeded_noise, setup_device, start_run, to_float, world_size,
-                    write_json, write_metrics, write_pngs)
+from common import (SKIPS, autocast, build_net, check_steps, ddim_sample, ema_update, lr_at, net_config, rmse,
+                    sampler_spec, sampler_times, seeded_noise, to_float)
+
+import runtime as R
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -53,38 +49,38 @@ def by_recipe(key, help, **kw):
     """A flag whose default comes from the recipe; --help lists every recipe's value."""
     values = ", ".join(f"{r} {v:g}" if isinstance(v, float) else f"{r} {v}"
                        for r, v in zip(RECIPES, TABLE3[key]))
-    return field(None, f"{help}; unset = the recipe's ({values})", **kw)
+    return R.field(None, f"{help}; unset = the recipe's ({values})", **kw)
 
 @dataclasses.dataclass
 class Config:
     # teacher (sec. 4): a deterministic DDIM over a pretrained diffusion model
-    data: str = field("cifar10", f"dataset ({DATASETS}): picks the recipe; its images serve FID only")
-    recipe: str = field("auto", "column of app. B table 3 for the flags left unset; auto = from --data "
-                        "(shapes: cifar10)", choices=("auto", *RECIPES))
-    teacher: str = field("", "load_teacher spec; '' = the recipe's (" + ", ".join(
+    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): picks the recipe; its images serve FID only")
+    recipe: str = R.field("auto", "column of app. B table 3 for the flags left unset; auto = from --data "
+                          "(shapes: cifar10)", choices=("auto", *RECIPES))
+    teacher: str = R.field("", "load_teacher spec; '' = the recipe's (" + ", ".join(
         f"{r} {t or 'none: convert ermongroup/ddim celeba'}" for r, t in zip(RECIPES, TEACHERS))
         + "), for shapes the cached shapes teacher")
-    image_size: int = field(0, "size of x_T; 0 = the teacher network's training size", low=0)
+    image_size: int = R.field(0, "size of x_T; 0 = the teacher network's training size", low=0)
     teacher_steps: int = by_recipe("teacher_steps", "DDIM steps of the teacher", low=1)
     skip: str = by_recipe("skip", "teacher timesteps (quad: from 0.8 T)", choices=SKIPS)
-    dtype: str = field("fp32", "network precision (autocast); schedules in fp32", choices=("fp32", "bf16"))
-    compile: bool = field(False, COMPILE_HELP, fixed=False)
+    dtype: str = R.field("fp32", "network precision (autocast); schedules in fp32", choices=("fp32", "bf16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
     # synthetic dataset (sec. 3.1)
-    num_pairs: int = field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1,
-                           rehearse=lambda c: min(c.num_pairs, max(c.batch, 2 * c.gen_batch * world_size())))
+    num_pairs: int = R.field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1,
+                             rehearse=lambda c: min(c.num_pairs, max(c.batch, 2 * c.gen_batch * R.world_size())))
     num_test_pairs: int = by_recipe("num_test_pairs", "held-out pairs; 0 = no early stopping", low=0,
                                     rehearse=lambda c: min(c.num_test_pairs, c.batch))
-    gen_batch: int = field(1024, "teacher batch (a crash loses one batch of pairs)", low=1, fixed=False)
-    targets: str = field("round", "x_0 to uint8: round | trunc (official)", choices=("round", "trunc"))
-    pairs: str = field("", "pair folder, shared by runs of one teacher recipe; '' = OUT/pairs", fixed=False,
-                       rehearse=lambda c: os.path.join(c.out, "rehearsal", "pairs"))
-    seed: int = field(0, "seed s: the data order; the noise of seeds s*10^10 on", low=0)
+    gen_batch: int = R.field(1024, "teacher batch (a crash loses one batch of pairs)", low=1, fixed=False)
+    targets: str = R.field("round", "x_0 to uint8: round | trunc (official)", choices=("round", "trunc"))
+    pairs: str = R.field("", "pair folder, shared by runs of one teacher recipe; '' = OUT/pairs", fixed=False,
+                         rehearse=lambda c: os.path.join(c.out, "rehearsal", "pairs"))
+    seed: int = R.field(0, "seed s: the data order; the noise of seeds s*10^10 on", low=0)
     # student (sec. 3.2) and training (app. B)
-    student_param: str = field("official", "official: x0 = x_T - net(x_T, T-1) (the code) | exact: the "
-                               "teacher's own read-out", choices=("official", "exact"))
+    student_param: str = R.field("official", "official: x0 = x_T - net(x_T, T-1) (the code) | exact: the "
+                                 "teacher's own read-out", choices=("official", "exact"))
     loss: str = by_recipe("loss", "per-sample |.| or (.)^2 summed over pixels", choices=("l1", "l2"))
     batch: int = by_recipe("batch", "batch size", low=1)
-    accum: int = field(1, "gradient accumulation: the batch in N parts (less memory)", low=1, fixed=False)
+    accum: int = R.field(1, "gradient accumulation: the batch in N parts (less memory)", low=1, fixed=False)
     updates: int = by_recipe("updates", "parameter updates (constant lr: extensible)", low=1, fixed=False,
                              rehearse=2)
     lr: float = by_recipe("lr", "Adam learning rate", low=0.0)
@@ -94,24 +90,24 @@ class Config:
     ema: float = by_recipe("ema", "EMA decay; the EMA of lowest test loss is kept", low=0.0, below=1.0)
     test_every: int = by_recipe("test_every", "test loss of the EMA every N updates", low=1, rehearse=1)
     # evaluation (sec. 4)
-    eval_n: int = field(1024, "held-out noise samples for the teacher-fidelity RMSE (the first 8 make "
-                              "fig. 6's interpolations)", low=8, fixed=False, rehearse=8)
-    time_batch: int = field(250, "batch of the Table 2 timing (paper: 250); 0 = skip", low=0, fixed=False)
-    fid: int = field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False,
-                     rehearse=32)
-    fid_teacher: bool = field(False, "also FID/IS of the teacher (--teacher-steps x the cost)", fixed=False)
-    fid_ref: str = field("", "real PNGs for FID; '' = clean-fid's (cifar10) or --data's", fixed=False)
-    fid_stats: str = field("", "cifar10 statistics .npz (mu, sigma), offline; '' = download", fixed=False)
-    inception: str = field("", "inception-2015-12-05.pt, offline; '' = download", fixed=False)
-    other_size: str = field("", "HxW: also sample at a size never trained on (fig. 13)", fixed=False)
+    eval_n: int = R.field(1024, "held-out noise samples for the teacher-fidelity RMSE (the first 8 make "
+                                "fig. 6's interpolations)", low=8, fixed=False, rehearse=8)
+    time_batch: int = R.field(250, "batch of the Table 2 timing (paper: 250); 0 = skip", low=0, fixed=False)
+    fid: int = R.field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False,
+                       rehearse=32)
+    fid_teacher: bool = R.field(False, "also FID/IS of the teacher (--teacher-steps x the cost)", fixed=False)
+    fid_ref: str = R.field("", "real PNGs for FID; '' = clean-fid's (cifar10) or --data's", fixed=False)
+    fid_stats: str = R.field("", "cifar10 statistics .npz (mu, sigma), offline; '' = download", fixed=False)
+    inception: str = R.field("", "inception-2015-12-05.pt, offline; '' = download", fixed=False)
+    other_size: str = R.field("", "HxW: also sample at a size never trained on (fig. 13)", fixed=False)
     # run
-    stage: str = field("all", "what to run", choices=("all", "pairs", "train", "eval"), fixed=False)
-    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    log_every: int = field(100, "log the training loss every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = field(1000, "checkpoint every N updates (and at every test)", low=1, fixed=False,
-                            rehearse=1)
-    out: str = field("runs/luhman_kd", "run directory (config.json, log.jsonl, *.pt, metrics)", fixed=False)
-    resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (keeps the pairs) | PATH", fixed=False)
+    stage: str = R.field("all", "what to run", choices=("all", "pairs", "train", "eval"), fixed=False)
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    log_every: int = R.field(100, "log the training loss every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(1000, "checkpoint every N updates (and at every test)", low=1, fixed=False,
+                              rehearse=1)
+    out: str = R.field("runs/luhman_kd", "run directory (config.json, log.jsonl, *.pt, metrics)", fixed=False)
+    resume: str = R.field("auto", "auto (continue OUT/ckpt.pt) | none (keeps the pairs) | PATH", fixed=False)
 
 # --quick: CIFAR-10's teacher sampler and student in small, eq. 11's L2, on the cached shapes teacher.
 QUICK = dict(data="shapes", recipe="cifar10", teacher_steps=10, num_pairs=2048, num_test_pairs=256,
@@ -173,7 +169,7 @@ def read_meta(pairs, recipe):
     """The pairs written per split ({'train': n, 'test': n}); None for a new folder."""
     if not os.path.exists(os.path.join(pairs, "meta.json")):
         return None
-    meta = read_file(os.path.join(pairs, "meta.json"), "pair meta file")
+    meta = R.read_file(os.path.join(pairs, "meta.json"), "pair meta file")
     diff = [k for k in recipe if meta.get(k) != recipe[k]]
     if diff:
         raise ValueError(f"{pairs} holds pairs made with other {', '.join(diff)}; pass another --pairs")
@@ -201,41 +197,41 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
     """The --num-pairs and --num-test-pairs pairs (x_T, F_teacher(x_T)), each from its own seed, in rounds of
     one --gen-batch chunk per rank (each rank fills its own rows); resumes with any number of ranks."""
     os.makedirs(cfg.pairs, exist_ok=True)
-    lock_out(cfg.pairs, "--pairs")  # a --pairs folder shared by runs is filled by one at a time
+    R.lock_out(cfg.pairs, "--pairs")  # a --pairs folder shared by runs is filled by one at a time
     done = read_meta(cfg.pairs, recipe) or {"train": 0, "test": 0}
     dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)])
     splits = (("train", cfg.num_pairs), ("test", cfg.num_test_pairs))
     todo = sum(max(0, n - done[split]) for split, n in splits)
-    print0(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
-           f"to make with {len(recipe['times'])} teacher steps each")
-    write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
-    made, t0, full = 0, time.time(), full_config(cfg)
+    R.print0(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
+             f"to make with {len(recipe['times'])} teacher steps each")
+    R.write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
+    made, t0, full = 0, time.time(), R.full_config(cfg)
     for split, n in splits:
-        if rank() == 0:
+        if R.rank() == 0:
             pair_array(cfg.pairs, split, n, dtype)                # made (and its disk reserved) once
-        barrier()
+        R.barrier()
         data, starts = pair_array(cfg.pairs, split, n, dtype), range(done[split], n, cfg.gen_batch)
-        for r in range(0, len(starts), world_size()):
-            chunks, t_round = starts[r:r + world_size()], time.time()  # this round: chunk k is rank k's
-            if rank() < len(chunks):
-                i, j = chunks[rank()], min(chunks[rank()] + cfg.gen_batch, n)
+        for r in range(0, len(starts), R.world_size()):
+            chunks, t_round = starts[r:r + R.world_size()], time.time()  # this round: chunk k is rank k's
+            if R.rank() < len(chunks):
+                i, j = chunks[R.rank()], min(chunks[R.rank()] + cfg.gen_batch, n)
                 x_T = seeded_noise(noise_seeds(cfg.seed, split, i, j), shape, device)   # (b, C, H, W)
                 with autocast(device, cfg.dtype):
                     x_0 = teacher_x0(teacher, x_T, recipe["times"])
                 data["x_T"][i:j] = x_T.half().cpu().numpy()
                 data["x_0"][i:j] = quantize(x_0, cfg.targets).cpu()
                 data.flush()
-            barrier()                                             # the round's pairs on disk before the count
+            R.barrier()                                             # the round's pairs on disk before the count
             made += min(chunks[-1] + cfg.gen_batch, n) - done[split]
             done[split] = min(chunks[-1] + cfg.gen_batch, n)
-            write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
-            progress("pairs", made, todo, t0, " pairs/s")
-            rehearsal_rate("teacher pairs", min(chunks[-1] + cfg.gen_batch, n) - chunks[0], time.time() - t_round,
-                           full.num_pairs + full.num_test_pairs, "pair", last=True)
-    barrier()                                                     # meta.json counts them all
+            R.write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
+            R.progress("pairs", made, todo, t0, " pairs/s")
+            R.rehearsal_rate("teacher pairs", min(chunks[-1] + cfg.gen_batch, n) - chunks[0], time.time() - t_round,
+                             full.num_pairs + full.num_test_pairs, "pair", last=True)
+    R.barrier()                                                     # meta.json counts them all
     if made:
-        log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0),
-                          "world_size": world_size()})
+        R.log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0),
+                            "world_size": R.world_size()})
 
 def fetch(data, idx, device):
     """Pairs idx -> (x_T, x_0), float32 (B, C, H, W) each on the device, in sorted index order."""
@@ -252,13 +248,13 @@ def fetch(data, idx, device):
 def test_loss(ema, test_set, cfg, device):
     """Mean per-sample loss of the EMA student on the held-out pairs, shared out over the ranks (one host
     sync)."""
-    ours, b = mine(torch.arange(cfg.num_test_pairs)).numpy(), cfg.batch // world_size() // cfg.accum
+    ours, b = R.mine(torch.arange(cfg.num_test_pairs)).numpy(), cfg.batch // R.world_size() // cfg.accum
     total = torch.zeros((), device=device)
     for i in range(0, len(ours), b):
         x_T, x_0 = fetch(test_set, ours[i:i + b], device)
         with autocast(device, cfg.dtype):
             total += student_loss(student_x0(ema, x_T), x_0, cfg.loss).sum()
-    return (mean_over_ranks(total) * world_size()).item() / cfg.num_test_pairs  # the sum over the ranks
+    return (R.mean_over_ranks(total) * R.world_size()).item() / cfg.num_test_pairs  # the sum over the ranks
 
 def train(cfg, teacher, ckpt, recipe, device):
     done = read_meta(cfg.pairs, recipe)                           # refuses pairs of another recipe
@@ -267,7 +263,7 @@ def train(cfg, teacher, ckpt, recipe, device):
     train_set, test_set = pair_array(cfg.pairs, "train", cfg.num_pairs), pair_array(cfg.pairs, "test",
                                                                                     cfg.num_test_pairs)
     student = make_student(teacher, cfg.student_param)
-    trained, ema = compiled(data_parallel(student), cfg.compile), student.copy().eval()
+    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().eval()
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                            fused=device != "cpu")
     step, elapsed, best, best_step = 0, 0.0, math.inf, None
@@ -278,14 +274,15 @@ def train(cfg, teacher, ckpt, recipe, device):
         opt.load_state_dict(ckpt["optimizer"])
         step, elapsed, best, best_step = ckpt["step"], ckpt["elapsed"], ckpt["best_test"], ckpt["best_step"]
     for name in ("metrics.json", "best.pt")[:1 if ckpt else 2] if step < cfg.updates else ():
-        if rank() == 0 and os.path.exists(os.path.join(cfg.out, name)):  # the student changes: no stale
+        if R.rank() == 0 and os.path.exists(os.path.join(cfg.out, name)):  # the student changes: no stale
             os.remove(os.path.join(cfg.out, name))                        # result (rank 0 writes the folder)
-    save = lambda path, opt: save_checkpoint(
+    save = lambda path, opt: R.save_checkpoint(
         path, **student.state(), ema=ema.net.state_dict(), method="luhman_kd", config=dataclasses.asdict(cfg),
-        optimizer=opt and opt.state_dict(), step=step, elapsed=elapsed + time.time() - t0, best_test=best,
-        best_step=best_step)
+        optimizer=opt and opt.state_dict(), step=step, elapsed=meter.now(), best_test=best, best_step=best_step)
     per_epoch = cfg.num_pairs // cfg.batch                        # the last partial batch is dropped
-    loss_sum, t0, last_log, order = torch.zeros((), device=device), time.time(), step, None
+    meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, phase="student training",
+                    full_total=R.full_config(cfg).updates)
+    order = None
     while step < cfg.updates:
         epoch, i = divmod(step, per_epoch)
         if i == 0 or order is None:                               # a function of (seed, epoch): no loader
@@ -294,36 +291,30 @@ def train(cfg, teacher, ckpt, recipe, device):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)             # warm-up, then constant (app. B)
         opt.zero_grad(set_to_none=True)
-        ours = mine(torch.from_numpy(order[i * cfg.batch:(i + 1) * cfg.batch])).numpy()  # this rank's part
+        ours = R.mine(torch.from_numpy(order[i * cfg.batch:(i + 1) * cfg.batch])).numpy()  # this rank's part
         for a, part in enumerate(np.array_split(ours, cfg.accum)):
             x_T, x_0 = fetch(train_set, part, device)             # (B / ranks / accum, C, H, W) each
-            last = world_size() == 1 or a + 1 == cfg.accum         # DDP averages the gradients at the end
+            last = R.world_size() == 1 or a + 1 == cfg.accum         # DDP averages the gradients at the end
             with autocast(device, cfg.dtype), contextlib.nullcontext() if last else trained.net.no_sync():
                 loss = student_loss(student_x0(trained, x_T), x_0, cfg.loss).sum() / len(ours)
                 loss.backward()                                   # summed over the parts: the batch mean
-            loss_sum += loss.detach()
+            meter.add(loss)
         opt.step()                                                # no gradient clipping (app. B)
         ema_update(ema.net, student.net, cfg.ema)
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.updates:      # the loop's only host sync
-            dt, n = time.time() - t0, step - last_log
-            elapsed, t0, last_log = elapsed + dt, time.time(), step
-            log_row(cfg.out, {"stage": "train", "step": step, "loss": mean_over_ranks(loss_sum).item() / n,
-                              "lr": g["lr"], "images_per_s": n * cfg.batch / dt, "elapsed_s": elapsed,
-                              "eta_s": (cfg.updates - step) * dt / n})
-            rehearsal_rate("student training", n, dt, full_config(cfg).updates, "update", last=True)
-            loss_sum.zero_()
+        if step % cfg.log_every == 0 or step == cfg.updates:
+            meter.log(step, {"stage": "train", "step": step, "lr": g["lr"]})
         tested = cfg.num_test_pairs > 0 and (step % cfg.test_every == 0 or step == cfg.updates)
         if tested:                                                # early stopping on the test loss (official)
-            t_test, full = time.time(), full_config(cfg)
+            t_test, full = time.time(), R.full_config(cfg)
             loss_test = test_loss(ema, test_set, cfg, device)
-            rehearsal_rate("held-out test loss", cfg.num_test_pairs, time.time() - t_test,
-                           full.num_test_pairs * (full.updates // full.test_every), "pair", last=True)
+            R.rehearsal_rate("held-out test loss", cfg.num_test_pairs, time.time() - t_test,
+                             full.num_test_pairs * (full.updates // full.test_every), "pair", last=True)
             if loss_test < best:
                 best, best_step = loss_test, step
                 save(os.path.join(cfg.out, "best.pt"), None)
-            log_row(cfg.out, {"stage": "test", "step": step, "epoch": step / per_epoch,
-                              "test_loss": loss_test, "best_test_loss": best})
+            R.log_row(cfg.out, {"stage": "test", "step": step, "epoch": step / per_epoch,
+                                "test_loss": loss_test, "best_test_loss": best})
         if tested or step % cfg.ckpt_every == 0 or step == cfg.updates:
             save(os.path.join(cfg.out, "ckpt.pt"), opt)
 
@@ -336,24 +327,24 @@ def slerp(z0, z1, a):
 
 @torch.no_grad()
 def evaluate(cfg, teacher, times, shape, device):
-    barrier()                                                     # rank 0's checkpoints are on disk
+    R.barrier()                                                     # rank 0's checkpoints are on disk
     paths = [p for p in (os.path.join(cfg.out, n) for n in ("best.pt", "ckpt.pt")) if os.path.exists(p)]
     if not paths:
         raise ValueError(f"no student checkpoint in {cfg.out}; run --stage train first")
-    student = load_teacher(paths[0], device)                      # the best EMA, read as any teacher is
+    student = R.load_teacher(paths[0], device)                      # the best EMA, read as any teacher is
     if cfg.fid:                                                   # compiling pays for FID's samples only
-        student, teacher = compiled(student, cfg.compile), compiled(teacher, cfg.compile)
-    last = load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
+        student, teacher = R.compiled(student, cfg.compile), R.compiled(teacher, cfg.compile)
+    last = R.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
     amp = autocast(device, cfg.dtype)                             # sample_fn(z, seeds) under --dtype
     F_student = amp(lambda z, seeds=None: student.sample(z))  # its recorded sampler: student_x0, clipped
     F_teacher = amp(lambda z, seeds=None: teacher_x0(teacher, z, times))
     F_teacher_1 = amp(lambda z, seeds=None: teacher_x0(teacher, z, times[:1]))
 
     # Teacher fidelity on held-out noise: the student's 1 step vs the teacher's own 1-step DDIM, same x_T.
-    seeds, full = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n), full_config(cfg)
-    x_ref, x_one, x_stu = (generate(fn, seeds, shape, cfg.gen_batch, device, f"evaluation {name}", full.eval_n)
+    seeds, full = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n), R.full_config(cfg)
+    x_ref, x_one, x_stu = (R.generate(fn, seeds, shape, cfg.gen_batch, device, f"evaluation {name}", full.eval_n)
                            for fn, name in ((F_teacher, "teacher"), (F_teacher_1, "teacher 1 step"),
-                                            (F_student, "student")))
+                                              (F_student, "student")))
     rows = [dict(model="teacher", steps=len(times), sampler="ddim", rmse_to_reference=0.0),
             dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(x_one, x_ref)),
             dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(x_stu, x_ref),
@@ -363,10 +354,10 @@ def evaluate(cfg, teacher, times, shape, device):
     for row in rows:
         row.update(fid=None, **{"is": None})
     for name, x in (("student", x_stu), ("teacher", x_ref), ("teacher_1step", x_one)):
-        save_grid(x[:64], os.path.join(cfg.out, f"samples_{name}.png"))        # same noise, side by side
+        R.save_grid(x[:64], os.path.join(cfg.out, f"samples_{name}.png"))        # same noise, side by side
     z = seeded_noise(seeds[:8], shape, device)                    # fig. 6: slerp, 4 rows x 10 points
     zs = torch.stack([slerp(z[2 * r], z[2 * r + 1], a) for r in range(4) for a in torch.linspace(0, 1, 10)])
-    save_grid(F_student(zs), os.path.join(cfg.out, "interpolation.png"), nrow=10)
+    R.save_grid(F_student(zs), os.path.join(cfg.out, "interpolation.png"), nrow=10)
     if cfg.time_batch:                                            # Table 2: 1 evaluation vs len(times)
         z = torch.randn(cfg.time_batch, *shape, device=device)
         for row, fn, repeats in ((rows[2], F_student, 10), (rows[0], F_teacher, 1)):
@@ -377,34 +368,34 @@ def evaluate(cfg, teacher, times, shape, device):
             row["time_50k_s"] = 50_000 / row["images_per_s"]
     if cfg.other_size:                                            # fig. 13: a size never trained on
         h, w = (int(v) for v in cfg.other_size.lower().split("x"))
-        o_ref, o_stu, o_one = (generate(fn, seeds[:16], (shape[0], h, w), cfg.gen_batch, device)
+        o_ref, o_stu, o_one = (R.generate(fn, seeds[:16], (shape[0], h, w), cfg.gen_batch, device)
                                for fn in (F_teacher, F_student, F_teacher_1))
-        save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
+        R.save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
         rows += [dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(o_one, o_ref),
                       image_size=[h, w]),
                  dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(o_stu, o_ref),
                       image_size=[h, w])]
-    print0(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
-           f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
+    R.print0(f"student 1-step RMSE {rows[2]['rmse_to_reference']:.4f}, teacher 1-step DDIM RMSE "
+             f"{rows[1]['rmse_to_reference']:.4f} (claim in small: the student's at most half the teacher's)")
 
     # FID / IS (Table 1) on seeds no pair used; metrics.json before and after, so a failed FID keeps the rows.
-    metrics = lambda finished: write_metrics(cfg.out, "luhman_kd", cfg.data, teacher.source, {
+    metrics = lambda finished: R.write_metrics(cfg.out, "luhman_kd", cfg.data, teacher.source, {
         "sampler": f"ddim_{cfg.skip}", "steps": len(times)}, rows, finished=finished)
     metrics(False)
     if cfg.fid:
-        ref = cfg.fid_ref or (None if cfg.data == "cifar10" else write_pngs(
-            load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
+        ref = cfg.fid_ref or (None if cfg.data == "cifar10" else R.write_pngs(
+            R.load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
-            folder = sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,
-                                      device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"], full=full.fid)
-            scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                            stats=cfg.fid_stats or None, full=full.fid)
+            folder = R.sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,
+                                        device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"], full=full.fid)
+            scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
+                              stats=cfg.fid_stats or None, full=full.fid)
             row.update(fid=scores["fid"], fid_clean=scores.get("fid_clean"), **{"is": scores["is"]})
     metrics(True)
     for row in rows:
-        log_row(cfg.out, {"stage": "eval", **{k: v for k, v in row.items() if v is not None}})
-    return run_finished(cfg.out)
+        R.log_row(cfg.out, {"stage": "eval", **{k: v for k, v in row.items() if v is not None}})
+    return R.run_finished(cfg.out)
 
 # ---- flags and main ----------------------------------------------------------------------------------------
 
@@ -424,12 +415,12 @@ def resolve(cfg):
             (cfg.teacher or cfg.data == "shapes", "--teacher: the paper's CelebA teacher is ermongroup/ddim"
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
             (cfg.data in ("cifar10", "shapes") or cfg.data.startswith("folder:"),
-             f"--data {cfg.data}: expected {DATASETS}"),
+             f"--data {cfg.data}: expected {R.DATASETS}"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
-            (cfg.stage == "pairs" or cfg.batch % (cfg.accum * world_size()) == 0,
+            (cfg.stage == "pairs" or cfg.batch % (cfg.accum * R.world_size()) == 0,
              f"--accum {cfg.accum}: expected a divisor of --batch {cfg.batch}" + (
-                 f" / {world_size()} processes" if world_size() > 1 else "")),
+                 f" / {R.world_size()} processes" if R.world_size() > 1 else "")),
             (cfg.stage == "pairs" or cfg.batch <= cfg.num_pairs,
              f"--batch {cfg.batch} exceeds --num-pairs {cfg.num_pairs}"),
             (cfg.stage != "train" or os.path.isfile(os.path.join(cfg.pairs, "meta.json")),
@@ -450,42 +441,42 @@ def check_sizes(cfg, net_cfg):
     if any(s < 8 or s % step for s in sides):
         raise ValueError(f"--image-size/--other-size {sides}: this teacher needs multiples of {step}, >= 8")
 
-@one_writer
+@R.one_writer
 def main(argv=None):
-    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
-    device = setup_device(cfg.device)                             # first: the batch splits over the ranks
-    cfg = rehearsal(resolve(cfg))                                 # --rehearse: every count cut
+    cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    device = R.setup_device(cfg.device)                             # first: the batch splits over the ranks
+    cfg = R.rehearsal(resolve(cfg))                                 # --rehearse: every count cut
     if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
         raise ValueError(f"--data {cfg.data}: no such folder")
     if cfg.fid:
-        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
-    ckpt = read_resume(cfg)                                       # refuses a resume with other result flags
-    if run_finished(cfg.out) and cfg.stage == "all" and ckpt is not None and ckpt["step"] >= cfg.updates:
-        print0(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
-        return run_finished(cfg.out)
+        R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = R.read_resume(cfg)                                       # refuses a resume with other result flags
+    if R.run_finished(cfg.out) and cfg.stage == "all" and ckpt is not None and ckpt["step"] >= cfg.updates:
+        R.print0(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
+        return R.run_finished(cfg.out)
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
-        shapes = TeacherConfig()                                  # before it is trained (once per machine)
+        shapes = R.TeacherConfig()                                  # before it is trained (once per machine)
         check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
-    teacher = load_teacher(cfg.teacher or cached_teacher(TeacherConfig()), device)
+    teacher = R.load_teacher(cfg.teacher or R.cached_teacher(R.TeacherConfig()), device)
     if cfg.student_param == "official" and teacher.param != "eps":
         raise ValueError(f"--student-param official reads the output as eps; {teacher.source} predicts "
                          f"{teacher.param}: use --student-param exact")
     check_sizes(cfg, net_config(teacher.net))
     check_steps(teacher.schedule, cfg.skip, teacher_steps=cfg.teacher_steps)
-    start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"),
-              batch=cfg.batch)
+    R.start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"),
+                batch=cfg.batch)
     size = cfg.image_size or net_config(teacher.net)["image_size"]
     shape = (3, size, size)
     times = sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
     recipe = pairs_recipe(cfg, teacher.source, times, shape)
-    print0(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
-           f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates")
+    R.print0(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
+             f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates")
     if cfg.stage in ("all", "pairs"):
-        generate_pairs(cfg, compiled(teacher, cfg.compile), recipe, shape, device)
+        generate_pairs(cfg, R.compiled(teacher, cfg.compile), recipe, shape, device)
     if cfg.stage in ("all", "train"):
         train(cfg, teacher, ckpt, recipe, device)
     if cfg.stage in ("all", "eval"):
         return evaluate(cfg, teacher, times, shape, device)
 
 if __name__ == "__main__":
-    cli(main)
+    R.cli(main)

@@ -43,103 +43,99 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import time
 
 import torch
 import torch.nn as nn
 
-from common import (COMPILE_HELP, DATASETS, PRESETS, WEIGHTINGS, Denoiser, TeacherConfig, ancestral_sample,
-                    autocast, barrier, bcast, build_net, cached_teacher, check_batch, cli, compiled,
-                    data_parallel, ddim_sample, ddim_step, eps_from_x, fid_is, field, full_config, generate,
-                    load_dataset, load_teacher, one_writer, log_row, lr_at, mean_over_ranks, mine, net_config,
-                    parse_config, prepare_fid, print0, rank, read_resume, rehearsal, rehearsal_rate, rmse,
-                    run_finished, sample_batch,
-                    sample_to_folder, sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device,
-                    start_run, train_teacher, weighted_loss, world_size, write_metrics, write_pngs)
+from common import (Denoiser, PRESETS, WEIGHTINGS, ancestral_sample, autocast, bcast, build_net, ddim_sample,
+                    ddim_step, eps_from_x, lr_at, net_config, rmse, sampler_spec, sampler_times,
+                    weighted_loss)
+
+import runtime as R
 
 @dataclasses.dataclass
 class Config:
     # data and teacher
-    data: str = field("cifar10", f"dataset: {DATASETS}")
-    image_size: int = field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
-    teacher: str = field("", "teacher to distil: hub id (google/ddpm-cifar10-32), diffusers folder or "
-                             "checkpoint of this project; 'cached' = the shared 16x16 shapes eps teacher "
-                             "(trained once); '' = train the base model first (Alg. 1)")
+    data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
+    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
+    teacher: str = R.field("", "teacher to distil: hub id (google/ddpm-cifar10-32), diffusers folder or "
+                               "checkpoint of this project; 'cached' = the shared 16x16 shapes eps teacher "
+                               "(trained once); '' = train the base model first (Alg. 1)")
     # base model (Alg. 1, sec. 4, app. E): the paper's CIFAR-10 settings. OUT/base is continued if unfinished
     # and kept once finished, whatever --resume says (delete it to retrain)
-    net: str = field("pd_cifar10", "base network preset (app. E: 256 ch, mult [1,1,1], 3 res blocks, "
-                                   "attention at 16 and 8, res-block resampling, scale-shift norm)",
-                     choices=tuple(PRESETS))
-    schedule: str = field("cosine_logsnr", "base noise schedule (official: cosine log-SNR clipped to +-20)",
-                          choices=("cosine_logsnr", "linear", "cosine"))
-    param: str = field("x", "base network output (sec. 4, table 1)", choices=("x", "v", "eps", "both"))
-    weighting: str = field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr): "
-                                        "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
-                           choices=WEIGHTINGS)
-    dropout: float = field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
-    base_updates: int = field(800_000, "base model updates (app. E)", low=1, rehearse=2)
-    base_batch: int = field(128, "base model batch size (app. E)", low=1)
-    base_lr: float = field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
-    base_warmup: int = field(1000, "base lr warm-up updates (official config)", low=0)
-    base_weight_decay: float = field(0.001, "base decoupled weight decay (app. E)", low=0.0)
-    base_ema: float = field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0,
-                            below=1.0)
-    base_cache: bool = field(False, "train the base model once into the shared cache (DISTILL_CACHE), not in "
-                                    "OUT/base")
+    net: str = R.field("pd_cifar10", "base network preset (app. E: 256 ch, mult [1,1,1], 3 res blocks, "
+                                     "attention at 16 and 8, res-block resampling, scale-shift norm)",
+                       choices=tuple(PRESETS))
+    schedule: str = R.field("cosine_logsnr", "base noise schedule (official: cosine log-SNR clipped to +-20)",
+                            choices=("cosine_logsnr", "linear", "cosine"))
+    param: str = R.field("x", "base network output (sec. 4, table 1)", choices=("x", "v", "eps", "both"))
+    weighting: str = R.field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr): "
+                                          "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
+                             choices=WEIGHTINGS)
+    dropout: float = R.field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
+    base_updates: int = R.field(800_000, "base model updates (app. E)", low=1, rehearse=2)
+    base_batch: int = R.field(128, "base model batch size (app. E)", low=1)
+    base_lr: float = R.field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
+    base_warmup: int = R.field(1000, "base lr warm-up updates (official config)", low=0)
+    base_weight_decay: float = R.field(0.001, "base decoupled weight decay (app. E)", low=0.0)
+    base_ema: float = R.field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0,
+                              below=1.0)
+    base_cache: bool = R.field(False, "train the base model once into the shared cache (DISTILL_CACHE), not in "
+                                      "OUT/base")
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
-    start_steps: int = field(8192, "teacher sampling steps at the start, a power of 2 (sec. 5.2)", low=2)
-    end_steps: int = field(1, "student sampling steps of the last round, a power of 2", low=1)
-    divisor: int = field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
-                            "target still comes from two teacher DDIM steps)", choices=(2, 4))
-    updates_per_round: int = field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1,
-                                   rehearse=2)
-    final_rounds_factor: int = field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)", low=1)
-    lr: float = field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
-                      low=0.0)
-    grad_clip: float = field(1.0, "clip the global gradient norm (app. E; 0 = off)", low=0.0)
-    batch: int = field(128, "distillation batch size (app. E), also of sampling; pd_cifar10 in fp32 needs "
-                            "~21 GiB of activations at 128: use 64 or --dtype bf16 on a 24 GB card", low=1)
-    reparam_steps: int = field(2, "eps teachers: students predict eps down to this many steps, then the "
-                                  "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
-                               low=0)
-    reparam_updates: int = field(50_000, "updates of the re-parameterisation round", low=1, rehearse=2)
-    teacher_clip: str = field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
-                                      "prediction: auto (eps teachers only, measured: docstring) | yes | no "
-                                      "(Alg. 2)", choices=("auto", "yes", "no"))
+    start_steps: int = R.field(8192, "teacher sampling steps at the start, a power of 2 (sec. 5.2)", low=2)
+    end_steps: int = R.field(1, "student sampling steps of the last round, a power of 2", low=1)
+    divisor: int = R.field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
+                              "target still comes from two teacher DDIM steps)", choices=(2, 4))
+    updates_per_round: int = R.field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1,
+                                     rehearse=2)
+    final_rounds_factor: int = R.field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)", low=1)
+    lr: float = R.field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
+                        low=0.0)
+    grad_clip: float = R.field(1.0, "clip the global gradient norm (app. E; 0 = off)", low=0.0)
+    batch: int = R.field(128, "distillation batch size (app. E), also of sampling; pd_cifar10 in fp32 needs "
+                              "~21 GiB of activations at 128: use 64 or --dtype bf16 on a 24 GB card", low=1)
+    reparam_steps: int = R.field(2, "eps teachers: students predict eps down to this many steps, then the "
+                                    "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
+                                 low=0)
+    reparam_updates: int = R.field(50_000, "updates of the re-parameterisation round", low=1, rehearse=2)
+    teacher_clip: str = R.field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
+                                        "prediction: auto (eps teachers only, measured: docstring) | yes | no "
+                                        "(Alg. 2)", choices=("auto", "yes", "no"))
     # evaluation (fig. 4, fig. 7, app. F). Cost in network evaluations: eval_samples x N per model and round
     # (the start-steps reference: eval_samples x start_steps), FID fid_samples x N per model and round
-    eval_samples: int = field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
-                                   "0..n-1", low=1, rehearse=4)
-    grid: int = field(8, "samples per model in rounds.png: a row per round, the student at N steps left and "
-                         "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
-    eval_clip: bool = field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
-    fid_samples: int = field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
-                                "network evaluations per model)", low=0, fixed=False, rehearse=32)
-    fid_max_steps: int = field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
-                                    "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
-                               low=1, fixed=False)
-    fid_teacher: bool = field(False, "also FID the undistilled teacher at each round's steps (fig. 4)",
-                              fixed=False)
-    fid_reference: bool = field(False, "also FID the teacher at --start-steps (ignores --fid-max-steps)",
+    eval_samples: int = R.field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
+                                     "0..n-1", low=1, rehearse=4)
+    grid: int = R.field(8, "samples per model in rounds.png: a row per round, the student at N steps left and "
+                           "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
+    eval_clip: bool = R.field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
+    fid_samples: int = R.field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
+                                  "network evaluations per model)", low=0, fixed=False, rehearse=32)
+    fid_max_steps: int = R.field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
+                                      "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
+                                 low=1, fixed=False)
+    fid_teacher: bool = R.field(False, "also FID the undistilled teacher at each round's steps (fig. 4)",
                                 fixed=False)
-    fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines (default: "
-                               "clean-fid's, downloaded once)", fixed=False)
-    inception: str = field("", "path of the Inception weights for FID/IS (default: download once)",
-                           fixed=False)
-    stochastic: str = field("", "app. F: also sample students and teacher ancestrally with these comma-"
-                                "separated gammas in [0, 1] (log-variance from the lower (0) to the upper "
-                                "(1) bound)", fixed=False)
+    fid_reference: bool = R.field(False, "also FID the teacher at --start-steps (ignores --fid-max-steps)",
+                                  fixed=False)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines (default: "
+                                 "clean-fid's, downloaded once)", fixed=False)
+    inception: str = R.field("", "path of the Inception weights for FID/IS (default: download once)",
+                             fixed=False)
+    stochastic: str = R.field("", "app. F: also sample students and teacher ancestrally with these comma-"
+                                  "separated gammas in [0, 1] (log-variance from the lower (0) to the upper "
+                                  "(1) bound)", fixed=False)
     # run
-    seed: int = field(0, "seed")
-    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
-                       choices=("fp32", "bf16", "fp16"))
-    compile: bool = field(False, COMPILE_HELP, fixed=False)
-    log_every: int = field(500, "log every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = field(5000, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
-    out: str = field("runs/progressive", "run directory", fixed=False)
-    resume: str = field("auto", "auto (continue OUT/ckpt.pt) | none (restart the distillation) | PATH",
-                        fixed=False)
+    seed: int = R.field(0, "seed")
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
+                         choices=("fp32", "bf16", "fp16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
+    log_every: int = R.field(500, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(5000, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
+    out: str = R.field("runs/progressive", "run directory", fixed=False)
+    resume: str = R.field("auto", "auto (continue OUT/ckpt.pt) | none (restart the distillation) | PATH",
+                          fixed=False)
 
 # --quick: a paper-style base model (cosine log-SNR, x-prediction, truncated SNR; the 16-channel tiny U-Net)
 # on 16x16 shapes, trained once into the shared cache; 16 -> 8 -> 4 -> 2 -> 1 steps in rounds of 200 (400)
@@ -185,12 +181,12 @@ def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
 def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
     """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
     sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
-    B, schedule = x.shape[0] * world_size(), student.schedule  # x: this rank's part of the global batch B
-    i = mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
+    B, schedule = x.shape[0] * R.world_size(), student.schedule  # x: this rank's part of the global batch B
+    i = R.mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
     u = i.to(x.device, torch.float64) / N
     phi = angle(schedule, u)
     alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
-    eps = mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
+    eps = R.mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
     z_t = alpha * x + sigma * eps
     x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
     x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
@@ -246,8 +242,8 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     restart)."""
     fn = sampler(den, steps, gamma, cfg.eval_clip)
     with autocast(device, cfg.dtype):
-        images = generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
-                          f"evaluation {name}", full_config(cfg).eval_samples)
+        images = R.generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
+                            f"evaluation {name}", R.full_config(cfg).eval_samples)
         if not (fid and cfg.fid_samples):
             return images, {"fid": None, "is": None}
         folder = os.path.join(cfg.out, "samples", name)
@@ -256,20 +252,20 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
         for tensor in den.net.state_dict().values():
             stamp.update(tensor.cpu().numpy().tobytes())
         stamp = stamp.hexdigest()
-        if rank() == 0:
+        if R.rank() == 0:
             if os.path.isdir(folder) and (not os.path.exists(owner) or open(owner).read() != stamp):
                 shutil.rmtree(folder)
             os.makedirs(folder, exist_ok=True)
             with open(owner, "w") as f:
                 f.write(stamp)
-        barrier()
-        fast = sampler(compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
-        sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
-                         full=full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else write_pngs(
+        R.barrier()
+        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
+        R.sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
+                           full=R.full_config(cfg).fid_samples)
+    ref = None if cfg.data == "cifar10" else R.write_pngs(
         data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
-    return images, fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
-                          stats=cfg.fid_stats or None, full=full_config(cfg).fid_samples)
+    return images, R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
+                            stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
 def evaluate(cfg, r, N, student, teacher0, reference, data, device):
     """Round r's rows: the student and the undistilled teacher (None: already evaluated at N) at N steps,
@@ -299,7 +295,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     eps = teacher0.param == "eps"
     rounds, full_rounds = (round_schedule(c.start_steps, c.end_steps, c.divisor, c.updates_per_round,
                                           c.final_rounds_factor, c.reparam_steps if eps else 0, c.reparam_updates)
-                           for c in (cfg, full_config(cfg)))  # the latter: the full run's, under --rehearse
+                           for c in (cfg, R.full_config(cfg)))  # the latter: the full run's, under --rehearse
     clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and eps)
     path = os.path.join(cfg.out, "ckpt.pt")
     if ckpt is None:  # the reference: the original teacher's start-steps DDIM from the evaluation noise
@@ -317,7 +313,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
         student = make_student(teacher, N, n_teacher == N, cfg.eval_clip)  # Alg. 2: theta <- eta, new Adam
-        trained, fast_teacher = compiled(data_parallel(student), cfg.compile), compiled(teacher, cfg.compile)
+        trained, fast_teacher = R.compiled(R.data_parallel(student), cfg.compile), R.compiled(teacher, cfg.compile)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr,  # no weight decay, no EMA (official config)
                                fused=device != "cpu")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
@@ -326,14 +322,15 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
             student.net.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["gen"])
             step = ckpt["step"]
-            print0(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}")
+            R.print0(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}")
         weighting = "snr" if student.param == "eps" else cfg.weighting  # eps students: their teacher's loss
-        loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
+        phase = f"round {r + 1}: {n_teacher} -> {N} steps"
+        meter = R.Meter(cfg.out, step, updates, elapsed, device, phase=phase, full_total=full_rounds[r][2])
         while step < updates:
             lr = lr_at(step, cfg.lr, 0, updates, "linear")  # app. E: linear anneal to zero within the round
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = sample_batch(data, cfg.batch, gen)
+            x = R.sample_batch(data, cfg.batch, gen)
             with autocast(device, cfg.dtype):
                 loss = distill_loss(trained, fast_teacher, x, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
@@ -342,40 +339,31 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            loss_sum += loss.detach()
-            if step % cfg.log_every == 0 or step == updates:  # the only host sync
-                dt, n = time.time() - t0, step - last_log
-                elapsed, t0, last_log = elapsed + dt, time.time(), step
-                mean_loss = mean_over_ranks(loss_sum).item() / n
-                if mean_loss != mean_loss or abs(mean_loss) == float("inf"):
-                    raise ValueError(f"round {r + 1} ({N} steps) diverged at update {step} (loss "
-                                     f"{mean_loss}); rerun with a lower --lr and --resume none")
-                log_row(cfg.out, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
-                                  "update": step, "loss": mean_loss, "lr": lr, "sec_per_update": dt / n,
-                                  "elapsed_s": elapsed, "eta_s": (updates - step) * dt / n})
-                rehearsal_rate(f"round {r + 1}: {n_teacher} -> {N} steps", n, dt, full_rounds[r][2], "update",
-                               last=True)
-                loss_sum.zero_()
+            meter.add(loss)
+            if step % cfg.log_every == 0 or step == updates:
+                meter.log(step, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
+                                 "update": step, "lr": lr})
             if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
-                save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
-                                round=r, step=step, optimizer=opt.state_dict(), gen=gen.get_state(),
-                                teacher=teacher.state(), results=results, reference=reference,
-                                grid_rows=grid_rows, elapsed=elapsed + time.time() - t0, teacher_spec=spec)
+                R.save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
+                                  round=r, step=step, optimizer=opt.state_dict(), gen=gen.get_state(),
+                                  teacher=teacher.state(), results=results, reference=reference,
+                                  grid_rows=grid_rows, elapsed=meter.now(), teacher_spec=spec)
 
         # the round's student as a teacher checkpoint, its evaluation; it becomes the next teacher (Alg. 2)
+        elapsed = meter.elapsed_s
         student.eval()
         name = f"student_{N}steps" + ("_reparam" if n_teacher == N else "")
-        save_checkpoint(os.path.join(cfg.out, f"{name}.pt"), **student.state(), method="progressive",
-                        config=dataclasses.asdict(cfg), step=updates, teacher_spec=spec)
+        R.save_checkpoint(os.path.join(cfg.out, f"{name}.pt"), **student.state(), method="progressive",
+                          config=dataclasses.asdict(cfg), step=updates, teacher_spec=spec)
         undistilled = teacher0 if n_teacher != N and N != cfg.start_steps else None
         rows, grid = evaluate(cfg, r, N, student, undistilled, reference, data, device)
         results, grid_rows = results + rows, grid_rows + [grid]
         reference_sampler = {"sampler": "ddim_clip" if cfg.eval_clip else "ddim", "steps": cfg.start_steps}
-        write_metrics(cfg.out, "progressive", cfg.data, spec, reference_sampler, results,
-                      finished=r + 1 == len(rounds))
-        save_grid(torch.cat(grid_rows), os.path.join(cfg.out, "rounds.png"), nrow=2 * cfg.grid)
+        R.write_metrics(cfg.out, "progressive", cfg.data, spec, reference_sampler, results,
+                        finished=r + 1 == len(rounds))
+        R.save_grid(torch.cat(grid_rows), os.path.join(cfg.out, "rounds.png"), nrow=2 * cfg.grid)
         rmses = [f"{row['model']} {row['rmse_to_reference']:.4f}" for row in rows if row["sampler"] == "ddim"]
-        print0(f"round {r + 1}/{len(rounds)}: {N} steps ({student.param}), RMSE {', '.join(rmses)}")
+        R.print0(f"round {r + 1}/{len(rounds)}: {N} steps ({student.param}), RMSE {', '.join(rmses)}")
         teacher = student
     return results
 
@@ -385,7 +373,7 @@ def check(cfg):
     """What argparse cannot check, before any work: one-line ValueErrors."""
     if cfg.data not in ("cifar10", "shapes") and not (cfg.data.startswith("folder:")
                                                       and os.path.isdir(cfg.data[len("folder:"):])):
-        raise ValueError(f"--data {cfg.data}: expected {DATASETS} (an existing folder)")
+        raise ValueError(f"--data {cfg.data}: expected {R.DATASETS} (an existing folder)")
     pow2 = lambda n: n & (n - 1) == 0
     if not (pow2(cfg.start_steps) and pow2(cfg.end_steps) and cfg.end_steps < cfg.start_steps):
         raise ValueError(f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected powers of "
@@ -407,41 +395,41 @@ def check(cfg):
 
 def base_config(cfg):
     """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
-    return TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
-                         schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting, var="fixed_large",
-                         updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
-                         warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
-                         grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                         compile=cfg.compile,
-                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                         out=os.path.join(cfg.out, "base"), resume="auto")
+    return R.TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
+                           schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting, var="fixed_large",
+                           updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
+                           warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
+                           grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                           compile=cfg.compile,
+                           log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                           out=os.path.join(cfg.out, "base"), resume="auto")
 
 def get_teacher(cfg, device):
     """(spec, Denoiser) of the start teacher: --teacher, the shared eps teacher, or the base model of Alg. 1
     (OUT/base, continued if unfinished and kept if finished: --resume is the distillation's; or the cache)."""
     if cfg.teacher == "cached":
-        spec = cached_teacher()
+        spec = R.cached_teacher()
     elif cfg.teacher:
         spec = cfg.teacher
     else:
         base = base_config(cfg)
-        spec = cached_teacher(base) if cfg.base_cache else \
-            train_teacher(base, full_updates=full_config(cfg).base_updates)
-    return spec, load_teacher(spec, device)
+        spec = R.cached_teacher(base) if cfg.base_cache else \
+            R.train_teacher(base, full_updates=R.full_config(cfg).base_updates)
+    return spec, R.load_teacher(spec, device)
 
-@one_writer
+@R.one_writer
 def main(argv=None):
-    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
-    device = setup_device(cfg.device)
-    cfg = rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
-    check_batch(batch=cfg.batch, **({} if cfg.teacher else {"base_batch": cfg.base_batch}))
+    device = R.setup_device(cfg.device)
+    cfg = R.rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
+    R.check_batch(batch=cfg.batch, **({} if cfg.teacher else {"base_batch": cfg.base_batch}))
     if cfg.fid_samples:
-        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
-    ckpt = read_resume(cfg)  # before any work: the base model is trained only for a run that can go on
-    if ckpt is not None and run_finished(cfg.out):
-        print0(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again")
-        return run_finished(cfg.out)
+        R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = R.read_resume(cfg)  # before any work: the base model is trained only for a run that can go on
+    if ckpt is not None and R.run_finished(cfg.out):
+        R.print0(f"{cfg.out} is finished (metrics.json); pass --resume none or another --out to run it again")
+        return R.run_finished(cfg.out)
     spec, teacher0 = get_teacher(cfg, device)
     if teacher0.steps and teacher0.steps != cfg.start_steps:
         raise ValueError(f"{spec} was distilled for {teacher0.steps} steps; pass --start-steps "
@@ -449,11 +437,11 @@ def main(argv=None):
     size = net_config(teacher0.net)["image_size"]
     if cfg.image_size not in (0, size):
         raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
-    data = load_dataset(cfg.data, size, seed=cfg.seed)
-    start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
+    data = R.load_dataset(cfg.data, size, seed=cfg.seed)
+    R.start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
     torch.manual_seed(cfg.seed)
     distill(cfg, spec, teacher0, data.to(device), device, ckpt)
-    return run_finished(cfg.out)
+    return R.run_finished(cfg.out)
 
 if __name__ == "__main__":
-    cli(main)
+    R.cli(main)

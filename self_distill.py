@@ -73,96 +73,91 @@ import dataclasses
 import functools
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 
-from common import (COMPILE_HELP, DATASETS, PRESETS, SKIPS, Denoiser, Schedule, autocast, bcast, build_net,
-                    cached_teacher, check_batch, check_steps, cli, compiled, data_parallel, ddim_sample,
-                    ddim_step, ema_update, fid_is, field, full_config, gather, generate, load_dataset,
-                    load_teacher, one_writer, log_row, mean_over_ranks, mine, net_config, parse_config, prepare_fid, print0,
-                    rank_dropout_seed, read_resume, rehearsal, rehearsal_rate, rmse, run_finished,
-                    sample_batch, sample_to_folder,
-                    sampler_spec, sampler_times, save_checkpoint, save_grid, setup_device, start_run,
-                    weighted_loss, world_size, write_json, write_metrics, write_pngs)
+from common import (Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps, ddim_sample,
+                    ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times, weighted_loss)
+
+import runtime as R
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
 
 @dataclasses.dataclass
 class Config:
-    variant: str = field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
-                                 "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
-                         choices=VARIANTS)
-    data: str = field("cifar10", f"dataset ({DATASETS}): FID reference; the data of --variant train")
-    teacher: str = field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
-                             "cifar10, the cached shapes teacher for shapes")
-    image_size: int = field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
+    variant: str = R.field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
+                                   "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
+                           choices=VARIANTS)
+    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
+    teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
+                               "cifar10, the cached shapes teacher for shapes")
+    image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
-    steps: int = field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
-    updates: int = field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
-                         rehearse=1)  # --rehearse: one trajectory per depth
-    batch: int = field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
-    skip: str = field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
-                      choices=SKIPS[:1] + SKIPS[2:])
-    target: str = field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
-                                   "the x prediction at z_t-1)", choices=("implied", "next_x"))
-    weighting: str = field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
-                                        "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
-                           choices=("trunc_snr", "trunc_logsnr", "none"))
-    clip: str = field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
-                              "auto (eps models, see the docstring) | yes | no (the paper's latents)",
-                      choices=("auto", "yes", "no"))
-    lr: float = field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
-    lr_end: float = field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
-                          high=1.0)
-    warmup: float = field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0,
-                          below=1.0)
-    beta1: float = field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
-    beta2: float = field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
-    ema: float = field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
-                       below=1.0)
-    grad_clip: float = field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
+    steps: int = R.field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
+    updates: int = R.field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
+                           rehearse=1)  # --rehearse: one trajectory per depth
+    batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
+    skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
+                        choices=SKIPS[:1] + SKIPS[2:])
+    target: str = R.field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
+                                     "the x prediction at z_t-1)", choices=("implied", "next_x"))
+    weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
+                                          "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
+                             choices=("trunc_snr", "trunc_logsnr", "none"))
+    clip: str = R.field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
+                                "auto (eps models, see the docstring) | yes | no (the paper's latents)",
+                        choices=("auto", "yes", "no"))
+    lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
+    lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
+                            high=1.0)
+    warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0,
+                            below=1.0)
+    beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
+    beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
+    ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
+                         below=1.0)
+    grad_clip: float = R.field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
     # training DSD (sec. 4.2, eq. 1; the rest as the official base config)
-    train_net: str = field("ddpm_cifar10", "network preset trained from scratch (common.PRESETS)",
-                           choices=tuple(PRESETS))
-    train_schedule: str = field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
-                                choices=("cosine_logsnr", "linear", "cosine"))
-    train_updates: int = field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False,
-                               rehearse=2)
-    train_lr: float = field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
-    train_warmup: int = field(1000, "linear warm-up updates", low=0)
-    train_batch: int = field(128, "batch size", low=1)
-    train_ema: float = field(0.9999, "EMA decay", low=0.0, below=1.0)
-    dropout: float = field(0.1, "dropout of the network trained from scratch", low=0.0, below=1.0)
-    distill_steps: int = field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
-    v_weight: float = field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
-    distill_weight: float = field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
+    train_net: str = R.field("ddpm_cifar10", "network preset trained from scratch (common.PRESETS)",
+                             choices=tuple(PRESETS))
+    train_schedule: str = R.field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
+                                  choices=("cosine_logsnr", "linear", "cosine"))
+    train_updates: int = R.field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False,
+                                 rehearse=2)
+    train_lr: float = R.field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
+    train_warmup: int = R.field(1000, "linear warm-up updates", low=0)
+    train_batch: int = R.field(128, "batch size", low=1)
+    train_ema: float = R.field(0.9999, "EMA decay", low=0.0, below=1.0)
+    dropout: float = R.field(0.1, "dropout of the network trained from scratch", low=0.0, below=1.0)
+    distill_steps: int = R.field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
+    v_weight: float = R.field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
+    distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
     # evaluation
-    reference_steps: int = field(64, "DDIM steps of the original model's reference output (the paper's "
-                                     "'original 64'); --variant train: the model's own", low=1, fixed=False)
-    eval_steps: str = field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
-    eval_samples: int = field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
-                              rehearse=4)
-    eval_batch: int = field(128, "batch size of sampling", low=1, fixed=False)
-    grid: int = field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
-                      low=1, fixed=False)
-    fid_samples: int = field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
-                                " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
-                              rehearse=32)
-    fid_stats: str = field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                               "clean-fid's, downloaded once)", fixed=False)
-    inception: str = field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
+    reference_steps: int = R.field(64, "DDIM steps of the original model's reference output (the paper's "
+                                       "'original 64'); --variant train: the model's own", low=1, fixed=False)
+    eval_steps: str = R.field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
+    eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
+                                rehearse=4)
+    eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
+    grid: int = R.field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
+                        low=1, fixed=False)
+    fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
+                                  " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
+                                rehearse=32)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
+                                 "clean-fid's, downloaded once)", fixed=False)
+    inception: str = R.field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
     # run
-    seed: int = field(0, "seed of the trajectories (fine-tuning) or of training")
-    device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = field("fp32", "network precision (schedule algebra fp32, targets fp64)",
-                       choices=("fp32", "bf16", "fp16"))
-    compile: bool = field(False, COMPILE_HELP, fixed=False)
-    log_every: int = field(100, "log every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = field(500, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
-    out: str = field("runs/self_distill", "run directory", fixed=False)
-    resume: str = field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
+    seed: int = R.field(0, "seed of the trajectories (fine-tuning) or of training")
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, targets fp64)",
+                         choices=("fp32", "bf16", "fp16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
+    log_every: int = R.field(100, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(500, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
+    out: str = R.field("runs/self_distill", "run directory", fixed=False)
+    resume: str = R.field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
 
 # --quick: the shared cached 16x16 shapes teacher (tiny U-Net, eps, linear schedule), DSDI 16 -> 8 -> 4 -> 2
 # steps with table 3's lr, about 25 updates per depth at batch 16, and an EMA that moves within them.
@@ -246,9 +241,9 @@ def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
     (detached) comes from two DDIM steps of the same model from z_t, t -> t - 1/N -> t - 2/N (alg. 2), its
     second pass run without dropout (the first step reuses x', so only x' sees dropout).
     Samples with u < 2/N (no room for two steps) get the v term only."""
-    B, schedule = x.shape[0] * world_size(), den.schedule  # x: this rank's part of the global batch B
-    u = mine(torch.rand(B, generator=gen, device=gen.device)).to(x.device, torch.float64)
-    eps = mine(torch.randn((B, *x.shape[1:]), generator=gen, device=gen.device)).to(x.device)
+    B, schedule = x.shape[0] * R.world_size(), den.schedule  # x: this rank's part of the global batch B
+    u = R.mine(torch.rand(B, generator=gen, device=gen.device)).to(x.device, torch.float64)
+    eps = R.mine(torch.randn((B, *x.shape[1:]), generator=gen, device=gen.device)).to(x.device)
     us = torch.stack([u, u - 1 / steps, u - 2 / steps]).clamp_min(0)
     logsnr = schedule.logsnr(schedule.time(us))
     alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
@@ -276,7 +271,7 @@ def learning_rate(step, peak, warmup, total, end):
 def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
     """Trains `model` in place and its EMA, resumable at any update (mid-trajectory and mid-schedule):
     fine-tuning under the plan `rows`, or training DSD when there is none."""
-    fine_tune, full = bool(rows), full_config(cfg)
+    fine_tune, full = bool(rows), R.full_config(cfg)
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, full.updates)} if fine_tune else {}
     if fine_tune:
         grids = {n: grid(model.schedule, n, cfg.skip) for n, _, _ in rows}
@@ -286,18 +281,18 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         total, peak, warmup, end = cfg.train_updates, cfg.train_lr, cfg.train_warmup, 1.0
     opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
-    trained, teacher = compiled(data_parallel(model), cfg.compile), den0 if cfg.variant == "tsd" else None
-    fast = functools.lru_cache(maxsize=1)(lambda den: compiled(den, cfg.compile))  # one view per TSD teacher
+    trained, teacher = R.compiled(R.data_parallel(model), cfg.compile), den0 if cfg.variant == "tsd" else None
+    fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # one view per TSD teacher
     step, z, elapsed = 0, None, 0.0
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
         step, z, elapsed = ckpt["step"], ckpt["z"], ckpt["elapsed"]
-        z = None if z is None else mine(z.to(device))  # this rank's trajectories
+        z = None if z is None else R.mine(z.to(device))  # this rank's trajectories
         if ckpt["teacher"] is not None:
             teacher = den0.copy().eval()
             teacher.net.load_state_dict(ckpt["teacher"])
-    loss_sum, t0, last_log = torch.zeros((), device=device), time.time(), step
+    meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD", full_total=full.train_updates)
     while step < total:
         lr = learning_rate(step, peak, warmup, total, end)
         for g in opt.param_groups:
@@ -306,7 +301,7 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
             if fine_tune:
                 n, k = sequence[step]
                 if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I), ours a slice
-                    z = mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
+                    z = R.mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
                     if teacher is not None and step > 0 and sequence[step - 1][0] != n:
                         teacher = model.copy().eval()  # TSD: the student becomes the next teacher (PD)
                 times, alpha, sigma = grids[n]
@@ -316,7 +311,7 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
                                    None if teacher is None else fast(teacher),
                                    clipped(cfg, model))
             else:
-                x = sample_batch(data, cfg.train_batch, gen)
+                x = R.sample_batch(data, cfg.train_batch, gen)
                 loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -325,51 +320,43 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         opt.step()
         ema_update(ema.net, model.net, cfg.ema if fine_tune else cfg.train_ema)
         step += 1
-        loss_sum += loss.detach()
-        if step % cfg.log_every == 0 or step == total:  # the only host sync
-            dt, count = time.time() - t0, step - last_log
-            elapsed, t0, last_log = elapsed + dt, time.time(), step
-            mean_loss = mean_over_ranks(loss_sum).item() / count
-            if not math.isfinite(mean_loss):
-                raise ValueError(f"{cfg.variant} diverged at update {step} (loss {mean_loss}); lower the lr")
-            log_row(cfg.out, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
-                              "loss": mean_loss, "lr": lr, "sec_per_update": dt / count,
-                              "elapsed_s": elapsed, "eta_s": (total - step) * dt / count})
-            rehearsal_rate(f"{cfg.variant} N = {n}" if fine_tune else "training DSD", count, dt,
-                           full_updates[n] if fine_tune else full.train_updates, "update", last=True)
-            loss_sum.zero_()
+        meter.add(loss)
+        if step % cfg.log_every == 0 or step == total:
+            depth = dict(phase=f"{cfg.variant} N = {n}", full_total=full_updates[n]) if fine_tune else {}
+            meter.log(step, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
+                             "lr": lr}, **depth)
         if step % cfg.ckpt_every == 0 or step == total:  # z: all ranks' trajectories
-            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
-                            method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                            optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
-                            z=None if z is None else gather(z),
-                            elapsed=elapsed + time.time() - t0,
-                            teacher=None if teacher in (None, den0) else teacher.net.state_dict())
+            R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
+                              method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
+                              optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
+                              z=None if z is None else R.gather(z),
+                              elapsed=meter.now(),
+                              teacher=None if teacher in (None, den0) else teacher.net.state_dict())
 
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 
 def evaluate(cfg, models, reference_model, shape, data, device):
     """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
     from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
-    seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), full_config(cfg)
+    seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
     ref_folder = None
     if cfg.fid_samples and cfg.data != "cifar10":
-        ref_folder = write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+        ref_folder = R.write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
 
     def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
         times = sampler_times(den.schedule, steps, cfg.skip)
         fn = lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
         with autocast(device, cfg.dtype):
-            images = generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
-                              full.eval_samples)
+            images = R.generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
+                                full.eval_samples)
             if not cfg.fid_samples:
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
-            fast_den = compiled(den, cfg.compile)  # pays at FID's sizes
-            sample_to_folder(lambda z, seeds: ddim_sample(fast_den, z, times, clip=clip).clamp(-1, 1),
-                             cfg.fid_samples, folder, shape, cfg.eval_batch, device, full=full.fid_samples)
-        scores = fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
-                        stats=cfg.fid_stats or None, full=full.fid_samples)
+            fast_den = R.compiled(den, cfg.compile)  # pays at FID's sizes
+            R.sample_to_folder(lambda z, seeds: ddim_sample(fast_den, z, times, clip=clip).clamp(-1, 1),
+                               cfg.fid_samples, folder, shape, cfg.eval_batch, device, full=full.fid_samples)
+        scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
+                          stats=cfg.fid_stats or None, full=full.fid_samples)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
 
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
@@ -382,9 +369,9 @@ def evaluate(cfg, models, reference_model, shape, data, device):
             results.append({"model": name, "steps": steps, "sampler": "ddim",
                             "rmse_to_reference": rmse(images, reference), **scores})
             rows.append(images[:cfg.grid])
-        print0(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
-                                               for r in results[-len(models):]))
-    save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
+        R.print0(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
+                                                 for r in results[-len(models):]))
+    R.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
     return results
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -408,36 +395,36 @@ def check(cfg):
     if cfg.variant == "train" and cfg.v_weight == 0 and cfg.distill_weight == 0:
         raise ValueError("--v-weight and --distill-weight are both 0: nothing to train")
 
-@one_writer
+@R.one_writer
 def main(argv=None):
-    cfg = parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     check(cfg)
-    device = setup_device(cfg.device)
-    cfg = rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
-    check_batch(**({"train_batch": cfg.train_batch} if cfg.variant == "train" else {"batch": cfg.batch}))
+    device = R.setup_device(cfg.device)
+    cfg = R.rehearsal(cfg)  # --rehearse: every count cut, into OUT/rehearsal
+    R.check_batch(**({"train_batch": cfg.train_batch} if cfg.variant == "train" else {"batch": cfg.batch}))
     if cfg.fid_samples:
-        prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
-    ckpt = read_resume(cfg)  # refuses a resume with other result flags, before any work
+        R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    ckpt = R.read_resume(cfg)  # refuses a resume with other result flags, before any work
     rows = plan(cfg.variant, cfg.steps, cfg.updates) if cfg.variant != "train" else []
     total = sum(p for _, _, p in rows) or cfg.train_updates
-    if ckpt is not None and ckpt["step"] >= total and run_finished(cfg.out):
-        print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again")
-        return run_finished(cfg.out)
+    if ckpt is not None and ckpt["step"] >= total and R.run_finished(cfg.out):
+        R.print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again")
+        return R.run_finished(cfg.out)
     torch.manual_seed(cfg.seed)
     data = None
     if cfg.variant == "train":
-        data = load_dataset(cfg.data, cfg.image_size or None, seed=cfg.seed)
+        data = R.load_dataset(cfg.data, cfg.image_size or None, seed=cfg.seed)
         net = build_net(cfg.train_net, image_size=data.shape[-1], out_channels=data.shape[1],
                         dropout=cfg.dropout)
         model = Denoiser(net.to(device), Schedule(cfg.train_schedule), "v", "fixed_large").train()
         spec, den0, ema, shape = None, None, model.copy().eval(), tuple(data.shape[1:])
     else:  # fine-tuning: den0 the original model (frozen), model a copy without dropout, ema its EMA
         spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
-            cached_teacher() if cfg.data == "shapes" else None)
+            R.cached_teacher() if cfg.data == "shapes" else None)
         if spec is None:
             raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or "
                              "checkpoint)")
-        den0 = load_teacher(spec, device)
+        den0 = R.load_teacher(spec, device)
         size = net_config(den0.net)["image_size"]
         if cfg.image_size not in (0, size):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
@@ -445,20 +432,20 @@ def main(argv=None):
         model.net.eval()  # no dropout while fine-tuning; the weights still train
         shape = (net_config(den0.net)["in_channels"], size, size)
         if cfg.fid_samples and cfg.data != "cifar10":
-            data = load_dataset(cfg.data, shape[-1], seed=cfg.seed)
+            data = R.load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
     steps = rows[-1][0] if rows else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
     times = sampler_times(model.schedule, steps, cfg.skip)
     model.sampler = ema.sampler = sampler_spec(times, clip=clipped(cfg, model))  # recorded in checkpoints
-    start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
-              batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
-    rank_dropout_seed(cfg.seed)
+    R.start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
+                batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
+    R.rank_dropout_seed(cfg.seed)
     if rows:
-        print0(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
-              + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows))
-        write_json(os.path.join(cfg.out, "plan.json"),
-                   [{"steps": n, "trajectories": u, "updates": p} for n, u, p in rows])
+        R.print0(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
+                + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows))
+        R.write_json(os.path.join(cfg.out, "plan.json"),
+                     [{"steps": n, "trajectories": u, "updates": p} for n, u, p in rows])
     train(cfg, rows, model, ema, den0, shape, None if data is None else data.to(device), device, ckpt)
     models = {"student": ema.eval()} if den0 is None else {"teacher": den0, "student": ema.eval()}
     results = evaluate(cfg, models, "student" if den0 is None else "teacher", shape, data, device)
@@ -466,8 +453,8 @@ def main(argv=None):
         r["variant"] = cfg.variant
     reference = {"sampler": f"ddim_{cfg.skip}" + ("_clip" if clipped(cfg, ema) else ""),
                  "steps": cfg.reference_steps}
-    write_metrics(cfg.out, "self_distill", cfg.data, spec, reference, results, finished=True)
-    return run_finished(cfg.out)
+    R.write_metrics(cfg.out, "self_distill", cfg.data, spec, reference, results, finished=True)
+    return R.run_finished(cfg.out)
 
 if __name__ == "__main__":
-    cli(main)
+    R.cli(main)

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 import dkdm as D  # noqa: E402
 import luhman_kd as L  # noqa: E402
 import progressive as P  # noqa: E402
@@ -82,7 +83,7 @@ def bare_step(student, passes, z, t, opt):
     opt.zero_grad(set_to_none=True)
 
 def setup(method, spec, args, device, fast):
-    """(method_step, bare_step) of one method on spec's nets at its batch; fast: C.compiled or identity (a
+    """(method_step, bare_step) of one method on spec's nets at its batch; fast: R.compiled or identity (a
     view: the optimisers hold the raw parameters)."""
     B, size, amp = spec["batch"], spec["image_size"], C.autocast(device, args.dtype)
     shape, gen = (B, 3, size, size), torch.Generator(device).manual_seed(0)
@@ -137,11 +138,11 @@ def setup(method, spec, args, device, fast):
         return step, lambda: bare_step(model_v, [model_v.net], z, t, opt)
 
     big = denoiser(spec["net"], size, var="learned_range").to(device).eval()
-    small = D.make_student(D.parse_config(D.Config, ["--student", spec["student"], "--dropout", "0"]), big)
+    small = D.make_student(R.parse_config(D.Config, ["--student", spec["student"], "--dropout", "0"]), big)
     small = small.to(device)
     small_ema, big_v, small_v = small.copy().eval(), fast(big), fast(small)
     opt = torch.optim.AdamW(small.parameters(), **adam)
-    grid = torch.tensor(D.chain(D.parse_config(D.Config, ["--chain-steps", "50"]), big, ""), device=device)
+    grid = torch.tensor(D.chain(R.parse_config(D.Config, ["--chain-steps", "50"]), big.schedule, ""), device=device)
     kset = D.new_set(10 * B, len(grid), shape[1:], "dynamic", gen)
 
     def step():
@@ -170,11 +171,11 @@ def ddim_race(args, device):
         flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
     size, batch = (32, 1024) if args.paper else (args.image_size, args.batch)  # paper: luhman_kd's --gen-batch
     theirs = UNet2DModel(**arch).to(device).eval()
-    cfg = C.unet_config_from_diffusers(dict(theirs.config))
+    cfg = R.unet_config_from_diffusers(dict(theirs.config))
     net = C.UNet(cfg).to(device)
-    net.load_state_dict(C.from_diffusers(theirs.state_dict(), cfg))
+    net.load_state_dict(R.from_diffusers(theirs.state_dict(), cfg))
     eager = C.Denoiser(net, C.Schedule("linear"), "eps").eval()
-    ours = C.compiled(eager, args.compile)
+    ours = R.compiled(eager, args.compile)
     theirs_fn = torch.compile(theirs) if args.compile else theirs
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
     sched.set_timesteps(args.steps)
@@ -218,7 +219,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = C.setup_device(args.device)
+    device = R.setup_device(args.device)
     peak = args.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items()
                                       if k in torch.cuda.get_device_name(device)), 0.0)
                                 if device.startswith("cuda") else 0.0)
@@ -230,7 +231,7 @@ def main():
             spec.update({**PAPER[method], "image_size": 32})
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step, bare = setup(method, spec, args, device, lambda den: C.compiled(den, args.compile))
+        step, bare = setup(method, spec, args, device, lambda den: R.compiled(den, args.compile))
         sec, bare_sec, efficiency = race(step, bare, device, args.pairs)
         peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
         eager = setup(method, spec, args, device, lambda den: den) if args.compile else (step, bare)

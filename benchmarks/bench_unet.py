@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 
 DDPM_CIFAR10 = dict(act_fn="silu", attention_head_dim=None, block_out_channels=[128, 256, 256, 256],
                     center_input_sample=False, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
@@ -55,12 +56,12 @@ def main():
         torch.backends.cudnn.benchmark = True
 
     nets = {}
-    cfg = C.unet_config_from_diffusers(DDPM_CIFAR10)
+    cfg = R.unet_config_from_diffusers(DDPM_CIFAR10)
     ours = C.UNet(cfg)
     try:
         from diffusers import UNet2DModel
         ref = UNet2DModel(**DDPM_CIFAR10)
-        ours.load_state_dict(C.from_diffusers(ref.state_dict(), cfg))
+        ours.load_state_dict(R.from_diffusers(ref.state_dict(), cfg))
         nets["diffusers UNet2DModel"] = ref
     except ImportError:
         print("diffusers not installed: timing our U-Net only")

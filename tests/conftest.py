@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402 (after the cache and thread settings)
 
-import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 
 if WORKER:
     torch.set_num_threads(1)
@@ -24,12 +24,12 @@ if WORKER:
 def teachers_side_by_side(worker_id):
     """The two cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
     teacher and gw1 progressive's --quick base model at the start, side by side; a test of the other worker
-    that needs one before it is done waits on the cache's lock (common.cached_teacher)."""
+    that needs one before it is done waits on the cache's lock (runtime.cached_teacher)."""
     if worker_id == "gw0":
-        C.cached_teacher()
+        R.cached_teacher()
     elif worker_id == "gw1":
         import progressive as P
-        C.cached_teacher(P.base_config(P.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
+        R.cached_teacher(P.base_config(R.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
 
 @pytest.fixture
 def kill_on_call(monkeypatch):

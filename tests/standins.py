@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common as C
+import runtime as R
 
 class _Layers(nn.Module):
     """Inception's `layers`: (B, 3, 299, 299) in [-1, 1] -> pooled features (B, 64, 1, 1)."""
@@ -50,7 +50,7 @@ def cifar10_tarball(path, n_per_batch=64, seed=0):
     filled with shapes images upscaled to 32x32."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    images = C.make_shapes(n_per_batch * len(names), 32, seed).reshape(len(names), n_per_batch, 3072).numpy()
+    images = R.make_shapes(n_per_batch * len(names), 32, seed).reshape(len(names), n_per_batch, 3072).numpy()
     with tarfile.open(path, "w:gz") as tar:
         for name, data in zip(names, images):
             blob = pickle.dumps({b"data": data, b"labels": [i % 10 for i in range(n_per_batch)]})
@@ -62,10 +62,10 @@ def cifar10_tarball(path, n_per_batch=64, seed=0):
 def cifar10_statistics(folder, inception_path):
     """Statistics where cifar10_statistics keeps clean-fid's, in both modes, of the stand-in's features of
     shapes images (any mu, sigma of the right width serve)."""
-    det = C.Inception(inception_path)
-    x = C.make_shapes(256, 32, seed=1).float()
+    det = R.Inception(inception_path)
+    x = R.make_shapes(256, 32, seed=1).float()
     os.makedirs(folder, exist_ok=True)
-    for mode in C.FID_MODES:
+    for mode in R.FID_MODES:
         big = x if mode == "legacy_tensorflow" else F.interpolate(x, size=(299, 299), mode="bilinear")
         f = det.features(big, mode).double().numpy()
         np.savez(os.path.join(folder, f"cifar10_{mode}_train_32.npz"), mu=f.mean(0), sigma=np.cov(f, rowvar=False))
@@ -92,6 +92,6 @@ def user_cache(folder):
     cifar10_statistics(os.path.join(folder, "fid_stats"), path)
     cifar10_tarball(os.path.join(folder, "data", "cifar-10-python.tar.gz"))
     hub_teacher(folder)
-    os.makedirs(os.path.join(C.CACHE_DIR, "teachers"), exist_ok=True)
-    os.symlink(os.path.join(C.CACHE_DIR, "teachers"), os.path.join(folder, "teachers"))
+    os.makedirs(os.path.join(R.CACHE_DIR, "teachers"), exist_ok=True)
+    os.symlink(os.path.join(R.CACHE_DIR, "teachers"), os.path.join(folder, "teachers"))
     return folder

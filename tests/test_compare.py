@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import common as C
+import runtime as R
 import dkdm
 import luhman_kd
 from test_inputs import METHODS, _teacher_file, _tiny
@@ -22,31 +23,31 @@ def _own_rows(method, out, teacher):
     rows = json.load(open(out / "metrics.json"))["results"]
     shape = (3, 16, 16)
     if method == "progressive":
-        den = C.load_teacher(str(out / "student_1steps.pt"))
-        reference = C.load_checkpoint(out / "ckpt.pt")["reference"]
+        den = R.load_teacher(str(out / "student_1steps.pt"))
+        reference = R.load_checkpoint(out / "ckpt.pt")["reference"]
         seeds, batch = range(cfg["eval_samples"]), cfg["batch"]
         row = next(r for r in rows if r["model"] == "student" and r["steps"] == 1 and r["sampler"] == "ddim")
     elif method == "luhman_kd":
-        den = C.load_teacher(str(out / "best.pt"))
+        den = R.load_teacher(str(out / "best.pt"))
         seeds, batch = luhman_kd.noise_seeds(cfg["seed"], "eval", 0, cfg["eval_n"]), cfg["gen_batch"]
         times = C.sampler_times(teacher.schedule, cfg["teacher_steps"], cfg["skip"])
-        reference = C.generate(lambda z, s: luhman_kd.teacher_x0(teacher, z, times), seeds, shape, batch,
+        reference = R.generate(lambda z, s: luhman_kd.teacher_x0(teacher, z, times), seeds, shape, batch,
                                "cpu")
         row = next(r for r in rows if r["model"] == "student" and "image_size" not in r)
     elif method == "self_distill":
-        den = C.load_teacher(str(out / "ckpt.pt"))
+        den = R.load_teacher(str(out / "ckpt.pt"))
         seeds, batch = range(cfg["eval_samples"]), cfg["eval_batch"]
         times = C.sampler_times(teacher.schedule, cfg["reference_steps"], cfg["skip"])
-        reference = C.generate(lambda z, s: C.ddim_sample(teacher, z, times, clip=True).clamp(-1, 1), seeds,
+        reference = R.generate(lambda z, s: C.ddim_sample(teacher, z, times, clip=True).clamp(-1, 1), seeds,
                                shape, batch, "cpu")
         row = next(r for r in rows if r["model"] == "student" and r["steps"] == den.steps)
     else:
-        den = C.load_teacher(str(out / "student.pt"))
+        den = R.load_teacher(str(out / "student.pt"))
         seeds, batch = range(cfg["eval_samples"]), cfg["batch"]
-        run = dkdm.parse_config(dkdm.Config, [f"--eval-steps={cfg['eval_steps']}"])
-        reference = C.generate(dkdm.samplers(run, teacher)["ancestral"], seeds, shape, batch, "cpu")
+        run = R.parse_config(dkdm.Config, [f"--eval-steps={cfg['eval_steps']}"])
+        reference = R.generate(dkdm.samplers(run, teacher)["ancestral"], seeds, shape, batch, "cpu")
         row = next(r for r in rows if r["model"] == "student" and r["sampler"] == "ancestral")
-    images = C.generate(lambda z, s: den.sample(z, s), seeds, shape, batch, "cpu")
+    images = R.generate(lambda z, s: den.sample(z, s), seeds, shape, batch, "cpu")
     return den, images, reference, row
 
 @pytest.mark.parametrize("method", METHODS)
@@ -57,7 +58,7 @@ def test_a_student_loaded_from_its_checkpoint_samples_as_its_method_evaluated_it
     teacher_path = _teacher_file(tmp_path / "t.pt", var="learned_range")
     out = tmp_path / "run"
     METHODS[method].main(["--quick", "--device", "cpu", "--out", str(out), *_tiny(method, teacher_path)])
-    den, images, reference, row = _own_rows(method, out, C.load_teacher(teacher_path))
+    den, images, reference, row = _own_rows(method, out, R.load_teacher(teacher_path))
     assert den.steps == row["steps"] and C.rmse(images, reference) == row["rmse_to_reference"]
     for r in json.load(open(out / "metrics.json"))["results"]:
         assert {"model", "steps", "sampler", "rmse_to_reference", "fid", "is"} <= set(r), r
@@ -68,13 +69,13 @@ def test_a_student_loaded_from_its_checkpoint_samples_as_its_method_evaluated_it
 def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path):
     """The comparison's one evaluation on tiny checkpoints: a row per student and per teacher solver and NFE,
     RMSEs equal to a direct computation, and the table and the plot written."""
-    teacher = C.load_teacher(_teacher_file(tmp_path / "t.pt", var="learned_range"))
+    teacher = R.load_teacher(_teacher_file(tmp_path / "t.pt", var="learned_range"))
     spec = lambda n, **kw: C.sampler_spec(C.sampler_times(teacher.schedule, n, "unit"), **kw)
     models = {("progressive", "student_2steps"): teacher.copy(sampler=spec(2, clip=True)).eval(),
               ("luhman_kd", "best"): teacher.copy(sampler=spec(1, clip=True)).eval(),
               ("self_distill", "ckpt"): teacher.copy(sampler=spec(4, clip=True)).eval(),
               ("dkdm", "student"): teacher.copy(sampler=spec(3, ancestral=True, clip=True)).eval()}
-    cfg = C.parse_config(compare.Config, ["--quick", "--nfe", "1,2,4", "--eval-samples", "6",
+    cfg = R.parse_config(compare.Config, ["--quick", "--nfe", "1,2,4", "--eval-samples", "6",
                                           "--batch", "4", "--reference-steps", "8",
                                           "--out", str(tmp_path / "cmp")],
                          quick=compare.QUICK)

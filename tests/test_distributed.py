@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import dkdm
 import luhman_kd
 import progressive
 import self_distill
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-METHODS = {"common": None, "progressive": progressive, "luhman_kd": luhman_kd, "self_distill": self_distill,
+METHODS = {"runtime": None, "progressive": progressive, "luhman_kd": luhman_kd, "self_distill": self_distill,
            "dkdm": dkdm}
 
 def _torchrun(method, argv, ranks=2, wait=True):
@@ -38,13 +39,13 @@ def _torchrun(method, argv, ranks=2, wait=True):
     return done
 
 def _main(method, argv):
-    return C.train_teacher(C.parse_config(C.TeacherConfig, argv)) if method == "common" else \
+    return R.train_teacher(R.parse_config(R.TeacherConfig, argv)) if method == "runtime" else \
         METHODS[method].main(argv)
 
 def _teacher_file(path):
     torch.manual_seed(0)
     net = C.build_net("tiny16", image_size=16, out_channels=6, zero_init=False)
-    C.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
+    R.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
                       method="t")
     return str(path)
 
@@ -53,7 +54,7 @@ def _argv(method, teacher):
     arithmetic (the attention key biases') into steps of +-lr, so the runs that compare weights use small
     lrs."""
     return {
-        "common": ["--net", "tiny16", "--updates", "4", "--batch", "4", "--sample-steps", "2", "--lr",
+        "runtime": ["--net", "tiny16", "--updates", "4", "--batch", "4", "--sample-steps", "2", "--lr",
                    "1e-4"],
         "progressive": ["--quick", "--start-steps", "4", "--updates-per-round", "3", "--batch", "4",
                         "--eval-samples", "6", "--grid", "2"],
@@ -87,13 +88,13 @@ def test_two_ranks_take_the_update_of_one_process(tmp_path, method):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _main(method, _argv(method, teacher) + ["--out", one])
     _torchrun(method, _argv(method, teacher) + ["--out", two])
-    a, b = (C.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (one, two))
+    a, b = (R.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (one, two))
     _close_weights(a["model"], b["model"])
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     started = [json.loads(line) for line in open(os.path.join(two, "log.jsonl"))][0]
     assert started["event"] == "started" and started["world_size"] == 2
     assert json.load(open(os.path.join(two, "config.json")))["world_size"] == 2
-    if method == "common":
+    if method == "runtime":
         return
     (keys_a, rmse_a), (keys_b, rmse_b) = _rows(one), _rows(two)
     assert keys_a == keys_b and rmse_b == pytest.approx(rmse_a, rel=1e-4, abs=1e-6)
@@ -147,8 +148,8 @@ def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
     log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
     assert [row.get("world_size") for row in log if "event" in row] == [2, 1]  # started on 2, resumed on 1
     assert [row["update"] for row in log if "loss" in row] == list(range(1, 41))   # one row per update
-    _close_weights(C.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
-                   C.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
+    _close_weights(R.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
+                   R.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
     assert _rows(killed)[1] == pytest.approx(_rows(straight)[1], rel=1e-4)
     assert resumed["finished"]
 
@@ -174,8 +175,8 @@ def test_workers_stop_with_their_launcher(tmp_path):
     log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
     assert [row.get("world_size") for row in log if "event" in row] == [2, 1]
     assert [row["update"] for row in log if "loss" in row] == list(range(1, 41))   # no orphan wrote a row
-    _close_weights(C.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
-                   C.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
+    _close_weights(R.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
+                   R.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
     assert resumed["finished"]
 
 def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):
@@ -186,7 +187,7 @@ def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):
     dkdm.main(argv + ["--out", straight])
     dkdm.main(argv + ["--out", resumed, "--updates", "3"])
     _torchrun("dkdm", argv + ["--out", resumed])
-    a, b = (C.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (straight, resumed))
+    a, b = (R.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (straight, resumed))
     _close_weights(a["model"], b["model"])
     assert torch.allclose(a["knowledge"]["z"], b["knowledge"]["z"], atol=1e-4)
     assert _losses(resumed)[-3:] == pytest.approx(_losses(straight)[-3:], rel=1e-4)
@@ -195,16 +196,17 @@ SAMPLE = """
 import sys
 sys.path.insert(0, {root!r})
 import common as C
-C.setup_device("cpu")
-den = C.load_teacher({teacher!r})
+import runtime as R
+R.setup_device("cpu")
+den = R.load_teacher({teacher!r})
 times = C.sampler_times(den.schedule, 3, "linspace")
-C.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10, sys.argv[1], (3, 16, 16), 3,
+R.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10, sys.argv[1], (3, 16, 16), 3,
                    "cpu")
-images = C.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
-if C.rank() == 0:
+images = R.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
+if R.rank() == 0:
     C.torch.save(images, sys.argv[1] + ".pt")
-C.barrier()
-if C.world_size() > 1:
+R.barrier()
+if R.world_size() > 1:
     C.dist.destroy_process_group()
 """
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import dkdm as D
 
 def _teacher(arch="dit", var="learned_range", seed=0):
@@ -26,7 +27,7 @@ def _teacher(arch="dit", var="learned_range", seed=0):
 
 def _teacher_file(tmp_path, **kw):
     path = str(tmp_path / "teacher.pt")
-    C.save_checkpoint(path, **_teacher(**kw).state(), method="teacher", config={})
+    R.save_checkpoint(path, **_teacher(**kw).state(), method="teacher", config={})
     return path
 
 def _small(tmp_path, teacher, *flags):
@@ -134,29 +135,29 @@ def test_dynamic_set_keeps_its_size_and_a_uniform_spread_of_t():
 
 def test_vit_student_learns_from_a_unet_teacher(tmp_path):
     """Table 5 in small: a DiT student, randomly initialised, distilled from the shapes U-Net teacher."""
-    metrics = D.main(_small(tmp_path / "run", C.cached_teacher(), "--student", "dit_tiny", "--updates", "40",
+    metrics = D.main(_small(tmp_path / "run", R.cached_teacher(), "--student", "dit_tiny", "--updates", "40",
                             "--ema", "0.5"))
     student, init = _row(metrics, "student"), _row(metrics, "student_init")
     print(f"eps RMSE {init['eps_rmse']:.4f} -> {student['eps_rmse']:.4f}")
     assert student["eps_rmse"] < 0.8 * init["eps_rmse"]
-    den = C.load_teacher(str(tmp_path / "run" / "student.pt"))       # the student is a teacher in its turn
+    den = R.load_teacher(str(tmp_path / "run" / "student.pt"))       # the student is a teacher in its turn
     assert isinstance(den.net, C.DiT) and den.var == "learned_range"
 
 def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, monkeypatch):
     teacher, calls = _teacher_file(tmp_path), []
-    monkeypatch.setattr(D, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
-    monkeypatch.setattr(D, "fid_is", lambda folder, data, device, inception, ref_folder, stats: calls.append(
+    monkeypatch.setattr(R, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
+    monkeypatch.setattr(R, "fid_is", lambda folder, data, device, inception, ref_folder, stats: calls.append(
         (len(os.listdir(folder)), len(os.listdir(ref_folder)))) or {"fid": 1.5, "is": 2.5})
     metrics = D.main(_small(tmp_path / "run", teacher, "--method", "datafree", "--synthetic", "6",
                             "--synthetic-steps", "4", "--fid-samples", "5", "--fid-teacher", "true"))
     assert metrics["method"] == "dkdm_datafree" and math.isfinite(_row(metrics, "student")["eps_rmse"])
     folder = tmp_path / "run" / "synthetic"
     assert len(os.listdir(folder)) == 6
-    den = C.load_teacher(teacher)                                      # the files are the teacher's samples
+    den = R.load_teacher(teacher)                                      # the files are the teacher's samples
     times = C.sampler_times(den.schedule, 4, "linspace")
     seed = 10 ** 6
     sample = C.ancestral_sample(den, C.seeded_noise([seed], (3, 16, 16)), times, [seed], clip=True)
-    assert torch.equal(C.load_dataset(f"folder:{folder}", 16)[0], C.to_uint8(sample[0]))
+    assert torch.equal(R.load_dataset(f"folder:{folder}", 16)[0], C.to_uint8(sample[0]))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"train"' in line]
     assert [r["update"] for r in rows] == [4, 8, 12] and all(math.isfinite(r["loss"]) for r in rows)
     # FID/IS of the ancestral samplers only: the student's and the teacher's, 5 samples against 5 real images
@@ -171,11 +172,11 @@ def test_resume_restores_the_dynamic_set(tmp_path, kill_on_call):
     revive = kill_on_call(D, "ema_update", 7)                          # killed in update 7
     with pytest.raises(KeyboardInterrupt):
         D.main(_small(tmp_path / "b", teacher, *flags))
-    crashed = C.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    crashed = R.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert crashed["step"] == 4 and crashed["knowledge"]["z"].shape[0] == 5 * 8     # round(rho K) b entries
     revive()
     resumed = D.main(_small(tmp_path / "b", teacher, *flags))
-    a, b = (C.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("a", "b"))
+    a, b = (R.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("a", "b"))
     assert a["step"] == b["step"] == 12
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
@@ -212,7 +213,7 @@ def test_quick_run_shows_table_2_and_fig_4a_in_small(tmp_path):
     assert dynamic["method"] == "dkdm" and dynamic == json.load(open(tmp_path / "dynamic" / "metrics.json"))
     for name in ("config.json", "log.jsonl", "ckpt.pt", "student.pt", "samples.png"):
         assert os.path.exists(tmp_path / "dynamic" / name), name
-    assert C.load_checkpoint(str(tmp_path / "dynamic" / "ckpt.pt"))["knowledge"]["z"].shape[0] == 10 * 16
+    assert R.load_checkpoint(str(tmp_path / "dynamic" / "ckpt.pt"))["knowledge"]["z"].shape[0] == 10 * 16
 
 def test_ema_snapshots_load_as_teachers_and_an_evaluation_only_run_scores_them(tmp_path):
     """Issue 23: the early stop of '200k with early stop' is reproducible: EMA snapshots every
@@ -222,7 +223,7 @@ def test_ema_snapshots_load_as_teachers_and_an_evaluation_only_run_scores_them(t
     out = tmp_path / "run"
     metrics = D.main(_small(out, teacher, "--snapshot-every", "4"))
     assert sorted(os.listdir(out / "snapshots")) == ["ema_0000004.pt", "ema_0000008.pt", "ema_0000012.pt"]
-    last, student = (C.load_teacher(str(out / p)) for p in ("snapshots/ema_0000012.pt", "student.pt"))
+    last, student = (R.load_teacher(str(out / p)) for p in ("snapshots/ema_0000012.pt", "student.pt"))
     for name, tensor in student.net.state_dict().items():
         assert torch.equal(tensor, last.net.state_dict()[name]), name
     before = {n: open(out / n, "rb").read() for n in ("metrics.json", "log.jsonl", "config.json")}

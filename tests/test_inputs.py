@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import dkdm
 import luhman_kd
 import progressive
@@ -26,7 +27,7 @@ def _teacher_file(path, param="eps", var="fixed_small"):
     torch.manual_seed(0)
     net = C.build_net("tiny16", image_size=16, out_channels=6 if var == "learned_range" else 3,
                       zero_init=False)
-    C.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), param, var).state(), method="t")
+    R.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), param, var).state(), method="t")
     return str(path)
 
 @pytest.fixture
@@ -34,10 +35,8 @@ def no_work(monkeypatch):
     """Every method's work starts with start_run, a cached teacher or the base model: each raises here."""
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for module in METHODS.values():
-        for name in ("start_run", "cached_teacher", "train_teacher", "generate", "sample_to_folder"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, refuse)
+    for name in ("start_run", "cached_teacher", "train_teacher", "generate", "sample_to_folder"):
+        monkeypatch.setattr(R, name, refuse)
 
 def _refused(method, flags, message, out):
     with pytest.raises((ValueError, SystemExit)) as e:
@@ -106,7 +105,7 @@ def test_sizes_that_make_an_empty_set_or_an_uneven_batch(tmp_path, no_work, meth
 def test_unknown_network_presets(tmp_path, no_work, method, flag):
     _refused(method, [flag, "unet9000"], "invalid choice: 'unet9000'", tmp_path / "run")
     with pytest.raises(SystemExit, match="invalid choice"):
-        C.parse_config(C.TeacherConfig, ["--net", "unet9000"])
+        R.parse_config(R.TeacherConfig, ["--net", "unet9000"])
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_teacher_folder_without_a_model(tmp_path, no_work, method):
@@ -152,8 +151,8 @@ def test_devices_that_do_not_exist(tmp_path, no_work, method, device, message):
                                          ("self_distill", "--fid-samples"), ("dkdm", "--fid-samples")])
 def test_fid_that_cannot_be_computed_fails_at_the_start(tmp_path, no_work, monkeypatch, method, flag):
     """Offline: neither the Inception weights nor clean-fid's CIFAR-10 statistics can be fetched."""
-    monkeypatch.setattr(C, "CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "INCEPTION_URL", "http://127.0.0.1:9/inception.pt")      # refused at once
+    monkeypatch.setattr(R, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(R, "INCEPTION_URL", "http://127.0.0.1:9/inception.pt")      # refused at once
     _refused(method, [flag, "8"], "Inception weights unavailable", tmp_path / "run")
     import cleanfid.features
 
@@ -215,33 +214,33 @@ def test_a_run_started_over_and_killed_reports_nothing_of_the_old_run(tmp_path, 
     monkeypatch.setattr(module, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         module.main(argv + ["--resume", "none"])
-    assert C.run_finished(str(out)) is None and not os.path.exists(out / "metrics.json")
+    assert R.run_finished(str(out)) is None and not os.path.exists(out / "metrics.json")
     names = set(os.listdir(out))
     assert not names & {"samples.png", "rounds.png", "samples_student.png", "samples"}
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert not any(row.get("event") == "resumed" for row in log)                    # a fresh log
 
 def test_a_resumed_log_has_one_row_per_update_and_time_runs_to_the_checkpoint(tmp_path, kill_on_call):
-    cfg = C.TeacherConfig(net="tiny16", updates=6, batch=2, log_every=1, ckpt_every=3, sample_steps=2,
+    cfg = R.TeacherConfig(net="tiny16", updates=6, batch=2, log_every=1, ckpt_every=3, sample_steps=2,
                           out=str(tmp_path / "run"), device="cpu")
-    restore = kill_on_call(C, "log_row", 6)     # the started row, updates 1-4, killed at update 5's row
+    restore = kill_on_call(R, "log_row", 6)     # the started row, updates 1-4, killed at update 5's row
     with pytest.raises(KeyboardInterrupt):
-        C.train_teacher(cfg)
+        R.train_teacher(cfg)
     restore()
-    ckpt = C.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    ckpt = R.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     before = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r.get("event") for r in before[:1]] == ["started"] and ckpt["step"] == 3
     assert [r["step"] for r in before[1:]] == [1, 2, 3, 4]
     assert ckpt["elapsed"] > before[3]["elapsed_s"]                         # to the checkpoint
-    C.train_teacher(cfg)
+    R.train_teacher(cfg)
     after = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r.get("step") for r in after if r.get("stage") == "teacher"] == [1, 2, 3, 4, 5, 6]
     assert [r.get("event") for r in after][4] == "resumed"
     assert after[5]["elapsed_s"] > ckpt["elapsed"]
 
 def _teacher_run(out):
-    """`python common.py` (Alg. 1, a tiny net, a checkpoint every update) into `out`, in the background."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "common.py"), "--net", "tiny16", "--batch", "2",
+    """`python runtime.py` (Alg. 1, a tiny net, a checkpoint every update) into `out`, in the background."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "runtime.py"), "--net", "tiny16", "--batch", "2",
                              "--updates", "100000", "--ckpt-every", "1", "--sample-steps", "2", "--device", "cpu",
                              "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -256,7 +255,7 @@ def test_a_folder_has_one_writer(tmp_path):
     """A second run on a folder that a live run holds is refused in one line before any work; kill -9 frees
     the folder (the OS drops the lock with its process); SIGTERM ends a run in Ctrl-C's one line, status 143."""
     out = tmp_path / "run"
-    cfg = C.TeacherConfig(net="tiny16", batch=2, updates=1, ckpt_every=1, sample_steps=2, device="cpu",
+    cfg = R.TeacherConfig(net="tiny16", batch=2, updates=1, ckpt_every=1, sample_steps=2, device="cpu",
                           out=str(out))  # done at once if it were let in
     events = lambda: [row.get("event") for row in map(json.loads, open(out / "log.jsonl")) if "event" in row]
     runs = [_teacher_run(out)]
@@ -265,16 +264,16 @@ def test_a_folder_has_one_writer(tmp_path):
         _wait(lambda: os.path.exists(out / "ckpt.pt"), first)
         config = (out / "config.json").read_bytes()
         with pytest.raises(ValueError) as e:
-            C.train_teacher(cfg)
+            R.train_teacher(cfg)
         said = str(e.value)
         assert said.startswith(f"--out {out} is in use by pid {first.pid} on {socket.gethostname()} since ")
         assert said.endswith("; wait for it to end, stop it, or pass another --out") and "\n" not in said
         assert (out / "config.json").read_bytes() == config and events() == ["started"]   # no work done
         first.kill()
         first.wait()
-        step = C.load_checkpoint(out / "ckpt.pt")["step"]
-        C.train_teacher(dataclasses.replace(cfg, updates=step + 1))  # the lock went with the killed process
-        assert events() == ["started", "resumed"] and C.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
+        step = R.load_checkpoint(out / "ckpt.pt")["step"]
+        R.train_teacher(dataclasses.replace(cfg, updates=step + 1))  # the lock went with the killed process
+        assert events() == ["started", "resumed"] and R.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
         runs.append(_teacher_run(out))
         _wait(lambda: events() == ["started", "resumed", "resumed"], runs[1])
         runs[1].terminate()  # SIGTERM

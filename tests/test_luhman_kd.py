@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import runtime
 import luhman_kd as kd
 
 # teacher_checkpoints.md sec. 5 (ermongroup/Luhman quad and DDIM-paper uniform, T = 1000)
@@ -72,18 +73,18 @@ def test_uint8_targets_round_trip():
 def test_recipes_follow_table3_and_show_in_help(capsys):
     for data, recipe in (("cifar10", "cifar10"), ("folder:/data/celeba64", "celeba"),
                          ("folder:/data/lsun_bedroom", "lsun_bedroom"), ("folder:/x/church", "lsun_church")):
-        cfg = kd.resolve(common.parse_config(kd.Config, ["--data", data, "--teacher", "t.pt"]))
+        cfg = kd.resolve(runtime.parse_config(kd.Config, ["--data", data, "--teacher", "t.pt"]))
         assert cfg.recipe == recipe
         assert (cfg.batch, cfg.lr, cfg.beta1, cfg.beta2, cfg.ema, cfg.warmup, cfg.updates,
                 cfg.teacher_steps) == TABLE3[recipe]
         assert cfg.loss == ("l1" if recipe == "cifar10" else "l2")                     # app. B
         assert cfg.skip == ("uniform" if "lsun" in recipe else "quad")                 # official
-    cfg = kd.resolve(common.parse_config(kd.Config, ["--recipe", "lsun_church", "--lr", "1e-5"]))
+    cfg = kd.resolve(runtime.parse_config(kd.Config, ["--recipe", "lsun_church", "--lr", "1e-5"]))
     assert cfg.teacher == "google/ddpm-ema-church-256" and cfg.lr == 1e-5 and cfg.batch == 32  # flag wins
     with pytest.raises(ValueError, match="which table 3 column"):
-        kd.resolve(common.parse_config(kd.Config, ["--data", "folder:/data/imagenet"]))
+        kd.resolve(runtime.parse_config(kd.Config, ["--data", "folder:/data/imagenet"]))
     with pytest.raises(ValueError, match="convert_teacher"):                          # no hub id for CelebA
-        kd.resolve(common.parse_config(kd.Config, ["--recipe", "celeba"]))
+        kd.resolve(runtime.parse_config(kd.Config, ["--recipe", "celeba"]))
     with pytest.raises(SystemExit):
         kd.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -173,21 +174,21 @@ def test_training_resumes_exactly_and_the_student_samples_through_load_teacher(t
     revive = kill_on_call(kd, "ema_update", 8)                                        # killed in update 8
     with pytest.raises(KeyboardInterrupt):
         kd.train(crash, teacher, None, recipe, "cpu")
-    ckpt = common.load_checkpoint(os.path.join(crash.out, "ckpt.pt"))
+    ckpt = runtime.load_checkpoint(os.path.join(crash.out, "ckpt.pt"))
     assert ckpt["step"] == 6                                                          # the last checkpoint
     revive()
     kd.train(crash, teacher, ckpt, recipe, "cpu")
-    a, b = (common.load_checkpoint(os.path.join(c.out, "ckpt.pt")) for c in (crash, straight))
+    a, b = (runtime.load_checkpoint(os.path.join(c.out, "ckpt.pt")) for c in (crash, straight))
     assert a["step"] == b["step"] == 12 and a["best_step"] == b["best_step"]
     for key in ("model", "ema"):
         for name in b[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
 
     # every checkpoint is a teacher: loaded with load_teacher, one DDIM step from T-1 is the student's own x0
-    den = common.load_teacher(os.path.join(straight.out, "best.pt"))
+    den = runtime.load_teacher(os.path.join(straight.out, "best.pt"))
     assert (den.param, den.steps, den.net.config.dropout) == ("resid", 1, 0)
     student = kd.make_student(teacher, "official")
-    student.net.load_state_dict(common.load_checkpoint(os.path.join(straight.out, "best.pt"))["ema"])
+    student.net.load_state_dict(runtime.load_checkpoint(os.path.join(straight.out, "best.pt"))["ema"])
     z = common.seeded_noise(range(4), SHAPE)
     with torch.no_grad():
         assert torch.equal(common.ddim_sample(den, z, [999]), kd.student_x0(student, z))
@@ -208,7 +209,7 @@ def test_accumulation_gives_the_same_updates_and_no_test_pairs_work(tmp_path):
     # exactly-zero gradients, e.g. of attention key biases, into steps of up to lr).
     z = common.seeded_noise(range(8), SHAPE)
     with torch.no_grad():
-        x0 = [kd.student_x0(common.load_teacher(os.path.join(c.out, "ckpt.pt")), z) for c in (full, parts)]
+        x0 = [kd.student_x0(runtime.load_teacher(os.path.join(c.out, "ckpt.pt")), z) for c in (full, parts)]
         assert torch.allclose(x0[0], x0[1], atol=1e-4)
         assert not torch.allclose(x0[0], kd.student_x0(kd.make_student(teacher, "official"), z), atol=1e-2)
     assert not os.path.exists(os.path.join(parts.out, "best.pt"))                    # no test loss: the last
@@ -228,7 +229,7 @@ def test_metrics_are_written_before_fid_and_the_statistics_file_is_used(tmp_path
 
     def offline(*args, **kw):
         raise ValueError("clean-fid's CIFAR-10 statistics are unavailable")
-    monkeypatch.setattr(kd, "fid_is", offline)
+    monkeypatch.setattr(runtime, "fid_is", offline)
     with pytest.raises(ValueError, match="unavailable"):
         kd.evaluate(cfg, teacher, recipe["times"], SHAPE, "cpu")
     with open(os.path.join(cfg.out, "metrics.json")) as f:
@@ -239,16 +240,16 @@ def test_metrics_are_written_before_fid_and_the_statistics_file_is_used(tmp_path
     def fake_fid(folder, dataset, device, inception=None, ref_folder=None, stats=None):
         seen.update(n=len(os.listdir(folder)), stats=stats, ref=ref_folder)
         return {"fid": 12.5, "is": 3.0, "is_std": 0.1}
-    monkeypatch.setattr(kd, "fid_is", fake_fid)
+    monkeypatch.setattr(runtime, "fid_is", fake_fid)
     metrics = kd.evaluate(cfg, teacher, recipe["times"], SHAPE, "cpu")
     assert seen == {"n": 4, "stats": str(stats), "ref": None}
-    assert metrics["finished"] and metrics["results"][2]["fid"] == 12.5 and common.run_finished(cfg.out)
+    assert metrics["finished"] and metrics["results"][2]["fid"] == 12.5 and runtime.run_finished(cfg.out)
 
 def test_bad_flags_are_rejected_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kw):
         raise AssertionError("a teacher was trained or loaded before the flags were checked")
-    monkeypatch.setattr(kd, "cached_teacher", no_work)
-    monkeypatch.setattr(kd, "load_teacher", no_work)
+    monkeypatch.setattr(runtime, "cached_teacher", no_work)
+    monkeypatch.setattr(runtime, "load_teacher", no_work)
     out = str(tmp_path / "run")
     for argv, error, message in [
             (["--accum", "3"], ValueError, "--accum 3: expected a divisor of --batch 32"),

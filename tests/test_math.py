@@ -310,3 +310,22 @@ def test_dpm_solver_2m_is_second_order_and_starts_as_ddim():
     for coarse, fine in zip(dpm, dpm[1:]):
         assert 3.4 < coarse / fine < 4.6  # second order
     assert dpm[-1] < ddim[-1] / 10
+
+def test_the_core_is_math_and_networks_alone():
+    """common.py is the file a user copies beside a method: it imports nothing of the runtime (nor file I/O,
+    flags or torch.distributed), and no method file imports another."""
+    import ast
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def imports(name):
+        tree = ast.parse(open(os.path.join(root, name)).read())
+        return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+            {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}, tree
+    core, tree = imports("common.py")
+    assert core <= {"copy", "dataclasses", "math", "numpy", "torch", "torch.nn", "torch.nn.functional"}, core
+    assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"open", "os", "dist", "argparse"}
+    methods = {"progressive", "luhman_kd", "self_distill", "dkdm"}
+    for method in methods:
+        assert not imports(f"{method}.py")[0] & methods and {"common", "runtime"} <= imports(f"{method}.py")[0]
+    assert "common" in imports("runtime.py")[0]

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import (CKPT_FORMAT, PRESETS, DiT, UNet, UNetConfig, build_net, from_diffusers, hub_download,
-                    load_teacher, net_config, read_file, read_safetensors, sampler_spec, save_checkpoint,
-                    unet_config_from_diffusers)
+from common import (DiT, PRESETS, UNet, UNetConfig, build_net, net_config, sampler_spec)
+
+import runtime as R
 from tools.convert_teacher import (KNOWN, config_from_ermongroup, diffusion_of, from_original, infer_format,
                                    infer_preset, main as convert, to_original)
 
@@ -80,7 +80,7 @@ def convert_file(sd, tmp_path, name, *flags):
     src, dst = str(tmp_path / f"{name}.pt"), str(tmp_path / f"{name}_converted.pt")
     torch.save(sd, src)
     found = convert([src, dst, *flags])
-    return load_teacher(dst), found
+    return R.load_teacher(dst), found
 
 @pytest.fixture(scope="module")
 def ddpm(tmp_path_factory):
@@ -94,7 +94,7 @@ def ddpm(tmp_path_factory):
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 999])
     with torch.no_grad():
         y = ref(x, t).sample
-    return dict(ref=ref, folder=folder, x=x, t=t, y=y, den=load_teacher(str(folder)))
+    return dict(ref=ref, folder=folder, x=x, t=t, y=y, den=R.load_teacher(str(folder)))
 
 def test_ddpm_cifar10_from_diffusers_exact(ddpm):
     assert sum(p.numel() for p in ddpm["ref"].parameters()) == 35_746_307
@@ -118,10 +118,10 @@ def test_diffusers_old_attention_names_and_bin_fallback(tmp_path):
     ref = perturb(UNet2DModel(**HO_SMALL_DIFFUSERS).eval(), 6)
     ref.save_pretrained(tmp_path / "new")
     with pytest.raises(ValueError) as e:  # no scheduler_config.json: the schedule is unknown
-        load_teacher(str(tmp_path / "new"))
+        R.load_teacher(str(tmp_path / "new"))
     assert "scheduler_config.json" in one_line_error(e)
     (tmp_path / "new" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-    net = load_teacher(str(tmp_path / "new")).net
+    net = R.load_teacher(str(tmp_path / "new")).net
     assert net.config == HO_SMALL
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 637])
     with torch.no_grad():
@@ -129,27 +129,27 @@ def test_diffusers_old_attention_names_and_bin_fallback(tmp_path):
 
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     renamed = {}
-    for k, v in read_safetensors(str(tmp_path / "new" / "diffusion_pytorch_model.safetensors")).items():
+    for k, v in R.read_safetensors(str(tmp_path / "new" / "diffusion_pytorch_model.safetensors")).items():
         for new, o in old.items():
             k = k.replace(f".{new}.", f".{o}.")
         renamed[k] = v
     assert any(".proj_attn." in k for k in renamed) and not any(".to_q." in k for k in renamed)
-    assert_same_state(from_diffusers(renamed, HO_SMALL), net.state_dict())
+    assert_same_state(R.from_diffusers(renamed, HO_SMALL), net.state_dict())
     with pytest.raises(ValueError) as e:
-        from_diffusers({k: v for k, v in renamed.items() if "conv_out" not in k}, HO_SMALL)
+        R.from_diffusers({k: v for k, v in renamed.items() if "conv_out" not in k}, HO_SMALL)
     assert "2 missing, e.g. 'conv_out.weight'" in one_line_error(e)
     (tmp_path / "old").mkdir()
     for name in ("config.json", "scheduler_config.json"):
         shutil.copy(tmp_path / "new" / name, tmp_path / "old")
     save_file(renamed, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
-    assert_same_state(load_teacher(str(tmp_path / "old")).net.state_dict(), net.state_dict())
+    assert_same_state(R.load_teacher(str(tmp_path / "old")).net.state_dict(), net.state_dict())
 
     ref.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert not os.path.exists(tmp_path / "bin" / "diffusion_pytorch_model.safetensors")
     (tmp_path / "bin" / "scheduler").mkdir()  # the pipeline layout: scheduler/scheduler_config.json
     (tmp_path / "bin" / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(dict(SCHEDULER, variance_type="fixed_small")))
-    den = load_teacher(str(tmp_path / "bin"))
+    den = R.load_teacher(str(tmp_path / "bin"))
     assert den.var == "fixed_small"
     assert_same_state(den.net.state_dict(), net.state_dict())
 
@@ -207,7 +207,7 @@ def test_adm_style_diffusers_and_guided(variant, tmp_path):
     ref.save_pretrained(tmp_path / "diffusers")
     (tmp_path / "diffusers" / "scheduler_config.json").write_text(
         json.dumps(dict(SCHEDULER, beta_schedule="squaredcos_cap_v2", variance_type="learned_range")))
-    den = load_teacher(str(tmp_path / "diffusers"))
+    den = R.load_teacher(str(tmp_path / "diffusers"))
     net, cfg = den.net, den.net.config
     assert (den.schedule.kind, den.var) == ("cosine", "learned_range")
     assert cfg.resblock_updown == (variant == "resnet_updown") and cfg.down_pad == "sym"
@@ -346,10 +346,10 @@ def test_mismatched_checkpoints_raise_one_line(tmp_path):
         convert([str(tmp_path / "ho.pt"), str(tmp_path / "out.pt"), "--preset", "ddpm_cifar10"])
     one_line_error(e)
     with pytest.raises(ValueError) as e:
-        unet_config_from_diffusers(dict(DDPM_CIFAR10, down_block_types=["CrossAttnDownBlock2D"] * 4))
+        R.unet_config_from_diffusers(dict(DDPM_CIFAR10, down_block_types=["CrossAttnDownBlock2D"] * 4))
     assert "CrossAttnDownBlock2D" in one_line_error(e)
     with pytest.raises(ValueError) as e:
-        unet_config_from_diffusers(dict(ADM_SMALL, **ADM_VARIANTS["conv_sym"], attn_norm_num_groups=None))
+        R.unet_config_from_diffusers(dict(ADM_SMALL, **ADM_VARIANTS["conv_sym"], attn_norm_num_groups=None))
     one_line_error(e)
 
 def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
@@ -359,10 +359,10 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     net = build_net("tiny")
     ema = perturb(build_net("tiny"), 7)
     schedule = dict(kind="cosine", T=1000, cosine_s=0.008, t_scale=1.0)
-    save_checkpoint(str(tmp_path / "ours.pt"), net_config=net_config(net), model=net.state_dict(),
-                    ema=ema.state_dict(), schedule=schedule, param="x", var="fixed_small",
-                    sampler=sampler_spec([999, 749.25, 499.5, 249.75], clip=True))
-    den = load_teacher(str(tmp_path / "ours.pt"))
+    R.save_checkpoint(str(tmp_path / "ours.pt"), net_config=net_config(net), model=net.state_dict(),
+                      ema=ema.state_dict(), schedule=schedule, param="x", var="fixed_small",
+                      sampler=sampler_spec([999, 749.25, 499.5, 249.75], clip=True))
+    den = R.load_teacher(str(tmp_path / "ours.pt"))
     assert (den.param, den.var, den.steps, den.schedule.spec()) == ("x", "fixed_small", 4, schedule)
     assert den.sampler == {"times": [999, 749.25, 499.5, 249.75], "ancestral": False, "clip": True,
                            "frac": None}
@@ -371,19 +371,19 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     guided = dataclasses.replace(PRESETS["tiny"], qkv_layout="new")
     torch.save(to_original(net.state_dict(), guided, "guided"), tmp_path / "foreign.pt")
     with pytest.raises(ValueError) as e:
-        load_teacher(str(tmp_path / "foreign.pt"))
+        R.load_teacher(str(tmp_path / "foreign.pt"))
     assert f"python tools/convert_teacher.py {tmp_path / 'foreign.pt'}" in one_line_error(e)
 
     class Evil:
         def __reduce__(self):
             return (os.remove, (str(tmp_path / "ours.pt"),))
-    torch.save({"format": CKPT_FORMAT, "model": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": R.CKPT_FORMAT, "model": Evil()}, tmp_path / "evil.pt")
     good = (tmp_path / "ours.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(100))
     for name in ("evil.pt", "truncated.pt", "empty.pt", "junk.safetensors"):
-        for read in (load_teacher, read_file):
+        for read in (R.load_teacher, R.read_file):
             with pytest.raises(ValueError) as e:
                 read(str(tmp_path / name))
             assert str(tmp_path / name) in one_line_error(e)
@@ -392,15 +392,15 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in ("runs/x.pt", "./foo", "../x", "/no/such/dir"):  # relative or absolute paths, not hub ids
         with pytest.raises(ValueError) as e:
-            load_teacher(spec)
+            R.load_teacher(spec)
         assert "no such file" in one_line_error(e) and "--teacher-" not in str(e.value)
 
     def offline(url, timeout=None):
         raise urllib.error.URLError("offline")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    monkeypatch.setattr("common.CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("runtime.CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ValueError) as e:
-        load_teacher("google/ddpm-cifar10-32")
+        R.load_teacher("google/ddpm-cifar10-32")
     assert "https://huggingface.co/google/ddpm-cifar10-32/resolve/main/config.json" in one_line_error(e)
 
 def test_converter_command_line(tmp_path, monkeypatch):
@@ -416,12 +416,12 @@ def test_converter_command_line(tmp_path, monkeypatch):
     assert str(e.value.code).startswith("error: ") and "--schedule" in one_line_error(e)
     monkeypatch.setattr(sys, "argv", args + ["--schedule", "linear", "--var", "fixed_small"])
     runpy.run_path(script, run_name="__main__")
-    assert_same_state(load_teacher(str(tmp_path / "out.pt")).net.state_dict(), net.state_dict())
+    assert_same_state(R.load_teacher(str(tmp_path / "out.pt")).net.state_dict(), net.state_dict())
 
 def test_diffusers_attention_head_dim_default():
-    assert unet_config_from_diffusers(DDPM_CIFAR10).num_head_channels == -1  # null: one head
+    assert R.unet_config_from_diffusers(DDPM_CIFAR10).num_head_channels == -1  # null: one head
     missing = {k: v for k, v in DDPM_CIFAR10.items() if k != "attention_head_dim"}
-    assert unet_config_from_diffusers(missing).num_head_channels == 8  # diffusers' default
+    assert R.unet_config_from_diffusers(missing).num_head_channels == 8  # diffusers' default
 
 def test_read_safetensors_matches_package(tmp_path):
     from safetensors.torch import load_file, save_file
@@ -431,7 +431,7 @@ def test_read_safetensors_matches_package(tmp_path):
                "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
     save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
     path = str(tmp_path / "t.safetensors")
-    ours, theirs = read_safetensors(path), load_file(path)
+    ours, theirs = R.read_safetensors(path), load_file(path)
     assert ours.keys() == theirs.keys()
     for k in theirs:
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
@@ -461,15 +461,15 @@ def test_hub_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
-    path = hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123")
+    path = R.hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123")
     assert requests == ["https://mirror.example/google/ddpm-cifar10-32/resolve/abc123/config.json"]
     assert open(path, "rb").read() == data
-    assert hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123") == path
+    assert R.hub_download("google/ddpm-cifar10-32", "config.json", str(tmp_path), revision="abc123") == path
     assert len(requests) == 1  # cache hit: no second request
 
     for repo in ("org/broken", "org/missing"):
         with pytest.raises(ValueError) as e:
-            hub_download(repo, "diffusion_pytorch_model.safetensors", str(tmp_path))
+            R.hub_download(repo, "diffusion_pytorch_model.safetensors", str(tmp_path))
         msg = one_line_error(e)
         assert f"https://mirror.example/{repo}/resolve/main/diffusion_pytorch_model.safetensors" in msg
         assert str(tmp_path) in msg
@@ -495,9 +495,9 @@ def test_hub_id_loads_through_plain_https(tmp_path, monkeypatch):
         return FakeResponse(path.read_bytes())
 
     monkeypatch.setattr(urllib.request, "urlopen", serve)
-    monkeypatch.setattr("common.CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("runtime.CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    den = load_teacher("google/ddpm-small")
+    den = R.load_teacher("google/ddpm-small")
     assert (den.source, den.var, den.net.config) == ("google/ddpm-small", "fixed_large", HO_SMALL)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 900.0])
     with torch.no_grad():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import progressive as P
 
 def _den(param="x", kind="cosine_logsnr", size=8, var="fixed_large", seed=0):
@@ -25,16 +26,15 @@ def _den(param="x", kind="cosine_logsnr", size=8, var="fixed_large", seed=0):
 
 def _teacher_file(path, param="x", kind="cosine_logsnr", var="fixed_large"):
     """A project checkpoint of a random 8x8 teacher (loads with load_teacher)."""
-    C.save_checkpoint(str(path), **_den(param, kind, var=var).state(), method="teacher", config={})
+    R.save_checkpoint(str(path), **_den(param, kind, var=var).state(), method="teacher", config={})
     return str(path)
 
 @pytest.fixture
 def small_data(monkeypatch):
     """256 shapes instead of 20,000: the runs below test the plumbing, not the quality."""
-    real = C.load_dataset
+    real = R.load_dataset
     small = lambda name, size=None, seed=0, **kw: real(name, size, n_shapes=256, seed=seed)
-    monkeypatch.setattr(P, "load_dataset", small)
-    monkeypatch.setattr(C, "load_dataset", small)  # the base model's training (common.train_teacher)
+    monkeypatch.setattr(R, "load_dataset", small)  # the method's and the base model's (R.train_teacher)
 
 def _run(out, *flags):
     P.main(["--quick", "--out", str(out), "--device", "cpu", *flags])
@@ -125,7 +125,7 @@ def test_round_schedule_and_defaults():
     assert P.round_schedule(8192, 1, 4, 5000, 2) == [(8192, 2048, 5000), (2048, 512, 5000), (512, 128, 5000),
                                                      (128, 32, 5000), (32, 8, 5000), (8, 2, 10_000),
                                                      (2, 1, 10_000)]
-    cfg = C.parse_config(P.Config, [])
+    cfg = R.parse_config(P.Config, [])
     assert (cfg.start_steps, cfg.end_steps, cfg.updates_per_round, cfg.final_rounds_factor) == \
         (8192, 1, 50_000, 2)
     assert (cfg.lr, cfg.batch, cfg.reparam_steps) == (1e-4, 128, 2)
@@ -166,7 +166,7 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, monkeypatch, flags
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the flags were checked")
     for name in ("cached_teacher", "train_teacher", "load_teacher", "load_dataset"):
-        monkeypatch.setattr(P, name, no_work)
+        monkeypatch.setattr(R, name, no_work)
     with pytest.raises((ValueError, SystemExit), match=message):
         P.main(["--quick", "--out", str(tmp_path), *flags])
     assert not os.path.exists(tmp_path / "config.json")
@@ -200,13 +200,13 @@ def test_crash_inside_and_after_a_round_resumes_exactly(tmp_path, small_data, mo
     flags = ["--teacher", teacher, *TINY, "--updates-per-round", "4", "--ckpt-every", "3", "--log-every", "2"]
     straight, _ = _run(tmp_path / "a", *flags)
 
-    real_save, real_eval = P.save_checkpoint, P.evaluate
+    real_save, real_eval = R.save_checkpoint, P.evaluate
 
     def crash_mid_round(path, **state):
         real_save(path, **state)
         if state.get("round") == 1 and state.get("step") == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(P, "save_checkpoint", crash_mid_round)
+    monkeypatch.setattr(R, "save_checkpoint", crash_mid_round)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "b", *flags)
 
@@ -214,7 +214,7 @@ def test_crash_inside_and_after_a_round_resumes_exactly(tmp_path, small_data, mo
         if r == 1:
             raise KeyboardInterrupt
         return real_eval(cfg, r, *args)
-    monkeypatch.setattr(P, "save_checkpoint", real_save)
+    monkeypatch.setattr(R, "save_checkpoint", real_save)
     monkeypatch.setattr(P, "evaluate", crash_in_evaluation)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "b", *flags)
@@ -222,7 +222,7 @@ def test_crash_inside_and_after_a_round_resumes_exactly(tmp_path, small_data, mo
     resumed, log = _run(tmp_path / "b", *flags)
     assert [(r["round"], r["update"]) for r in log] == [(1, 2), (1, 4), (2, 2), (2, 4)]  # each once
     assert resumed["results"] == straight["results"]
-    a, b = (C.load_checkpoint(tmp_path / run / "student_1steps.pt") for run in ("a", "b"))
+    a, b = (R.load_checkpoint(tmp_path / run / "student_1steps.pt") for run in ("a", "b"))
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
@@ -231,8 +231,8 @@ def test_fid_folders_hold_one_model_and_skip_costly_models(tmp_path, small_data,
     reference, no undistilled teacher), and a folder holding another model's samples is emptied first."""
     teacher = _teacher_file(tmp_path / "teacher.pt")
     scored = {}
-    monkeypatch.setattr(P, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
-    monkeypatch.setattr(P, "fid_is", lambda folder, *a, **k: scored.setdefault(
+    monkeypatch.setattr(R, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
+    monkeypatch.setattr(R, "fid_is", lambda folder, *a, **k: scored.setdefault(
         os.path.basename(folder), sorted(f for f in os.listdir(folder) if f.endswith(".png"))) and
         {"fid": 1.0, "is": 1.0})
     stale = tmp_path / "run" / "samples" / "student_1steps_x_ddim"
@@ -269,8 +269,8 @@ def test_base_model_alg1_and_resume_none_keeps_it(tmp_path, small_data, monkeypa
              "--param", "v"]
     metrics, log = _run(tmp_path, *flags)
     base = tmp_path / "base" / "ckpt.pt"
-    assert C.load_checkpoint(base)["step"] == 3 and metrics["teacher"] == str(base)
-    student = C.load_teacher(str(tmp_path / "student_1steps.pt"))
+    assert R.load_checkpoint(base)["step"] == 3 and metrics["teacher"] == str(base)
+    student = R.load_teacher(str(tmp_path / "student_1steps.pt"))
     assert student.param == "v" and student.schedule.kind == "linear" and student.steps == 1
     mtime, size = os.path.getmtime(base), os.path.getsize(base)
     base_rows = open(tmp_path / "base" / "log.jsonl").read().count('"stage": "teacher"')
@@ -308,7 +308,7 @@ def test_eps_teacher_in_ddpm_cifar10_format(tmp_path, small_data, monkeypatch):
     assert metrics["teacher"] == str(folder) and metrics["reference"]["steps"] == 4
     for name, param, steps in (("student_2steps", "eps", 2), ("student_2steps_reparam", "both", 2),
                                ("student_1steps", "both", 1)):
-        student = C.load_teacher(str(tmp_path / "run" / f"{name}.pt"))
+        student = R.load_teacher(str(tmp_path / "run" / f"{name}.pt"))
         assert (student.param, student.steps, student.schedule.kind) == (param, steps, "linear")
 
 # ---- the paper's claim in small ----------------------------------------------------------------------------
@@ -324,6 +324,6 @@ def test_quick_run_beats_the_undistilled_teacher_at_few_steps(tmp_path):
         student, teacher = _rmse(metrics, "student", k), _rmse(metrics, "teacher", k)
         assert student <= 0.5 * teacher, (k, student, teacher)
     for k in (8, 4, 2, 1):
-        den = C.load_teacher(str(tmp_path / f"student_{k}steps.pt"))
+        den = R.load_teacher(str(tmp_path / f"student_{k}steps.pt"))
         assert den.steps == k and den.param == "x"
     assert os.path.exists(tmp_path / "rounds.png")

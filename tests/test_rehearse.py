@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import standins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +56,9 @@ FID = """
 import sys
 sys.path.insert(0, {root!r})
 import common as C
-C.setup_device("cpu")
-print("FID", C.fid_is(sys.argv[1], "cifar10"))
+import runtime as R
+R.setup_device("cpu")
+print("FID", R.fid_is(sys.argv[1], "cifar10"))
 """
 
 def test_fid_under_torchrun_without_inception_flag_equals_one_process(cache, tmp_path):
@@ -64,8 +66,8 @@ def test_fid_under_torchrun_without_inception_flag_equals_one_process(cache, tmp
     broadcast: a hang. Now every rank scores its share and the sums are reduced: one process's numbers."""
     folder = tmp_path / "images"
     os.makedirs(folder)
-    for i, image in enumerate(C.make_shapes(21, 32, seed=3)):
-        C.save_png(image, str(folder / f"{i:06d}.png"))
+    for i, image in enumerate(R.make_shapes(21, 32, seed=3)):
+        R.save_png(image, str(folder / f"{i:06d}.png"))
     (tmp_path / "fid.py").write_text(FID.format(root=ROOT))
     one, two = (eval(_run(cache, str(tmp_path / "fid.py"), [str(folder)], ranks).stdout.split("FID ")[-1])
                 for ranks in (0, 2))
@@ -76,22 +78,22 @@ def test_fid_under_torchrun_without_inception_flag_equals_one_process(cache, tmp
 BASE = """
 import hashlib, sys, time
 sys.path.insert(0, {root!r})
-import common as C, progressive as P
-save = C.save_checkpoint
+import common as C, progressive as P, runtime as R
+save = R.save_checkpoint
 def slow_save(path, **state):  # rank 0 writes the last one slowly (at the paper's size a save takes seconds)
-    time.sleep(8 if C.rank() == 0 and state.get("step") == 4 else 0)
+    time.sleep(8 if R.rank() == 0 and state.get("step") == 4 else 0)
     save(path, **state)
-C.save_checkpoint = slow_save
-cfg = P.parse_config(P.Config, ["--data", "shapes", "--net", "tiny16", "--image-size", "16", "--base-updates",
+R.save_checkpoint = slow_save
+cfg = R.parse_config(P.Config, ["--data", "shapes", "--net", "tiny16", "--image-size", "16", "--base-updates",
                                 "4", "--base-batch", "4", "--ckpt-every", "2", "--log-every", "2",
                                 "--device", "cpu", "--out", sys.argv[1]])
-C.setup_device("cpu")
+R.setup_device("cpu")
 spec, teacher = P.get_teacher(cfg, "cpu")
 digest = hashlib.sha1(b"".join(v.numpy().tobytes() for v in teacher.net.state_dict().values())).hexdigest()
-digests = [None] * C.world_size()
+digests = [None] * R.world_size()
 C.dist.all_gather_object(digests, digest)
 print("DIGESTS", digests)
-C.barrier()
+R.barrier()
 """
 
 def test_ranks_load_the_same_base_model(cache, tmp_path):
@@ -101,7 +103,7 @@ def test_ranks_load_the_same_base_model(cache, tmp_path):
     out = _run(cache, str(tmp_path / "base.py"), [str(tmp_path / "run")]).stdout
     digests = eval(out.split("DIGESTS ")[-1].splitlines()[0])
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert C.load_checkpoint(str(tmp_path / "run" / "base" / "ckpt.pt"))["step"] == 4
+    assert R.load_checkpoint(str(tmp_path / "run" / "base" / "ckpt.pt"))["step"] == 4
 
 SLOW_REMOVE = """
 import os, runpy, sys, time
@@ -208,7 +210,7 @@ def test_dkdm_dynamic_with_fid_and_snapshots_rehearsed(cache, tmp_path):
     teacher = str(tmp_path / "adm.pt")
     torch.manual_seed(0)
     net = C.build_net("tiny16", image_size=16, out_channels=6, zero_init=False)
-    C.save_checkpoint(teacher, **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
+    R.save_checkpoint(teacher, **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
                       method="t")
     out = str(tmp_path / "run")
     flags = ["--data", "cifar10", "--teacher", teacher, "--student", "cnn_tiny", "--chain-steps", "20",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import self_distill as S
 
 def _den(param="eps", schedule="linear", seed=0, size=8):
@@ -142,7 +143,7 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, monkeypatch, flags
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the flags were checked")
     for name in ("load_teacher", "cached_teacher", "load_dataset", "start_run"):
-        monkeypatch.setattr(S, name, no_work)
+        monkeypatch.setattr(R, name, no_work)
     with pytest.raises((ValueError, SystemExit)) as e:
         S.main(["--quick", "--out", str(tmp_path / "run"), *flags])
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -160,23 +161,23 @@ def test_help_lists_the_flags(capsys):
 def test_resume_mid_schedule_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, variant, flags, crash_at):
     flags = ["--variant", variant, *flags, "--batch", "2", "--ckpt-every", "3", "--log-every", "3",
              "--eval-samples", "4", "--eval-steps", "2", "--reference-steps", "4"]
-    monkeypatch.setattr(S, "load_dataset", lambda name, size, seed: C.load_dataset(name, size, n_shapes=256))
+    monkeypatch.setattr(R, "load_dataset", lambda name, size, seed: R.load_dataset(name, size, n_shapes=256))
     straight, straight_log = _run(tmp_path / "a", *flags)
 
-    real_save = S.save_checkpoint
+    real_save = R.save_checkpoint
 
     def crash(path, **state):
         real_save(path, **state)
         if state["step"] == crash_at:
             raise KeyboardInterrupt
-    monkeypatch.setattr(S, "save_checkpoint", crash)
+    monkeypatch.setattr(R, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "b", *flags)
-    monkeypatch.setattr(S, "save_checkpoint", real_save)
+    monkeypatch.setattr(R, "save_checkpoint", real_save)
     resumed, resumed_log = _run(tmp_path / "b", *flags)
     assert resumed["results"] == straight["results"]
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in straight_log]
-    a, b = (C.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("a", "b"))
+    a, b = (R.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("a", "b"))
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
@@ -194,7 +195,7 @@ def test_quick_run_beats_the_original_model_at_two_steps(tmp_path):
     plan = json.load(open(tmp_path / "plan.json"))
     assert [(r["steps"], r["trajectories"], r["updates"]) for r in plan] == S.plan("dsdi", 16, 100)
     assert log[-1]["update"] == sum(r["updates"] for r in plan)
-    den = C.load_teacher(str(tmp_path / "ckpt.pt"))                   # the EMA weights load as a model
+    den = R.load_teacher(str(tmp_path / "ckpt.pt"))                   # the EMA weights load as a model
     assert den.param == "eps" and os.path.exists(tmp_path / "samples.png")
 
 def test_training_dsd_target_pass_runs_without_dropout():

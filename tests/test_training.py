@@ -7,17 +7,17 @@ import os
 import pytest
 import torch
 
-import common as C
+import runtime as R
 
 def _cfg(tmp_path, **kw):
     base = dict(image_size=8, updates=6, batch=8, warmup=2, log_every=2, ckpt_every=100, sample_steps=2,
                 out=str(tmp_path / "run"), device="cpu")
-    return C.TeacherConfig(**{**base, **kw})
+    return R.TeacherConfig(**{**base, **kw})
 
 def test_resume_restores_training_state_exactly(tmp_path):
-    straight = C.load_checkpoint(C.train_teacher(_cfg(tmp_path / "a")))
-    C.train_teacher(_cfg(tmp_path / "b", updates=3))                 # "crash" after 3 updates
-    resumed = C.load_checkpoint(C.train_teacher(_cfg(tmp_path / "b")))
+    straight = R.load_checkpoint(R.train_teacher(_cfg(tmp_path / "a")))
+    R.train_teacher(_cfg(tmp_path / "b", updates=3))                 # "crash" after 3 updates
+    resumed = R.load_checkpoint(R.train_teacher(_cfg(tmp_path / "b")))
     assert resumed["step"] == straight["step"] == 6
     for key in ("model", "ema"):
         for name, tensor in straight[key].items():
@@ -38,10 +38,10 @@ def test_resume_restores_training_state_exactly(tmp_path):
                                               ("v", "cosine_logsnr", "fixed_large"),
                                               ("both", "cosine", "learned_range")])
 def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
-    path = C.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, var=var,
+    path = R.train_teacher(_cfg(tmp_path, updates=2, param=param, schedule=schedule, var=var,
                                 weighting="snr_plus_one"))
-    den = C.load_teacher(path)
-    ckpt = C.load_checkpoint(path)
+    den = R.load_teacher(path)
+    ckpt = R.load_checkpoint(path)
     assert den.param == param and den.schedule.spec() == ckpt["schedule"] and den.steps is None
     assert not any(p.requires_grad for p in den.parameters())
     for name, tensor in den.net.state_dict().items():
@@ -53,26 +53,26 @@ def test_checkpoint_loads_as_teacher(tmp_path, param, schedule, var):
 def test_loss_decreases_on_shapes():
     """Alg. 1 learns: the shared shapes teacher's logged loss (the hybrid loss, every log_every updates)
     falls. Read from its training log, so the suite trains no extra model for it."""
-    cfg, path = C.TeacherConfig(), C.cached_teacher()
+    cfg, path = R.TeacherConfig(), R.cached_teacher()
     rows = [json.loads(line) for line in open(path[:-3] + "_run/log.jsonl")]  # cached_teacher's run folder
     losses = [r["loss"] for r in rows if r.get("stage") == "teacher"]
     assert len(losses) == cfg.updates // cfg.log_every
     assert losses[-1] < 0.2 * losses[0] and losses[-1] < 0.7 * losses[1]
 
 def test_cached_teacher_trains_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(R, "CACHE_DIR", str(tmp_path))
     cfg = _cfg(tmp_path, updates=2)
-    path = C.cached_teacher(cfg)
+    path = R.cached_teacher(cfg)
     mtime = os.path.getmtime(path)
-    assert C.cached_teacher(dataclasses.replace(cfg, out="elsewhere", log_every=1)) == path
+    assert R.cached_teacher(dataclasses.replace(cfg, out="elsewhere", log_every=1)) == path
     assert os.path.getmtime(path) == mtime
-    assert C.cached_teacher(dataclasses.replace(cfg, seed=1)) != path
+    assert R.cached_teacher(dataclasses.replace(cfg, seed=1)) != path
 
 def test_parse_config_quick_and_explicit_flags():
-    cfg = C.parse_config(C.TeacherConfig, ["--quick", "--batch", "16", "--data", "cifar10"],
+    cfg = R.parse_config(R.TeacherConfig, ["--quick", "--batch", "16", "--data", "cifar10"],
                          quick={"batch": 4, "updates": 10, "data": "shapes"})
     assert (cfg.batch, cfg.updates, cfg.data) == (16, 10, "cifar10")
-    assert C.parse_config(C.TeacherConfig, []).updates == C.TeacherConfig().updates
+    assert R.parse_config(R.TeacherConfig, []).updates == R.TeacherConfig().updates
 
 @pytest.mark.parametrize("flags,message", [
     (["--no-such-flag", "1"], "unrecognized arguments"), (["--batch", "0"], "--batch: must be at least 1"),
@@ -82,33 +82,33 @@ def test_parse_config_quick_and_explicit_flags():
     (["--image-size", "0"], "must be at least 8")])
 def test_bad_flag_values_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit) as e:
-        C.parse_config(C.TeacherConfig, flags)
+        R.parse_config(R.TeacherConfig, flags)
     text = str(e.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
 
 def test_changed_settings_are_refused_on_resume_and_config_json_kept(tmp_path):
     cfg = _cfg(tmp_path, updates=2)
-    C.train_teacher(cfg)
+    R.train_teacher(cfg)
     before = open(os.path.join(cfg.out, "config.json")).read()
     with pytest.raises(ValueError, match=r"--net 'dit_tiny' \(was 'tiny'\), --lr 0.01 \(was 0.0005\)"):
-        C.train_teacher(dataclasses.replace(cfg, lr=0.01, net="dit_tiny", updates=4))
+        R.train_teacher(dataclasses.replace(cfg, lr=0.01, net="dit_tiny", updates=4))
     assert open(os.path.join(cfg.out, "config.json")).read() == before
     # a finished run is left as it is; flags that do not change results may differ, and are recorded
-    C.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3))
+    R.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3))
     assert open(os.path.join(cfg.out, "config.json")).read() == before
-    C.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3, updates=3))
+    R.train_teacher(dataclasses.replace(cfg, log_every=1, sample_steps=3, updates=3))
     assert json.load(open(os.path.join(cfg.out, "config.json")))["sample_steps"] == 3
     # --resume none starts over
-    C.train_teacher(dataclasses.replace(cfg, lr=0.01, resume="none"))
-    assert C.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))["config"]["lr"] == 0.01
+    R.train_teacher(dataclasses.replace(cfg, lr=0.01, resume="none"))
+    assert R.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))["config"]["lr"] == 0.01
 
 def test_checkpoints_are_plain_data_with_normal_permissions_and_no_orphans(tmp_path):
-    path = C.train_teacher(_cfg(tmp_path, updates=2))
+    path = R.train_teacher(_cfg(tmp_path, updates=2))
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
     torch.load(path, weights_only=True)  # nothing but tensors and plain containers
     orphan = os.path.join(os.path.dirname(path), "ckpt.pt.999.tmp")
     open(orphan, "w").write("half a checkpoint")
-    C.train_teacher(_cfg(tmp_path, updates=3))  # the next start (a finished run is left as it is)
+    R.train_teacher(_cfg(tmp_path, updates=3))  # the next start (a finished run is left as it is)
     assert not os.path.exists(orphan)
 
 def _umask():
@@ -122,24 +122,24 @@ class _Exploit:
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.save({"format": C.CKPT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
+    torch.save({"format": R.CKPT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt is not a readable checkpoint"):
-        C.load_checkpoint(str(tmp_path / "evil.pt"))
+        R.load_checkpoint(str(tmp_path / "evil.pt"))
     with pytest.raises(ValueError, match="evil.pt"):
-        C.load_teacher(str(tmp_path / "evil.pt"))
+        R.load_teacher(str(tmp_path / "evil.pt"))
     assert not os.path.exists(tmp_path / "pwned")
 
 def test_bad_teacher_and_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
-        C.load_teacher("runs/no_such_file.pt")
+        R.load_teacher("runs/no_such_file.pt")
     torch.save({"weights": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
-        C.load_checkpoint(str(tmp_path / "x.pt"))
-    (tmp_path / "trunc.pt").write_bytes(open(C.train_teacher(_cfg(tmp_path, updates=1)), "rb").read()[:5000])
+        R.load_checkpoint(str(tmp_path / "x.pt"))
+    (tmp_path / "trunc.pt").write_bytes(open(R.train_teacher(_cfg(tmp_path, updates=1)), "rb").read()[:5000])
     with pytest.raises(ValueError, match="trunc.pt is not a readable checkpoint"):
-        C.load_checkpoint(str(tmp_path / "trunc.pt"))
+        R.load_checkpoint(str(tmp_path / "trunc.pt"))
     with pytest.raises(ValueError, match="no such checkpoint"):
-        C.train_teacher(_cfg(tmp_path, resume=str(tmp_path / "missing.pt")))
+        R.train_teacher(_cfg(tmp_path, resume=str(tmp_path / "missing.pt")))
 
 def test_cli_turns_expected_failures_into_one_line(capsys):
     def fail(exc):
@@ -148,7 +148,7 @@ def test_cli_turns_expected_failures_into_one_line(capsys):
         return main
     for exc in (ValueError("bad value"), OSError(28, "No space left on device", "out/ckpt.pt")):
         with pytest.raises(SystemExit) as e:
-            C.cli(fail(exc))
+            R.cli(fail(exc))
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        C.cli(fail(ZeroDivisionError()))
+        R.cli(fail(ZeroDivisionError()))

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 import dkdm  # noqa: E402
 import luhman_kd  # noqa: E402
 import progressive  # noqa: E402
@@ -33,23 +34,23 @@ METHODS = {"progressive": progressive, "luhman_kd": luhman_kd, "self_distill": s
 
 @dataclasses.dataclass
 class Config:
-    data: str = C.field("cifar10", f"dataset of the teacher ({C.DATASETS}): the FID reference")
-    teacher: str = C.field("google/ddpm-cifar10-32", "the one teacher (a load_teacher spec; 'cached' = the "
+    data: str = R.field("cifar10", f"dataset of the teacher ({R.DATASETS}): the FID reference")
+    teacher: str = R.field("google/ddpm-cifar10-32", "the one teacher (a load_teacher spec; 'cached' = the "
                                                      "shared shapes teacher)")
-    methods: str = C.field("progressive,luhman_kd,self_distill,dkdm", "method files to run, comma-separated")
-    progressive: str = C.field("", "extra flags of progressive.py (e.g. '--start-steps 1024')")
-    luhman_kd: str = C.field("", "extra flags of luhman_kd.py")
-    self_distill: str = C.field("", "extra flags of self_distill.py")
-    dkdm: str = C.field("", "extra flags of dkdm.py (an ADM teacher with learned variance, as the paper's)")
-    reference_steps: int = C.field(256, "DDIM steps of the teacher's reference output", low=1)
-    nfe: str = C.field("1,2,4,8,16", "network evaluations of the teacher's DDIM and DPM-Solver++(2M)")
-    eval_samples: int = C.field(256, "seeds 0..n-1 of the RMSE", low=1, rehearse=4)
-    fid_samples: int = C.field(0, "FID/IS samples per model (0 = off; the papers: 50000)", low=0, rehearse=32)
-    fid_stats: str = C.field("", "cifar10 FID statistics .npz for offline machines")
-    inception: str = C.field("", "Inception weights for FID/IS ('' = download once)")
-    batch: int = C.field(256, "sampling batch", low=1)
-    device: str = C.field("auto", "auto | cpu | cuda[:N]")
-    out: str = C.field("runs/compare", "folder of the runs (OUT/METHOD) and of compare.json/.md/.png")
+    methods: str = R.field("progressive,luhman_kd,self_distill,dkdm", "method files to run, comma-separated")
+    progressive: str = R.field("", "extra flags of progressive.py (e.g. '--start-steps 1024')")
+    luhman_kd: str = R.field("", "extra flags of luhman_kd.py")
+    self_distill: str = R.field("", "extra flags of self_distill.py")
+    dkdm: str = R.field("", "extra flags of dkdm.py (an ADM teacher with learned variance, as the paper's)")
+    reference_steps: int = R.field(256, "DDIM steps of the teacher's reference output", low=1)
+    nfe: str = R.field("1,2,4,8,16", "network evaluations of the teacher's DDIM and DPM-Solver++(2M)")
+    eval_samples: int = R.field(256, "seeds 0..n-1 of the RMSE", low=1, rehearse=4)
+    fid_samples: int = R.field(0, "FID/IS samples per model (0 = off; the papers: 50000)", low=0, rehearse=32)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz for offline machines")
+    inception: str = R.field("", "Inception weights for FID/IS ('' = download once)")
+    batch: int = R.field(256, "sampling batch", low=1)
+    device: str = R.field("auto", "auto | cpu | cuda[:N]")
+    out: str = R.field("runs/compare", "folder of the runs (OUT/METHOD) and of compare.json/.md/.png")
 
 QUICK = dict(data="shapes", teacher="cached", reference_steps=16, nfe="1,2,4,8,16", eval_samples=64,
              batch=64, out="runs/compare_quick")
@@ -57,7 +58,7 @@ QUICK = dict(data="shapes", teacher="cached", reference_steps=16, nfe="1,2,4,8,1
 # ---- the runs ----------------------------------------------------------------------------
 
 def rehearsing(cfg):
-    return C.full_config(cfg) is not cfg
+    return R.full_config(cfg) is not cfg
 
 def run_dir(cfg, name):
     """OUT/METHOD, where a method's run is (under --rehearse its own rehearsal folder inside)."""
@@ -70,7 +71,7 @@ def run_methods(cfg, spec, quick):
         argv = ["--quick"] * quick + ["--rehearse"] * rehearsing(cfg) + [
             "--teacher", spec, "--data", cfg.data, "--device", cfg.device, "--out", os.path.join(cfg.out, name),
             *shlex.split(getattr(cfg, name))]
-        C.print0(f"== {name} {' '.join(argv)}")
+        R.print0(f"== {name} {' '.join(argv)}")
         METHODS[name].main(argv)
 
 def students(cfg):
@@ -120,30 +121,30 @@ def evaluate(cfg, teacher, models, device):
     c = teacher.net.config
     seeds, shape = range(cfg.eval_samples), (c.in_channels, c.image_size, c.image_size)
     clip = teacher.param == "eps"  # an eps model's x explodes as alpha -> 0 (the method files clip it too)
-    full = C.full_config(cfg)  # the full run's counts, under --rehearse
+    full = R.full_config(cfg)  # the full run's counts, under --rehearse
 
     def teacher_sampler(solver, n):
         times = C.sampler_times(teacher.schedule, n, "unit")
         return lambda z, seeds: solver(teacher, z, times, clip=clip).clamp(-1, 1)
 
     def row(method, model, steps, sampler, fn):
-        images = C.generate(fn, seeds, shape, cfg.batch, device, f"{method} {model}", full.eval_samples)
+        images = R.generate(fn, seeds, shape, cfg.batch, device, f"{method} {model}", full.eval_samples)
         scores = {}
         if cfg.fid_samples:
             folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
-            C.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
-            ref = None if cfg.data == "cifar10" else C.write_pngs(C.load_dataset(
+            R.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
+            ref = None if cfg.data == "cifar10" else R.write_pngs(R.load_dataset(
                 cfg.data, shape[-1])[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
-            scores = C.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
+            scores = R.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
                               full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
                   "rmse_to_reference": C.rmse(images, reference), "fid": scores.get("fid"),
                   "is": scores.get("is")}
-        C.print0(f"{method:13s} {model:20s} {steps:4d} NFE  {sampler:9s} "
+        R.print0(f"{method:13s} {model:20s} {steps:4d} NFE  {sampler:9s} "
                  f"RMSE {result['rmse_to_reference']:.4f}")
         return result
 
-    reference = C.generate(teacher_sampler(C.ddim_sample, cfg.reference_steps), seeds, shape, cfg.batch,
+    reference = R.generate(teacher_sampler(C.ddim_sample, cfg.reference_steps), seeds, shape, cfg.batch,
                            device, "reference", full.eval_samples)
     rows = []
     for n in [int(v) for v in cfg.nfe.split(",")]:
@@ -158,9 +159,9 @@ def evaluate(cfg, teacher, models, device):
 
 def report(rows, out):
     """compare.json, compare.md and compare.png in out (rank 0)."""
-    if C.rank() > 0:
+    if R.rank() > 0:
         return
-    C.write_json(os.path.join(out, "compare.json"), rows)
+    R.write_json(os.path.join(out, "compare.json"), rows)
     fmt = lambda v, spec: "" if v is None else format(v, spec)
     lines = ["| method | model | NFE | sampler | RMSE to reference | FID | IS | updates | teacher evals "
              "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -191,25 +192,25 @@ def report(rows, out):
 
 def main(argv=None):
     quick = "--quick" in (argv if argv is not None else sys.argv[1:])
-    cfg = C.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
+    cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     unknown = set(cfg.methods.split(",")) - set(METHODS)
     if unknown:
         raise ValueError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(METHODS)}")
-    device = C.setup_device(cfg.device)
-    cfg = C.rehearsal(cfg)  # --rehearse: every count cut, each method rehearsed, into OUT/rehearsal
+    device = R.setup_device(cfg.device)
+    cfg = R.rehearsal(cfg)  # --rehearse: every count cut, each method rehearsed, into OUT/rehearsal
     if cfg.fid_samples:
-        C.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
-    spec = C.cached_teacher() if cfg.teacher == "cached" else cfg.teacher
-    teacher = C.load_teacher(spec, device)
+        R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
+    spec = R.cached_teacher() if cfg.teacher == "cached" else cfg.teacher
+    teacher = R.load_teacher(spec, device)
     run_methods(cfg, spec, quick)
-    models = {key: C.load_teacher(path, device) for key, path in students(cfg).items()}
+    models = {key: R.load_teacher(path, device) for key, path in students(cfg).items()}
     rows = evaluate(cfg, teacher, models, device)
     for r in rows:
         r.update(cost(cfg, r["method"]) if r["method"] != "teacher" else {})
     report(rows, cfg.out)
-    if C.rank() == 0:
+    if R.rank() == 0:
         print(open(os.path.join(cfg.out, "compare.md")).read())
     return rows
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

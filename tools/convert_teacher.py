@@ -26,8 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (PRESETS, Denoiser, Schedule, UNet, UNetConfig, build_net, cli,  # noqa: E402
-                    read_file, save_checkpoint)
+from common import (Denoiser, PRESETS, Schedule, UNet, UNetConfig, build_net)  # noqa: E402
+import runtime as R  # noqa: E402
 
 _HO = dict(kind="linear", T=1000)  # beta 1e-4 -> 0.02 (Ho et al. 2020)
 _ADM = dict(kind="cosine", T=1000)  # Nichol & Dhariwal eq. 17
@@ -238,7 +238,7 @@ def infer_preset(sd, fmt):
 def read_original(path):
     """The state dict in an original file: of ermongroup/ddim's training list [model, optimizer, epoch, step,
     ema], the last tensor dict (the EMA); DataParallel's 'module.' prefix is dropped."""
-    obj = read_file(path)
+    obj = R.read_file(path)
     if isinstance(obj, (list, tuple)):
         dicts = [o for o in obj if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values())]
         obj = dicts[-1] if dicts else None
@@ -292,7 +292,7 @@ def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
     spec, param, var = diffusion_of(name, net.config.out_channels, **diffusion)
     net.load_state_dict({k: v.float() for k, v in from_original(sd, net.config, fmt).items()}, assign=True)
     den = Denoiser(net, Schedule(**spec), param, var)
-    save_checkpoint(dst, **den.state(), converted_from=os.path.abspath(src))
+    R.save_checkpoint(dst, **den.state(), converted_from=os.path.abspath(src))
     found = dict(format=fmt, preset=name, params=sum(p.numel() for p in net.parameters()), schedule=spec,
                  param=param, var=var)
     print(f"{src} -> {dst}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
@@ -318,4 +318,4 @@ def main(argv=None):
     return convert(**vars(p.parse_args(argv)))
 
 if __name__ == "__main__":
-    cli(main)
+    R.cli(main)
