@@ -1,41 +1,19 @@
 """DKDM: Data-Free Knowledge Distillation for Diffusion Models with Any Architecture.
 Qianlong Xiang, Miao Zhang, Yuzhang Shang, Jianlong Wu, Yan Yan, Liqiang Nie; CVPR 2025, arXiv:2409.03550.
 
-A pretrained diffusion model is the only data source of a randomly initialised student of any architecture.
-The student learns the teacher's reverse steps (eqs. 19-21: the teacher's eps, and for its variance the KL
-between the two reverse Gaussians) on noisy states the teacher makes itself: a set of rho T b states spread
-over the teacher's trajectories, b of which take one teacher step per update (dynamic iterative distillation).
-
-Table 2, CIFAR-10: the 14M CNN student of DDPM-IP's 57M ADM teacher (paper: FID 9.56, IS 8.60 at 50 IDDPM
-steps); the teacher is https://drive.google.com/file/d/1m-a3WqfpMTibzuTC2om046yWQr20GT0I (downloaded by hand):
-    python tools/convert_teacher.py ADM_cifar10_baseline.pt teachers/adm_cifar10.pt
+A pretrained diffusion model is the only data of a randomly initialised student of any architecture, which
+learns the teacher's reverse steps (eqs. 19-21: the teacher's eps, and the KL between the two reverse
+Gaussians for its variance) on noisy states the teacher makes itself: a set of rho T b states along its
+trajectories, b of which take one teacher step per update (alg. 1, dynamic iterative distillation).
+    python tools/convert_teacher.py ADM_cifar10_baseline.pt teachers/adm_cifar10.pt   # DDPM-IP's 57M ADM
     python dkdm.py --data cifar10 --teacher teachers/adm_cifar10.pt --fid-samples 50000 --out runs/dkdm_c10
-  the data-free baseline (50k teacher samples at 1000 steps, then standard training; paper: FID 12.06):
-    python dkdm.py --data cifar10 --teacher teachers/adm_cifar10.pt --method datafree --fid-samples 50000
-  the early stop: EMA snapshots every --snapshot-every updates, scored without training by
-    python dkdm.py --data cifar10 --teacher teachers/adm_cifar10.pt --eval-snapshots all --fid-samples 50000
-  fig. 4 (the official ablations train the 57M student, 200k updates without early stop; --eval-snapshots all
-  gives the curves): --student cnn_57m with --collect iterative | shuffled (4a), --rho 0.01 .. 0.4 (4b);
-  students: --student cnn_57m .. cnn_24m;
-  table 5, CNN -> ViT: --student dit_s2; ViT -> CNN: --teacher a ViT checkpoint (e.g. that run's student.pt).
-Many GPUs: torchrun --standalone --nproc_per_node=8 dkdm.py ... (every process holds the whole set; README).
-Quick (16x16 shapes, the cached learned-variance shapes teacher with its chain respaced to 50 steps, CPU):
-    python dkdm.py --quick
-
-Where the paper is silent we follow the official code (qianlong0502/DKDM, built on guided-diffusion): the
-teacher's x0 is clipped in its reverse step and KL target, its eps target is not; the KL is taken at every t,
-t = 0 included (no decoder term), in bits per dimension with weight 1 (= Nichol & Dhariwal's 0.001 on L_vlb
-summed over T = 1000 steps); entries of the set that reach the data restart from pure noise. Not in the paper:
---chain-steps K < T respaces the teacher's chain to K steps (Nichol & Dhariwal sec. 4), as --quick does.
-
-Measured, --quick (1 CPU thread of a 2-core machine shared with other jobs: 106 s of CPU, 3.6 min wall, with
-the shapes teacher cached). RMSE to the teacher after 300 updates at b = 16 (the student at initialisation:
-eps 0.99, DDIM 1.015, ancestral 0.873); eps on 64 fresh teacher-trajectory states, samplers at 50 steps:
-    knowledge       dynamic   shuffled   iterative   data-free baseline (256 teacher samples at 50 steps)
-    eps             0.235     0.242      0.302       0.217
-    DDIM output     0.443     0.441      0.495       0.454
-    ancestral       0.312     0.329      0.387       0.365
-Seeds 1 and 2: eps 0.232 and 0.206 (dynamic) against 0.311 and 0.310 (iterative). CIFAR-10 not run (no GPU).
+    python dkdm.py ... --method datafree          # table 2's baseline: 50k teacher samples, then training
+    python dkdm.py ... --eval-snapshots all       # the early stop: every EMA snapshot scored, no training
+    python dkdm.py --quick                        # CPU
+The teacher: https://drive.google.com/file/d/1m-a3WqfpMTibzuTC2om046yWQr20GT0I (by hand). Where the paper is
+silent we follow the official code (docs/dkdm.md): the teacher's x0 clipped in its reverse step, the KL at
+every t in bits per dimension with weight 1, finished entries restart from noise. Not in the paper:
+--chain-steps K < T respaces the teacher's chain (Nichol & Dhariwal sec. 4), as --quick does.
 """
 import dataclasses
 import math
@@ -49,99 +27,6 @@ from common import (Denoiser, PRESETS, Schedule, ancestral_logvar, ancestral_sam
                     sampler_spec, sampler_times, variance_frac)
 
 import runtime as R
-
-_ADM57 = PRESETS["adm_cifar10_57m"]
-STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
-    "cnn_57m": _ADM57,                                                # 57,094,662 parameters
-    "cnn_44m": dataclasses.replace(_ADM57, num_res_blocks=2),         # 44,177,286
-    "cnn_32m": dataclasses.replace(_ADM57, ch=96),                    # 32,136,582
-    "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
-    "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
-    "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: tiny at half width
-}
-
-@dataclasses.dataclass
-class Config:
-    # teacher and student (sec. 4.1)
-    data: str = R.field("cifar10", f"dataset the teacher models ({R.DATASETS}); only FID/IS read it; shapes "
-                                   "needs no --teacher")
-    teacher: str = R.field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
-                               "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
-                               "variance) or a project checkpoint work too; '' = the cached shapes teacher")
-    student: str = R.field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
-                                      "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
-                           choices=tuple({**STUDENTS, **PRESETS}))
-    dropout: float = R.field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
-                             below=1.0)
-    method: str = R.field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
-                                  "sampled from the teacher, then standard training with the same budget)",
-                          choices=("dkdm", "datafree"))
-    # the DKDM objective (eqs. 19-21)
-    vlb_weight: float = R.field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
-                                     "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
-    teacher_clip: bool = R.field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
-                                       "(official clip_denoised=True); its eps target is the raw output")
-    # knowledge collection (sec. 3.3, alg. 1)
-    collect: str = R.field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
-                                      "shuffled t) | dynamic (b random entries of a rho T b set per update)",
-                           choices=("iterative", "shuffled", "dynamic"))
-    rho: float = R.field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
-                         low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
-    chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
-                                  "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
-                                  "timesteps", low=0)
-    prep_batch: int = R.field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
-    # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
-    batch: int = R.field(128, "batch size b", low=1)
-    updates: int = R.field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
-                           rehearse=2)
-    lr: float = R.field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
-    weight_decay: float = R.field(0.0, "AdamW weight decay", low=0.0)
-    ema: float = R.field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
-    snapshot_every: int = R.field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
-                                          "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
-                                          "with early stop', --eval-snapshots picks it", low=0, fixed=False,
-                                  rehearse=1)
-    dtype: str = R.field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
-                         choices=("fp32", "bf16"))
-    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
-    # the data-free baseline (sec. 4.1, table 4)
-    synthetic: int = R.field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1,
-                             rehearse=lambda c: min(c.synthetic, c.batch))
-    synthetic_steps: int = R.field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
-    # evaluation (sec. 4.1), at the end of the run
-    eval_steps: int = R.field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
-                              low=1, fixed=False)
-    eval_samples: int = R.field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
-                                fixed=False, rehearse=4)
-    eps_samples: int = R.field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
-                               low=1, fixed=False, rehearse=8)
-    eval_clip: bool = R.field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
-    fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
-                               low=0, fixed=False, rehearse=32)
-    fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
-    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                                 "clean-fid's, downloaded once)", fixed=False)
-    inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
-    eval_snapshots: str = R.field("", "evaluation only, no training: score the EMA snapshots, 'all' or "
-                                      "comma-separated updates, into OUT/snapshots.json (teacher-fidelity "
-                                      "RMSE; FID/IS with --fid-samples): the early stop, fig. 4's curves",
-                                  fixed=False)
-    grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
-    # run
-    seed: int = R.field(0, "seed")
-    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    log_every: int = R.field(1000, "log every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = R.field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False,
-                              rehearse=1)
-    out: str = R.field("runs/dkdm", "run directory", fixed=False)
-    resume: str = R.field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
-
-# --quick: the shared learned-variance shapes teacher (T = 1000) with its chain respaced to 50 steps, the 4x
-# narrower U-Net student, 300 updates at b = 16 (lr and EMA for that length), a 160-entry dynamic set.
-QUICK = dict(data="shapes", student="cnn_tiny", dropout=0.0, chain_steps=50, rho=0.2, prep_batch=512,
-             batch=16, updates=300, lr=1e-3, ema=0.98, synthetic=256, synthetic_steps=50, eval_samples=32,
-             eps_samples=64, log_every=50, ckpt_every=100, out="runs/dkdm_quick")
 
 # ---- the method (sec. 3.2, 3.3, alg. 1) ----------------------------------------------------------------
 
@@ -241,6 +126,101 @@ def synthesize(cfg, teacher, shape, device):
                            full=R.full_config(cfg).synthetic)
     return R.load_dataset(f"folder:{folder}", shape[-1]).to(device)
 
+# ---- flags -------------------------------------------------------------------------------------------------
+
+_ADM57 = PRESETS["adm_cifar10_57m"]
+STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM, fewer channels or blocks
+    "cnn_57m": _ADM57,                                                # 57,094,662 parameters
+    "cnn_44m": dataclasses.replace(_ADM57, num_res_blocks=2),         # 44,177,286
+    "cnn_32m": dataclasses.replace(_ADM57, ch=96),                    # 32,136,582
+    "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
+    "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
+    "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: tiny at half width
+}
+
+@dataclasses.dataclass
+class Config:
+    # teacher and student (sec. 4.1)
+    data: str = R.field("cifar10", f"dataset the teacher models ({R.DATASETS}); only FID/IS read it; shapes "
+                                   "needs no --teacher")
+    teacher: str = R.field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
+                               "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
+                               "variance) or a project checkpoint work too; '' = the cached shapes teacher")
+    student: str = R.field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
+                                      "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
+                           choices=tuple({**STUDENTS, **PRESETS}))
+    dropout: float = R.field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
+                             below=1.0)
+    method: str = R.field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
+                                  "sampled from the teacher, then standard training with the same budget)",
+                          choices=("dkdm", "datafree"))
+    # the DKDM objective (eqs. 19-21)
+    vlb_weight: float = R.field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
+                                     "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
+    teacher_clip: bool = R.field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
+                                       "(official clip_denoised=True); its eps target is the raw output")
+    # knowledge collection (sec. 3.3, alg. 1)
+    collect: str = R.field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
+                                      "shuffled t) | dynamic (b random entries of a rho T b set per update)",
+                           choices=("iterative", "shuffled", "dynamic"))
+    rho: float = R.field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
+                         low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
+    chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
+                                  "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
+                                  "timesteps", low=0)
+    prep_batch: int = R.field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
+    # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
+    batch: int = R.field(128, "batch size b", low=1)
+    updates: int = R.field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
+                           rehearse=2)
+    lr: float = R.field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
+    weight_decay: float = R.field(0.0, "AdamW weight decay", low=0.0)
+    ema: float = R.field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
+    snapshot_every: int = R.field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
+                                          "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
+                                          "with early stop', --eval-snapshots picks it", low=0, fixed=False,
+                                  rehearse=1)
+    dtype: str = R.field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
+                         choices=("fp32", "bf16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
+    # the data-free baseline (sec. 4.1, table 4)
+    synthetic: int = R.field(50_000, "images of the baseline's synthetic dataset (table 4: 50,000)", low=1,
+                             rehearse=lambda c: min(c.synthetic, c.batch))
+    synthetic_steps: int = R.field(1000, "ancestral steps that sample them (table 4: IDDPM-1000)", low=1)
+    # evaluation (sec. 4.1), at the end of the run
+    eval_steps: int = R.field(50, "respaced steps of the IDDPM ancestral sampler (paper: 50) and of DDIM",
+                              low=1, fixed=False)
+    eval_samples: int = R.field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
+                                fixed=False, rehearse=4)
+    eps_samples: int = R.field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
+                               low=1, fixed=False, rehearse=8)
+    eval_clip: bool = R.field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
+    fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
+                               low=0, fixed=False, rehearse=32)
+    fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
+                                 "clean-fid's, downloaded once)", fixed=False)
+    inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
+    eval_snapshots: str = R.field("", "evaluation only, no training: score the EMA snapshots, 'all' or "
+                                      "comma-separated updates, into OUT/snapshots.json (teacher-fidelity "
+                                      "RMSE; FID/IS with --fid-samples): the early stop, fig. 4's curves",
+                                  fixed=False)
+    grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
+    # run
+    seed: int = R.field(0, "seed")
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    log_every: int = R.field(1000, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(10_000, "checkpoint every N updates (official: 10k)", low=1, fixed=False,
+                              rehearse=1)
+    out: str = R.field("runs/dkdm", "run directory", fixed=False)
+    resume: str = R.field("auto", "auto (continue from --out/ckpt.pt) | none | PATH", fixed=False)
+
+# --quick: the shared learned-variance shapes teacher (T = 1000) with its chain respaced to 50 steps, the 4x
+# narrower U-Net student, 300 updates at b = 16 (lr and EMA for that length), a 160-entry dynamic set.
+QUICK = dict(data="shapes", student="cnn_tiny", dropout=0.0, chain_steps=50, rho=0.2, prep_batch=512,
+             batch=16, updates=300, lr=1e-3, ema=0.98, synthetic=256, synthetic_steps=50, eval_samples=32,
+             eps_samples=64, log_every=50, ckpt_every=100, out="runs/dkdm_quick")
+
 # ---- evaluation (sec. 4.1) -----------------------------------------------------------------------------
 
 def samplers(cfg, den):
@@ -309,8 +289,7 @@ def make_student(cfg, teacher):
                     sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
 
 def train(cfg, spec, teacher, grid, ckpt, device):
-    """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`, then the evaluation.
-    Returns the metrics rows."""
+    """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA student."""
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
@@ -381,8 +360,13 @@ def train(cfg, spec, teacher, grid, ckpt, device):
                               method="dkdm", teacher=spec, config=dataclasses.asdict(cfg), step=step)
     R.save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,
                       config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
+    return ema
 
-    # evaluation: the EMA student, and the same student at initialisation, against the teacher
+def evaluate_student(cfg, teacher, ema, grid, device):
+    """The metrics rows: the EMA student and the same student at initialisation against the teacher (its
+    FID/IS with --fid-teacher), and samples.png."""
+    c = teacher.net.config
+    shape = (c.in_channels, c.image_size, c.image_size)
     ref = teacher_reference(cfg, teacher, grid, shape, device)
     initial = make_student(cfg, teacher).to(device).eval()
     rows = evaluate(cfg, "student_init", initial, ref, grid, shape, device)[0]
@@ -473,7 +457,8 @@ def main(argv=None):
         return evaluate_snapshots(cfg, chosen, teacher, grid, device)
     R.start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),
                 batch=cfg.batch)
-    results = train(cfg, spec, teacher, grid, ckpt, device)
+    ema = train(cfg, spec, teacher, grid, ckpt, device)
+    results = evaluate_student(cfg, teacher, ema, grid, device)
     reference = {"sampler": "the teacher's own sampler from the same noise", "steps": cfg.eval_steps}
     R.write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
                     results, finished=True)

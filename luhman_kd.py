@@ -1,27 +1,17 @@
-"""Knowledge Distillation in Iterative Generative Models for Improved Sampling Speed.
-Eric Luhman and Troy Luhman, 2021, arXiv:2101.02388 ("Denoising Student"); code tcl9876/Denoising_Student.
+"""Knowledge Distillation in Iterative Generative Models for Improved Sampling Speed ("Denoising Student").
+Eric Luhman and Troy Luhman, 2021, arXiv:2101.02388; code tcl9876/Denoising_Student.
 
-(1) Draw x_T ~ N(0, I) and run the teacher's deterministic DDIM to x_0 = F_teacher(x_T): a fixed dataset of
-(x_T, x_0) pairs (sec. 3.1). (2) Start the student as the teacher network at its top noise level (sec. 3.2).
-(3) Regress the student's one forward pass onto x_0 (eq. 11). One network evaluation samples.
-
-The paper's CIFAR-10 run (Table 1: FID 9.36, IS 8.36; teacher google/ddpm-cifar10-32, 100-step quad DDIM):
-    python luhman_kd.py --data cifar10 --fid 50000 --fid-teacher true --out runs/luhman_cifar10
-  1,024,000 + 51,200 pairs (9.9 GB, 107.5M teacher evaluations), then 50k updates at batch 512 (peak 23.7 GiB
-  fp32 on an H100: --accum 2 runs each batch in two halves). --stage pairs|train|eval: one stage; all resume.
-  Offline FID: --inception PATH --fid-stats PATH (clean-fid's CIFAR-10 statistics).
-Many GPUs: torchrun --standalone --nproc_per_node=8 luhman_kd.py ... (pairs and batches shared out; README).
-Quick (shapes 16x16, the cached shapes teacher, 10-step quad DDIM, 2,048 pairs, 384 updates at batch 32):
-    python luhman_kd.py --quick
-Unset training flags come from the app. B table 3 column that --data (cifar10, *celeba*, *bedroom*, *church*)
-or --recipe picks (see --help). Teachers (sec. 4): Ho et al.'s EMA weights as hub ids google/ddpm-cifar10-32,
-google/ddpm-ema-{bedroom,church}-256; ermongroup/ddim's celeba ckpt.pth goes through tools/convert_teacher.py.
-
-Departures from the official code, each a flag: 1.024M pairs for LSUN too (sec. 3.1; the official epochs
-give table 3's LSUN updates only with its 204,800 pairs: --num-pairs 204800); table 3's 64k CelebA updates
-(official: 35 epochs = 70k); x_0 rounded to uint8 (official: truncated, --targets trunc). As the official
-code: x0 = x_T - net(x_T, T-1) (param 'resid'; --student-param exact: the DDPM conversion), no dropout
-(app. B), the best EMA by held-out test loss kept. Measured --quick numbers: README, Denoising Student.
+(1) The teacher's deterministic DDIM maps noise x_T to x_0 = F_teacher(x_T): a fixed dataset of pairs (sec.
+3.1). (2) The student starts as the teacher network at its top noise level (sec. 3.2). (3) Its one forward
+pass regresses onto x_0 (eq. 11): one network evaluation samples.
+    python luhman_kd.py --data cifar10 --fid 50000 --fid-teacher true --out runs/luhman_cifar10   # Table 1
+    python luhman_kd.py --quick                                                                  # CPU
+Unset training flags come from the app. B table 3 column that --data or --recipe picks (see --help);
+--stage pairs|train|eval runs one stage, and every stage resumes.
+Departures from the official code, each a flag (docs/luhman_kd.md): 1.024M pairs for LSUN too (sec. 3.1;
+--num-pairs 204800 gives the code's); table 3's 64k CelebA updates (the code: 70k); x_0 rounded to uint8
+(the code truncates: --targets trunc). As the code: x0 = x_T - net(x_T, T-1) (--student-param exact: the DDPM
+conversion), no dropout (app. B), the EMA of lowest held-out test loss kept.
 """
 import contextlib, dataclasses, math, os, re, shutil, time
 
@@ -32,6 +22,36 @@ from common import (SKIPS, autocast, build_net, check_steps, ddim_sample, ema_up
                     sampler_spec, sampler_times, seeded_noise, to_float)
 
 import runtime as R
+
+# ---- The method: F_teacher (sec. 2.2), F_student (sec. 3.2), the loss (eq. 10-11, app. B) -----------------
+
+def teacher_x0(teacher, x_T, times):
+    """F_teacher(x_T): deterministic DDIM (eq. 8) through `times`, then the last step to x_0; unclipped inside
+    the chain, clipped to [-1, 1] once (official). With times[:1]: the teacher's own 1-step DDIM."""
+    return ddim_sample(teacher, x_T, times).clamp(-1, 1)
+
+def make_student(teacher, student_param):
+    """The teacher network's architecture and weights, trainable (sec. 3.2), without dropout (app. B: "We did
+    not use dropout"; Ho et al.'s CIFAR-10 network has 0.1). 'official' reads the output as x0 = x_T - out."""
+    net = build_net(net_config(teacher.net), dropout=0.0)
+    net.load_state_dict(teacher.net.state_dict())
+    param = "resid" if student_param == "official" else teacher.param
+    one_step = sampler_spec([teacher.schedule.time(1.0)], clip=True)   # student_x0, clipped as evaluated
+    return teacher.copy(net=net, param=param, sampler=one_step).to(next(teacher.parameters()).device)
+
+def student_x0(student, x_T):
+    """F_student(x_T): one evaluation at the top noise level t = T-1 (official: 999.0). 'resid' subtracts the
+    eps-like output with unit coefficients (official); the exact conversion (x_T - sigma_T eps)/alpha_T is
+    the teacher's 1-step DDIM at initialisation but divides by alpha_T = 0.0064 (linear schedule)."""
+    return student(x_T, student.schedule.time(1.0))[0]
+
+def student_loss(x0_hat, x_0, kind):
+    """Per-sample loss (B,): eq. 11 (l2, the KL between unit-variance Gaussians up to 1/2 and a constant) or
+    the L1 the paper found better on CIFAR-10 (app. B); summed over pixels as the official code."""
+    diff = (x0_hat.float() - x_0).flatten(1)
+    return diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1)
+
+# ---- flags -------------------------------------------------------------------------------------------------
 
 # App. B table 3, sec. 4 (teacher steps, timesteps), app. B (L1 on CIFAR-10) and the official get_settings
 # (held-out pairs; the test loss after every epoch, or every 80 shards of 2,560 pairs for LSUN). Teachers: Ho
@@ -114,34 +134,6 @@ QUICK = dict(data="shapes", recipe="cifar10", teacher_steps=10, num_pairs=2048, 
              gen_batch=256, loss="l2", batch=32, updates=384, lr=1e-3, warmup=50, ema=0.99, test_every=64,
              eval_n=256, time_batch=64, other_size="16x24", log_every=64, ckpt_every=128,
              out="runs/luhman_kd_quick")
-
-# ---- The method: F_teacher (sec. 2.2), F_student (sec. 3.2), the loss (eq. 10-11, app. B) -----------------
-
-def teacher_x0(teacher, x_T, times):
-    """F_teacher(x_T): deterministic DDIM (eq. 8) through `times`, then the last step to x_0; unclipped inside
-    the chain, clipped to [-1, 1] once (official). With times[:1]: the teacher's own 1-step DDIM."""
-    return ddim_sample(teacher, x_T, times).clamp(-1, 1)
-
-def make_student(teacher, student_param):
-    """The teacher network's architecture and weights, trainable (sec. 3.2), without dropout (app. B: "We did
-    not use dropout"; Ho et al.'s CIFAR-10 network has 0.1). 'official' reads the output as x0 = x_T - out."""
-    net = build_net(net_config(teacher.net), dropout=0.0)
-    net.load_state_dict(teacher.net.state_dict())
-    param = "resid" if student_param == "official" else teacher.param
-    one_step = sampler_spec([teacher.schedule.time(1.0)], clip=True)   # student_x0, clipped as evaluated
-    return teacher.copy(net=net, param=param, sampler=one_step).to(next(teacher.parameters()).device)
-
-def student_x0(student, x_T):
-    """F_student(x_T): one evaluation at the top noise level t = T-1 (official: 999.0). 'resid' subtracts the
-    eps-like output with unit coefficients (official); the exact conversion (x_T - sigma_T eps)/alpha_T is
-    the teacher's 1-step DDIM at initialisation but divides by alpha_T = 0.0064 (linear schedule)."""
-    return student(x_T, student.schedule.time(1.0))[0]
-
-def student_loss(x0_hat, x_0, kind):
-    """Per-sample loss (B,): eq. 11 (l2, the KL between unit-variance Gaussians up to 1/2 and a constant) or
-    the L1 the paper found better on CIFAR-10 (app. B); summed over pixels as the official code."""
-    diff = (x0_hat.float() - x_0).flatten(1)
-    return diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1)
 
 # ---- Synthetic dataset (sec. 3.1) --------------------------------------------------------------------------
 # OUT/pairs/{train,test}.npy: a preallocated memory-mapped record array per split (x_T float16, x_0 uint8);

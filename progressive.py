@@ -1,43 +1,20 @@
 """Progressive Distillation for Fast Sampling of Diffusion Models.
 Tim Salimans and Jonathan Ho, ICLR 2022, arXiv:2202.00512.
 
-A teacher sampled with N deterministic DDIM steps is distilled into a student of the same architecture
-that takes N/2 steps: the student learns to predict, in one DDIM step, where two teacher steps land
-(the target x~ of eq. 43). The student becomes the next teacher; rounds repeat down to 1 step (Alg. 2).
-
-The paper's CIFAR-10 run (base model: Alg. 1, 800k updates; then 8192 -> 1 step in 13 rounds of 50k
-updates, 100k for the rounds to 2 and 1 steps; FID of every student up to 512 steps):
-    python progressive.py --data cifar10 --out runs/pd_cifar10 --fid-samples 50000
-From a public eps teacher (the paper released no checkpoints):
+A student of the teacher's architecture learns to do in one DDIM step what the teacher does in two (the target
+x~ of eq. 43); it becomes the next teacher, and rounds halve the steps down to 1 (Alg. 2). Without --teacher
+the base model is trained first (Alg. 1, app. E's CIFAR-10 settings).
+    python progressive.py --data cifar10 --out runs/pd_cifar10 --fid-samples 50000      # fig. 4, CIFAR-10
     python progressive.py --data cifar10 --teacher google/ddpm-cifar10-32 --start-steps 1024
-Many GPUs: torchrun --standalone --nproc_per_node=8 progressive.py ... (--batch is the global batch; README).
-Quick (16x16 shapes, a paper-style x-prediction base model trained once into the cache, 16 -> 1 steps):
-    python progressive.py --quick
-    python progressive.py --quick --teacher cached --lr 1e-4 --updates-per-round 150   # the eps route
-
-Eps teachers (the paper's models predict x or 'both'; not in the paper, measured in the README):
-- Students keep predicting eps, so each starts AS its teacher (Alg. 2), with the teacher's eps-MSE ('snr';
-  --weighting is for x-space students) down to --reparam-steps; there a re-parameterisation round (Alg. 2, one
-  teacher step per student step: x~ = the teacher's x) makes the model 'both' (sec. 4: x = sigma^2 x_head +
-  alpha^2 x(eps_head), new x head) for the last rounds, where an eps output's error is divided by alpha -> 0.
-  'Both' from round 1 does worse (0.22 at 16 steps after 300 updates): at low SNR its new x head must learn
-  the teacher's x = (z - sigma eps)/alpha, amplified network error that the teacher's DDIM path uses.
-- Their x is clipped to [-1, 1] in both teacher steps and in the student's prediction (--teacher-clip auto;
-  Alg. 2 and the official code do not clip, their x models barely need it): unclipped, the shared eps
-  teacher's DDIM path leaves the data (pixel std 1.87 at t = 1/8 vs 0.58) and distilling it gains nothing.
-Paper vs official code vs here: x~ is eq. 43 as the convex combination w x1 + (1 - w) x2 of the teacher's two
-x predictions, w in float64 from the angles phi = arctan(sigma/alpha) (app. D; eq. 43 in float32 is off by
-~1e-3 at 8192 steps); at the last step w = 0: x~ = the teacher's second x, as the official code substitutes.
-lr 1e-4 annealed linearly to 0 in each round (app. E; official config 5e-5, its driver is not released).
-Where the paper is silent: discrete teachers (linear beta, T = 1000) run in continuous time, t = u (T - 1),
-fractional timesteps, u = 0 the data; learned-range variance channels are dropped (students: fixed_large).
-
-Measured on 1 CPU thread, RMSE to the teacher's 16-step DDIM output over 64 samples (README for more):
-    steps                            8       4       2       1
-    --quick student (x)            0.019   0.038   0.059   0.080     ~3 min after the cached base model
-    --quick undistilled DDIM       0.033   0.084   0.179   0.278
-    eps route student              0.057   0.111   0.208   0.276     eps students to 2 steps, 'both' at 1
-    eps route undistilled DDIM     0.071   0.142   0.256   0.911
+    python progressive.py --quick                                                       # 16x16 shapes, CPU
+Departures, each with its flag (docs/progressive.md has why and what was measured):
+- eps teachers (the paper's predict x): students keep predicting eps down to --reparam-steps, where a
+  re-parameterisation round makes them 'both' (sec. 4); their x is clipped to [-1, 1] in both teacher steps
+  and in the student's prediction (--teacher-clip auto).
+- x~ is the convex combination w x1 + (1 - w) x2 of the teacher's two x predictions, w in float64 (app. D);
+  at the last step x~ is the teacher's second x, as the official code substitutes.
+- lr 1e-4 annealed to 0 in each round (app. E; the official config: 5e-5). Discrete teachers (T = 1000) run
+  in continuous time t = u (T - 1); learned-range variance channels are dropped.
 """
 import dataclasses
 import hashlib
@@ -52,6 +29,89 @@ from common import (Denoiser, PRESETS, WEIGHTINGS, ancestral_sample, autocast, b
                     weighted_loss)
 
 import runtime as R
+
+# ---- the method (Alg. 2, app. G) ---------------------------------------------------------------------------
+
+def angle(schedule, u):
+    """phi_t = arctan(sigma_t / alpha_t) (app. D) at unit time u ((B,) float64), in float64: alpha = cos phi,
+    sigma = sin phi. u = 0 is the data itself, phi = 0, (alpha, sigma) = (1, 0), where every sampler ends."""
+    phi = torch.atan(torch.exp(-0.5 * schedule.logsnr(schedule.time(u))))
+    return torch.where(u > 0, phi, torch.zeros_like(phi))
+
+def target_weight(phi_t, phi_t1, phi_t2):
+    """Eq. 43 as a convex combination, x~ = w x1 + (1 - w) x2, x1 and x2 the teacher's x predictions at t, t'.
+    Writing out the two DDIM steps, z_t'' - (sigma_t''/sigma_t) z_t = A x2 + B x1 and the denominator of
+    eq. 43 is A + B, with A ~ sin(phi_t) sin(phi_t' - phi_t'') and B ~ sin(phi_t'') sin(phi_t - phi_t'),
+    both >= 0 as phi falls along t > t' > t''. Float64 keeps w exact where A + B ~ 1e-4 (t ~ 1, N = 8192)."""
+    a = torch.sin(phi_t) * torch.sin(phi_t1 - phi_t2)
+    b = torch.sin(phi_t2) * torch.sin(phi_t - phi_t1)
+    return b / (a + b)
+
+@torch.no_grad()
+def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
+    """Alg. 2, lines 9-13: x~ for which one student DDIM step t -> t'' = t - 1/N lands where two teacher DDIM
+    steps t -> t' = t - 0.5/N -> t'' land (u: the unit time t of each sample, (B,) float64; N: student steps).
+    one_step (the re-parameterisation round): one teacher step per student step, x~ = the teacher's x."""
+    schedule = teacher.schedule
+    x1, eps1 = teacher(z_t, schedule.time(u), clip=clip)                                 # line 11
+    if one_step:
+        return x1
+    u1, u2 = u - 0.5 / N, u - 1.0 / N
+    phi, phi1, phi2 = angle(schedule, u), angle(schedule, u1), angle(schedule, u2)
+    z_t1 = ddim_step(x1, eps1, bcast(phi1.cos().float(), z_t), bcast(phi1.sin().float(), z_t))
+    x2, _ = teacher(z_t1, schedule.time(u1), clip=clip)                                  # line 12
+    w = bcast(target_weight(phi, phi1, phi2).float(), z_t)                              # line 13, eq. 43
+    return w * x1 + (1 - w) * x2
+
+def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
+    """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
+    sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
+    B, schedule = x.shape[0] * R.world_size(), student.schedule  # x: this rank's part of the global batch B
+    i = R.mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
+    u = i.to(x.device, torch.float64) / N
+    phi = angle(schedule, u)
+    alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
+    eps = R.mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
+    z_t = alpha * x + sigma * eps
+    x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
+    x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
+    eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
+    return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
+
+def make_student(teacher, steps, both=False, clip=True):
+    """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` DDIM steps on the
+    grid t = i/N (its recorded sampler; clip: x_pred clipped, as --eval-clip); the mean channels only (a
+    learned-range teacher's variance channels are dropped). both=True makes an eps teacher's student predict
+    'both' (sec. 4): its output layer gets a zero x head before the eps head."""
+    cfg, state = {**net_config(teacher.net), "dropout": 0.0}, dict(teacher.net.state_dict())
+    C = cfg["in_channels"]
+    param = "both" if teacher.param == "eps" and both else teacher.param
+    head, mean = "conv_out" if cfg["arch"] == "unet" else "out", C * (2 if teacher.param == "both" else 1)
+    for k in (f"{head}.weight", f"{head}.bias"):  # rows (positions, channels): 1 (U-Net) or p*p (DiT)
+        w = state[k].unflatten(0, (-1, cfg["out_channels"]))[:, :mean]
+        state[k] = (torch.cat([torch.zeros_like(w), w], 1) if param != teacher.param else w).flatten(0, 1)
+    cfg["out_channels"] = C * (2 if param == "both" else 1)
+    net = build_net(cfg).to(next(teacher.parameters()).device)
+    net.load_state_dict(state)
+    var = "fixed_large" if teacher.var == "learned_range" else teacher.var
+    times = sampler_times(teacher.schedule, steps, "unit")
+    return Denoiser(net, teacher.schedule, param, var, sampler_spec(times, clip=clip), teacher.source).train()
+
+def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, reparam_updates=0):
+    """[(teacher steps, student steps, updates)] of every round: N -> N/divisor (Alg. 2; app. I for 4), with
+    final_factor x the updates for the rounds to 2 and 1 steps (sec. 5.2), and with reparam_steps the
+    re-parameterisation round (n -> n steps) before the first round whose teacher takes n <= reparam_steps."""
+    rounds, n = [], start
+    while n > end:
+        m = max(n // divisor, end)
+        rounds.append((n, m, updates * (final_factor if m <= 2 else 1)))
+        n = m
+    k = next((i for i, (n, _, _) in enumerate(rounds) if n <= reparam_steps), None)
+    if k is not None:
+        rounds.insert(k, (rounds[k][0], rounds[k][0], reparam_updates))
+    return rounds
+
+# ---- flags -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Config:
@@ -144,87 +204,6 @@ QUICK = dict(data="shapes", image_size=16, net="tiny16", dropout=0.0, base_updat
              base_lr=1e-3, base_warmup=100, base_weight_decay=0.0, base_ema=0.995, base_cache=True,
              start_steps=16, updates_per_round=200, reparam_updates=300, lr=5e-4, batch=16, eval_samples=64,
              log_every=50, ckpt_every=100, out="runs/progressive_quick")
-
-# ---- the method (Alg. 2, app. G) ---------------------------------------------------------------------------
-
-def angle(schedule, u):
-    """phi_t = arctan(sigma_t / alpha_t) (app. D) at unit time u ((B,) float64), in float64: alpha = cos phi,
-    sigma = sin phi. u = 0 is the data itself, phi = 0, (alpha, sigma) = (1, 0), where every sampler ends."""
-    phi = torch.atan(torch.exp(-0.5 * schedule.logsnr(schedule.time(u))))
-    return torch.where(u > 0, phi, torch.zeros_like(phi))
-
-def target_weight(phi_t, phi_t1, phi_t2):
-    """Eq. 43 as a convex combination, x~ = w x1 + (1 - w) x2, x1 and x2 the teacher's x predictions at t, t'.
-    Writing out the two DDIM steps, z_t'' - (sigma_t''/sigma_t) z_t = A x2 + B x1 and the denominator of
-    eq. 43 is A + B, with A ~ sin(phi_t) sin(phi_t' - phi_t'') and B ~ sin(phi_t'') sin(phi_t - phi_t'),
-    both >= 0 as phi falls along t > t' > t''. Float64 keeps w exact where A + B ~ 1e-4 (t ~ 1, N = 8192)."""
-    a = torch.sin(phi_t) * torch.sin(phi_t1 - phi_t2)
-    b = torch.sin(phi_t2) * torch.sin(phi_t - phi_t1)
-    return b / (a + b)
-
-@torch.no_grad()
-def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
-    """Alg. 2, lines 9-13: x~ for which one student DDIM step t -> t'' = t - 1/N lands where two teacher DDIM
-    steps t -> t' = t - 0.5/N -> t'' land (u: the unit time t of each sample, (B,) float64; N: student steps).
-    one_step (the re-parameterisation round): one teacher step per student step, x~ = the teacher's x."""
-    schedule = teacher.schedule
-    x1, eps1 = teacher(z_t, schedule.time(u), clip=clip)                                 # line 11
-    if one_step:
-        return x1
-    u1, u2 = u - 0.5 / N, u - 1.0 / N
-    phi, phi1, phi2 = angle(schedule, u), angle(schedule, u1), angle(schedule, u2)
-    z_t1 = ddim_step(x1, eps1, bcast(phi1.cos().float(), z_t), bcast(phi1.sin().float(), z_t))
-    x2, _ = teacher(z_t1, schedule.time(u1), clip=clip)                                  # line 12
-    w = bcast(target_weight(phi, phi1, phi2).float(), z_t)                              # line 13, eq. 43
-    return w * x1 + (1 - w) * x2
-
-def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
-    """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
-    sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
-    B, schedule = x.shape[0] * R.world_size(), student.schedule  # x: this rank's part of the global batch B
-    i = R.mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
-    u = i.to(x.device, torch.float64) / N
-    phi = angle(schedule, u)
-    alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
-    eps = R.mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
-    z_t = alpha * x + sigma * eps
-    x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
-    x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
-    eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
-    return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
-
-def make_student(teacher, steps, both=False, clip=True):
-    """Alg. 2, 'theta <- eta': a copy of the teacher without dropout (app. E), for `steps` DDIM steps on the
-    grid t = i/N (its recorded sampler; clip: x_pred clipped, as --eval-clip); the mean channels only (a
-    learned-range teacher's variance channels are dropped). both=True makes an eps teacher's student predict
-    'both' (sec. 4): its output layer gets a zero x head before the eps head."""
-    cfg, state = {**net_config(teacher.net), "dropout": 0.0}, dict(teacher.net.state_dict())
-    C = cfg["in_channels"]
-    param = "both" if teacher.param == "eps" and both else teacher.param
-    head, mean = "conv_out" if cfg["arch"] == "unet" else "out", C * (2 if teacher.param == "both" else 1)
-    for k in (f"{head}.weight", f"{head}.bias"):  # rows (positions, channels): 1 (U-Net) or p*p (DiT)
-        w = state[k].unflatten(0, (-1, cfg["out_channels"]))[:, :mean]
-        state[k] = (torch.cat([torch.zeros_like(w), w], 1) if param != teacher.param else w).flatten(0, 1)
-    cfg["out_channels"] = C * (2 if param == "both" else 1)
-    net = build_net(cfg).to(next(teacher.parameters()).device)
-    net.load_state_dict(state)
-    var = "fixed_large" if teacher.var == "learned_range" else teacher.var
-    times = sampler_times(teacher.schedule, steps, "unit")
-    return Denoiser(net, teacher.schedule, param, var, sampler_spec(times, clip=clip), teacher.source).train()
-
-def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, reparam_updates=0):
-    """[(teacher steps, student steps, updates)] of every round: N -> N/divisor (Alg. 2; app. I for 4), with
-    final_factor x the updates for the rounds to 2 and 1 steps (sec. 5.2), and with reparam_steps the
-    re-parameterisation round (n -> n steps) before the first round whose teacher takes n <= reparam_steps."""
-    rounds, n = [], start
-    while n > end:
-        m = max(n // divisor, end)
-        rounds.append((n, m, updates * (final_factor if m <= 2 else 1)))
-        n = m
-    k = next((i for i, (n, _, _) in enumerate(rounds) if n <= reparam_steps), None)
-    if k is not None:
-        rounds.insert(k, (rounds[k][0], rounds[k][0], reparam_updates))
-    return rounds
 
 # ---- evaluation (fig. 4, fig. 7, app. F) ------------------------------------------------------------------
 

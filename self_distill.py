@@ -1,73 +1,18 @@
 """Self-Distillation for Diffusion: direct self-distillation (DSD).
-Anonymous ICLR submission "Self-Distillation for Diffusion"; official code Pmobilee/DSD (its Paper.pdf).
+Anonymous ICLR submission "Self-Distillation for Diffusion"; official code Pmobilee/DSD.
 
-A pretrained model samples its own DDIM trajectories from noise, with no data and no separate teacher; for
-every two steps t -> t-1 -> t-2 it learns to do in one step what it does in two: w(lambda_t) ||x' - x''||^2,
-x' its x prediction at z_t, x'' (detached) the x whose single DDIM step lands where its two steps land
-(alg. 2). The step count N follows a schedule (sec. 4.1.1, app. J): DSDN, DSDI, DSDGL, DSDGEXP; TSD is DSDI
-with a separate frozen teacher. Training DSD (sec. 4.2, eq. 1) adds the term to v-prediction training.
-
-The paper fine-tunes latent models (LDM CelebA-HQ, LSUN Bedroom, ImageNet); here the same algorithms run in
-pixel space on our teachers (google/ddpm-cifar10-32 by default). Table 2, one command per variant:
-    python self_distill.py --variant dsdi --out runs/dsd_dsdi     # likewise dsdn | dsdgl | dsdgexp | tsd
-    python self_distill.py --variant dsdi --fid-samples 30000     # FID/IS of the original and DSD models
-Training DSD (fig. 3: --distill-weight 0 is the baseline it is compared with):
-    python self_distill.py --variant train --out runs/dsd_train
-Many GPUs: torchrun --standalone --nproc_per_node=8 self_distill.py ... (--batch trajectories in all; README).
-Quick (the cached 16x16 shapes teacher, DSDI 16 -> 2 steps, about 40 s of one CPU core):
-    python self_distill.py --quick
-
-Paper vs the official code (we follow the paper; flags give the code's choice):
-- Batch: the code samples one trajectory at a time; we run --batch trajectories in lockstep (--batch 1).
-- Loss: the code compares consecutive x0 predictions, MSE(x(z_t), x(z_t-1)); alg. 2 compares x' = x(z_t)
-  with x'' of lines 12-13, the progressive-distillation target of the model's own two steps (--target next_x).
-- Weighting: the paper's truncated SNR, max(SNR, 1); the CelebA/LSUN code uses max(log SNR, 1), the ImageNet
-  code none (--weighting trunc_logsnr | none).
-- Grids: the code builds its DDIM grid once for the start N, so as N_i shrinks the alpha index no longer
-  matches the timestep fed to the network (its ImageNet path walks only the noisy start of the 64-step grid).
-  Each depth here has its own N_i-step grid (alg. 2); the bug is not reproduced.
-- Schedules: the code's DSDGL divides a depth's share by the next depth (N_i - 2) and doubles it; its DSDGEXP
-  (marked TEMPORARY) reverses app. J's weights, putting most updates at N = 64. We give each depth the same
-  number of updates (DSDN, DSDI, DSDGL: U_i = (P/|N|)/(N_i/2) trajectories, the code's DSDI; the text's
-  U_i = P/(|N| N_i) would make half of P) and read app. J eq. 2 as the code's commented-out form: shares
-  exp(1/S_i), S_i = max(N_i - 2, 1), the most updates at the fewest steps, as app. J describes.
-- Training DSD: the code computes its whole distillation loss under torch.no_grad, so the term trains nothing
-  (the run is 0.9 x the base loss), with alpha, beta = 0.9, 0.1 and the second prediction made from freshly
-  re-noised x at t + 1/T. Here one forward pass gives v_hat and x', and x'' comes from two DDIM steps of the
-  same model from that z_t (eq. 1, "a single computation graph"): the term produces gradients. Eq. 1 has no
-  w(lambda) (the code: truncated SNR).
-- Optimiser: the code has Adam (0.9, 0.999), weight decay 5e-4, cosine to 0, and trains with the EMA weights
-  swapped in; it clips the gradient before optimizer.step, as here (only the files under DSD/Backup clip
-  after it). Its ImageNet DSD path has optimizer.zero_grad() commented out, so gradients accumulate across
-  updates, and its CelebA/LSUN path is called with a keyword argument its function does not take; neither is
-  reproduced. We follow table 3 and sec. 5: Adam (0.9, 0.98), lr 1e-6 annealed (cosine) to 10 % of it, EMA
-  0.995, clipping at 1; the 5 % warm-up is the code's (table 3 is silent). DDIM eta 0 (the ImageNet code uses
-  0.1 despite its comment).
-Pixel space (the paper is silent):
-- --clip auto clips the x predictions of eps models to [-1, 1] in trajectories, targets and evaluation (as
-  the DDPM samplers of pixel models; latents have no range). Unclipped, x = (z - sigma eps)/alpha at the start
-  of every trajectory is noise amplified 1/alpha = 157 times (t = 999, linear schedule): the pairs there rule
-  the loss and the model drifts: --quick --clip no, RMSE to the (unclipped) 16-step output at 2 / 4 / 8
-  steps: original 0.717 / 0.285 / 0.127, DSDI 0.711 / 0.292 / 0.147. Clipping zeroes the gradient of the
-  pixels it saturates: on the shapes teacher's 16-step trajectories, 91 % of x' at t = 999, 55 % at step 4,
-  12 % at step 8, 6 % at the last step, 29 % over all steps (27 % at 64 steps); google/ddpm-cifar10-32 was not
-  measured (its weights cannot be fetched here).
-- The lr stays table 3's 1e-6: Adam's step is in parameter units, whatever the model's size or input space.
-  Larger ones let the model drift from the original's trajectories (nothing anchors DSD to them: any model
-  whose x prediction is constant along its own DDIM paths is a fixed point): --quick with --lr 1e-5 ends
-  further from the 16-step reference at every step count (0.371 / 0.383 / 0.371 at 2 / 4 / 8 steps, against
-  0.243 / 0.133 / 0.065 for the original model).
-- Grids are Salimans & Ho's t_i = i/N (--skip unit: every depth starts at pure noise, halved grids nest);
-  fine-tuning runs without dropout; TSD hands the student over as the next teacher at each halving (as the
-  code's distill() and PD's alg. 2).
-
-Measured, --quick (the batch-16 shapes teacher; one CPU thread, 36 s of CPU; RMSE to the original model's
-16-step output, 64 samples):
-    steps                        2      4      8
-    original model, DDIM       0.243  0.133  0.065
-    DSDI (quick default)       0.226  0.130  0.077
-    DSDN / DSDGL / DSDGEXP     0.231 / 0.225 / 0.224 at 2 steps; TSD 0.231 (README.md has every row)
-DSD trades fidelity at the larger step counts for the smallest: the paper's claim, in teacher-fidelity terms.
+A pretrained model samples its own DDIM trajectories; for every two steps t -> t-1 -> t-2 it learns to do in
+one what it does in two: w(lambda_t) ||x' - x''||^2, x' its x prediction at z_t, x'' the x whose single DDIM
+step lands where its two steps land (alg. 2). N follows a schedule (sec. 4.1.1, app. J: DSDN, DSDI, DSDGL,
+DSDGEXP); TSD is DSDI with a frozen teacher. Training DSD (sec. 4.2, eq. 1) adds the term to v-training.
+    python self_distill.py --variant dsdi --fid-samples 30000 --out runs/dsd_dsdi   # table 2, per variant
+    python self_distill.py --variant train --out runs/dsd_train                     # fig. 3
+    python self_distill.py --quick                                                  # CPU
+The paper fine-tunes latent models; here everything runs in pixel space. We follow the paper where its
+official code differs (docs/self_distill.md lists each case), with a flag for the code's choice: --batch 1
+(the code's one trajectory at a time), --target next_x (its loss), --weighting trunc_logsnr | none. Not in
+the paper: --clip auto clips the x predictions of eps models to [-1, 1]; each depth has its own N_i-step grid
+t_i = i/N (the code reuses the start grid); equal updates per depth, app. J's shares for DSDGEXP.
 """
 import dataclasses
 import functools
@@ -83,88 +28,6 @@ from common import (Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_n
 import runtime as R
 
 VARIANTS = ("dsdn", "dsdi", "dsdgl", "dsdgexp", "tsd", "train")
-
-@dataclasses.dataclass
-class Config:
-    variant: str = R.field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
-                                   "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
-                           choices=VARIANTS)
-    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
-    teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
-                               "cifar10, the cached shapes teacher for shapes")
-    image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
-    # fine-tuning DSD (sec. 4.1, alg. 2)
-    steps: int = R.field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
-    updates: int = R.field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
-                           rehearse=1)  # --rehearse: one trajectory per depth
-    batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
-    skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
-                        choices=SKIPS[:1] + SKIPS[2:])
-    target: str = R.field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
-                                     "the x prediction at z_t-1)", choices=("implied", "next_x"))
-    weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
-                                          "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
-                             choices=("trunc_snr", "trunc_logsnr", "none"))
-    clip: str = R.field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
-                                "auto (eps models, see the docstring) | yes | no (the paper's latents)",
-                        choices=("auto", "yes", "no"))
-    lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
-    lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
-                            high=1.0)
-    warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0,
-                            below=1.0)
-    beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
-    beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
-    ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
-                         below=1.0)
-    grad_clip: float = R.field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
-    # training DSD (sec. 4.2, eq. 1; the rest as the official base config)
-    train_net: str = R.field("ddpm_cifar10", "network preset trained from scratch (common.PRESETS)",
-                             choices=tuple(PRESETS))
-    train_schedule: str = R.field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
-                                  choices=("cosine_logsnr", "linear", "cosine"))
-    train_updates: int = R.field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False,
-                                 rehearse=2)
-    train_lr: float = R.field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
-    train_warmup: int = R.field(1000, "linear warm-up updates", low=0)
-    train_batch: int = R.field(128, "batch size", low=1)
-    train_ema: float = R.field(0.9999, "EMA decay", low=0.0, below=1.0)
-    dropout: float = R.field(0.1, "dropout of the network trained from scratch", low=0.0, below=1.0)
-    distill_steps: int = R.field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
-    v_weight: float = R.field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
-    distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
-    # evaluation
-    reference_steps: int = R.field(64, "DDIM steps of the original model's reference output (the paper's "
-                                       "'original 64'); --variant train: the model's own", low=1, fixed=False)
-    eval_steps: str = R.field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
-    eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
-                                rehearse=4)
-    eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
-    grid: int = R.field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
-                        low=1, fixed=False)
-    fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
-                                  " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
-                                rehearse=32)
-    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                                 "clean-fid's, downloaded once)", fixed=False)
-    inception: str = R.field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
-    # run
-    seed: int = R.field(0, "seed of the trajectories (fine-tuning) or of training")
-    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, targets fp64)",
-                         choices=("fp32", "bf16", "fp16"))
-    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
-    log_every: int = R.field(100, "log every N updates", low=1, fixed=False, rehearse=1)
-    ckpt_every: int = R.field(500, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
-    out: str = R.field("runs/self_distill", "run directory", fixed=False)
-    resume: str = R.field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
-
-# --quick: the shared cached 16x16 shapes teacher (tiny U-Net, eps, linear schedule), DSDI 16 -> 8 -> 4 -> 2
-# steps with table 3's lr, about 25 updates per depth at batch 16, and an EMA that moves within them.
-QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=0.99, reference_steps=16,
-             eval_steps="2,4,8", eval_samples=64, eval_batch=64, log_every=25, ckpt_every=100,
-             out="runs/self_distill_quick", train_net="tiny", train_updates=300, train_lr=5e-4,
-             train_warmup=50, train_batch=16, train_ema=0.99, dropout=0.0, distill_steps=32)
 
 # ---- the method (alg. 2, sec. 4.1.1, 4.2, app. J) --------------------------------------------------------
 
@@ -265,6 +128,90 @@ def learning_rate(step, peak, warmup, total, end):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+# ---- flags -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config:
+    variant: str = R.field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
+                                   "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
+                           choices=VARIANTS)
+    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
+    teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
+                               "cifar10, the cached shapes teacher for shapes")
+    image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
+    # fine-tuning DSD (sec. 4.1, alg. 2)
+    steps: int = R.field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
+    updates: int = R.field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
+                           rehearse=1)  # --rehearse: one trajectory per depth
+    batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
+    skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
+                        choices=SKIPS[:1] + SKIPS[2:])
+    target: str = R.field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
+                                     "the x prediction at z_t-1)", choices=("implied", "next_x"))
+    weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
+                                          "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
+                             choices=("trunc_snr", "trunc_logsnr", "none"))
+    clip: str = R.field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
+                                "auto (eps models, see the docstring) | yes | no (the paper's latents)",
+                        choices=("auto", "yes", "no"))
+    lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
+    lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
+                            high=1.0)
+    warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0,
+                            below=1.0)
+    beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
+    beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
+    ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
+                         below=1.0)
+    grad_clip: float = R.field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
+    # training DSD (sec. 4.2, eq. 1; the rest as the official base config)
+    train_net: str = R.field("ddpm_cifar10", "network preset trained from scratch (common.PRESETS)",
+                             choices=tuple(PRESETS))
+    train_schedule: str = R.field("cosine_logsnr", "noise schedule (v-prediction, as Salimans & Ho)",
+                                  choices=("cosine_logsnr", "linear", "cosine"))
+    train_updates: int = R.field(65_000, "updates (sec. 5.2: 65k for CelebA-64 at 1e-4)", low=1, fixed=False,
+                                 rehearse=2)
+    train_lr: float = R.field(1e-4, "Adam lr after the warm-up, constant (sec. 5.2)", low=0.0)
+    train_warmup: int = R.field(1000, "linear warm-up updates", low=0)
+    train_batch: int = R.field(128, "batch size", low=1)
+    train_ema: float = R.field(0.9999, "EMA decay", low=0.0, below=1.0)
+    dropout: float = R.field(0.1, "dropout of the network trained from scratch", low=0.0, below=1.0)
+    distill_steps: int = R.field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
+    v_weight: float = R.field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
+    distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
+    # evaluation
+    reference_steps: int = R.field(64, "DDIM steps of the original model's reference output (the paper's "
+                                       "'original 64'); --variant train: the model's own", low=1, fixed=False)
+    eval_steps: str = R.field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
+    eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
+                                rehearse=4)
+    eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
+    grid: int = R.field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
+                        low=1, fixed=False)
+    fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
+                                  " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
+                                rehearse=32)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
+                                 "clean-fid's, downloaded once)", fixed=False)
+    inception: str = R.field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
+    # run
+    seed: int = R.field(0, "seed of the trajectories (fine-tuning) or of training")
+    device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
+    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, targets fp64)",
+                         choices=("fp32", "bf16", "fp16"))
+    compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
+    log_every: int = R.field(100, "log every N updates", low=1, fixed=False, rehearse=1)
+    ckpt_every: int = R.field(500, "checkpoint every N updates", low=1, fixed=False, rehearse=1)
+    out: str = R.field("runs/self_distill", "run directory", fixed=False)
+    resume: str = R.field("auto", "auto (continue --out/ckpt.pt) | none | PATH", fixed=False)
+
+# --quick: the shared cached 16x16 shapes teacher (tiny U-Net, eps, linear schedule), DSDI 16 -> 8 -> 4 -> 2
+# steps with table 3's lr, about 25 updates per depth at batch 16, and an EMA that moves within them.
+QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=0.99, reference_steps=16,
+             eval_steps="2,4,8", eval_samples=64, eval_batch=64, log_every=25, ckpt_every=100,
+             out="runs/self_distill_quick", train_net="tiny", train_updates=300, train_lr=5e-4,
+             train_warmup=50, train_batch=16, train_ema=0.99, dropout=0.0, distill_steps=32)
 
 # ---- one visible training loop: fine-tuning DSD / TSD under the plan, or training DSD --------------------
 

@@ -44,7 +44,7 @@ def test_cifar10_official_format(tmp_path, monkeypatch):
 def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError("network unreachable")
-    monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(R.urllib.request, "urlopen", refuse)
     with pytest.raises(ValueError) as e:
         R.load_dataset("cifar10", data_dir=str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
@@ -203,7 +203,7 @@ def test_fid_of_cifar10_against_a_statistics_file_offline(tmp_path):
 def test_missing_inception_weights_error_is_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError("no network")
-    monkeypatch.setattr(C.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(R.urllib.request, "urlopen", refuse)
     with pytest.raises(ValueError) as e:
         R.Inception(str(tmp_path / "inception-2015-12-05.pt"))
     assert "--inception" in str(e.value) and "\n" not in str(e.value)

@@ -237,7 +237,7 @@ def test_metrics_are_written_before_fid_and_the_statistics_file_is_used(tmp_path
     assert not metrics["finished"] and metrics["results"][2]["rmse_to_reference"] > 0  # the rows survive
     seen = {}
 
-    def fake_fid(folder, dataset, device, inception=None, ref_folder=None, stats=None):
+    def fake_fid(folder, dataset, device, inception=None, ref_folder=None, stats=None, full=None):
         seen.update(n=len(os.listdir(folder)), stats=stats, ref=ref_folder)
         return {"fid": 12.5, "is": 3.0, "is_std": 0.1}
     monkeypatch.setattr(runtime, "fid_is", fake_fid)
