@@ -1,9 +1,9 @@
-"""The compact core of the distillation references: diffusion math and networks, nothing else (no file I/O,
-no flags, no torch.distributed), so that a user copies this one file beside a method. Sections: math (schedules,
-parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, presets). Images are
-NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is in the
-schedule's own units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the
-network's input. The machinery of a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
+"""The compact core of the distillation references: diffusion math and networks, nothing else (no file I/O, no
+flags, no torch.distributed), so that a user copies this one file beside a method. Sections: math (schedules,
+parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, presets). Images
+are NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is
+in the schedule's own units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is
+the network's input. The machinery of a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
 import copy, dataclasses, math
 from dataclasses import asdict, dataclass
 

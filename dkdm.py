@@ -91,7 +91,8 @@ def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every
             break
         z, k = kset["z"][todo], kset["k"][todo]
         noise = torch.randn(z.shape, generator=gen, device=gen.device)
-        z_prev = teacher_step(teacher, grid, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]  # ranks share out
+        # ranks share out
+        z_prev = teacher_step(teacher, grid, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]
         kset["z"][todo], kset["k"][todo] = R.gather(z_prev, len(todo)), k - 1
         calls += 1
         if calls % 20 == 0 or len(todo) < batch:
@@ -146,8 +147,9 @@ class Config:
     teacher: str = R.field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
                                "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
                                "variance) or a project checkpoint work too; '' = the cached shapes teacher")
-    student: str = R.field("cnn_14m", "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
-                                      "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
+    student: str = R.field("cnn_14m",
+                           "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
+                           "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
                            choices=tuple({**STUDENTS, **PRESETS}))
     dropout: float = R.field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
                              below=1.0)
@@ -155,15 +157,17 @@ class Config:
                                   "sampled from the teacher, then standard training with the same budget)",
                           choices=("dkdm", "datafree"))
     # the DKDM objective (eqs. 19-21)
-    vlb_weight: float = R.field(1.0, "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
-                                     "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
+    vlb_weight: float = R.field(1.0,
+                                "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
+                                "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
     teacher_clip: bool = R.field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
                                        "(official clip_denoised=True); its eps target is the raw output")
     # knowledge collection (sec. 3.3, alg. 1)
     collect: str = R.field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
                                       "shuffled t) | dynamic (b random entries of a rho T b set per update)",
                            choices=("iterative", "shuffled", "dynamic"))
-    rho: float = R.field(0.4, "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
+    rho: float = R.field(0.4,
+                         "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
                          low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
     chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
                                   "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
@@ -171,14 +175,15 @@ class Config:
     prep_batch: int = R.field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
     # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
     batch: int = R.field(128, "batch size b", low=1)
-    updates: int = R.field(200_000, "student updates (constant lr: a run may be extended)", low=1, fixed=False,
-                           rehearse=2)
+    updates: int = R.field(200_000, "student updates (constant lr: a run may be extended)", low=1,
+                           fixed=False, rehearse=2)
     lr: float = R.field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
     weight_decay: float = R.field(0.0, "AdamW weight decay", low=0.0)
     ema: float = R.field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
-    snapshot_every: int = R.field(10_000, "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
-                                          "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
-                                          "with early stop', --eval-snapshots picks it", low=0, fixed=False,
+    snapshot_every: int = R.field(10_000,
+                                  "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
+                                  "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
+                                  "with early stop', --eval-snapshots picks it", low=0, fixed=False,
                                   rehearse=1)
     dtype: str = R.field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
                          choices=("fp32", "bf16"))
@@ -192,7 +197,8 @@ class Config:
                               low=1, fixed=False)
     eval_samples: int = R.field(256, "seeds 0..n-1 for the teacher fidelity of both samplers", low=1,
                                 fixed=False, rehearse=4)
-    eps_samples: int = R.field(256, "fresh teacher-trajectory states, spread over the chain, for the eps error",
+    eps_samples: int = R.field(256,
+                               "fresh teacher-trajectory states, spread over the chain, for the eps error",
                                low=1, fixed=False, rehearse=8)
     eval_clip: bool = R.field(True, "clip x0 while sampling (official clip_denoised=True)", fixed=False)
     fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
@@ -240,10 +246,11 @@ def teacher_reference(cfg, teacher, grid, shape, device):
         states = new_set(cfg.eps_samples, len(grid), shape, "shuffled", gen, spread=True)
         ref = shuffle_denoise(teacher, grid, states, cfg.prep_batch, cfg.teacher_clip, gen)
         ref["eps"] = teacher(ref["z"], grid[ref["k"]])[1]
-        R.rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples, "state")
+        R.rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples,
+                         "state")
         for name, fn in samplers(cfg, teacher).items():
-            ref[name] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device, f"evaluation teacher "
-                                   f"{name}", full.eval_samples)
+            ref[name] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
+                                   f"evaluation teacher {name}", full.eval_samples)
     return ref
 
 def fid(cfg, name, fn, shape, device):
@@ -251,8 +258,9 @@ def fid(cfg, name, fn, shape, device):
     with autocast(device, cfg.dtype):
         folder = R.sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
                                     cfg.batch, device, full=R.full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else R.write_pngs(R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-                                                          os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref = None if cfg.data == "cifar10" else R.write_pngs(
+        R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
+        os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
     return R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                     stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
@@ -289,7 +297,8 @@ def make_student(cfg, teacher):
                     sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
 
 def train(cfg, spec, teacher, grid, ckpt, device):
-    """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA student."""
+    """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA
+    student."""
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
@@ -307,7 +316,8 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     elif cfg.method == "dkdm":
         n = round(cfg.rho * len(grid)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
         kset = new_set(n, len(grid), shape, cfg.collect, gen)
-    path, names = os.path.join(cfg.out, "ckpt.pt"), ("loss", "vlb_bits") if cfg.method == "dkdm" else ("loss",)
+    path, names = os.path.join(cfg.out, "ckpt.pt"), \
+        ("loss", "vlb_bits") if cfg.method == "dkdm" else ("loss",)
     meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, names, "student training",
                     R.full_config(cfg).updates)
     # the set rides in ckpt.pt, atomic with the rest: at CIFAR-10 size (51,200 entries, 629 MB) a save took
@@ -324,7 +334,8 @@ def train(cfg, spec, teacher, grid, ckpt, device):
             kset = shuffle_denoise(fast_teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
         save()
         R.rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
-                         round(full.rho * len(grid)) * full.batch if full.collect == "dynamic" else full.batch,
+                         round(full.rho * len(grid)) * full.batch if full.collect == "dynamic"
+                         else full.batch,
                          "entry")
 
     student.train()
@@ -335,13 +346,15 @@ def train(cfg, spec, teacher, grid, ckpt, device):
             if cfg.method == "dkdm":                                                     # alg. 1
                 idx = draw(len(kset["k"]), cfg.batch, cfg.collect, gen)                  # line 4
                 noise = torch.randn((len(idx), *shape), generator=gen, device=device)
-                z_t, k, noise = (R.mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))  # this rank's part
+                # this rank's part
+                z_t, k, noise = (R.mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))
                 target = teacher_step(fast_teacher, grid, z_t, k, noise, cfg.teacher_clip)  # a teacher step
                 simple, vlb = dkdm_loss(trained, grid, z_t, k, target)                   # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
                 x = R.sample_batch(data, cfg.batch, gen)
-                loss = R.diffusion_loss(trained, "snr", x, gen, vlb_weight=cfg.vlb_weight / teacher.schedule.T)
+                loss = R.diffusion_loss(trained, "snr", x, gen,
+                                        vlb_weight=cfg.vlb_weight / teacher.schedule.T)
                 vlb = torch.zeros((), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -378,7 +391,8 @@ def evaluate_student(cfg, teacher, ema, grid, device):
                      shape, device)
         teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
     g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
-    R.save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g], images["ancestral"][:g]]),
+    R.save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g],
+                           images["ancestral"][:g]]),
                 os.path.join(cfg.out, "samples.png"), nrow=g)
     return teacher_rows + rows + student_rows
 
@@ -425,7 +439,8 @@ def evaluate_snapshots(cfg, chosen, teacher, grid, device):
         den = R.load_teacher(path, device)
         new = evaluate(cfg, f"snapshot_{update}", den, ref, grid, shape, device, cfg.fid_samples > 0)[0]
         rows += [{**row, "update": update} for row in new]
-        R.print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in new[-1].items()))
+        R.print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in new[-1].items()))
     R.write_json(os.path.join(cfg.out, "snapshots.json"), rows)
     return rows
 
@@ -437,7 +452,8 @@ def main(argv=None):
                          "paper's; convert it with tools/convert_teacher.py) or google/ddpm-cifar10-32")
     device = R.setup_device(cfg.device)
     chosen = snapshots(cfg) if cfg.eval_snapshots else None  # --rehearse: the run's own, scored in small
-    cfg = R.rehearsal(cfg)                                      # --rehearse: every count cut, into OUT/rehearsal
+    # --rehearse: every count cut, into OUT/rehearsal
+    cfg = R.rehearsal(cfg)
     R.check_batch(batch=cfg.batch, prep_batch=cfg.prep_batch)
     if chosen:  # evaluation writes snapshots.json and FID folders there: not beside a training run
         os.makedirs(cfg.out, exist_ok=True)

@@ -87,7 +87,8 @@ class Config:
     compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
     # synthetic dataset (sec. 3.1)
     num_pairs: int = R.field(1_024_000, "training pairs (sec. 3.1: 1.024M for every dataset)", low=1,
-                             rehearse=lambda c: min(c.num_pairs, max(c.batch, 2 * c.gen_batch * R.world_size())))
+                             rehearse=lambda c: min(c.num_pairs,
+                                                    max(c.batch, 2 * c.gen_batch * R.world_size())))
     num_test_pairs: int = by_recipe("num_test_pairs", "held-out pairs; 0 = no early stopping", low=0,
                                     rehearse=lambda c: min(c.num_test_pairs, c.batch))
     gen_batch: int = R.field(1024, "teacher batch (a crash loses one batch of pairs)", low=1, fixed=False)
@@ -213,13 +214,14 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
                 data["x_T"][i:j] = x_T.half().cpu().numpy()
                 data["x_0"][i:j] = quantize(x_0, cfg.targets).cpu()
                 data.flush()
-            R.barrier()                                             # the round's pairs on disk before the count
+            # the round's pairs on disk before the count
+            R.barrier()
             made += min(chunks[-1] + cfg.gen_batch, n) - done[split]
             done[split] = min(chunks[-1] + cfg.gen_batch, n)
             R.write_json(os.path.join(cfg.pairs, "meta.json"), {**recipe, "done": done})
             R.progress("pairs", made, todo, t0, " pairs/s")
-            R.rehearsal_rate("teacher pairs", min(chunks[-1] + cfg.gen_batch, n) - chunks[0], time.time() - t_round,
-                             full.num_pairs + full.num_test_pairs, "pair", last=True)
+            R.rehearsal_rate("teacher pairs", min(chunks[-1] + cfg.gen_batch, n) - chunks[0],
+                             time.time() - t_round, full.num_pairs + full.num_test_pairs, "pair", last=True)
     R.barrier()                                                     # meta.json counts them all
     if made:
         R.log_row(cfg.out, {"stage": "pairs", "pairs": made, "pairs_per_s": made / (time.time() - t0),
@@ -270,7 +272,8 @@ def train(cfg, teacher, ckpt, recipe, device):
             os.remove(os.path.join(cfg.out, name))                        # result (rank 0 writes the folder)
     save = lambda path, opt: R.save_checkpoint(
         path, **student.state(), ema=ema.net.state_dict(), method="luhman_kd", config=dataclasses.asdict(cfg),
-        optimizer=opt and opt.state_dict(), step=step, elapsed=meter.now(), best_test=best, best_step=best_step)
+        optimizer=opt and opt.state_dict(), step=step, elapsed=meter.now(), best_test=best,
+        best_step=best_step)
     per_epoch = cfg.num_pairs // cfg.batch                        # the last partial batch is dropped
     meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, phase="student training",
                     full_total=R.full_config(cfg).updates)
@@ -334,7 +337,8 @@ def evaluate(cfg, teacher, times, shape, device):
 
     # Teacher fidelity on held-out noise: the student's 1 step vs the teacher's own 1-step DDIM, same x_T.
     seeds, full = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n), R.full_config(cfg)
-    x_ref, x_one, x_stu = (R.generate(fn, seeds, shape, cfg.gen_batch, device, f"evaluation {name}", full.eval_n)
+    x_ref, x_one, x_stu = (R.generate(fn, seeds, shape, cfg.gen_batch, device, f"evaluation {name}",
+                                      full.eval_n)
                            for fn, name in ((F_teacher, "teacher"), (F_teacher_1, "teacher 1 step"),
                                               (F_student, "student")))
     rows = [dict(model="teacher", steps=len(times), sampler="ddim", rmse_to_reference=0.0),
@@ -362,7 +366,8 @@ def evaluate(cfg, teacher, times, shape, device):
         h, w = (int(v) for v in cfg.other_size.lower().split("x"))
         o_ref, o_stu, o_one = (R.generate(fn, seeds[:16], (shape[0], h, w), cfg.gen_batch, device)
                                for fn in (F_teacher, F_student, F_teacher_1))
-        R.save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))  # teacher over student
+        # teacher over student
+        R.save_grid(torch.cat([o_ref, o_stu]), os.path.join(cfg.out, "other_size.png"))
         rows += [dict(model="teacher", steps=1, sampler="ddim", rmse_to_reference=rmse(o_one, o_ref),
                       image_size=[h, w]),
                  dict(model="student", steps=1, sampler="ddim", rmse_to_reference=rmse(o_stu, o_ref),
@@ -379,8 +384,9 @@ def evaluate(cfg, teacher, times, shape, device):
             R.load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
-            folder = R.sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape, cfg.gen_batch,
-                                        device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"], full=full.fid)
+            folder = R.sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape,
+                                        cfg.gen_batch, device, seed0=cfg.seed * SEED_STRIDE + OFFSET["fid"],
+                                        full=full.fid)
             scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                               stats=cfg.fid_stats or None, full=full.fid)
             row.update(fid=scores["fid"], fid_clean=scores.get("fid_clean"), **{"is": scores["is"]})
@@ -444,7 +450,8 @@ def main(argv=None):
         R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = R.read_resume(cfg)                                       # refuses a resume with other result flags
     if R.run_finished(cfg.out) and cfg.stage == "all" and ckpt is not None and ckpt["step"] >= cfg.updates:
-        R.print0(f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
+        R.print0(
+            f"{cfg.out} is finished (metrics.json); --stage eval evaluates again, --resume none restarts")
         return R.run_finished(cfg.out)
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
         shapes = R.TeacherConfig()                                  # before it is trained (once per machine)
@@ -455,7 +462,8 @@ def main(argv=None):
                          f"{teacher.param}: use --student-param exact")
     check_sizes(cfg, net_config(teacher.net))
     check_steps(teacher.schedule, cfg.skip, teacher_steps=cfg.teacher_steps)
-    R.start_run(cfg, ckpt, outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"),
+    R.start_run(cfg, ckpt,
+                outputs=("best.pt", "samples_*.png", "interpolation.png", "other_size.png", "fid_*"),
                 batch=cfg.batch)
     size = cfg.image_size or net_config(teacher.net)["image_size"]
     shape = (3, size, size)

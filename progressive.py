@@ -140,16 +140,19 @@ class Config:
     base_weight_decay: float = R.field(0.001, "base decoupled weight decay (app. E)", low=0.0)
     base_ema: float = R.field(0.9999, "base EMA decay (app. E); students start from the EMA weights", low=0.0,
                               below=1.0)
-    base_cache: bool = R.field(False, "train the base model once into the shared cache (DISTILL_CACHE), not in "
-                                      "OUT/base")
+    base_cache: bool = R.field(False,
+                               "train the base model once into the shared cache (DISTILL_CACHE), not in "
+                               "OUT/base")
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
     start_steps: int = R.field(8192, "teacher sampling steps at the start, a power of 2 (sec. 5.2)", low=2)
     end_steps: int = R.field(1, "student sampling steps of the last round, a power of 2", low=1)
-    divisor: int = R.field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
-                              "target still comes from two teacher DDIM steps)", choices=(2, 4))
+    divisor: int = R.field(2,
+                           "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
+                           "target still comes from two teacher DDIM steps)", choices=(2, 4))
     updates_per_round: int = R.field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1,
                                      rehearse=2)
-    final_rounds_factor: int = R.field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)", low=1)
+    final_rounds_factor: int = R.field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)",
+                                       low=1)
     lr: float = R.field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
                         low=0.0)
     grad_clip: float = R.field(1.0, "clip the global gradient norm (app. E; 0 = off)", low=0.0)
@@ -159,20 +162,23 @@ class Config:
                                     "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
                                  low=0)
     reparam_updates: int = R.field(50_000, "updates of the re-parameterisation round", low=1, rehearse=2)
-    teacher_clip: str = R.field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
-                                        "prediction: auto (eps teachers only, measured: docstring) | yes | no "
-                                        "(Alg. 2)", choices=("auto", "yes", "no"))
+    teacher_clip: str = R.field("auto",
+                                "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
+                                "prediction: auto (eps teachers only, measured: docstring) | yes | no "
+                                "(Alg. 2)", choices=("auto", "yes", "no"))
     # evaluation (fig. 4, fig. 7, app. F). Cost in network evaluations: eval_samples x N per model and round
     # (the start-steps reference: eval_samples x start_steps), FID fid_samples x N per model and round
     eval_samples: int = R.field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
                                      "0..n-1", low=1, rehearse=4)
-    grid: int = R.field(8, "samples per model in rounds.png: a row per round, the student at N steps left and "
-                           "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
+    grid: int = R.field(8,
+                        "samples per model in rounds.png: a row per round, the student at N steps left and "
+                        "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
     eval_clip: bool = R.field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
     fid_samples: int = R.field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
                                   "network evaluations per model)", low=0, fixed=False, rehearse=32)
-    fid_max_steps: int = R.field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
-                                      "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
+    fid_max_steps: int = R.field(512,
+                                 "FID only models sampled with at most this many steps (fig. 4 stops at "
+                                 "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
                                  low=1, fixed=False)
     fid_teacher: bool = R.field(False, "also FID the undistilled teacher at each round's steps (fig. 4)",
                                 fixed=False)
@@ -273,7 +279,8 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     OUT/ckpt.pt, itself a teacher checkpoint of the round's student. Returns the metrics rows."""
     eps = teacher0.param == "eps"
     rounds, full_rounds = (round_schedule(c.start_steps, c.end_steps, c.divisor, c.updates_per_round,
-                                          c.final_rounds_factor, c.reparam_steps if eps else 0, c.reparam_updates)
+                                          c.final_rounds_factor, c.reparam_steps if eps else 0,
+                                          c.reparam_updates)
                            for c in (cfg, R.full_config(cfg)))  # the latter: the full run's, under --rehearse
     clip = cfg.teacher_clip == "yes" or (cfg.teacher_clip == "auto" and eps)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -292,7 +299,8 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
     for r in range(r0, len(rounds)):
         n_teacher, N, updates = rounds[r]
         student = make_student(teacher, N, n_teacher == N, cfg.eval_clip)  # Alg. 2: theta <- eta, new Adam
-        trained, fast_teacher = R.compiled(R.data_parallel(student), cfg.compile), R.compiled(teacher, cfg.compile)
+        trained, fast_teacher = R.compiled(R.data_parallel(student), cfg.compile), \
+            R.compiled(teacher, cfg.compile)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr,  # no weight decay, no EMA (official config)
                                fused=device != "cpu")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
@@ -323,8 +331,9 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
                 meter.log(step, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
                                  "update": step, "lr": lr})
             if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
-                R.save_checkpoint(path, **student.state(), method="progressive", config=dataclasses.asdict(cfg),
-                                  round=r, step=step, optimizer=opt.state_dict(), gen=gen.get_state(),
+                R.save_checkpoint(path, **student.state(), method="progressive",
+                                  config=dataclasses.asdict(cfg), round=r, step=step,
+                                  optimizer=opt.state_dict(), gen=gen.get_state(),
                                   teacher=teacher.state(), results=results, reference=reference,
                                   grid_rows=grid_rows, elapsed=meter.now(), teacher_spec=spec)
 

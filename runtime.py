@@ -592,7 +592,8 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
     for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
         if ref_folder is not None:
             refs = image_files(ref_folder)
-            key = (os.path.realpath(ref_folder), len(refs), mode, inception if det is not inception else id(det))
+            key = (os.path.realpath(ref_folder), len(refs), mode,
+                   inception if det is not inception else id(det))
             if sum_over_ranks(np.float64(key in _REFERENCE))[0] < world_size():  # scored on all ranks or none
                 _REFERENCE[key] = _scored(refs, det, mode, 0, batch_size, device)[:2]
             ref = _REFERENCE[key]
@@ -648,8 +649,9 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     field()), plus --quick, which applies the `quick` overrides before any flag given explicitly."""
     parser = _Parser(description=doc)
     parser.add_argument("--quick", action="store_true", help="tiny configuration on shapes; minutes on a CPU")
-    parser.add_argument("--rehearse", action="store_true", help="this run with every count cut to the least "
-                        "that passes once through each phase, into OUT/rehearsal: the full run's time per phase")
+    parser.add_argument(
+        "--rehearse", action="store_true", help="this run with every count cut to the least "
+        "that passes once through each phase, into OUT/rehearsal: the full run's time per phase")
     defaults = cls()
     for f in dataclasses.fields(cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f),
@@ -722,11 +724,12 @@ def setup_device(name="auto"):
     return device
 
 def stop_with_launcher():
-    """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a kill
-    -9 of torchrun's process group (a job script's, a scheduler's) reaches torchrun alone, and its orphans would
-    train on beside a restarted run. Linux sends the worker SIGTERM when the launcher dies (PR_SET_PDEATHSIG;
-    torchrun starts its workers from its main thread), which cli turns into the 'interrupted' exit; a
-    checkpoint is written to a temporary name and renamed, so the next start resumes as after any kill."""
+    """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a
+    kill -9 of torchrun's process group (a job script's, a scheduler's) reaches torchrun alone, and its
+    orphans would train on beside a restarted run. Linux sends the worker SIGTERM when the launcher dies
+    (PR_SET_PDEATHSIG; torchrun starts its workers from its main thread), which cli turns into the
+    'interrupted' exit; a checkpoint is written to a temporary name and renamed, so the next start resumes as
+    after any kill."""
     if sys.platform.startswith("linux"):
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
@@ -777,7 +780,8 @@ def barrier():
         dist.barrier()
 
 def wait_for_fetchers():
-    """A barrier on the 24-hour gloo group: where some ranks fetch or wait for a lock while the others wait."""
+    """A barrier on the 24-hour gloo group: where some ranks fetch or wait for a lock while the others
+    wait."""
     if world_size() > 1:
         dist.barrier(group=_WAIT_GROUP)
 
@@ -821,7 +825,7 @@ def progress(what, done, total, t0, unit="/s"):
 
 _PRINTED = {}  # when progress() last printed each line
 
-# ---- --rehearse: the run as configured, every count cut, each phase timed (Lightning's fast_dev_run) --------
+# ---- --rehearse: the run as configured, every count cut, each phase timed (Lightning's fast_dev_run) -------
 # Networks, batches, dtype, --compile, data, teacher, FID files and processes stay; each count flag declares
 # its cut (field(rehearse=...)); the phases report their rates through rehearsal_rate, and cli prints the
 # table and writes OUT/rehearsal/rehearsal.json.
@@ -849,9 +853,9 @@ def full_config(cfg):
     return next((given for given, run in _REHEARSAL.get("runs", []) if run == cfg), cfg)
 
 def rehearsal_rate(phase, done, seconds, full_count=None, unit="sample", last=False):
-    """A phase's measured rate into the rehearsal table: `done` units in `seconds`, of `full_count` in the full
-    run. Sampling phases add up over their calls; a training loop reports each log interval (last=True), so
-    that its row is the rate after warm-up. Peak memory: the device's since the previous row (CUDA), else
+    """A phase's measured rate into the rehearsal table: `done` units in `seconds`, of `full_count` in the
+    full run. Sampling phases add up over their calls; a training loop reports each log interval (last=True),
+    so that its row is the rate after warm-up. Peak memory: the device's since the previous row (CUDA), else
     the process's maximum resident set."""
     if not _REHEARSAL.get("asked") or done <= 0:
         return
@@ -885,7 +889,8 @@ def rehearsal_report():
     total = sum(row["full_s"] for row in rows)
     report = dict(world_size=world_size(), rows=rows, full_run_s=total)
     write_json(os.path.join(_REHEARSAL["runs"][0][1].out, "rehearsal.json"), report)
-    print(f"rehearsal on {world_size()} process(es): rates measured here, the full run's counts at those rates")
+    print(
+        f"rehearsal on {world_size()} process(es): rates measured here, the full run's counts at those rates")
     print(f"{'phase':<44} {'rehearsed':>10} {'rate':>16} {'peak GiB':>9} {'full run':>12} {'est. time':>10}")
     for row in rows:
         rate = row["done"] / max(row["seconds"], 1e-9)
@@ -922,7 +927,8 @@ def writable(path):
         os.mkdir(probe)
         os.rmdir(probe)
     except OSError as e:
-        raise ValueError(f"--out {path}: {parent} is not writable ({e.strerror}); pass another --out") from None
+        raise ValueError(f"--out {path}: {parent} is not writable ({e.strerror}); pass another --out") \
+            from None
 
 LOCKS = {}  # real path of a run folder -> the open OUT/.lock whose flock this process holds
 
@@ -1033,8 +1039,8 @@ def log_row(out_dir, row):
 
 class Meter:
     """A training loop's log (nanoGPT's pattern): losses summed on the device each update, no host sync; every
-    --log-every updates one row of their mean over those updates and over the ranks (the loop's one host sync),
-    s/update, elapsed time (a resumed run's included) and ETA, and under --rehearse the phase's rate. A
+    --log-every updates one row of their mean over those updates and over the ranks (the loop's one host
+    sync), s/update, elapsed time (a resumed run's included) and ETA, and under --rehearse the phase's rate. A
     non-finite loss stops the run in one line before the checkpoint of that update is written."""
 
     def __init__(self, out, step, total, elapsed, device, names=("loss",), phase="training", full_total=None):
@@ -1133,10 +1139,11 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
 
-COMPILE_HELP = ("torch.compile the networks of the training loop and of the long sampling phases (the teacher's "
-                "pairs, knowledge and synthetic sets; FID samples), once per network (measured on an H100: "
-                "the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10 update 1.4x faster; off by default: on CPU "
-                "the compile time is not won back in short runs)")
+COMPILE_HELP = (
+    "torch.compile the networks of the training loop and of the long sampling phases (the teacher's "
+    "pairs, knowledge and synthetic sets; FID samples), once per network (measured on an H100: "
+    "the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10 update 1.4x faster; off by default: on CPU "
+    "the compile time is not won back in short runs)")
 
 @dataclasses.dataclass
 class TeacherConfig:
@@ -1198,7 +1205,8 @@ def train_teacher(cfg, full_updates=None):
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
     net.train()
-    meter = Meter(cfg.out, step, cfg.updates, elapsed, device, phase="base model (Alg. 1)", full_total=full_updates)
+    meter = Meter(cfg.out, step, cfg.updates, elapsed, device, phase="base model (Alg. 1)",
+                  full_total=full_updates)
     while step < cfg.updates:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
@@ -1243,9 +1251,10 @@ def cached_teacher(cfg=None):
         wait_for_fetchers()                     # on the 24-hour group
         if not broadcast_object(os.path.exists(path)):  # the ranks of one run train it together
             if cfg.batch % world_size():
-                raise ValueError(f"the cached {cfg.data} teacher ({name}) trains once at batch {cfg.batch}, "
-                                 f"which does not split over {world_size()} processes: run this command once "
-                                 "as one process (or a divisor of the batch); later runs on any number reuse it")
+                raise ValueError(
+                    f"the cached {cfg.data} teacher ({name}) trains once at batch {cfg.batch}, "
+                    f"which does not split over {world_size()} processes: run this command once "
+                    "as one process (or a divisor of the batch); later runs on any number reuse it")
             run_dir = path[:-3] + "_run"
             if rank() == 0:
                 print(f"training the {cfg.data} teacher once ({cfg.updates} updates) into {run_dir}",

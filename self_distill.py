@@ -139,12 +139,14 @@ class Config:
     data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
     teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
                                "cifar10, the cached shapes teacher for shapes")
-    image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)", low=0)
+    image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)",
+                              low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
     steps: int = R.field(64, "N at the start (DSDN keeps it; the paper distils from 64 DDIM steps)", low=2)
-    updates: int = R.field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)", low=1,
-                           rehearse=1)  # --rehearse: one trajectory per depth
-    batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)", low=1)
+    updates: int = R.field(4000, "P, the updates in all (table 2: 4000 unconditional, 5000 conditional)",
+                           low=1, rehearse=1)  # --rehearse: one trajectory per depth
+    batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)",
+                         low=1)
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                         choices=SKIPS[:1] + SKIPS[2:])
     target: str = R.field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
@@ -158,8 +160,8 @@ class Config:
     lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
     lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
                             high=1.0)
-    warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)", low=0.0,
-                            below=1.0)
+    warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)",
+                            low=0.0, below=1.0)
     beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
     beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
     ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
@@ -179,15 +181,17 @@ class Config:
     dropout: float = R.field(0.1, "dropout of the network trained from scratch", low=0.0, below=1.0)
     distill_steps: int = R.field(128, "N: x'' from t -> t - 1/N -> t - 2/N (official: 128 timesteps)", low=2)
     v_weight: float = R.field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
-    distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)", low=0.0)
+    distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)",
+                                    low=0.0)
     # evaluation
     reference_steps: int = R.field(64, "DDIM steps of the original model's reference output (the paper's "
                                        "'original 64'); --variant train: the model's own", low=1, fixed=False)
     eval_steps: str = R.field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
-    eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1, fixed=False,
-                                rehearse=4)
+    eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1,
+                                fixed=False, rehearse=4)
     eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
-    grid: int = R.field(8, "samples per row of samples.png (the reference, then per step count original | DSD)",
+    grid: int = R.field(8,
+                        "samples per row of samples.png (the reference, then per step count original | DSD)",
                         low=1, fixed=False)
     fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
                                   " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
@@ -229,7 +233,8 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
     opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
     trained, teacher = R.compiled(R.data_parallel(model), cfg.compile), den0 if cfg.variant == "tsd" else None
-    fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # one view per TSD teacher
+    # one view per TSD teacher
+    fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))
     step, z, elapsed = 0, None, 0.0
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
@@ -239,7 +244,8 @@ def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
         if ckpt["teacher"] is not None:
             teacher = den0.copy().eval()
             teacher.net.load_state_dict(ckpt["teacher"])
-    meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD", full_total=full.train_updates)
+    meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
+                    full_total=full.train_updates)
     while step < total:
         lr = learning_rate(step, peak, warmup, total, end)
         for g in opt.param_groups:
@@ -288,7 +294,8 @@ def evaluate(cfg, models, reference_model, shape, data, device):
     seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
     ref_folder = None
     if cfg.fid_samples and cfg.data != "cifar10":
-        ref_folder = R.write_pngs(data[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+        ref_folder = R.write_pngs(data[:cfg.fid_samples],
+                                  os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
 
     def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
         times = sampler_times(den.schedule, steps, cfg.skip)

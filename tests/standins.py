@@ -68,7 +68,8 @@ def cifar10_statistics(folder, inception_path):
     for mode in R.FID_MODES:
         big = x if mode == "legacy_tensorflow" else F.interpolate(x, size=(299, 299), mode="bilinear")
         f = det.features(big, mode).double().numpy()
-        np.savez(os.path.join(folder, f"cifar10_{mode}_train_32.npz"), mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+        np.savez(os.path.join(folder, f"cifar10_{mode}_train_32.npz"), mu=f.mean(0),
+                 sigma=np.cov(f, rowvar=False))
 
 def hub_teacher(cache, repo_id="google/ddpm-cifar10-32", sample_size=32):
     """A small DDPM-style diffusers UNet2DModel (eps, linear betas) in hub_download's cache layout."""

@@ -214,10 +214,10 @@ R.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10
                    "cpu")
 images = R.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
 if R.rank() == 0:
-    C.torch.save(images, sys.argv[1] + ".pt")
+    R.torch.save(images, sys.argv[1] + ".pt")
 R.barrier()
 if R.world_size() > 1:
-    C.dist.destroy_process_group()
+    R.dist.destroy_process_group()
 """
 
 def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):

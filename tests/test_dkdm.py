@@ -146,8 +146,8 @@ def test_vit_student_learns_from_a_unet_teacher(tmp_path):
 def test_datafree_baseline_trains_on_teacher_samples_and_fid_is_wired(tmp_path, monkeypatch):
     teacher, calls = _teacher_file(tmp_path), []
     monkeypatch.setattr(R, "prepare_fid", lambda *args: None)  # offline: no Inception weights to fetch
-    monkeypatch.setattr(R, "fid_is", lambda folder, data, device, inception, ref_folder, stats, full: calls.append(
-        (len(os.listdir(folder)), len(os.listdir(ref_folder)))) or {"fid": 1.5, "is": 2.5})
+    monkeypatch.setattr(R, "fid_is", lambda folder, data, device, inception, ref_folder, stats, full:
+        calls.append((len(os.listdir(folder)), len(os.listdir(ref_folder)))) or {"fid": 1.5, "is": 2.5})
     metrics = D.main(_small(tmp_path / "run", teacher, "--method", "datafree", "--synthetic", "6",
                             "--synthetic-steps", "4", "--fid-samples", "5", "--fid-teacher", "true"))
     assert metrics["method"] == "dkdm_datafree" and math.isfinite(_row(metrics, "student")["eps_rmse"])

@@ -134,8 +134,9 @@ def test_an_out_that_cannot_be_written(tmp_path, no_work, method):
     _refused(method, [], "is not a folder; pass another --out", tmp_path / "file" / "run")
     _refused(method, [], "/proc is not writable", "/proc/run")  # read-only, though os.access says yes to root
 
-@pytest.mark.parametrize("flags,message", [(["--rho", "0.001"], "--rho 0.001: round(rho K) = 0"),
-                                           (["--chain-steps", "5000"], "--chain-steps 5000: the teacher has T")])
+@pytest.mark.parametrize("flags,message",
+                         [(["--rho", "0.001"], "--rho 0.001: round(rho K) = 0"),
+                          (["--chain-steps", "5000"], "--chain-steps 5000: the teacher has T")])
 def test_dkdm_chain_flags_refused_before_the_cached_teacher_is_trained(tmp_path, no_work, flags, message):
     _refused("dkdm", flags, message, tmp_path / "run")
 
@@ -240,9 +241,10 @@ def test_a_resumed_log_has_one_row_per_update_and_time_runs_to_the_checkpoint(tm
 
 def _teacher_run(out):
     """`python runtime.py` (Alg. 1, a tiny net, a checkpoint every update) into `out`, in the background."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "runtime.py"), "--net", "tiny16", "--batch", "2",
-                             "--updates", "100000", "--ckpt-every", "1", "--sample-steps", "2", "--device", "cpu",
-                             "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "runtime.py"), "--net", "tiny16",
+                             "--batch", "2", "--updates", "100000", "--ckpt-every", "1",
+                             "--sample-steps", "2", "--device", "cpu", "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 def _wait(until, run):
@@ -253,7 +255,8 @@ def _wait(until, run):
 
 def test_a_folder_has_one_writer(tmp_path):
     """A second run on a folder that a live run holds is refused in one line before any work; kill -9 frees
-    the folder (the OS drops the lock with its process); SIGTERM ends a run in Ctrl-C's one line, status 143."""
+    the folder (the OS drops the lock with its process); SIGTERM ends a run in Ctrl-C's one line, status
+    143."""
     out = tmp_path / "run"
     cfg = R.TeacherConfig(net="tiny16", batch=2, updates=1, ckpt_every=1, sample_steps=2, device="cpu",
                           out=str(out))  # done at once if it were let in

@@ -327,5 +327,6 @@ def test_the_core_is_math_and_networks_alone():
     assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"open", "os", "dist", "argparse"}
     methods = {"progressive", "luhman_kd", "self_distill", "dkdm"}
     for method in methods:
-        assert not imports(f"{method}.py")[0] & methods and {"common", "runtime"} <= imports(f"{method}.py")[0]
+        assert not imports(f"{method}.py")[0] & methods and \
+            {"common", "runtime"} <= imports(f"{method}.py")[0]
     assert "common" in imports("runtime.py")[0]

@@ -91,7 +91,7 @@ R.setup_device("cpu")
 spec, teacher = P.get_teacher(cfg, "cpu")
 digest = hashlib.sha1(b"".join(v.numpy().tobytes() for v in teacher.net.state_dict().values())).hexdigest()
 digests = [None] * R.world_size()
-C.dist.all_gather_object(digests, digest)
+R.dist.all_gather_object(digests, digest)
 print("DIGESTS", digests)
 R.barrier()
 """
@@ -122,7 +122,8 @@ def test_luhman_kd_all_stages_with_fid_rehearsed_then_extended(cache, tmp_path):
     teacher against clean-fid's statistics); then a finished, evaluated run extended with more --updates,
     whose stale metrics.json two ranks used to remove at once (FileNotFoundError on the loser)."""
     out = str(tmp_path / "run")
-    tiny = ["--gen-batch", "16", "--batch", "16", "--teacher-steps", "4", "--time-batch", "4", "--device", "cpu"]
+    tiny = ["--gen-batch", "16", "--batch", "16", "--teacher-steps", "4", "--time-batch", "4",
+            "--device", "cpu"]
     _run(cache, "luhman_kd.py", ["--data", "cifar10", "--fid", "50000", "--fid-teacher", "true", "--out", out,
                                  "--rehearse", *tiny])
     report = _rehearsal(out, ["teacher pairs", "student training", "held-out test loss", "evaluation student",
@@ -139,48 +140,53 @@ def test_luhman_kd_all_stages_with_fid_rehearsed_then_extended(cache, tmp_path):
             "8", "--fid", "8", "--log-every", "1", "--out", str(tmp_path / "real"), *tiny]
     _run(cache, "luhman_kd.py", real)
     assert _metrics(tmp_path / "real")["finished"]
-    _run(cache, str(tmp_path / "slow_remove.py"), [os.path.join(ROOT, "luhman_kd.py"), *real, "--updates", "3"])
+    _run(cache, str(tmp_path / "slow_remove.py"),
+         [os.path.join(ROOT, "luhman_kd.py"), *real, "--updates", "3"])
     metrics = _metrics(tmp_path / "real")
     assert metrics["finished"] and metrics["results"][2]["updates"] == 3
 
 def test_the_cached_teachers_batch_error_says_what_to_do(tmp_path):
     """3 processes, a cache without the shapes teacher: its batch of 16 does not split; the error names
     what the user can do, not a flag they never passed."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           os.path.join(ROOT, "dkdm.py"), "--quick", "--device", "cpu", "--batch", "15",
-                           "--prep-batch", "513", "--out", str(tmp_path / "run")],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_CACHE": str(tmp_path / "empty")},
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=3", os.path.join(ROOT, "dkdm.py"), "--quick", "--device", "cpu",
+                           "--batch", "15", "--prep-batch", "513", "--out", str(tmp_path / "run")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "DISTILL_CACHE": str(tmp_path / "empty")},
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode != 0 and "error: the cached shapes teacher" in done.stderr, done.stderr[-2000:]
     assert "trains once at batch 16, which does not split over 3 processes: run this command once as one " \
         "process" in done.stderr and "--batch 16" not in done.stderr
 
-# ---- the README's paper commands, rehearsed on 2 ranks ------------------------------------------------------
+# ---- the README's paper commands, rehearsed on 2 ranks -----------------------------------------------------
 
 def test_progressive_from_scratch_rehearsed(cache, tmp_path):
     """The paper's run (base model of Alg. 1 into OUT/base, no --base-cache; rounds; FID against clean-fid's
     CIFAR-10 statistics), with the 16-channel U-Net and 4 start steps."""
     out = str(tmp_path / "run")
     _run(cache, "progressive.py", ["--data", "cifar10", "--out", out, "--fid-samples", "50000", "--rehearse",
-                                   "--net", "tiny16", "--start-steps", "4", "--batch", "8", "--base-batch", "8",
-                                   "--device", "cpu"])
+                                   "--net", "tiny16", "--start-steps", "4", "--batch", "8",
+                                   "--base-batch", "8", "--device", "cpu"])
     report = _rehearsal(out, ["base model (Alg. 1)", "round 1: 4 -> 2 steps", "round 2: 2 -> 1 steps",
                               "evaluation teacher_4steps", "FID samples student_1steps", "FID/IS scoring",
                               "checkpoint read back"])
     base = next(r for r in report["rows"] if r["phase"] == "base model (Alg. 1)")
     assert base["full"] == 800_000 and base["done"] == 1  # the rate of the second update, after warm-up
     metrics = _metrics(os.path.join(out, "rehearsal"))
-    assert metrics["finished"] and [r["steps"] for r in metrics["results"] if r["model"] == "student"] == [2, 1]
+    assert metrics["finished"] and [r["steps"] for r in metrics["results"]
+                                    if r["model"] == "student"] == [2, 1]
     assert all(r["fid"] is not None for r in metrics["results"] if r["model"] == "student")
 
 def test_progressive_from_a_hub_eps_teacher_rehearsed(cache, tmp_path):
     """From google/ddpm-cifar10-32 (the hub cache's copy): eps students, the re-parameterisation round."""
     out = str(tmp_path / "run")
-    _run(cache, "progressive.py", ["--data", "cifar10", "--teacher", "google/ddpm-cifar10-32", "--start-steps",
-                                   "8", "--batch", "8", "--out", out, "--rehearse", "--device", "cpu"])
+    _run(cache, "progressive.py", ["--data", "cifar10", "--teacher", "google/ddpm-cifar10-32",
+                                   "--start-steps", "8", "--batch", "8", "--out", out, "--rehearse",
+                                   "--device", "cpu"])
     _rehearsal(out, ["evaluation teacher_8steps_eps", "round 1: 8 -> 4 steps", "round 3: 2 -> 2 steps",
                      "round 4: 2 -> 1 steps"])
-    params = [r["param"] for r in _metrics(os.path.join(out, "rehearsal"))["results"] if r["model"] == "student"]
+    params = [r["param"] for r in _metrics(os.path.join(out, "rehearsal"))["results"]
+              if r["model"] == "student"]
     assert params == ["eps", "eps", "both", "both"]
 
 def test_self_distill_with_fid_rehearsed(cache, tmp_path):
@@ -214,8 +220,8 @@ def test_dkdm_dynamic_with_fid_and_snapshots_rehearsed(cache, tmp_path):
                       method="t")
     out = str(tmp_path / "run")
     flags = ["--data", "cifar10", "--teacher", teacher, "--student", "cnn_tiny", "--chain-steps", "20",
-             "--batch", "8", "--prep-batch", "16", "--eval-steps", "5", "--fid-samples", "50000", "--rehearse",
-             "--device", "cpu"]
+             "--batch", "8", "--prep-batch", "16", "--eval-steps", "5", "--fid-samples", "50000",
+             "--rehearse", "--device", "cpu"]
     _run(cache, "dkdm.py", [*flags, "--out", out])
     report = _rehearsal(out, ["shuffle denoise (the knowledge set)", "student training",
                               "teacher trajectory states", "evaluation student ancestral",

@@ -161,7 +161,8 @@ def test_help_lists_the_flags(capsys):
 def test_resume_mid_schedule_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, variant, flags, crash_at):
     flags = ["--variant", variant, *flags, "--batch", "2", "--ckpt-every", "3", "--log-every", "3",
              "--eval-samples", "4", "--eval-steps", "2", "--reference-steps", "4"]
-    monkeypatch.setattr(R, "load_dataset", lambda name, size, seed: R.load_dataset(name, size, n_shapes=256))
+    real = R.load_dataset
+    monkeypatch.setattr(R, "load_dataset", lambda name, size, seed: real(name, size, n_shapes=256))
     straight, straight_log = _run(tmp_path / "a", *flags)
 
     real_save = R.save_checkpoint

@@ -69,8 +69,8 @@ def run_methods(cfg, spec, quick):
     (--rehearse: rehearsed, each its phases in the one table)."""
     for name in cfg.methods.split(","):
         argv = ["--quick"] * quick + ["--rehearse"] * rehearsing(cfg) + [
-            "--teacher", spec, "--data", cfg.data, "--device", cfg.device, "--out", os.path.join(cfg.out, name),
-            *shlex.split(getattr(cfg, name))]
+            "--teacher", spec, "--data", cfg.data, "--device", cfg.device,
+            "--out", os.path.join(cfg.out, name), *shlex.split(getattr(cfg, name))]
         R.print0(f"== {name} {' '.join(argv)}")
         METHODS[name].main(argv)
 
@@ -133,8 +133,9 @@ def evaluate(cfg, teacher, models, device):
         if cfg.fid_samples:
             folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
             R.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
-            ref = None if cfg.data == "cifar10" else R.write_pngs(R.load_dataset(
-                cfg.data, shape[-1])[:cfg.fid_samples], os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+            ref = None if cfg.data == "cifar10" else R.write_pngs(
+                R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
+                os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
             scores = R.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
                               full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
