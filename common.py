@@ -147,8 +147,9 @@ class Denoiser(nn.Module):
     def forward(self, z, t, clip=False):
         return self.full(z, t, clip)[:2]
 
-    def train(self, mode=True):  # eval() = train(False); a frozen denoiser has no gradients
-        return super().train(mode).requires_grad_(mode)
+    def freeze(self):
+        """For inference only (a teacher, an EMA copy): eval mode, no dropout, and no gradients."""
+        return self.eval().requires_grad_(False)
 
     def view(self, net):
         """The same denoiser over `net`, a wrapper of this one's (DistributedDataParallel, torch.compile) that
@@ -158,7 +159,8 @@ class Denoiser(nn.Module):
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
         kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source")}
-        return Denoiser(copy.deepcopy(self.net) if net is None else net, **{**kept, **changes}).train()
+        net = copy.deepcopy(self.net) if net is None else net
+        return Denoiser(net, **{**kept, **changes}).train().requires_grad_(True)
 
     def state(self):
         """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
@@ -171,7 +173,7 @@ class Denoiser(nn.Module):
         net = build_net(state["net_config"])
         net.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
-                        state.get("sampler"), source).eval()
+                        state.get("sampler"), source).freeze()
 
 def sampler_spec(times, ancestral=False, clip=False, frac=None):
     """The sampler a student was trained for, stored in its checkpoint: its times (descending, in the

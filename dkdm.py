@@ -30,38 +30,39 @@ import runtime as R
 
 # ---- the method (sec. 3.2, 3.3, alg. 1) ----------------------------------------------------------------
 
-def chain_coefficients(schedule, grid, k, like):
-    """(alpha, sigma) at t = grid[k] and at the step's end grid[k - 1]; a step from k = 0 ends at the data."""
-    a_t, s_t = schedule.alpha_sigma(grid[k])
-    a_s, s_s = schedule.alpha_sigma(grid[(k - 1).clamp(min=0)])
+def chain_coefficients(schedule, chain_t, k, like):
+    """(alpha, sigma) at t = chain_t[k] and at the step's end chain_t[k - 1] (chain_t: the timesteps of the
+    teacher's reverse chain, ascending); a step from k = 0 ends at the data."""
+    a_t, s_t = schedule.alpha_sigma(chain_t[k])
+    a_s, s_s = schedule.alpha_sigma(chain_t[(k - 1).clamp(min=0)])
     a_s, s_s = torch.where(k == 0, 1.0, a_s), torch.where(k == 0, 0.0, s_s)
     return tuple(bcast(v, like) for v in (a_t, s_t, a_s, s_s))
 
-def reverse_gaussian(schedule, grid, z_t, k, x_pred, frac):
+def reverse_gaussian(schedule, chain_t, z_t, k, x_pred, frac):
     """p(x^{t-1} | x^t) = N(mean, e^logvar) of eqs. 7, 8, 12 on the chain: the posterior mean at the predicted
     x0, the log-variance frac log beta_t + (1 - frac) log beta~_t. At k = 0, where beta~ = 0, the next step's
     beta~ stands in (IDDPM's posterior_log_variance_clipped, as in the official KL)."""
-    mean, var_small, var_large = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k, z_t))
-    var_small_1 = posterior(z_t, x_pred, *chain_coefficients(schedule, grid, k.clamp(min=1), z_t))[1]
+    mean, var_small, var_large = posterior(z_t, x_pred, *chain_coefficients(schedule, chain_t, k, z_t))
+    var_small_1 = posterior(z_t, x_pred, *chain_coefficients(schedule, chain_t, k.clamp(min=1), z_t))[1]
     return mean, ancestral_logvar(torch.where(bcast(k, z_t) == 0, var_small_1, var_small), var_large, frac)
 
 @torch.no_grad()
-def teacher_step(teacher, grid, z_t, k, noise, clip=True):
+def teacher_step(teacher, chain_t, z_t, k, noise, clip=True):
     """One reverse step of the teacher, x^{t-1} = g(x^t, t) (sec. 3.2), with what the student learns from it:
     eps_T (eq. 20) and p_T(x^{t-1} | x^t) (eq. 21). clip: x0 clipped before the posterior mean; eps_T raw."""
-    x_pred, eps, v = teacher.full(z_t, grid[k])
-    mean, logvar = reverse_gaussian(teacher.schedule, grid, z_t, k, x_pred.clamp(-1, 1) if clip else x_pred,
-                                    variance_frac(teacher.var, v))
+    x_pred, eps, v = teacher.full(z_t, chain_t[k])
+    x_pred = x_pred.clamp(-1, 1) if clip else x_pred
+    mean, logvar = reverse_gaussian(teacher.schedule, chain_t, z_t, k, x_pred, variance_frac(teacher.var, v))
     z_prev = mean + bcast(k > 0, z_t) * torch.exp(0.5 * logvar) * noise  # no noise into the data
     return {"eps": eps, "mean": mean, "logvar": logvar, "z_prev": z_prev}
 
-def dkdm_loss(student, grid, z_t, k, target):
+def dkdm_loss(student, chain_t, z_t, k, target):
     """Eqs. 20 and 21 per sample, means over pixels: L*_simple = ||eps_T - eps_S||^2 and L*_vlb =
     KL(p_T || p_S) in bits, with the student's mean under stop-gradient, so that only its variance output
     learns from the KL (as in the hybrid objective, eq. 13)."""
-    x_pred, eps, v = student.full(z_t, grid[k])
+    x_pred, eps, v = student.full(z_t, chain_t[k])
     simple = ((target["eps"] - eps) ** 2).flatten(1).mean(1)
-    mean, logvar = reverse_gaussian(student.schedule, grid, z_t, k, x_pred.detach(),
+    mean, logvar = reverse_gaussian(student.schedule, chain_t, z_t, k, x_pred.detach(),
                                     variance_frac(student.var, v))
     vlb = gaussian_kl(target["mean"], target["logvar"], mean, logvar).flatten(1).mean(1) / math.log(2)
     return simple, vlb
@@ -80,7 +81,7 @@ def new_set(n, K, shape, collect, gen, spread=False):
             "k": torch.full((n,), K - 1, device=device), "stop": stop}
 
 @torch.no_grad()
-def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every=1000):
+def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_every=1000):
     """Alg. 1 line 1, shuffle denoise: the teacher denoises every entry from pure noise down to its own stop
     index, `batch` entries per call at mixed t (the official generate()). Resumable: only entries above their
     stop move, and save() runs every save_every calls. Returns the set without the stop indices."""
@@ -92,7 +93,7 @@ def shuffle_denoise(teacher, grid, kset, batch, clip, gen, save=None, save_every
         z, k = kset["z"][todo], kset["k"][todo]
         noise = torch.randn(z.shape, generator=gen, device=gen.device)
         # ranks share out
-        z_prev = teacher_step(teacher, grid, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]
+        z_prev = teacher_step(teacher, chain_t, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]
         kset["z"][todo], kset["k"][todo] = R.gather(z_prev, len(todo)), k - 1
         calls += 1
         if calls % 20 == 0 or len(todo) < batch:
@@ -142,36 +143,42 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
 @dataclasses.dataclass
 class Config:
     # teacher and student (sec. 4.1)
-    data: str = R.field("cifar10", f"dataset the teacher models ({R.DATASETS}); only FID/IS read it; shapes "
-                                   "needs no --teacher")
-    teacher: str = R.field("", "teacher for load_teacher: the paper's is DDPM-IP's ADM_cifar10_baseline.pt "
-                               "(convert it with tools/convert_teacher.py); google/ddpm-cifar10-32 (fixed "
-                               "variance) or a project checkpoint work too; '' = the cached shapes teacher")
+    # With shapes, no --teacher is needed.
+    data: str = R.field("cifar10", f"dataset the teacher models ({R.DATASETS}); only FID/IS read it")
+    # The paper's teacher is DDPM-IP's ADM_cifar10_baseline.pt (convert it with tools/convert_teacher.py);
+    # google/ddpm-cifar10-32 (fixed variance) or a project checkpoint work too.
+    teacher: str = R.field("", "teacher for load_teacher (paper: DDPM-IP's ADM); '' = the cached shapes "
+                               "teacher")
+    # The paper's ADM CNNs are cnn_57m, cnn_44m, cnn_32m, cnn_24m and cnn_14m; a common preset is e.g. dit_s2
+    # (a ViT).
     student: str = R.field("cnn_14m",
-                           "randomly initialised student: the paper's ADM CNNs cnn_57m, cnn_44m, "
-                           "cnn_32m, cnn_24m, cnn_14m; cnn_tiny; a common preset, e.g. dit_s2 (ViT)",
+                           "randomly initialised student: the paper's ADM CNNs, cnn_tiny or a common preset",
                            choices=tuple({**STUDENTS, **PRESETS}))
     dropout: float = R.field(0.3, "student dropout (official: 0.3 for every CNN; the DiT has none)", low=0.0,
                              below=1.0)
-    method: str = R.field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline: a synthetic dataset "
-                                  "sampled from the teacher, then standard training with the same budget)",
+    # The datafree baseline samples a synthetic dataset from the teacher, then trains in the standard way with
+    # the same budget.
+    method: str = R.field("dkdm", "dkdm (sec. 3, alg. 1) | datafree (sec. 4.1 baseline)",
                           choices=("dkdm", "datafree"))
     # the DKDM objective (eqs. 19-21)
+    # The official 1 equals Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000.
     vlb_weight: float = R.field(1.0,
-                                "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1, "
-                                "= Nichol & Dhariwal's 0.001 on L_vlb summed over T = 1000)", low=0.0)
+                                "lambda of eq. 19 on the per-step KL in bits per dimension (official: 1)",
+                                low=0.0)
+    # As the official clip_denoised=True; the teacher's eps target is its raw output either way.
     teacher_clip: bool = R.field(True, "clip the teacher's x0 to [-1, 1] in its reverse step and KL target "
-                                       "(official clip_denoised=True); its eps target is the raw output")
+                                       "(official)")
     # knowledge collection (sec. 3.3, alg. 1)
-    collect: str = R.field("dynamic", "iterative (one batch denoised in lockstep) | shuffled (one batch at "
-                                      "shuffled t) | dynamic (b random entries of a rho T b set per update)",
+    # iterative: one batch denoised in lockstep; shuffled: one batch at shuffled t; dynamic: b random entries
+    # of a rho T b set per update.
+    collect: str = R.field("dynamic", "how the teacher's knowledge is collected (sec. 3.3)",
                            choices=("iterative", "shuffled", "dynamic"))
     rho: float = R.field(0.4,
                          "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
                          low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
+    # Respaced as in Nichol & Dhariwal sec. 4; the student then sees only the chain's K timesteps.
     chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
-                                  "respaces it (Nichol & Dhariwal sec. 4), and the student sees only its K "
-                                  "timesteps", low=0)
+                                  "respaces it", low=0)
     prep_batch: int = R.field(3072, "teacher batch of shuffle denoise and synthesis (official: 3072)", low=1)
     # training (official CIFAR10-14M-Dynamic-0.4.yaml; 200k updates with early stopping, say the authors)
     batch: int = R.field(128, "batch size b", low=1)
@@ -180,10 +187,10 @@ class Config:
     lr: float = R.field(1e-4, "AdamW learning rate, constant, no warm-up", low=0.0)
     weight_decay: float = R.field(0.0, "AdamW weight decay", low=0.0)
     ema: float = R.field(0.9999, "EMA decay; the EMA student is evaluated and saved", low=0.0, below=1.0)
-    snapshot_every: int = R.field(10_000,
-                                  "keep the EMA student every N updates as OUT/snapshots/ema_UPDATE.pt "
-                                  "(a teacher checkpoint; 0 = off): the paper's 9.56 is '200k updates "
-                                  "with early stop', --eval-snapshots picks it", low=0, fixed=False,
+    # A snapshot is a teacher checkpoint. The paper's 9.56 is '200k updates with early stop': --eval-snapshots
+    # picks it.
+    snapshot_every: int = R.field(10_000, "keep the EMA student every N updates as "
+                                          "OUT/snapshots/ema_UPDATE.pt (0 = off)", low=0, fixed=False,
                                   rehearse=1)
     dtype: str = R.field("fp32", "network precision (official: fp16); the schedule algebra stays fp32",
                          choices=("fp32", "bf16"))
@@ -204,13 +211,13 @@ class Config:
     fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
                                low=0, fixed=False, rehearse=32)
     fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
-    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                                 "clean-fid's, downloaded once)", fixed=False)
+    # '' = clean-fid's, downloaded once.
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines", fixed=False)
     inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
-    eval_snapshots: str = R.field("", "evaluation only, no training: score the EMA snapshots, 'all' or "
-                                      "comma-separated updates, into OUT/snapshots.json (teacher-fidelity "
-                                      "RMSE; FID/IS with --fid-samples): the early stop, fig. 4's curves",
-                                  fixed=False)
+    # Evaluation only. The scores go into OUT/snapshots.json (teacher-fidelity RMSE; FID/IS with
+    # --fid-samples): the early stop, fig. 4's curves.
+    eval_snapshots: str = R.field("", "score the EMA snapshots, 'all' or comma-separated updates, no "
+                                      "training (fig. 4)", fixed=False)
     grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
     # run
     seed: int = R.field(0, "seed")
@@ -238,14 +245,14 @@ def samplers(cfg, den):
             "ancestral": lambda z, seeds: ancestral_sample(den, z, times, seeds, clip=clip).clamp(-1, 1)}
 
 @torch.no_grad()
-def teacher_reference(cfg, teacher, grid, shape, device):
+def teacher_reference(cfg, teacher, chain_t, shape, device):
     """The teacher's side of the evaluation: fresh states of its trajectories (a shuffle denoise from a seed
     training never uses, stopping evenly along the chain), its eps there, and its samples of seeds 0..n-1."""
     gen, t0, full = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed), time.time(), R.full_config(cfg)
     with autocast(device, cfg.dtype):
-        states = new_set(cfg.eps_samples, len(grid), shape, "shuffled", gen, spread=True)
-        ref = shuffle_denoise(teacher, grid, states, cfg.prep_batch, cfg.teacher_clip, gen)
-        ref["eps"] = teacher(ref["z"], grid[ref["k"]])[1]
+        states = new_set(cfg.eps_samples, len(chain_t), shape, "shuffled", gen, spread=True)
+        ref = shuffle_denoise(teacher, chain_t, states, cfg.prep_batch, cfg.teacher_clip, gen)
+        ref["eps"] = teacher(ref["z"], chain_t[ref["k"]])[1]
         R.rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples,
                          "state")
         for name, fn in samplers(cfg, teacher).items():
@@ -265,11 +272,11 @@ def fid(cfg, name, fn, shape, device):
                     stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
 @torch.no_grad()
-def evaluate(cfg, name, den, ref, grid, shape, device, want_fid=False):
+def evaluate(cfg, name, den, ref, chain_t, shape, device, want_fid=False):
     """Teacher fidelity: the eps RMSE on the teacher's fresh trajectory states, and the RMSE of each sampler's
     output to the teacher's from the same noise; FID/IS of the ancestral sampler when asked."""
     with autocast(device, cfg.dtype):
-        eps_rmse = rmse(den(ref["z"], grid[ref["k"]])[1], ref["eps"])
+        eps_rmse = rmse(den(ref["z"], chain_t[ref["k"]])[1], ref["eps"])
     rows, images = [], {}
     for sampler, fn in samplers(cfg, den).items():
         with autocast(device, cfg.dtype):
@@ -296,13 +303,13 @@ def make_student(cfg, teacher):
     return Denoiser(net, teacher.schedule, "eps", "learned_range",
                     sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
 
-def train(cfg, spec, teacher, grid, ckpt, device):
+def train(cfg, spec, teacher, chain_t, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA
     student."""
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     student = make_student(cfg, teacher).to(device)
-    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().eval()
+    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().freeze()
     fast_teacher = R.compiled(teacher, cfg.compile)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device != "cpu")
@@ -314,8 +321,8 @@ def train(cfg, spec, teacher, grid, ckpt, device):
         step, elapsed, kset = ckpt["step"], ckpt["elapsed"], ckpt["knowledge"]
         kset = kset and {key: v.to(device) for key, v in kset.items()}
     elif cfg.method == "dkdm":
-        n = round(cfg.rho * len(grid)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
-        kset = new_set(n, len(grid), shape, cfg.collect, gen)
+        n = round(cfg.rho * len(chain_t)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
+        kset = new_set(n, len(chain_t), shape, cfg.collect, gen)
     path, names = os.path.join(cfg.out, "ckpt.pt"), \
         ("loss", "vlb_bits") if cfg.method == "dkdm" else ("loss",)
     meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, names, "student training",
@@ -331,10 +338,10 @@ def train(cfg, spec, teacher, grid, ckpt, device):
     elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
         t_prep, full = time.time(), R.full_config(cfg)
         with autocast(device, cfg.dtype):
-            kset = shuffle_denoise(fast_teacher, grid, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
+            kset = shuffle_denoise(fast_teacher, chain_t, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
         save()
         R.rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
-                         round(full.rho * len(grid)) * full.batch if full.collect == "dynamic"
+                         round(full.rho * len(chain_t)) * full.batch if full.collect == "dynamic"
                          else full.batch,
                          "entry")
 
@@ -348,8 +355,8 @@ def train(cfg, spec, teacher, grid, ckpt, device):
                 noise = torch.randn((len(idx), *shape), generator=gen, device=device)
                 # this rank's part
                 z_t, k, noise = (R.mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))
-                target = teacher_step(fast_teacher, grid, z_t, k, noise, cfg.teacher_clip)  # a teacher step
-                simple, vlb = dkdm_loss(trained, grid, z_t, k, target)                   # lines 5-6
+                target = teacher_step(fast_teacher, chain_t, z_t, k, noise, cfg.teacher_clip)  # a step
+                simple, vlb = dkdm_loss(trained, chain_t, z_t, k, target)                 # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
                 x = R.sample_batch(data, cfg.batch, gen)
@@ -361,7 +368,7 @@ def train(cfg, spec, teacher, grid, ckpt, device):
         opt.step()                                                                       # line 7
         ema_update(ema.net, student.net, cfg.ema)
         if cfg.method == "dkdm":  # line 8, on every rank: each holds the whole set, the same after each step
-            write_back(kset, idx, kset["k"][idx], R.gather(target["z_prev"]), len(grid), gen)
+            write_back(kset, idx, kset["k"][idx], R.gather(target["z_prev"]), len(chain_t), gen)
         step += 1
         meter.add(*(loss, vlb) if cfg.method == "dkdm" else (loss,))
         if step % cfg.log_every == 0 or step == cfg.updates:
@@ -375,15 +382,15 @@ def train(cfg, spec, teacher, grid, ckpt, device):
                       config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
     return ema
 
-def evaluate_student(cfg, teacher, ema, grid, device):
+def evaluate_student(cfg, teacher, ema, chain_t, device):
     """The metrics rows: the EMA student and the same student at initialisation against the teacher (its
     FID/IS with --fid-teacher), and samples.png."""
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
-    ref = teacher_reference(cfg, teacher, grid, shape, device)
-    initial = make_student(cfg, teacher).to(device).eval()
-    rows = evaluate(cfg, "student_init", initial, ref, grid, shape, device)[0]
-    student_rows, images = evaluate(cfg, "student", ema, ref, grid, shape, device, cfg.fid_samples > 0)
+    ref = teacher_reference(cfg, teacher, chain_t, shape, device)
+    initial = make_student(cfg, teacher).to(device).freeze()
+    rows = evaluate(cfg, "student_init", initial, ref, chain_t, shape, device)[0]
+    student_rows, images = evaluate(cfg, "student", ema, ref, chain_t, shape, device, cfg.fid_samples > 0)
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
                      "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
@@ -428,16 +435,16 @@ def snapshots(cfg):
                          f"{folder} (there: {sorted(have) or 'none'}); train with --snapshot-every first")
     return {u: have[u] for u in want}
 
-def evaluate_snapshots(cfg, chosen, teacher, grid, device):
+def evaluate_snapshots(cfg, chosen, teacher, chain_t, device):
     """Evaluation only: every chosen snapshot against the teacher (as the end of a run evaluates the student),
     rows with their update into OUT/snapshots.json; returns the rows."""
     c = teacher.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
-    ref = teacher_reference(cfg, teacher, grid, shape, device)
+    ref = teacher_reference(cfg, teacher, chain_t, shape, device)
     rows = []
     for update, path in chosen.items():
         den = R.load_teacher(path, device)
-        new = evaluate(cfg, f"snapshot_{update}", den, ref, grid, shape, device, cfg.fid_samples > 0)[0]
+        new = evaluate(cfg, f"snapshot_{update}", den, ref, chain_t, shape, device, cfg.fid_samples > 0)[0]
         rows += [{**row, "update": update} for row in new]
         R.print0("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in new[-1].items()))
@@ -468,13 +475,13 @@ def main(argv=None):
         chain(cfg, Schedule(R.TeacherConfig().schedule), "the cached shapes teacher")
     spec = cfg.teacher or R.cached_teacher()
     teacher = R.load_teacher(spec, device)
-    grid = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
+    chain_t = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
     if chosen:
-        return evaluate_snapshots(cfg, chosen, teacher, grid, device)
+        return evaluate_snapshots(cfg, chosen, teacher, chain_t, device)
     R.start_run(cfg, ckpt, outputs=("snapshots", "samples", "synthetic", "student.pt", "samples.png"),
                 batch=cfg.batch)
-    ema = train(cfg, spec, teacher, grid, ckpt, device)
-    results = evaluate_student(cfg, teacher, ema, grid, device)
+    ema = train(cfg, spec, teacher, chain_t, ckpt, device)
+    results = evaluate_student(cfg, teacher, ema, chain_t, device)
     reference = {"sampler": "the teacher's own sampler from the same noise", "steps": cfg.eval_steps}
     R.write_metrics(cfg.out, "dkdm" if cfg.method == "dkdm" else "dkdm_datafree", cfg.data, spec, reference,
                     results, finished=True)

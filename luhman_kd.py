@@ -74,12 +74,12 @@ def by_recipe(key, help, **kw):
 @dataclasses.dataclass
 class Config:
     # teacher (sec. 4): a deterministic DDIM over a pretrained diffusion model
-    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): picks the recipe; its images serve FID only")
-    recipe: str = R.field("auto", "column of app. B table 3 for the flags left unset; auto = from --data "
+    data: str = R.field("cifar10", f"dataset ({R.DATASETS}): picks the recipe; images for FID only")
+    recipe: str = R.field("auto", "app. B table 3 column for flags left unset; auto = from --data "
                           "(shapes: cifar10)", choices=("auto", *RECIPES))
-    teacher: str = R.field("", "load_teacher spec; '' = the recipe's (" + ", ".join(
-        f"{r} {t or 'none: convert ermongroup/ddim celeba'}" for r, t in zip(RECIPES, TEACHERS))
-        + "), for shapes the cached shapes teacher")
+    # The recipes' teachers (TEACHERS): cifar10 google/ddpm-cifar10-32, celeba none (convert ermongroup/ddim
+    # celeba), lsun_bedroom google/ddpm-ema-bedroom-256, lsun_church google/ddpm-ema-church-256.
+    teacher: str = R.field("", "load_teacher spec; '' = the recipe's, for shapes the cached shapes teacher")
     image_size: int = R.field(0, "size of x_T; 0 = the teacher network's training size", low=0)
     teacher_steps: int = by_recipe("teacher_steps", "DDIM steps of the teacher", low=1)
     skip: str = by_recipe("skip", "teacher timesteps (quad: from 0.8 T)", choices=SKIPS)
@@ -111,8 +111,9 @@ class Config:
     ema: float = by_recipe("ema", "EMA decay; the EMA of lowest test loss is kept", low=0.0, below=1.0)
     test_every: int = by_recipe("test_every", "test loss of the EMA every N updates", low=1, rehearse=1)
     # evaluation (sec. 4)
-    eval_n: int = R.field(1024, "held-out noise samples for the teacher-fidelity RMSE (the first 8 make "
-                                "fig. 6's interpolations)", low=8, fixed=False, rehearse=8)
+    # The first 8 make fig. 6's interpolations.
+    eval_n: int = R.field(1024, "held-out noise samples for the teacher-fidelity RMSE and fig. 6", low=8,
+                          fixed=False, rehearse=8)
     time_batch: int = R.field(250, "batch of the Table 2 timing (paper: 250); 0 = skip", low=0, fixed=False)
     fid: int = R.field(0, "samples for FID/IS of the student (paper: 50000); 0 = skip", low=0, fixed=False,
                        rehearse=32)
@@ -257,7 +258,7 @@ def train(cfg, teacher, ckpt, recipe, device):
     train_set, test_set = pair_array(cfg.pairs, "train", cfg.num_pairs), pair_array(cfg.pairs, "test",
                                                                                     cfg.num_test_pairs)
     student = make_student(teacher, cfg.student_param)
-    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().eval()
+    trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().freeze()
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                            fused=device != "cpu")
     step, elapsed, best, best_step = 0, 0.0, math.inf, None

@@ -118,19 +118,20 @@ class Config:
     # data and teacher
     data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
     image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
-    teacher: str = R.field("", "teacher to distil: hub id (google/ddpm-cifar10-32), diffusers folder or "
-                               "checkpoint of this project; 'cached' = the shared 16x16 shapes eps teacher "
-                               "(trained once); '' = train the base model first (Alg. 1)")
+    # The teacher to distil: a hub id (google/ddpm-cifar10-32), a diffusers folder or a checkpoint of this
+    # project; 'cached' is the shared 16x16 shapes eps teacher (trained once); '' trains the base model first.
+    teacher: str = R.field("", "teacher: hub id, folder, checkpoint, 'cached'; '' = train the base model "
+                               "(Alg. 1)")
     # base model (Alg. 1, sec. 4, app. E): the paper's CIFAR-10 settings. OUT/base is continued if unfinished
     # and kept once finished, whatever --resume says (delete it to retrain)
-    net: str = R.field("pd_cifar10", "base network preset (app. E: 256 ch, mult [1,1,1], 3 res blocks, "
-                                     "attention at 16 and 8, res-block resampling, scale-shift norm)",
-                       choices=tuple(PRESETS))
+    # pd_cifar10 is app. E's network: 256 channels, mult [1,1,1], 3 res blocks, attention at 16 and 8,
+    # res-block resampling, scale-shift norm.
+    net: str = R.field("pd_cifar10", "base network preset (app. E: pd_cifar10)", choices=tuple(PRESETS))
     schedule: str = R.field("cosine_logsnr", "base noise schedule (official: cosine log-SNR clipped to +-20)",
                             choices=("cosine_logsnr", "linear", "cosine"))
     param: str = R.field("x", "base network output (sec. 4, table 1)", choices=("x", "v", "eps", "both"))
-    weighting: str = R.field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr): "
-                                          "trunc_snr | snr_plus_one (v-MSE) | snr (eps-MSE) | const (x-MSE)",
+    # The weightings: trunc_snr; snr_plus_one, the v-MSE; snr, the eps-MSE; const, the x-MSE.
+    weighting: str = R.field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr)",
                              choices=WEIGHTINGS)
     dropout: float = R.field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
     base_updates: int = R.field(800_000, "base model updates (app. E)", low=1, rehearse=2)
@@ -146,9 +147,9 @@ class Config:
     # distillation (Alg. 2, sec. 5.2, app. E, app. I)
     start_steps: int = R.field(8192, "teacher sampling steps at the start, a power of 2 (sec. 5.2)", low=2)
     end_steps: int = R.field(1, "student sampling steps of the last round, a power of 2", low=1)
-    divisor: int = R.field(2,
-                           "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation; the "
-                           "target still comes from two teacher DDIM steps)", choices=(2, 4))
+    # With 4, the target still comes from two teacher DDIM steps.
+    divisor: int = R.field(2, "student steps = teacher steps / divisor: 2 (Alg. 2) or 4 (app. I ablation)",
+                           choices=(2, 4))
     updates_per_round: int = R.field(50_000, "updates per round (sec. 5.2: 50k; app. I: 25k, 10k, 5k)", low=1,
                                      rehearse=2)
     final_rounds_factor: int = R.field(2, "update multiplier for the rounds to 2 and 1 steps (sec. 5.2)",
@@ -156,41 +157,40 @@ class Config:
     lr: float = R.field(1e-4, "Adam lr, annealed linearly to 0 in each round (app. E; official config: 5e-5)",
                         low=0.0)
     grad_clip: float = R.field(1.0, "clip the global gradient norm (app. E; 0 = off)", low=0.0)
-    batch: int = R.field(128, "distillation batch size (app. E), also of sampling; pd_cifar10 in fp32 needs "
-                              "~21 GiB of activations at 128: use 64 or --dtype bf16 on a 24 GB card", low=1)
-    reparam_steps: int = R.field(2, "eps teachers: students predict eps down to this many steps, then the "
-                                    "re-parameterisation round makes the model 'both' (docstring; 0 = never)",
+    # pd_cifar10 in fp32 needs ~21 GiB of activations at 128: on a 24 GB card, use 64 or --dtype bf16.
+    batch: int = R.field(128, "distillation batch size (app. E), also of sampling", low=1)
+    # At that many steps, the re-parameterisation round makes the model 'both' (see the docstring).
+    reparam_steps: int = R.field(2, "eps teachers: students predict eps down to this many steps (0 = never)",
                                  low=0)
     reparam_updates: int = R.field(50_000, "updates of the re-parameterisation round", low=1, rehearse=2)
-    teacher_clip: str = R.field("auto",
-                                "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
-                                "prediction: auto (eps teachers only, measured: docstring) | yes | no "
-                                "(Alg. 2)", choices=("auto", "yes", "no"))
+    # auto clips for eps teachers only (measured: see the docstring); yes always; no never, as Alg. 2.
+    teacher_clip: str = R.field("auto", "clip x to [-1, 1] in the teacher's two DDIM steps and the student's "
+                                        "prediction", choices=("auto", "yes", "no"))
     # evaluation (fig. 4, fig. 7, app. F). Cost in network evaluations: eval_samples x N per model and round
     # (the start-steps reference: eval_samples x start_steps), FID fid_samples x N per model and round
     eval_samples: int = R.field(256, "samples for the RMSE to the start-steps teacher's DDIM output, seeds "
                                      "0..n-1", low=1, rehearse=4)
-    grid: int = R.field(8,
-                        "samples per model in rounds.png: a row per round, the student at N steps left and "
-                        "the undistilled teacher at N steps right, from the same noise (fig. 7, 4)", low=1)
+    # In each row the student at N steps is on the left, the undistilled teacher at N steps on the right, from
+    # the same noise.
+    grid: int = R.field(8, "samples per model in rounds.png, a row per round (fig. 7, 4)", low=1)
     eval_clip: bool = R.field(True, "clip x_pred to [-1, 1] in evaluation sampling (official eval)")
-    fid_samples: int = R.field(0, "FID/IS samples per student (0 = off; the paper: 50000, i.e. 50000 x N "
-                                  "network evaluations per model)", low=0, fixed=False, rehearse=32)
-    fid_max_steps: int = R.field(512,
-                                 "FID only models sampled with at most this many steps (fig. 4 stops at "
-                                 "512; the 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations)",
-                                 low=1, fixed=False)
+    # The paper's 50000 mean 50000 x N network evaluations per model.
+    fid_samples: int = R.field(0, "FID/IS samples per student (0 = off; the paper: 50000)", low=0,
+                               fixed=False, rehearse=32)
+    # The 8192-step teacher alone costs 50000 x 8192 = 4e8 evaluations.
+    fid_max_steps: int = R.field(512, "FID only models sampled with at most this many steps (fig. 4 stops at "
+                                      "512)", low=1, fixed=False)
     fid_teacher: bool = R.field(False, "also FID the undistilled teacher at each round's steps (fig. 4)",
                                 fixed=False)
     fid_reference: bool = R.field(False, "also FID the teacher at --start-steps (ignores --fid-max-steps)",
                                   fixed=False)
-    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines (default: "
-                                 "clean-fid's, downloaded once)", fixed=False)
+    # The default: clean-fid's, downloaded once.
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines", fixed=False)
     inception: str = R.field("", "path of the Inception weights for FID/IS (default: download once)",
                              fixed=False)
-    stochastic: str = R.field("", "app. F: also sample students and teacher ancestrally with these comma-"
-                                  "separated gammas in [0, 1] (log-variance from the lower (0) to the upper "
-                                  "(1) bound)", fixed=False)
+    # Students and teacher alike; gamma takes the log-variance from the lower (0) to the upper (1) bound.
+    stochastic: str = R.field("", "app. F: also sample ancestrally with these comma-separated gammas in "
+                                  "[0, 1]", fixed=False)
     # run
     seed: int = R.field(0, "seed")
     device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
@@ -339,7 +339,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
 
         # the round's student as a teacher checkpoint, its evaluation; it becomes the next teacher (Alg. 2)
         elapsed = meter.elapsed_s
-        student.eval()
+        student.freeze()
         name = f"student_{N}steps" + ("_reparam" if n_teacher == N else "")
         R.save_checkpoint(os.path.join(cfg.out, f"{name}.pt"), **student.state(), method="progressive",
                           config=dataclasses.asdict(cfg), step=updates, teacher_spec=spec)

@@ -196,7 +196,7 @@ def load_teacher(spec, device="cpu"):
     is_hub_id = len(parts) == 2 and all(p[:1] not in ("", ".", "~") for p in parts) and \
         not os.path.splitext(spec)[1] and not os.path.exists(spec)
     if os.path.isdir(spec) or is_hub_id:
-        return load_diffusers(spec).to(device).eval()
+        return load_diffusers(spec).to(device).freeze()
     if not os.path.isfile(spec):
         raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a "
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
@@ -1139,11 +1139,10 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
 
-COMPILE_HELP = (
-    "torch.compile the networks of the training loop and of the long sampling phases (the teacher's "
-    "pairs, knowledge and synthetic sets; FID samples), once per network (measured on an H100: "
-    "the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10 update 1.4x faster; off by default: on CPU "
-    "the compile time is not won back in short runs)")
+# --compile: the long sampling phases are the teacher's pairs, knowledge and synthetic sets and the FID
+# samples; each network is compiled once. Measured on an H100: the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10
+# update 1.4x faster. Off by default: on CPU the compile time is not won back in short runs.
+COMPILE_HELP = "torch.compile each network of the training loop and of the long sampling phases"
 
 @dataclasses.dataclass
 class TeacherConfig:
@@ -1228,7 +1227,7 @@ def train_teacher(cfg, full_updates=None):
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
                             gen=gen.get_state(), elapsed=meter.now())
     z = seeded_noise(range(64), data.shape[1:], device)
-    grid = ddim_sample(den.copy(ema).eval(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
+    grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
     barrier()  # every rank leaves with the final checkpoint on disk (the next step loads it)
     return path

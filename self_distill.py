@@ -42,13 +42,11 @@ def plan(variant, steps, updates):
     else:
         depths = list(range(steps, 0, -2))
     shares = [math.exp(1 / max(n - 2, 1)) if variant == "dsdgexp" else 1.0 for n in depths]
-    rows = []
-    for n, share in zip(depths, shares):
-        trajectories = max(1, round(updates * share / sum(shares) / (n // 2)))
-        rows.append((n, trajectories, trajectories * (n // 2)))
-    return rows
+    trajectories = [max(1, round(updates * share / sum(shares) / (n // 2)))
+                    for n, share in zip(depths, shares)]
+    return [(n, u, u * (n // 2)) for n, u in zip(depths, trajectories)]
 
-def grid(schedule, steps, skip):
+def ddim_grid(schedule, steps, skip):
     """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units, then the data; (alpha,
     sigma) in float64, (1, 0) at the data, where every sampler here ends."""
     times = torch.tensor(sampler_times(schedule, steps, skip), dtype=torch.float64)
@@ -133,12 +131,13 @@ def learning_rate(step, peak, warmup, total, end):
 
 @dataclasses.dataclass
 class Config:
-    variant: str = R.field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp (fine-tuning DSD, sec. 4.1.1, app. J) | "
-                                   "tsd (DSDI, a frozen teacher) | train (training DSD, sec. 4.2)",
+    # dsdn | dsdi | dsdgl | dsdgexp: fine-tuning DSD (sec. 4.1.1, app. J); tsd: DSDI with a frozen teacher;
+    # train: training DSD (sec. 4.2)
+    variant: str = R.field("dsdi", "dsdn | dsdi | dsdgl | dsdgexp | tsd | train (sec. 4.1.1, 4.2, app. J)",
                            choices=VARIANTS)
     data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
-    teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = google/ddpm-cifar10-32 for "
-                               "cifar10, the cached shapes teacher for shapes")
+    # '' = google/ddpm-cifar10-32 for cifar10, the cached shapes teacher for shapes
+    teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = the dataset's")
     image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)",
                               low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
@@ -149,13 +148,14 @@ class Config:
                          low=1)
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                         choices=SKIPS[:1] + SKIPS[2:])
-    target: str = R.field("implied", "implied (alg. 2: x'' of the two-step move) | next_x (official code: "
-                                     "the x prediction at z_t-1)", choices=("implied", "next_x"))
-    weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1) | trunc_logsnr = "
-                                          "max(log SNR, 1) (code, CelebA/LSUN) | none (code, ImageNet)",
+    # implied: x'' of the model's two-step move (alg. 2); next_x: the official code's x prediction at z_t-1
+    target: str = R.field("implied", "implied (alg. 2) | next_x (official code)", choices=("implied", "next_x"))
+    # w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1); the code's trunc_logsnr = max(log SNR, 1) (CelebA/LSUN)
+    # and none (ImageNet)
+    weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr (sec. 4.1) | trunc_logsnr | none (code)",
                              choices=("trunc_snr", "trunc_logsnr", "none"))
-    clip: str = R.field("auto", "clip x predictions to [-1, 1] in trajectories, targets and evaluation: "
-                                "auto (eps models, see the docstring) | yes | no (the paper's latents)",
+    # auto clips the x predictions of eps models (docs/self_distill.md); the paper's latents need none
+    clip: str = R.field("auto", "clip x predictions to [-1, 1] everywhere: auto | yes | no",
                         choices=("auto", "yes", "no"))
     lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
     lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
@@ -183,21 +183,20 @@ class Config:
     v_weight: float = R.field(0.85, "alpha of eq. 1, on ||v_hat - v||^2 (official code: 0.9)", low=0.0)
     distill_weight: float = R.field(0.15, "beta of eq. 1, on ||x' - x''||^2 (code: 0.1; 0 = baseline)",
                                     low=0.0)
-    # evaluation
-    reference_steps: int = R.field(64, "DDIM steps of the original model's reference output (the paper's "
-                                       "'original 64'); --variant train: the model's own", low=1, fixed=False)
+    # evaluation; the reference is the paper's "original 64" (--variant train: the model's own output)
+    reference_steps: int = R.field(64, "DDIM steps of the original model's reference output", low=1,
+                                   fixed=False)
     eval_steps: str = R.field("2,4,8,16", "step counts evaluated (table 2: 2, 4, 8)", fixed=False)
     eval_samples: int = R.field(256, "samples for the RMSE to the reference, seeds 0..n-1", low=1,
                                 fixed=False, rehearse=4)
     eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
-    grid: int = R.field(8,
-                        "samples per row of samples.png (the reference, then per step count original | DSD)",
-                        low=1, fixed=False)
-    fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000 for FID);"
-                                  " the IS reads the same samples (the paper: 5000)", low=0, fixed=False,
-                                rehearse=32)
-    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines ('' = "
-                                 "clean-fid's, downloaded once)", fixed=False)
+    # samples.png: the reference, then per step count the original model | DSD
+    grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
+    # the IS reads the same samples (the paper: 5000 for the IS)
+    fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000)", low=0,
+                               fixed=False, rehearse=32)
+    fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma), offline ('' = clean-fid's)",
+                             fixed=False)
     inception: str = R.field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
     # run
     seed: int = R.field(0, "seed of the trajectories (fine-tuning) or of training")
@@ -219,72 +218,94 @@ QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=
 
 # ---- one visible training loop: fine-tuning DSD / TSD under the plan, or training DSD --------------------
 
-def train(cfg, rows, model, ema, den0, shape, data, device, ckpt):
-    """Trains `model` in place and its EMA, resumable at any update (mid-trajectory and mid-schedule):
-    fine-tuning under the plan `rows`, or training DSD when there is none."""
-    fine_tune, full = bool(rows), R.full_config(cfg)
-    full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, full.updates)} if fine_tune else {}
-    if fine_tune:
-        grids = {n: grid(model.schedule, n, cfg.skip) for n, _, _ in rows}
-        sequence = [(n, k) for n, trajectories, _ in rows for _ in range(trajectories) for k in range(n // 2)]
-        total, peak, warmup, end = len(sequence), cfg.lr, round(cfg.warmup * len(sequence)), cfg.lr_end
-    else:
-        total, peak, warmup, end = cfg.train_updates, cfg.train_lr, cfg.train_warmup, 1.0
+def start(cfg, model, ema, peak, ckpt, device):
+    """Adam (table 3), the generator of the global batch's draws (the same on every rank) and the view of
+    `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen, trained)."""
     opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
-    trained, teacher = R.compiled(R.data_parallel(model), cfg.compile), den0 if cfg.variant == "tsd" else None
-    # one view per TSD teacher
-    fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))
-    step, z, elapsed = 0, None, 0.0
+    gen = torch.Generator(device).manual_seed(cfg.seed)
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
-        step, z, elapsed = ckpt["step"], ckpt["z"], ckpt["elapsed"]
-        z = None if z is None else R.mine(z.to(device))  # this rank's trajectories
-        if ckpt["teacher"] is not None:
-            teacher = den0.copy().eval()
-            teacher.net.load_state_dict(ckpt["teacher"])
-    meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
-                    full_total=full.train_updates)
+    return opt, gen, R.compiled(R.data_parallel(model), cfg.compile)
+
+def update(cfg, model, ema, opt, loss, decay, lr):
+    """One optimiser step at learning rate lr: gradients clipped at --grad-clip, Adam, the EMA."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema.net, model.net, decay)
+
+def save(cfg, model, ema, opt, gen, step, elapsed, z=None, teacher=None):
+    """OUT/ckpt.pt: all the resume state (z: every rank's trajectories; teacher: TSD's current one)."""
+    R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
+                      method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
+                      optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
+                      z=None if z is None else R.gather(z), elapsed=elapsed, teacher=teacher)
+
+def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
+    """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
+    teacher that the student replaces at each halving: `model` and its EMA trained in place, resumable at any
+    update (mid-trajectory and mid-schedule)."""
+    grids = {n: ddim_grid(model.schedule, n, cfg.skip) for n, _, _ in depths}
+    sequence = [(n, k) for n, trajectories, _ in depths for _ in range(trajectories) for k in range(n // 2)]
+    total, warmup = len(sequence), round(cfg.warmup * len(sequence))
+    full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
+    opt, gen, trained = start(cfg, model, ema, cfg.lr, ckpt, device)
+    teacher = den0 if cfg.variant == "tsd" else None
+    fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # a view per TSD teacher
+    step, z, elapsed = (ckpt["step"], ckpt["z"], ckpt["elapsed"]) if ckpt else (0, None, 0.0)
+    z = None if z is None else R.mine(z.to(device))  # this rank's trajectories
+    if ckpt and ckpt["teacher"] is not None:
+        teacher = den0.copy().freeze()
+        teacher.net.load_state_dict(ckpt["teacher"])
+    meter = R.Meter(cfg.out, step, total, elapsed, device)
     while step < total:
-        lr = learning_rate(step, peak, warmup, total, end)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        n, k = sequence[step]
         with autocast(device, cfg.dtype):
-            if fine_tune:
-                n, k = sequence[step]
-                if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I), ours a slice
-                    z = R.mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
-                    if teacher is not None and step > 0 and sequence[step - 1][0] != n:
-                        teacher = model.copy().eval()  # TSD: the student becomes the next teacher (PD)
-                times, alpha, sigma = grids[n]
-                j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
-                loss, z = dsd_loss(trained, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j],
-                                   sigma[j], cfg.weighting, cfg.target,
-                                   None if teacher is None else fast(teacher),
-                                   clipped(cfg, model))
-            else:
-                x = R.sample_batch(data, cfg.train_batch, gen)
-                loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema.net, model.net, cfg.ema if fine_tune else cfg.train_ema)
+            if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I), ours a slice
+                z = R.mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
+                if teacher is not None and step > 0 and sequence[step - 1][0] != n:
+                    teacher = model.copy().freeze()  # TSD: the student becomes the next teacher (PD)
+            times, alpha, sigma = grids[n]
+            j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
+            loss, z = dsd_loss(trained, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
+                               cfg.weighting, cfg.target, None if teacher is None else fast(teacher),
+                               clipped(cfg, model))
+        lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
+        update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1
         meter.add(loss)
         if step % cfg.log_every == 0 or step == total:
-            depth = dict(phase=f"{cfg.variant} N = {n}", full_total=full_updates[n]) if fine_tune else {}
-            meter.log(step, {"stage": cfg.variant, "update": step, **({"steps": n} if fine_tune else {}),
-                             "lr": lr}, **depth)
-        if step % cfg.ckpt_every == 0 or step == total:  # z: all ranks' trajectories
-            R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
-                              method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                              optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
-                              z=None if z is None else R.gather(z),
-                              elapsed=meter.now(),
-                              teacher=None if teacher in (None, den0) else teacher.net.state_dict())
+            meter.log(step, {"stage": cfg.variant, "update": step, "steps": n, "lr": lr},
+                      phase=f"{cfg.variant} N = {n}", full_total=full_updates[n])
+        if step % cfg.ckpt_every == 0 or step == total:
+            save(cfg, model, ema, opt, gen, step, meter.now(), z,
+                 None if teacher in (None, den0) else teacher.net.state_dict())
+
+def train_dsd(cfg, model, ema, data, device, ckpt):
+    """Training DSD (sec. 4.2, eq. 1) from scratch on the data: `model` and its EMA trained in place,
+    resumable at any update."""
+    total = cfg.train_updates
+    opt, gen, trained = start(cfg, model, ema, cfg.train_lr, ckpt, device)
+    step, elapsed = (ckpt["step"], ckpt["elapsed"]) if ckpt else (0, 0.0)
+    meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
+                    full_total=R.full_config(cfg).train_updates)
+    while step < total:
+        x = R.sample_batch(data, cfg.train_batch, gen)
+        with autocast(device, cfg.dtype):
+            loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
+        lr = learning_rate(step, cfg.train_lr, cfg.train_warmup, total, 1.0)  # warm-up, then constant
+        update(cfg, model, ema, opt, loss, cfg.train_ema, lr)
+        step += 1
+        meter.add(loss)
+        if step % cfg.log_every == 0 or step == total:
+            meter.log(step, {"stage": cfg.variant, "update": step, "lr": lr})
+        if step % cfg.ckpt_every == 0 or step == total:
+            save(cfg, model, ema, opt, gen, step, meter.now())
 
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 
@@ -316,16 +337,16 @@ def evaluate(cfg, models, reference_model, shape, data, device):
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)
     results = [{"model": reference_model, "steps": cfg.reference_steps, "sampler": "ddim",
                 "rmse_to_reference": 0.0, **scores}]
-    rows = [reference[:cfg.grid]]
+    image_rows = [reference[:cfg.grid]]
     for steps in parse_steps(cfg.eval_steps):
         for name, den in models.items():
             images, scores = run(name, den, steps)
             results.append({"model": name, "steps": steps, "sampler": "ddim",
                             "rmse_to_reference": rmse(images, reference), **scores})
-            rows.append(images[:cfg.grid])
+            image_rows.append(images[:cfg.grid])
         R.print0(f"{steps:4d} steps  " + "  ".join(f"{r['model']} {r['rmse_to_reference']:.4f}"
                                                  for r in results[-len(models):]))
-    R.save_grid(torch.cat(rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
+    R.save_grid(torch.cat(image_rows), os.path.join(cfg.out, "samples.png"), nrow=cfg.grid)
     return results
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -359,8 +380,8 @@ def main(argv=None):
     if cfg.fid_samples:
         R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = R.read_resume(cfg)  # refuses a resume with other result flags, before any work
-    rows = plan(cfg.variant, cfg.steps, cfg.updates) if cfg.variant != "train" else []
-    total = sum(p for _, _, p in rows) or cfg.train_updates
+    depths = plan(cfg.variant, cfg.steps, cfg.updates) if cfg.variant != "train" else []
+    total = sum(p for _, _, p in depths) or cfg.train_updates
     if ckpt is not None and ckpt["step"] >= total and R.run_finished(cfg.out):
         R.print0(f"{cfg.out} is finished (metrics.json); --resume none or another --out runs it again")
         return R.run_finished(cfg.out)
@@ -371,7 +392,7 @@ def main(argv=None):
         net = build_net(cfg.train_net, image_size=data.shape[-1], out_channels=data.shape[1],
                         dropout=cfg.dropout)
         model = Denoiser(net.to(device), Schedule(cfg.train_schedule), "v", "fixed_large").train()
-        spec, den0, ema, shape = None, None, model.copy().eval(), tuple(data.shape[1:])
+        spec, den0, ema, shape = None, None, model.copy().freeze(), tuple(data.shape[1:])
     else:  # fine-tuning: den0 the original model (frozen), model a copy without dropout, ema its EMA
         spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
             R.cached_teacher() if cfg.data == "shapes" else None)
@@ -382,26 +403,28 @@ def main(argv=None):
         size = net_config(den0.net)["image_size"]
         if cfg.image_size not in (0, size):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
-        model, ema = den0.copy(), den0.copy().eval()
-        model.net.eval()  # no dropout while fine-tuning; the weights still train
+        model, ema = den0.copy().eval(), den0.copy().freeze()  # fine-tuning without dropout (it trains)
         shape = (net_config(den0.net)["in_channels"], size, size)
         if cfg.fid_samples and cfg.data != "cifar10":
             data = R.load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
-    steps = rows[-1][0] if rows else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
+    steps = depths[-1][0] if depths else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
     times = sampler_times(model.schedule, steps, cfg.skip)
     model.sampler = ema.sampler = sampler_spec(times, clip=clipped(cfg, model))  # recorded in checkpoints
     R.start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
                 batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
     R.rank_dropout_seed(cfg.seed)
-    if rows:
+    if depths:
         R.print0(f"{cfg.variant} plan (P = {cfg.updates}, batch {cfg.batch}):\n  N_i  trajectories  updates\n"
-                + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in rows))
+                + "\n".join(f"{n:5d} {u:13d} {p:8d}" for n, u, p in depths))
         R.write_json(os.path.join(cfg.out, "plan.json"),
-                     [{"steps": n, "trajectories": u, "updates": p} for n, u, p in rows])
-    train(cfg, rows, model, ema, den0, shape, None if data is None else data.to(device), device, ckpt)
-    models = {"student": ema.eval()} if den0 is None else {"teacher": den0, "student": ema.eval()}
+                     [{"steps": n, "trajectories": u, "updates": p} for n, u, p in depths])
+    if depths:
+        fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt)
+    else:
+        train_dsd(cfg, model, ema, data.to(device), device, ckpt)
+    models = {"student": ema} if den0 is None else {"teacher": den0, "student": ema}
     results = evaluate(cfg, models, "student" if den0 is None else "teacher", shape, data, device)
     for r in results:
         r["variant"] = cfg.variant

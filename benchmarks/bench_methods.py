@@ -92,7 +92,7 @@ def setup(method, spec, args, device, fast):
     adam = dict(lr=1e-4, fused=device != "cpu")
 
     if method == "progressive":
-        teacher = denoiser(spec["net"], size, "x").to(device).eval()
+        teacher = denoiser(spec["net"], size, "x").to(device).freeze()
         student = P.make_student(teacher, 8, clip=False)
         opt = torch.optim.Adam(student.parameters(), **adam)
         teacher_v, student_v = fast(teacher), fast(student)
@@ -107,8 +107,8 @@ def setup(method, spec, args, device, fast):
         return step, lambda: bare_step(student_v, [teacher_v.net] * 2, z, t, opt)
 
     if method == "luhman_kd":
-        kd = L.make_student(denoiser(spec["net"], size).to(device).eval(), "official")
-        kd_ema, kd_v = kd.copy().eval(), fast(kd)
+        kd = L.make_student(denoiser(spec["net"], size).to(device).freeze(), "official")
+        kd_ema, kd_v = kd.copy().freeze(), fast(kd)
         opt = torch.optim.Adam(kd.parameters(), **adam)
 
         def step():
@@ -122,9 +122,9 @@ def setup(method, spec, args, device, fast):
 
     if method == "self_distill":
         model = denoiser(spec["net"], size).to(device).train()
-        model_ema, model_v = model.copy().eval(), fast(model)
+        model_ema, model_v = model.copy().freeze(), fast(model)
         opt = torch.optim.Adam(model.parameters(), **adam)
-        times, alpha, sigma = S.grid(model.schedule, 8, "unit")
+        times, alpha, sigma = S.ddim_grid(model.schedule, 8, "unit")
 
         def step():
             with amp:
@@ -137,10 +137,10 @@ def setup(method, spec, args, device, fast):
             C.ema_update(model_ema.net, model.net, 0.995)
         return step, lambda: bare_step(model_v, [model_v.net], z, t, opt)
 
-    big = denoiser(spec["net"], size, var="learned_range").to(device).eval()
+    big = denoiser(spec["net"], size, var="learned_range").to(device).freeze()
     small = D.make_student(R.parse_config(D.Config, ["--student", spec["student"], "--dropout", "0"]), big)
     small = small.to(device)
-    small_ema, big_v, small_v = small.copy().eval(), fast(big), fast(small)
+    small_ema, big_v, small_v = small.copy().freeze(), fast(big), fast(small)
     opt = torch.optim.AdamW(small.parameters(), **adam)
     grid = torch.tensor(D.chain(R.parse_config(D.Config, ["--chain-steps", "50"]), big.schedule, ""), device=device)
     kset = D.new_set(10 * B, len(grid), shape[1:], "dynamic", gen)
@@ -174,7 +174,7 @@ def ddim_race(args, device):
     cfg = R.unet_config_from_diffusers(dict(theirs.config))
     net = C.UNet(cfg).to(device)
     net.load_state_dict(R.from_diffusers(theirs.state_dict(), cfg))
-    eager = C.Denoiser(net, C.Schedule("linear"), "eps").eval()
+    eager = C.Denoiser(net, C.Schedule("linear"), "eps").freeze()
     ours = R.compiled(eager, args.compile)
     theirs_fn = torch.compile(theirs) if args.compile else theirs
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)

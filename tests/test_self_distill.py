@@ -47,7 +47,7 @@ def test_x_prime_and_x_double_prime_against_two_explicit_ddim_steps(param, kind,
     trajectory goes on from z_t''; the official code's target and weighting likewise."""
     model, teacher = _den(param, kind, seed=0), (_den(param, kind, seed=1) if tsd else None)
     mover = teacher or model
-    times, alpha, sigma = S.grid(model.schedule, 4, "unit")
+    times, alpha, sigma = S.ddim_grid(model.schedule, 4, "unit")
     z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for k in range(2):
         t, t1, j = float(times[2 * k]), float(times[2 * k + 1]), slice(2 * k, 2 * k + 3)
