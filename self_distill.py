@@ -149,7 +149,8 @@ class Config:
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                         choices=SKIPS[:1] + SKIPS[2:])
     # implied: x'' of the model's two-step move (alg. 2); next_x: the official code's x prediction at z_t-1
-    target: str = R.field("implied", "implied (alg. 2) | next_x (official code)", choices=("implied", "next_x"))
+    target: str = R.field("implied", "implied (alg. 2) | next_x (official code)",
+                          choices=("implied", "next_x"))
     # w(lambda_t): trunc_snr = max(SNR, 1) (sec. 4.1); the code's trunc_logsnr = max(log SNR, 1) (CelebA/LSUN)
     # and none (ImageNet)
     weighting: str = R.field("trunc_snr", "w(lambda_t): trunc_snr (sec. 4.1) | trunc_logsnr | none (code)",
