@@ -190,8 +190,9 @@ def load_diffusers(spec):
     return Denoiser(net, Schedule(kind, s["num_train_timesteps"], **betas), param, var, source=spec)
 
 def load_teacher(spec, device="cpu"):
-    """A frozen Denoiser from a checkpoint of this project (its EMA weights if any), a diffusers folder or hub
-    id (its clip_sample is dropped: DDIM teachers run unclipped, teacher_checkpoints.md sec. 5)."""
+    """Any model as a frozen Denoiser (a teacher, or a student with its recorded sampler): a checkpoint of this
+    project (its EMA weights if any), a diffusers folder or a hub id (its clip_sample is dropped: DDIM
+    teachers run unclipped)."""
     parts = spec.split("/")  # a hub id: 'owner/name', no relative or absolute path, no file extension
     is_hub_id = len(parts) == 2 and all(p[:1] not in ("", ".", "~") for p in parts) and \
         not os.path.splitext(spec)[1] and not os.path.exists(spec)
