@@ -555,7 +555,7 @@ def _scored(files, det, mode, splits, batch_size, device):
     out = cleanfid.get_files_features([files[i] for i in ours], model=fn, num_workers=0, mode=mode,
                                       batch_size=batch_size, device=torch.device(device), verbose=False) \
         if len(ours) else None
-    d = broadcast_object(width[0] if width else None) if world_size() > 1 else width[0]
+    d = broadcast_object(width[0] if width else None)  # the feature width (a rank may have had no files)
     f = out[:, :d].astype(np.float64) if out is not None else np.zeros((0, d))
     n, s1, s2 = sum_over_ranks(np.float64(len(f)), f.sum(0), f.T @ f)
     mu = s1 / n
