@@ -115,28 +115,34 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net, self.schedule, self.param, self.var, self.sampler, self.source = \
             net, schedule, param, var, sampler, source
+        self.num_classes = getattr(getattr(net, "config", None), "num_classes", 0)  # 0: unconditional
 
     @property
     def steps(self):
         """The network evaluations of a student's sampler (None: no sampler recorded, e.g. a teacher)."""
         return len(self.sampler["times"]) if self.sampler else None
 
-    def sample(self, z, seeds=None):
-        """Images in [-1, 1] from noise z (B, C, H, W) with the recorded sampler; seeds: the samples' seeds,
-        whose streams give an ancestral sampler's noise."""
+    def sample(self, z, seeds=None, y=None):
+        """Images in [-1, 1] from noise z (B, C, H, W) and labels y with the recorded sampler; seeds: the
+        samples' seeds, whose streams give an ancestral sampler's noise."""
         s = self.sampler
         if s is None:
             raise ValueError(f"{self.source or 'this model'} records no sampler; sample it with ddim_sample")
         if s["ancestral"]:
-            return ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"]).clamp(-1, 1)
-        return ddim_sample(self, z, s["times"], s["clip"]).clamp(-1, 1)
+            return ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"], y).clamp(-1, 1)
+        return ddim_sample(self, z, s["times"], s["clip"], y).clamp(-1, 1)
 
-    def full(self, z, t, clip=False):
+    def full(self, z, t, clip=False, y=None):
         """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
-        eps re-derived (Salimans & Ho's and DDPM's samplers)."""
+        eps re-derived (Salimans & Ho's and DDPM's samplers); y: the class labels (B,) of a conditional model
+        (in range: checked where they enter, data or flags, not here in every call)."""
+        if (y is None) != (self.num_classes == 0):
+            raise ValueError(f"{self.source or 'this model'} is " + (
+                f"class-conditional ({self.num_classes} classes): give it labels" if y is None else
+                "unconditional: it takes no labels (drop --classes, or use a class-conditional teacher)"))
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
-        out = self.net(z, self.schedule.net_time(t).to(z.device)).float()
+        out = self.net(z, self.schedule.net_time(t).to(z.device), *(() if y is None else (y,))).float()
         x, eps = x_eps_from_output(out, z, alpha, sigma, self.param)
         if clip:
             x = x.clamp(-1, 1)
@@ -144,8 +150,8 @@ class Denoiser(nn.Module):
         C = z.shape[1] * (2 if self.param == "both" else 1)
         return x, eps, out[:, C:C + z.shape[1]] if self.var == "learned_range" else None
 
-    def forward(self, z, t, clip=False):
-        return self.full(z, t, clip)[:2]
+    def forward(self, z, t, clip=False, y=None):
+        return self.full(z, t, clip, y)[:2]
 
     def freeze(self):
         """For inference only (a teacher, an EMA copy): eval mode, no dropout, and no gradients."""
@@ -154,7 +160,9 @@ class Denoiser(nn.Module):
     def view(self, net):
         """The same denoiser over `net`, a wrapper of this one's (DistributedDataParallel, torch.compile) that
         shares its parameters: no copy, and the training mode and gradients left as they are."""
-        return Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source)
+        view = Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source)
+        view.num_classes = self.num_classes
+        return view
 
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
@@ -293,22 +301,31 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
 
+def seeded_labels(seeds, num_classes, device="cpu", classes=None):
+    """Class labels (len(seeds),) for a conditional model, sample i's from seeds[i] alone (like its noise):
+    uniform over num_classes, or classes[seed % len(classes)] when given; None for num_classes 0."""
+    if not num_classes:
+        return None
+    y = [classes[int(s) % len(classes)] if classes else
+         int(np.random.default_rng([int(s), 0x1ABE1]).integers(num_classes)) for s in seeds]
+    return torch.tensor(y, dtype=torch.long, device=device)
+
 @torch.no_grad()
-def ddim_sample(den, z, times, clip=False):
+def ddim_sample(den, z, times, clip=False, y=None):
     """DDIM from z at times[0] through times[1:], then x_pred (as ermongroup/ddim and Salimans & Ho); repeated
-    times (the quad sequence has some) are identity steps."""
+    times (the quad sequence has some) are identity steps. y: class labels (B,) of a conditional model."""
     for i, t in enumerate(times):
-        x_pred, eps_pred = den(z, t, clip=clip)
+        x_pred, eps_pred = den(z, t, clip, y)
         if i + 1 == len(times):
             return x_pred
         z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
 
 @torch.no_grad()
-def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
+def ancestral_sample(den, z, times, seeds, frac=None, clip=False, y=None):
     """Ancestral sampling (Ho et al. alg. 2, respaced) with frac (variance_frac; None: the denoiser's own).
     Step k's noise of sample i is seeds[i]'s stream k + 1: samples do not depend on the batch they ran in."""
     for k, t in enumerate(times):
-        x_pred, _, v = den.full(z, t, clip=clip)
+        x_pred, _, v = den.full(z, t, clip, y)
         if k + 1 == len(times):
             return x_pred
         (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(times[k + 1])
@@ -317,14 +334,14 @@ def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
         z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
 
 @torch.no_grad()
-def dpm_solver_2m(den, z, times, clip=False):
+def dpm_solver_2m(den, z, times, clip=False, y=None):
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): the probability-flow ODE in lambda = log(alpha / sigma),
     data prediction, second order by reusing the previous step's x_pred: z_s = (sigma_s/sigma_t) z_t -
     alpha_s (e^-h - 1) D, h = lambda_s - lambda_t, D = (1 + 1/2r) x_t - (1/2r) x_prev, r = h_prev / h; the
     first step (D = x_t) is DDIM's. Over times as ddim_sample, ending with x_pred: the same network calls."""
     x_prev = h_prev = None
     for i, t in enumerate(times):
-        x_pred, _ = den(z, t, clip=clip)
+        x_pred, _ = den(z, t, clip, y)
         if i + 1 == len(times):
             return x_pred
         lam_t, lam_s = (0.5 * den.schedule.logsnr(u) for u in (t, times[i + 1]))  # float64
@@ -391,6 +408,14 @@ def timestep_embedding(t, x, dim, order="cos_sin"):
     emb = torch.cat([args.cos(), args.sin()] if order == "cos_sin" else [args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
+def add_class(emb, table, y):
+    """emb + table(y): a class's learned embedding added to the time embedding (ADM's label_emb = diffusers'
+    class_embedding; Salimans & Ho's one-hot Dense with bias is the same table with the bias in every row)."""
+    if (table is None) != (y is None):
+        raise ValueError("a class-conditional network needs labels" if y is None else
+                         "an unconditional network takes no labels")
+    return emb if y is None else emb + table(y)
+
 def _attend(qkv, heads):
     """Softmax attention, (B, T, 3C) laid out [q | k | v], each split into heads -> (B, T, C)."""
     B, T, C3 = qkv.shape
@@ -404,7 +429,8 @@ class UNetConfig:
     image_size: int = 32
     in_channels: int = 3
     out_channels: int = 3            # 6 for ADM's learned variance: [eps, v]
-    ch: int = 128                    # base channels; the time MLP is ch -> 4ch -> 4ch
+    ch: int = 128                    # base channels; the time MLP is ch -> emb_dim -> emb_dim
+    emb_dim: int = 0                 # the time (and class) embedding's width; 0: 4 ch (Ho, ADM)
     ch_mult: tuple = (1, 2, 2, 2)    # channels per resolution level, times ch
     num_res_blocks: int = 2          # per level on the way down (num_res_blocks + 1 on the way up)
     attn_resolutions: tuple = (16,)  # resolutions (pixels) that get attention after every res block
@@ -418,6 +444,7 @@ class UNetConfig:
     norm_eps: float = 1e-6           # GroupNorm eps: Ho 1e-6, ADM 1e-5
     norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
+    num_classes: int = 0             # > 0: class-conditional, a learned embedding per class (ADM's label_emb)
 
 class ResBlock(nn.Module):
     """GN, SiLU, [resample both paths: avg-pool / nearest, BigGAN/ADM], conv, + time (or scale-shift), GN,
@@ -490,11 +517,12 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig, zero_init=False):
         super().__init__()
         self.config = cfg
-        ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, 4 * cfg.ch
+        ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, cfg.emb_dim or 4 * cfg.ch
         heads = lambda c: c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
         attention = lambda level, c, n: [Attention(c, heads(c), cfg) for _ in range(n)] \
             if cfg.image_size >> level in cfg.attn_resolutions else None
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         skips, c, self.down = [ch], ch, nn.ModuleList()  # skips: the channels of the skip stack
         for i, mult in enumerate(cfg.ch_mult):
@@ -526,9 +554,10 @@ class UNet(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         cfg = self.config
         emb = self.time_mlp(timestep_embedding(t, x, cfg.ch, cfg.time_emb).to(x.dtype))
+        emb = add_class(emb, self.label_emb, y)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
@@ -559,6 +588,7 @@ class DiTConfig:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
+    num_classes: int = 0    # > 0: class-conditional, a class embedding added to the time's (DiT's y_embedder)
 
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -598,6 +628,7 @@ class DiT(nn.Module):
         pos2d = torch.cat([emb1d, emb1d.transpose(0, 1)], dim=2).reshape(grid * grid, D).float()
         self.register_buffer("pos", pos2d, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.label_emb = nn.Embedding(cfg.num_classes, D) if cfg.num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -608,16 +639,16 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch.weight.view(D, -1))
         nn.init.zeros_(self.patch.bias)
-        for lin in (self.time_mlp[0], self.time_mlp[2]):
+        for lin in (self.time_mlp[0], self.time_mlp[2]) + ((self.label_emb,) if cfg.num_classes else ()):
             nn.init.normal_(lin.weight, std=0.02)
         for lin in [b.ada[1] for b in self.blocks] + [self.ada_out[1], self.out]:  # adaLN-Zero
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         B, _, H, W = x.shape
         p, C = self.config.patch_size, self.config.out_channels
-        c = self.time_mlp(timestep_embedding(t, x, 256, "cos_sin").to(x.dtype))
+        c = add_class(self.time_mlp(timestep_embedding(t, x, 256, "cos_sin").to(x.dtype)), self.label_emb, y)
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
         for block in self.blocks:
             h = block(h, c)
@@ -649,6 +680,25 @@ PRESETS = {
     # Salimans & Ho progressive distillation CIFAR-10 base model
     "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8),
                              dropout=0.2, resblock_updown=True, **_ADM),
+    # Salimans & Ho's ImageNet 64 base model (app. E: ADM's 64x64 model exactly; the official imagenet64_base
+    # config): 192 channels, emb 768, 3 res blocks, attention at 32, 16, 8 with 64-channel heads, dropout 0.1,
+    # res-block resampling; class-conditional (--class-cond, 1000 classes from the data)
+    "pd_imagenet64": UNetConfig(image_size=64, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                resblock_updown=True, **_ADM),
+    # Salimans & Ho's LSUN 128 base model (app. E; the official bedroom128_base config): 64 channels at 128,
+    # mult [1, 2, 4, 6, 8], emb 768, otherwise as ImageNet 64
+    "pd_lsun128": UNetConfig(image_size=128, ch=64, emb_dim=768, ch_mult=(1, 2, 4, 6, 8), num_res_blocks=3,
+                             attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                             resblock_updown=True, **_ADM),
+    # guided-diffusion 64x64_diffusion.pt (Dhariwal & Nichol), class-conditional ImageNet 64: 295,904,454 params
+    "adm_imagenet64": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                 attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                 resblock_updown=True, qkv_layout="new", num_classes=1000, **_ADM),
+    # improved-diffusion imagenet64_cond_270M_250K.pt (Nichol & Dhariwal; t fed as t * 1000/4000): 273,049,350
+    "iddpm_imagenet64": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4),
+                                   num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, down_pad="sym",
+                                   qkv_layout="legacy", num_classes=1000, **_ADM),
     # CPU tests: the shared eps shapes teacher (828k params)
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),

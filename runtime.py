@@ -37,7 +37,7 @@ _DIFFUSERS_DEFAULTS = dict(
 _DIFFUSERS_FIXED = dict(
     _class_name="UNet2DModel", act_fn="silu", center_input_sample=False, time_embedding_type="positional",
     time_embedding_dim=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True,
-    class_embed_type=None, num_class_embeds=None)
+    class_embed_type=None)
 
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
     """Our UNetConfig for a diffusers UNet2DModel config.json (DDPM and ADM block types). A missing key takes
@@ -72,7 +72,7 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         attn_resolutions=tuple(size >> i for i in range(L) if down[i].startswith("Attn")), num_heads=1,
         num_head_channels=c["attention_head_dim"] or -1, dropout=c["dropout"], scale_shift=shift != "default",
         resblock_updown=resample == {"resnet"}, down_pad="sym" if pad else "asym", time_emb=emb,
-        norm_eps=c["norm_eps"], norm_groups=groups)
+        norm_eps=c["norm_eps"], norm_groups=groups, num_classes=c.get("num_class_embeds") or 0)
 
 # Our tensor names -> diffusers UNet2DModel's, replaced in order in "." + name + "." (a resampler is a conv
 # or, in ADM, a res block); our fused attention qkv is [to_q; to_k; to_v]
@@ -82,7 +82,7 @@ _DIFFUSERS_NAMES = (
     (".mid_res2.", ".mid_block.resnets.1."), (".mid_attn.", ".mid_block.attentions.0."),
     (".down.", ".down_blocks."), (".up.", ".up_blocks."), (".res.", ".resnets."), (".attn.", ".attentions."),
     (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."), (".norm.", ".group_norm."),
-    (".proj.", ".to_out.0."))
+    (".proj.", ".to_out.0."), (".label_emb.", ".class_embedding."))
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 def from_diffusers(sd, cfg: UNetConfig):
@@ -273,10 +273,11 @@ def load_folder(path, image_size):
 
 def make_shapes(n, image_size=32, seed=0):
     """A procedural dataset: one to three filled circles, squares or triangles in saturated colours on a
-    two-colour gradient background. Image i depends only on (seed, i). uint8 (n, 3, S, S)."""
+    two-colour gradient background. Image i depends only on (seed, i). uint8 (n, 3, S, S), and labels (n,):
+    the kind of the top-most shape (0 circle, 1 square, 2 triangle)."""
     s = image_size
     yy, xx = np.meshgrid((np.arange(s) + 0.5) / s, (np.arange(s) + 0.5) / s, indexing="ij")
-    out = np.empty((n, s, s, 3), dtype=np.uint8)
+    out, labels = np.empty((n, s, s, 3), dtype=np.uint8), np.empty(n, dtype=np.int64)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         c0, c1 = rng.uniform(0.0, 0.5, 3), rng.uniform(0.0, 0.5, 3)
@@ -289,15 +290,25 @@ def make_shapes(n, image_size=32, seed=0):
             dx, dy = xx - cx, yy - cy
             masks = (dx ** 2 + dy ** 2 < r ** 2, (abs(dx) < r * 0.8) & (abs(dy) < r * 0.8),  # circle, square,
                      (dy < r * 0.7) & (dy > -r + 2 * abs(dx)))                              # triangle
-            img[masks[rng.integers(3)]] = colour
+            labels[i] = rng.integers(3)
+            img[masks[labels[i]]] = colour
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 _shapes = functools.lru_cache(maxsize=4)(make_shapes)
 
-def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
+LABELLED = "cifar10, shapes or a folder of class subfolders"
+
+def dataset_classes(name):
+    return {"cifar10": 10, "shapes": 3}[name]
+
+def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0, labels=False):
     """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
     is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
+    if labels:
+        if name == "shapes":
+            return tuple(t.clone() for t in _shapes(n_shapes, image_size or 32, seed))
+        return load_dataset(name, image_size, data_dir, n_shapes, seed), None
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size {image_size}: expected at least 8")
     if name == "cifar10":
@@ -309,17 +320,31 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
             raise ValueError(f"--data {name}: no such folder")
         return load_folder(name[len("folder:"):], image_size or 32)
     if name == "shapes":  # built once per process (20k images take 4 s), a copy per caller
-        return _shapes(n_shapes, image_size or 32, seed).clone()
+        return _shapes(n_shapes, image_size or 32, seed)[0].clone()
     raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
 
 
-def sample_batch(data, batch_size, generator):
-    """This rank's part of a random global batch of batch_size, float [-1, 1] with random horizontal flips,
-    from a uint8 dataset on the device (every rank draws the whole batch's indices and flips)."""
+def sample_batch(data, batch_size, generator, labels=None):
+    """This rank's part of a random global batch of batch_size, (x, y): x float [-1, 1] with random horizontal
+    flips, from a uint8 dataset on the device (every rank draws the whole batch's indices and flips), y its
+    labels (None without labels)."""
     idx = mine(torch.randint(len(data), (batch_size,), generator=generator, device=generator.device))
     x = to_float(data[idx.to(data.device)])
     flip = mine(torch.rand(batch_size, generator=generator, device=generator.device)).to(x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return torch.where(flip[:, None, None, None], x.flip(3), x), None if labels is None else labels[idx]
+
+def check_labels(den, labels, data):
+    """A class-conditional model's labels of --data, checked once before any work (an embedding lookup out of
+    range fails deep inside, on CUDA as a device assert); None for an unconditional model."""
+    if not den.num_classes:
+        return None
+    if labels is None:
+        raise ValueError(f"{den.source} is class-conditional ({den.num_classes} classes) and --data {data} has "
+                         f"no labels; use {LABELLED}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < den.num_classes:
+        raise ValueError(f"--data {data} has labels {int(labels.min())}..{int(labels.max())}; {den.source} "
+                         f"knows {den.num_classes} classes (0..{den.num_classes - 1})")
+    return labels
 
 # ========================================= checkpoints ==========================================
 
@@ -1124,9 +1149,10 @@ def cli(main):
 
 
 
-def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
+def diffusion_loss(den, weighting, x, generator, y=None, vlb_weight=0.001):
     """Salimans & Ho alg. 1 (Ho et al. alg. 1), t ~ U[0, 1] or U{0..T-1}; learned-range variance adds Nichol &
-    Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient."""
+    Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient. y: x's labels
+    (a class-conditional model)."""
     B, schedule, g = x.shape[0] * world_size(), den.schedule, generator  # x: this rank's part of B
     t = torch.randint(schedule.T, (B,), generator=g, device=g.device) if schedule.discrete else \
         torch.rand(B, generator=g, device=g.device)
@@ -1134,7 +1160,7 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     alpha, sigma = (bcast(v, x) for v in schedule.alpha_sigma(t))
     eps = mine(torch.randn((B, *x.shape[1:]), generator=g, device=g.device)).to(x.device)
     z = alpha * x + sigma * eps
-    x_pred, eps_pred, v = den.full(z, t)
+    x_pred, eps_pred, v = den.full(z, t, y=y)
     loss = weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting)
     if den.var == "learned_range":
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
@@ -1152,6 +1178,7 @@ class TeacherConfig:
     data: str = field("shapes", f"dataset: {DATASETS}")
     image_size: int = field(16, "image resolution", low=8)
     net: str = field("tiny", "network preset (common.PRESETS)", choices=tuple(PRESETS))
+    class_cond: bool = field(False, "class-conditional: a class embedding, labels from --data")
     dropout: float = field(0.0, "dropout in the res blocks", low=0.0, below=1.0)
     schedule: str = field("linear", "noise schedule", choices=("linear", "cosine", "cosine_logsnr"))
     param: str = field("eps", "network output", choices=PARAMS[:4])
@@ -1188,10 +1215,15 @@ def train_teacher(cfg, full_updates=None):
     ckpt, path = read_resume(cfg), os.path.join(cfg.out, "ckpt.pt")
     if ckpt and ckpt["step"] >= cfg.updates and os.path.exists(os.path.join(cfg.out, "samples.png")):
         return path  # finished: nothing to do, nothing rewritten
-    data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed).to(device)
+    data, labels = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed, labels=True)
+    if cfg.class_cond and labels is None:
+        raise ValueError(f"--class-cond: --data {cfg.data} has no class labels; use {LABELLED}")
+    classes = dataset_classes(cfg.data) if cfg.class_cond else 0
+    data, labels = data.to(device), labels.to(device) if classes else None
     out_ch = 3 * (2 if cfg.param == "both" else 1) + (3 if cfg.var == "learned_range" else 0)
     torch.manual_seed(cfg.seed)
-    net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
+    net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout,
+                    num_classes=classes).to(device)
     den = Denoiser(net, Schedule(cfg.schedule), cfg.param, cfg.var)
     trained, ema = compiled(data_parallel(den), cfg.compile), copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -1210,9 +1242,9 @@ def train_teacher(cfg, full_updates=None):
     while step < cfg.updates:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        x = sample_batch(data, cfg.batch, gen)
+        x, y = sample_batch(data, cfg.batch, gen, labels)
         with autocast(device, cfg.dtype):
-            loss = diffusion_loss(trained, cfg.weighting, x, gen)
+            loss = diffusion_loss(trained, cfg.weighting, x, gen, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -1228,7 +1260,8 @@ def train_teacher(cfg, full_updates=None):
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
                             gen=gen.get_state(), elapsed=meter.now())
     z = seeded_noise(range(64), data.shape[1:], device)
-    grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
+    y = (torch.arange(64, device=device) // 8) % classes if classes else None  # a row per class
+    grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), True, y)
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
     barrier()  # every rank leaves with the final checkpoint on disk (the next step loads it)
     return path
@@ -1240,6 +1273,10 @@ def cached_teacher(cfg=None):
     free = ("out", "resume", "device", "log_every", "ckpt_every", "sample_steps", "compile")
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     recipe["net"] = net_config(build_net(cfg.net))
+    for part in (recipe, recipe["net"]):  # unconditional teachers keep the names they had before classes came
+        for k in ("class_cond", "num_classes"):
+            if not part.get(k, True):
+                del part[k]
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
     path = os.path.join(CACHE_DIR, "teachers", name)

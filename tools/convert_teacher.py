@@ -39,6 +39,10 @@ KNOWN = {
     "adm_cifar10_57m": dict(schedule=_ADM, param="eps", var="learned_range"),  # DDPM-IP, DKDM's teacher
     "adm_celeba64_295m": dict(schedule=_ADM, param="eps", var="learned_range"),
     "iddpm_cifar10": dict(schedule=dict(_ADM, T=4000, t_scale=0.25), param="eps", var="learned_range"),
+    # class-conditional ImageNet 64 (latent_and_conditional.md F): guided-diffusion 64x64_diffusion.pt and
+    # improved-diffusion imagenet64_cond_270M_250K.pt (its defaults: 4000 steps, rescale_timesteps)
+    "adm_imagenet64": dict(schedule=_ADM, param="eps", var="learned_range"),
+    "iddpm_imagenet64": dict(schedule=dict(_ADM, T=4000, t_scale=0.25), param="eps", var="learned_range"),
 }
 FORMATS = {"ermongroup": "temb.dense.0.weight", "guided": "time_embed.0.weight"}  # a key only it has
 
@@ -51,6 +55,8 @@ def _modules(cfg):
     has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
     yield "time_mlp.0", "plain", ("time", 0)
     yield "time_mlp.2", "plain", ("time", 1)
+    if cfg.num_classes:
+        yield "label_emb", "plain", ("label",)  # ADM's nn.Embedding(num_classes, 4 ch), added to time's
     yield "conv_in", "plain", ("conv_in",)
     for i in range(L):
         for j in range(R):
@@ -90,6 +96,7 @@ def _guided_path(place, cfg):
     has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
     match place:
         case ("time", n): return f"time_embed.{2 * n}"
+        case ("label",): return "label_emb"
         case ("conv_in",): return "input_blocks.0.0"
         case ("norm_out",): return "out.0"
         case ("conv_out",): return "out.2"
@@ -144,7 +151,7 @@ def _entries(cfg, fmt):
                          f"qkv_layout={cfg.qkv_layout!r}; pass --qkv-layout legacy (improved-diffusion) "
                          "or new (DDPM-IP)")
     ho = dict(scale_shift=False, resblock_updown=False, down_pad="asym", time_emb="sin_cos", num_heads=1,
-              num_head_channels=-1)
+              num_head_channels=-1, num_classes=0)
     wrong = {k: getattr(cfg, k) for k, v in ho.items() if getattr(cfg, k) != v}
     if fmt == "ermongroup" and wrong:
         raise ValueError(f"ermongroup/pesser files hold Ho et al.'s architecture; config {_label(cfg)} has "

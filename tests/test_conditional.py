@@ -1,0 +1,129 @@
+"""Class-conditional models (issue 30): the class embedding in the nets and its formats (diffusers
+num_class_embeds, guided-diffusion label_emb), labels through the Denoiser and samplers, labels per seed,
+each method on the conditional shapes teacher with its claim in small, and the one-line errors."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from common import (DiT, PRESETS, UNet, UNetConfig, build_net, ddim_sample, net_config, seeded_labels,
+                    seeded_noise)
+
+import runtime as R
+from tools.convert_teacher import from_original, infer_preset, main as convert, to_original
+
+# a small ADM-style diffusers UNet2DModel with a class embedding (nn.Embedding(5, 4 ch), no class_embed_type)
+ADM_SMALL = dict(sample_size=16, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+                 attention_head_dim=16, resnet_time_scale_shift="scale_shift", downsample_padding=1,
+                 flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, attn_norm_num_groups=32,
+                 down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"), downsample_type="resnet",
+                 upsample_type="resnet", num_class_embeds=5)
+SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2",
+             "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+             "variance_type": "learned_range"}
+TINY = dataclasses.replace(PRESETS["tiny"], num_classes=3)
+
+@torch.no_grad()
+def perturb(net, seed, scale=0.01):  # zero inits would hide a wrong mapping
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+def one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and len(msg) > 20, msg
+    return msg
+
+# ---- nets and formats ------------------------------------------------------------------------------------
+
+def test_diffusers_class_embedding_loads_and_guided_label_emb_converts(tmp_path):
+    """A conditional diffusers UNet2DModel (num_class_embeds) gives diffusers' outputs for several labels; its
+    guided-diffusion form (label_emb) converts back to the same tensors. 1e-5 absorbs float32 summation
+    order (outputs ~1)."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    ref = perturb(UNet2DModel(**ADM_SMALL).eval(), 1)
+    ref.save_pretrained(tmp_path / "diffusers")
+    (tmp_path / "diffusers" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    den = R.load_teacher(str(tmp_path / "diffusers"))
+    assert den.num_classes == 5 and den.net.config.num_classes == 5
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3.0, 250.5, 500.0, 999.0])
+    outs = []
+    for y in (torch.tensor([0, 1, 2, 3]), torch.tensor([4, 4, 0, 2])):
+        with torch.no_grad():
+            theirs, ours = ref(x, t, class_labels=y).sample, den.net(x, t, y)
+        assert (ours - theirs).abs().max() <= 1e-5
+        outs.append(ours)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # the label matters
+
+    gcfg = dataclasses.replace(den.net.config, qkv_layout="new")
+    g = to_original(den.net.state_dict(), gcfg, "guided")
+    assert tuple(g["label_emb.weight"].shape) == (5, 128)  # nn.Embedding(num_classes, 4 ch)
+    back = from_original(g, gcfg, "guided")
+    assert all(torch.equal(back[k], v) for k, v in den.net.state_dict().items())
+    torch.save(g, tmp_path / "guided.pt")
+    (tmp_path / "unet.json").write_text(json.dumps(net_config(den.net)))
+    convert([str(tmp_path / "guided.pt"), str(tmp_path / "converted.pt"), "--preset", str(tmp_path / "unet.json"),
+             "--qkv-layout", "new", "--schedule", "cosine"])
+    loaded = R.load_teacher(str(tmp_path / "converted.pt"))
+    assert loaded.num_classes == 5 and loaded.var == "learned_range"
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x, t, torch.tensor([0, 1, 2, 3])), outs[0])
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_a_label_adds_its_embedding_to_the_time_embedding(arch):
+    """ADM's label_emb (= the official progressive code's one-hot Dense, its bias in every row): the output
+    for label c equals the unconditional network's whose time MLP's last bias is shifted by row c. Exact up
+    to float32 rounding of one addition (1e-5 on outputs ~1)."""
+    cfg = TINY if arch == "unet" else dataclasses.replace(PRESETS["dit_tiny"], num_classes=3)
+    torch.manual_seed(0)
+    net = perturb(build_net(cfg).eval(), 2, 0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 700.0])
+    for c in range(3):
+        plain = build_net(dataclasses.replace(cfg, num_classes=0)).eval()
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("label_emb")}
+        state["time_mlp.2.bias"] = state["time_mlp.2.bias"] + net.label_emb.weight[c].detach()
+        plain.load_state_dict(state)
+        with torch.no_grad():
+            assert (net(x, t, torch.tensor([c, c])) - plain(x, t)).abs().max() <= 1e-5
+
+def test_conditional_presets_and_inference():
+    """Fig. 4's base models (app. E, the official configs) and the public conditional ImageNet 64 teachers."""
+    with torch.device("meta"):
+        pd64, lsun, adm = (build_net(n) for n in ("pd_imagenet64", "pd_lsun128", "adm_imagenet64"))
+    assert pd64.time_mlp[2].out_features == 768 and lsun.time_mlp[2].out_features == 768  # emb_ch 768
+    assert lsun.conv_in.out_channels == 64 and len(lsun.down) == 5 and pd64.conv_in.out_channels == 192
+    assert tuple(adm.label_emb.weight.shape) == (1000, 768)
+    with torch.device("meta"):
+        g = to_original(adm.state_dict(), adm.config, "guided")
+    assert infer_preset(g, "guided") == "adm_imagenet64"
+
+def test_denoiser_takes_labels_exactly_when_conditional():
+    den = R.Denoiser(build_net(TINY), R.Schedule(), "eps")
+    z = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError) as e:
+        den(z, 10)
+    assert "class-conditional (3 classes): give it labels" in one_line(e)
+    plain = R.Denoiser(build_net(PRESETS["tiny"]), R.Schedule(), "eps", source="plain.pt")
+    with pytest.raises(ValueError) as e:
+        plain(z, 10, y=torch.tensor([0, 1]))
+    assert "plain.pt is unconditional" in one_line(e)
+    assert den.view(den.net).num_classes == 3 and den.copy().num_classes == 3
+
+def test_labels_and_samples_per_seed_whatever_the_batch():
+    """Each sample's label comes from its own seed, like its noise: a conditional model's samples of seeds
+    0..7 are those of seeds 4..7 sampled alone (1e-4: float32 rounding at another batch size, ~1e-6,
+    amplified by x = (z - sigma eps) / alpha at t = 999, 1 / alpha ~ 160, in this untrained net's DDIM)."""
+    labels = seeded_labels(range(8), 10)
+    assert torch.equal(seeded_labels(range(4, 8), 10), labels[4:]) and len(set(labels.tolist())) > 2
+    assert seeded_labels(range(3), 0) is None
+    assert seeded_labels([5, 6, 7], 10, classes=[3, 9]).tolist() == [9, 3, 9]  # given: classes[seed % n]
+    torch.manual_seed(0)
+    den = R.Denoiser(perturb(build_net(TINY).eval(), 3), R.Schedule(), "eps")
+    fn = lambda z, seeds: ddim_sample(den, z, [999, 500, 0], True, seeded_labels(seeds, 3))
+    all8 = R.generate(fn, range(8), (3, 16, 16), 8, "cpu")
+    assert (R.generate(fn, range(4, 8), (3, 16, 16), 3, "cpu") - all8[4:]).abs().max() <= 1e-4
