@@ -359,7 +359,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
                 simple, vlb = dkdm_loss(trained, chain_t, z_t, k, target)                 # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
-                x = R.sample_batch(data, cfg.batch, gen)
+                x, _ = R.sample_batch(data, cfg.batch, gen)
                 loss = R.diffusion_loss(trained, "snr", x, gen,
                                         vlb_weight=cfg.vlb_weight / teacher.schedule.T)
                 vlb = torch.zeros((), device=device)

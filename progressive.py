@@ -317,7 +317,7 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
             lr = lr_at(step, cfg.lr, 0, updates, "linear")  # app. E: linear anneal to zero within the round
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = R.sample_batch(data, cfg.batch, gen)
+            x, _ = R.sample_batch(data, cfg.batch, gen)
             with autocast(device, cfg.dtype):
                 loss = distill_loss(trained, fast_teacher, x, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)

@@ -296,7 +296,7 @@ def train_dsd(cfg, model, ema, data, device, ckpt):
     meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
                     full_total=R.full_config(cfg).train_updates)
     while step < total:
-        x = R.sample_batch(data, cfg.train_batch, gen)
+        x, _ = R.sample_batch(data, cfg.train_batch, gen)
         with autocast(device, cfg.dtype):
             loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
         lr = learning_rate(step, cfg.train_lr, cfg.train_warmup, total, 1.0)  # warm-up, then constant
