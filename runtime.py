@@ -697,7 +697,7 @@ def stats_reference(stats, mode, det, inception, batch_size, device):
     reference folder; these statistics cached there too, keyed by the file and the Inception weights (with a
     network object passed as `inception`: once a run). Every rank calls it."""
     with np.load(stats) as f:
-        if mode == "legacy_tensorflow" and "mu" in f.files:
+        if mode == "legacy_tensorflow" and {"mu", "sigma"} <= set(f.files):
             return f["mu"], f["sigma"]
     base = os.path.join(CACHE_DIR, "fid_stats", os.path.splitext(os.path.basename(stats))[0] + "_" + _key(
         os.path.realpath(stats), os.path.getsize(stats), os.path.getmtime(stats)))
