@@ -777,8 +777,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         B, C, H, W = z.shape
         flat, codes = z.permute(0, 2, 3, 1).reshape(-1, C), self.embedding.weight
-        dist = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
-        z_q = self.embedding(dist.argmin(1)).view(B, H, W, C).permute(0, 3, 1, 2)
+        distance = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
+        z_q = self.embedding(distance.argmin(1)).view(B, H, W, C).permute(0, 3, 1, 2)
         return z + (z_q - z).detach()
 
 class VQModel(nn.Module):
