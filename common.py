@@ -802,6 +802,8 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(self.quantize(h) if quantize else h))
 
 # ---- cross-attention conditioning of LDM cin256-v2 (ldm/modules/attention.py, encoders/modules.py) --------
+# Rombach et al. 2022 sec. 3.3: the class embedding enters every SpatialTransformer as the keys and values of
+# its cross-attention. Standalone blocks, LDM's tensor names; GroupNorm(32, eps 1e-6), LayerNorm eps 1e-5.
 
 def _split_heads(x, heads):  # (B, N, heads * d) -> (B, heads, N, d)
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
@@ -816,14 +818,13 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # LDM's to_out.0 (its to_out.1 is a dropout)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # LDM's to_out.0 (its to_out.1 is a dropout)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        q, k, v = (_split_heads(f(y), self.heads) for f, y in ((self.to_q, x), (self.to_k, context),
-                                                                  (self.to_v, context)))
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        return self.to_out[0](h)
+        q = _split_heads(self.to_q(x), self.heads)
+        k, v = (_split_heads(f(context), self.heads) for f in (self.to_k, self.to_v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 class GEGLU(nn.Module):  # Shazeer 2020: a * gelu(gate), [a | gate] = proj(x)
     def __init__(self, dim_in, dim_out):

@@ -226,7 +226,7 @@ def test_class_embedder_gives_a_one_token_context():
     attn = C.CrossAttention(32, heads=2, dim_head=16, context_dim=12)
     with torch.no_grad():
         out = attn(torch.randn(2, 5, 32), c)
-        assert (out - attn.to_out[0](attn.to_v(c))).abs().max() <= 1e-6
+        assert (out - attn.to_out(attn.to_v(c))).abs().max() <= 1e-6  # float32 rounding of the sums
 
 def test_scaled_linear_schedule_matches_diffusers(tmp_path):
     """'scaled_linear' (LDM's "linear": sqrt-beta linear from 0.0015 to 0.0195) has diffusers' DDIMScheduler
