@@ -1,9 +1,10 @@
 """The compact core of the distillation references: diffusion math and networks, nothing else (no file I/O, no
 flags, no torch.distributed), so that a user copies this one file beside a method. Sections: math (schedules,
-parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, presets). Images
-are NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is
-in the schedule's own units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is
-the network's input. The machinery of a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
+parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, the latent
+teachers' VQ autoencoder and cross-attention blocks, presets). Images are NCHW float in [-1, 1] (uint8 only at
+the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own units (integer
+timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input. The machinery of
+a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
 import copy, dataclasses, math
 from dataclasses import asdict, dataclass
 
@@ -16,20 +17,24 @@ import torch.nn.functional as F
 
 class Schedule:
     """Variance-preserving: z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(lambda_t), sigma_t^2 =
-    sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.)
-    and 'cosine' (Nichol & Dhariwal eq. 17, beta clipped at 0.999) are discrete, t in {0..T-1} (fractional t
-    interpolates lambda), fed as t * t_scale (improved-diffusion: 1000 / T); 'cosine_logsnr' (Salimans & Ho's
-    code) is continuous, t in [0, 1], lambda = -2 log tan(a t + b) clipped, fed as 'inv_cos' (~ 1000 t)."""
+    sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.),
+    'scaled_linear' (the latent-diffusion teachers' "linear": betas linear in sqrt(beta)) and 'cosine' (Nichol
+    & Dhariwal eq. 17, beta clipped at 0.999) are discrete, t in {0..T-1} (fractional t interpolates lambda),
+    fed as t * t_scale (improved-diffusion: 1000 / T); 'cosine_logsnr' (Salimans & Ho's code) is continuous,
+    t in [0, 1], lambda = -2 log tan(a t + b) clipped, fed as 'inv_cos' (~ 1000 t)."""
 
     def __init__(self, kind="linear", T=1000, beta_start=1e-4, beta_end=0.02, cosine_s=0.008,
                  logsnr_min=-20.0, logsnr_max=20.0, t_scale=1.0):
-        if kind not in ("linear", "cosine", "cosine_logsnr"):
-            raise ValueError(f"unknown schedule {kind!r}: expected linear, cosine or cosine_logsnr")
+        if kind not in ("linear", "scaled_linear", "cosine", "cosine_logsnr"):
+            raise ValueError(f"unknown schedule {kind!r}: expected linear, scaled_linear, cosine or "
+                             "cosine_logsnr")
         self.kind, self.T, self.t_scale, self.discrete = kind, T, t_scale, kind != "cosine_logsnr"
         self.beta_start, self.beta_end, self.cosine_s = beta_start, beta_end, cosine_s
         self.logsnr_min, self.logsnr_max = logsnr_min, logsnr_max
         if kind == "linear":
             betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+        elif kind == "scaled_linear":  # LDM util.py make_beta_schedule("linear") = diffusers' scaled_linear
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64).numpy() ** 2
         elif kind == "cosine":
             u = np.arange(T + 1, dtype=np.float64) / T
             f = np.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
@@ -40,7 +45,7 @@ class Schedule:
 
     def spec(self):
         """JSON-serialisable arguments that rebuild this schedule: Schedule(**spec)."""
-        keys = ("kind", "T", "beta_start", "beta_end", "t_scale") if self.kind == "linear" else \
+        keys = ("kind", "T", "beta_start", "beta_end", "t_scale") if "linear" in self.kind else \
                ("kind", "T", "cosine_s", "t_scale") if self.kind == "cosine" else \
                ("kind", "logsnr_min", "logsnr_max")
         return {k: getattr(self, k) for k in keys}
@@ -253,20 +258,31 @@ def vlb_terms(schedule, z_t, t, x, x_pred, v):
     return torch.where(torch.as_tensor(t, device=z_t.device) == 0, nll, kl) / math.log(2.0)
 
 SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
+LDM_SKIPS = ("ldm", "ldm_exact")  # the latent-diffusion teachers' DDIM grids (kept out of the methods' flags)
 
 def ddim_timesteps(T, steps, skip="uniform"):
     """Exactly `steps` descending timesteps of a chain over a T-step model, 1 <= steps <= T: uniform (DDIM,
     diffusers' 'leading': i T // steps; ermongroup/ddim's range(0, T, T // steps) gives more times when steps
     does not divide T, e.g. 67 for 64 steps: ours are its first `steps`), quad (ermongroup, Luhman & Luhman;
     from 0.8 T), trailing (from T - 1), linspace. A 1-step chain starts at the noise end, T - 1, whatever the
-    kind (the others would put its one step at t = 0 or 0.8 T)."""
-    if skip not in SKIPS[:4]:
-        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS[:4])}")
+    kind (the others would put its one step at t = 0 or 0.8 T, LDM's at t = 1). The LDM grids are offset by
+    one: 'ldm' is CompVis' make_ddim_timesteps('uniform'), range(0, T, T // steps) + 1, all of it, so NOT
+    `steps` times when steps does not divide T (16, 32, 64 give 17, 33, 67; `steps` is then the count asked
+    for, as in LDM); 'ldm_exact' is DSD's patch of it, i (T // steps) + 1 for i < steps (64 steps from
+    t = 946). A grid that reaches t = T (LDM indexes past its table there, e.g. 'ldm' with 9 steps) is a
+    ValueError."""
+    if skip not in SKIPS[:4] + LDM_SKIPS:
+        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS[:4] + LDM_SKIPS)}")
     if not 1 <= steps <= T:
         raise ValueError(f"{steps} steps over a {T}-step model: expected 1 to {T}")
     i = np.arange(steps)
     if steps == 1:
         seq = np.array([T - 1])
+    elif skip in LDM_SKIPS:  # LDM ldm/modules/diffusionmodules/util.py make_ddim_timesteps; DSD's copy of it
+        seq = (np.arange(0, T, T // steps) if skip == "ldm" else i * (T // steps)) + 1
+        if seq[-1] > T - 1:
+            raise ValueError(f"the {skip} grid of {steps} steps over a {T}-step model reaches t = {seq[-1]}, "
+                             f"past the model's last timestep {T - 1}: choose another step count")
     elif skip == "uniform":
         seq = i * (T // steps)
     elif skip == "quad":
@@ -290,6 +306,11 @@ def check_steps(schedule, skip, **counts):
         if schedule.discrete and skip != "unit" and n > schedule.T:
             raise ValueError(f"--{flag.replace('_', '-')} {n}: the model has T = {schedule.T} timesteps, so "
                              f"a {skip} grid holds at most {schedule.T} steps")
+        if schedule.discrete and skip in LDM_SKIPS:
+            try:
+                ddim_timesteps(schedule.T, n, skip)
+            except ValueError as e:
+                raise ValueError(f"--{flag.replace('_', '-')} {n}: {e}") from None
 
 def seeded_noise(seeds, shape, device="cpu", stream=0):
     """(len(seeds), *shape) float32 noise, sample i from (seeds[i], stream) alone, whatever the batch size,
@@ -656,6 +677,253 @@ class DiT(nn.Module):
         h = self.out(_modulate(self.norm_out(h), shift, scale)).view(B, H // p, W // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
 
+# ---- VQ autoencoder: the first stage of the latent-diffusion (LDM-VQ) teachers ---------------------
+# Rombach et al. 2022 sec. 3.1 / app. G; the taming/LDM code (ldm/modules/diffusionmodules/model.py Encoder,
+# Decoder; ldm/models/autoencoder.py VQModelInterface; taming VectorQuantizer2). Module names follow it, so
+# an LDM model.ckpt's first_stage_model.* tensors load with the prefix stripped. GroupNorm(32, eps 1e-6).
+
+@dataclass
+class VQConfig:  # LDM's ddconfig field names plus the quantizer's; the defaults are the f4 model's
+    resolution: int = 256            # image size; decides only where attn_resolutions apply
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4)       # downsampling factor 2^(len - 1): 4
+    num_res_blocks: int = 2          # per level in the encoder, num_res_blocks + 1 in the decoder
+    attn_resolutions: tuple = ()     # resolutions (pixels) with attention after every res block
+    z_channels: int = 3              # the encoder's output channels
+    embed_dim: int = 3               # the latent (= codebook vector) channels, after quant_conv
+    n_embed: int = 8192              # codebook size
+
+class VQResBlock(nn.Module):
+    """model.py ResnetBlock without time embedding: GN, swish, conv, GN, swish, conv, + skip (a 1x1 conv
+    'nin_shortcut' where the width changes). Dropout is 0 in every LDM first stage, so none here."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
+
+class VQAttention(nn.Module):
+    """model.py AttnBlock: one-head self-attention over the H*W positions, q, k, v and proj_out 1x1 convs."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+class VQLevel(nn.Module):
+    """One resolution: n res blocks (attention after each where `attn`), then 'downsample' (pad right/bottom,
+    stride-2 3x3 conv) or 'upsample' (nearest x2, 3x3 conv), the names of the LDM tensors."""
+
+    def __init__(self, c_in, c_out, n, attn, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(VQResBlock(c_in if j == 0 else c_out, c_out) for j in range(n))
+        self.attn = nn.ModuleList(VQAttention(c_out) for _ in range(n if attn else 0))
+        if resample == "down":
+            self.downsample = Resample(c_out, "down", "asym")
+        elif resample == "up":
+            self.upsample = Resample(c_out, "up")
+
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = block(h)
+            h = self.attn[j](h) if self.attn else h
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(h) if resample else h
+
+class VQMid(nn.Module):  # the middle of both halves: res block, attention, res block (always, LDM model.py)
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = VQResBlock(c, c), VQAttention(c), VQResBlock(c, c)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+class VQEncoder(nn.Module):
+    """conv_in, levels at ch * ch_mult (downsampling after all but the last), mid, GN, swish, conv_out."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, L = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            VQLevel(([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks,
+                    cfg.resolution >> i in cfg.attn_resolutions, "down" if i < L - 1 else None)
+            for i in range(L))
+        self.mid = VQMid(widths[-1])
+        self.norm_out = nn.GroupNorm(32, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+class VQDecoder(nn.Module):
+    """conv_in to the widest level, mid, levels from the lowest resolution up (up[i] is the resolution of
+    the encoder's down[i], as in LDM; upsampling after all but up[0]), GN, swish, conv_out."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, L = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = VQMid(widths[-1])
+        self.up = nn.ModuleList(
+            VQLevel((widths + [widths[-1]])[i + 1], widths[i], cfg.num_res_blocks + 1,
+                    cfg.resolution >> i in cfg.attn_resolutions, "up" if i > 0 else None)
+            for i in range(L))
+        self.norm_out = nn.GroupNorm(32, widths[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class VectorQuantizer(nn.Module):
+    """taming VectorQuantizer2's lookup: each latent vector (over channels) -> its nearest codebook entry in
+    Euclidean distance, with the straight-through gradient (the commitment loss is training's, not here)."""
+
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, z):
+        B, C, H, W = z.shape
+        flat, codes = z.permute(0, 2, 3, 1).reshape(-1, C), self.embedding.weight
+        distance = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
+        z_q = self.embedding(distance.argmin(1)).view(B, H, W, C).permute(0, 3, 1, 2)
+        return z + (z_q - z).detach()
+
+class VQModel(nn.Module):
+    """The VQ-regularised autoencoder (LDM VQModelInterface). encode(x): images in [-1, 1] -> the latent the
+    diffusion model works on, before quantization; decode(h): quantize (decode_first_stage does;
+    quantize=False is diffusers' force_not_quantize), post_quant_conv, decoder -> images, unclipped. No scale
+    factor: the LDM-VQ teachers use their latents as they are (scale_factor 1.0)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = VQEncoder(cfg), VQDecoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, x):
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, h, quantize=True):
+        return self.decoder(self.post_quant_conv(self.quantize(h) if quantize else h))
+
+# ---- cross-attention conditioning of LDM cin256-v2 (ldm/modules/attention.py, encoders/modules.py) --------
+# Rombach et al. 2022 sec. 3.3: the class embedding enters every SpatialTransformer as the keys and values of
+# its cross-attention. Standalone blocks, LDM's tensor names; GroupNorm(32, eps 1e-6), LayerNorm eps 1e-5.
+
+def _split_heads(x, heads):  # (B, N, heads * d) -> (B, heads, N, d)
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x (B, N, dim) to a context (B, M, context_dim); the context is x itself when
+    None (self-attention). to_q/k/v without bias, to_out a Linear; scale dim_head^-1/2."""
+
+    def __init__(self, dim, heads, dim_head, context_dim=None):
+        super().__init__()
+        self.heads, inner = heads, heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # LDM's to_out.0 (its to_out.1 is a dropout)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q = _split_heads(self.to_q(x), self.heads)
+        k, v = (_split_heads(f(context), self.heads) for f in (self.to_k, self.to_v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+class GEGLU(nn.Module):  # Shazeer 2020: a * gelu(gate), [a | gate] = proj(x)
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+class FeedForward(nn.Module):  # LDM FeedForward(glu=True): GEGLU to 4 dim, Linear back (net.1 is a dropout)
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+class TransformerBlock(nn.Module):
+    """LDM BasicTransformerBlock: pre-LN self-attention (attn1), cross-attention to the context (attn2) and
+    the feed-forward (ff), each with a residual."""
+
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+class SpatialTransformer(nn.Module):
+    """LDM SpatialTransformer: GN(32, eps 1e-6), 1x1 conv to heads * dim_head, `depth` transformer blocks
+    over the H*W positions attending to the context (B, M, context_dim), 1x1 conv back (zero-initialised:
+    the block starts as the identity), + x."""
+
+    def __init__(self, channels, heads, dim_head, context_dim, depth=1):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, -1, H, W))
+
+class ClassEmbedder(nn.Module):
+    """LDM ClassEmbedder: class labels (B,) -> a one-token context (B, 1, embed_dim). cin256-v2 has 1001
+    classes, 1000 the null class of classifier-free guidance."""
+
+    def __init__(self, n_classes, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, y):
+        return self.embedding(y[:, None])
+
 # ---- presets, build_net / net_config ---------------------------------------------------------
 
 _ADM = dict(scale_shift=True, time_emb="cos_sin", norm_eps=1e-5)
@@ -709,6 +977,12 @@ PRESETS = {
 # CPU tests: 'tiny' at 16 channels (209k params, 1.8x faster per update on a CPU core), the base model of
 # progressive.py --quick and DKDM's --quick student
 PRESETS["tiny16"] = dataclasses.replace(PRESETS["tiny"], ch=16)
+# autoencoders (kept apart from PRESETS, the denoisers' flag choices): build_net(AUTOENCODERS[name])
+AUTOENCODERS = {
+    "vq_f4": VQConfig(),  # LDM-VQ-4 first stage (CelebA-HQ, FFHQ, LSUN-bedroom, cin256-v2; = vq-f4.zip)
+    "vq_tiny": VQConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                        n_embed=64),  # CPU tests
+}
 
 def build_net(cfg, zero_init=True, **overrides):
     """A network from a preset name, a config dataclass or a net_config() dict, with `overrides` of its fields
@@ -718,16 +992,17 @@ def build_net(cfg, zero_init=True, **overrides):
     cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
     if isinstance(cfg, dict):
         try:
-            cls = {"unet": UNetConfig, "dit": DiTConfig}[cfg.get("arch")]
+            cls = {"unet": UNetConfig, "dit": DiTConfig, "vq": VQConfig}[cfg.get("arch")]
             cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "arch"})
         except (KeyError, TypeError) as e:
-            raise ValueError(f"network config {cfg} is no UNetConfig or DiTConfig ({e})") from None
+            raise ValueError(f"network config {cfg} is no UNetConfig, DiTConfig or VQConfig ({e})") from None
     names = {f.name for f in dataclasses.fields(cfg)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
-    return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else DiT(cfg)
+    return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else \
+        DiT(cfg) if isinstance(cfg, DiTConfig) else VQModel(cfg)
 
 def net_config(net) -> dict:
     """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(net.config).items()}
-    return {"arch": "unet" if isinstance(net, UNet) else "dit", **cfg}
+    return {"arch": "unet" if isinstance(net, UNet) else "dit" if isinstance(net, DiT) else "vq", **cfg}
 

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import (Denoiser, PARAMS, PRESETS, Schedule, UNet, UNetConfig, WEIGHTINGS, autocast, bcast,
-                    build_net, ddim_sample, ema_update, lr_at, net_config, sampler_times, seeded_noise,
-                    to_float, to_uint8, vlb_terms, weighted_loss)
+from common import (AUTOENCODERS, Denoiser, PARAMS, PRESETS, Schedule, UNet, UNetConfig, VQConfig, VQModel,
+                    WEIGHTINGS, autocast, bcast, build_net, ddim_sample, ema_update, lr_at, net_config,
+                    sampler_times, seeded_noise, to_float, to_uint8, vlb_terms, weighted_loss)
 
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
@@ -154,30 +154,35 @@ def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return download(f"{host}/{repo_id}/resolve/{revision}/{filename}", dest, what=f"{repo_id}/{filename}")
 
+def diffusers_file(spec, name, sub, model, required=True, pipeline=False):
+    """Path of file `name` of a diffusers folder (at its top or in `sub`/) or hub id (at its top, in `sub`/ if
+    `pipeline`, as CompVis/ldm-celebahq-256; downloaded once by hub_download); None if absent and not
+    `required`. model: what needs it, for the error."""
+    try:
+        path = hub_download(spec, f"{sub}/{name}" if pipeline else name) if not os.path.isdir(spec) else \
+            next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
+    except ValueError as e:  # a failed download
+        if required:
+            raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
+        return None
+    if path is None and required:
+        raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers {model} needs")
+    return path
+
 def load_diffusers(spec):
     """A Denoiser of a diffusers UNet2DModel: a folder (model files at the top or in unet/, the scheduler's at
     the top or in scheduler/; .safetensors, else .bin) or a hub id laid out as google/ddpm-cifar10-32."""
-    def find(name, sub, required=True):
-        try:
-            path = hub_download(spec, name) if not os.path.isdir(spec) else \
-                next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
-        except ValueError as e:  # a failed download
-            if required:
-                raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
-            return None
-        if path is None and required:
-            raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers UNet2DModel needs")
-        return path
-
+    find = functools.partial(diffusers_file, spec, model="UNet2DModel")
     cfg = unet_config_from_diffusers(read_file(find("config.json", "unet")))
     net = UNet(cfg)
-    weights = find("diffusion_pytorch_model.safetensors", "unet", False) or \
+    weights = find("diffusion_pytorch_model.safetensors", "unet", required=False) or \
         find("diffusion_pytorch_model.bin", "unet")
     net.load_state_dict(from_diffusers(read_file(weights), cfg))
     s = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
          "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small",
          **read_file(find("scheduler_config.json", "scheduler"))}
-    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
+    kinds = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+    kind = kinds.get(s["beta_schedule"])
     param = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}.get(s["prediction_type"])
     learned = cfg.out_channels == 2 * cfg.in_channels
     var = "learned_range" if learned else s["variance_type"].removesuffix("_log")
@@ -186,7 +191,7 @@ def load_diffusers(spec):
         raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, "
                          f"prediction_type={s['prediction_type']!r}, variance_type={s['variance_type']!r} "
                          "or trained_betas")
-    betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
+    betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if "linear" in kind else {}
     return Denoiser(net, Schedule(kind, s["num_train_timesteps"], **betas), param, var, source=spec)
 
 def load_teacher(spec, device="cpu"):
@@ -202,6 +207,111 @@ def load_teacher(spec, device="cpu"):
         raise ValueError(f"{spec}: no such file or folder (a teacher is a checkpoint of this project, a "
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
     return Denoiser.from_state(load_checkpoint(spec), spec).to(device)
+
+# ===================================== latent autoencoders ======================================
+# The VQ autoencoder of a latent-diffusion teacher (common.VQModel): from an LDM model.ckpt, which holds it as
+# first_stage_model.*, or from a diffusers VQModel (the vqvae/ of CompVis/ldm-celebahq-256).
+
+def _load_exactly(net, sd, what):
+    """net with state dict sd loaded; a one-line ValueError unless the names and shapes match."""
+    want = net.state_dict()
+    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    reshaped = [k for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or extra or reshaped:
+        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (
+            ("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if ks)
+        raise ValueError(f"{what} does not fit {type(net).__name__}({net.config}): {detail}")
+    net.load_state_dict(sd)
+    return net
+
+def autoencoder_from_ldm(sd, cfg=AUTOENCODERS["vq_f4"]) -> VQModel:
+    """The VQModel(cfg) of an LDM checkpoint ({'state_dict': ...}) or state dict: its first_stage_model.*
+    tensors with the prefix stripped (LDM LatentDiffusion.first_stage_model; DKDM's extract_ae.py does the
+    same). cfg: the ddconfig of the checkpoint's config.yaml, the f4 one by default."""
+    sd = sd.get("state_dict", sd)
+    prefix = "first_stage_model."
+    ours = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not ours:
+        raise ValueError(f"the state dict ({len(sd)} tensors, e.g. {next(iter(sd), None)!r}) has no "
+                         "first_stage_model.* (an LDM model.ckpt holds its autoencoder there)")
+    return _load_exactly(VQModel(cfg), ours, "the LDM first_stage_model")
+
+def vq_config_from_diffusers(config: dict) -> VQConfig:
+    """Our VQConfig for a diffusers VQModel config.json. Its scaling_factor is ignored: the latents are used
+    unscaled (LDM's scale_factor 1.0). The hub's vqvae/config.json of CompVis/ldm-celebahq-256 lacks the key,
+    and diffusers' default 0.18215 makes LDMPipeline decode garbage (diffusers issue #6725)."""
+    c = {"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "act_fn": "silu", "latent_channels": 3,
+         "sample_size": 32, "num_vq_embeddings": 256, "norm_num_groups": 32, "vq_embed_dim": None,
+         "norm_type": "group", "mid_block_add_attention": True, **config}  # VQModel.__init__'s defaults
+    down, up, chans = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
+    attn = [t.startswith("Attn") for t in down]
+    kinds_ok = all(t in ("DownEncoderBlock2D", "AttnDownEncoderBlock2D") for t in down) and \
+        all(t in ("UpDecoderBlock2D", "AttnUpDecoderBlock2D") for t in up) and \
+        [t.startswith("Attn") for t in up[::-1]] == attn and len(down) == len(chans)
+    fixed = (c["act_fn"], c["norm_num_groups"], c["norm_type"], c["mid_block_add_attention"])
+    if not kinds_ok or fixed != ("silu", 32, "group", True):
+        raise ValueError(f"unsupported diffusers VQModel config: block types {down} / {up} (the decoder's "
+                         "mirroring the encoder's), act_fn, norm_num_groups, norm_type, "
+                         f"mid_block_add_attention {fixed} (need ('silu', 32, 'group', True))")
+    size = c["sample_size"][0] if isinstance(c["sample_size"], (list, tuple)) else c["sample_size"]
+    return VQConfig(resolution=size, in_channels=c["in_channels"], out_ch=c["out_channels"], ch=chans[0],
+                    ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c["layers_per_block"],
+                    attn_resolutions=tuple(size >> i for i, a in enumerate(attn) if a),
+                    z_channels=c["latent_channels"], embed_dim=c["vq_embed_dim"] or c["latent_channels"],
+                    n_embed=c["num_vq_embeddings"])
+
+# Our VQModel tensor names -> diffusers', replaced in order in "." + name + "." (after the levels' indices)
+_VQ_DIFFUSERS_NAMES = (
+    (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.", ".mid_block.attentions.0."), (".block.", ".resnets."), (".attn.", ".attentions."),
+    (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
+    (".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."), (".norm.", ".group_norm."),
+    (".q.", ".to_q."), (".k.", ".to_k."), (".v.", ".to_v."), (".proj_out.", ".to_out.0."))
+
+def autoencoder_from_diffusers(sd, cfg: VQConfig) -> VQModel:
+    """VQModel(cfg) with a diffusers VQModel's state dict: renamed (old files' attention names too), the
+    decoder's levels reversed (diffusers' up_blocks run from the lowest resolution, taming's `up` list from
+    the highest), the attention Linears as taming's 1x1 convs. One-line ValueError unless they match."""
+    for old, new in _OLD_ATTENTION.items():
+        sd = {k.replace(old, new): v for k, v in sd.items()}
+    L = len(cfg.ch_mult)
+
+    def theirs(key):  # e.g. decoder.up.0.block.2.nin_shortcut.weight -> decoder.up_blocks.{L-1}.resnets.2...
+        name = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{L - 1 - int(m[1])}.", key)
+        name = "." + name.replace("encoder.down.", "encoder.down_blocks.") + "."
+        for a, b in _VQ_DIFFUSERS_NAMES:
+            name = name.replace(a, b)
+        return name[1:-1]
+
+    ae = VQModel(cfg)
+    ours = ae.state_dict()
+    names = {theirs(key): key for key in ours}
+    renamed = {}
+    for name, t in sd.items():
+        key = names.get(name, name)  # a name we lack stays: _load_exactly reports it
+        renamed[key] = t[..., None, None] if t.dim() == 2 and key in ours and ours[key].dim() == 4 else t
+    return _load_exactly(ae, renamed, "the diffusers VQModel weights")
+
+def load_autoencoder(spec, cfg=AUTOENCODERS["vq_f4"]) -> VQModel:
+    """A latent teacher's autoencoder, frozen: a checkpoint of this project (save_checkpoint(path,
+    net_config=net_config(ae), model=ae.state_dict())), an LDM model.ckpt (its first_stage_model.*, of
+    ddconfig cfg), a diffusers VQModel folder (config.json and weights at the top or in vqvae/) or the hub id
+    of a pipeline with a vqvae/ (CompVis/ldm-celebahq-256)."""
+    if os.path.isfile(spec):
+        state = read_file(spec, "checkpoint")
+        if state.get("format") != CKPT_FORMAT:
+            return autoencoder_from_ldm(state, cfg).eval().requires_grad_(False)
+        arch = state.get("net_config", {}).get("arch")
+        if arch != "vq":
+            raise ValueError(f"{spec} is a checkpoint of this project but no autoencoder's (arch {arch!r})")
+        ae = _load_exactly(build_net(state["net_config"]), state["model"], spec)
+    else:
+        find = functools.partial(diffusers_file, spec, sub="vqvae", model="VQModel", pipeline=True)
+        cfg = vq_config_from_diffusers(read_file(find("config.json")))
+        weights = find("diffusion_pytorch_model.safetensors", required=False) or \
+            find("diffusion_pytorch_model.bin")
+        ae = autoencoder_from_diffusers(read_file(weights), cfg)
+    return ae.eval().requires_grad_(False)
 
 # ============================================= data =============================================
 
