@@ -1634,10 +1634,6 @@ def cached_teacher(cfg=None):
     free = ("out", "resume", "device", "log_every", "ckpt_every", "sample_steps", "compile")
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     recipe["net"] = net_config(build_net(cfg.net))
-    for part in (recipe, recipe["net"]):  # unconditional teachers keep the names they had before classes came
-        for k in ("class_cond", "num_classes"):
-            if not part.get(k, True):
-                del part[k]
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
     path = os.path.join(CACHE_DIR, "teachers", name)
