@@ -277,9 +277,8 @@ def fid(cfg, name, fn, shape, device):
     with autocast(device, cfg.dtype):
         folder = R.sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
                                     cfg.batch, device, full=R.full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else R.write_pngs(
-        R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-        os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
+                           cfg.fid_stats, image_size=shape[-1])
     return R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                     stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 

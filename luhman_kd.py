@@ -393,8 +393,8 @@ def evaluate(cfg, teacher, times, shape, device):
         "sampler": f"ddim_{cfg.skip}", "steps": len(times)}, rows, finished=finished)
     metrics(False)
     if cfg.fid:
-        ref = cfg.fid_ref or (None if cfg.data == "cifar10" else R.write_pngs(
-            R.load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
+        ref = cfg.fid_ref or R.reference_pngs(cfg.data, cfg.fid, os.path.join(cfg.out, f"fid_real_{cfg.fid}"),
+                                              cfg.fid_stats, image_size=shape[-1])
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
             folder = R.sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape,
@@ -422,11 +422,10 @@ def resolve(cfg):
     fill = {key: values[k] for key, values in TABLE3.items() if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, recipe=recipe, teacher=cfg.teacher or ("" if cfg.data == "shapes" else
                               TEACHERS[k]), pairs=cfg.pairs or os.path.join(cfg.out, "pairs"), **fill)
+    R.dataset_classes(cfg.data)  # an unknown dataset or a missing folder: a one-line error
     for ok, message in [
             (cfg.teacher or cfg.data == "shapes", "--teacher: the paper's CelebA teacher is ermongroup/ddim"
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
-            (cfg.data in ("cifar10", "shapes") or cfg.data.startswith("folder:"),
-             f"--data {cfg.data}: expected {R.DATASETS}"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
             (cfg.stage == "pairs" or cfg.batch % (cfg.accum * R.world_size()) == 0,
@@ -457,8 +456,6 @@ def main(argv=None):
     cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     device = R.setup_device(cfg.device)                             # first: the batch splits over the ranks
     cfg = R.rehearsal(resolve(cfg))                                 # --rehearse: every count cut
-    if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
-        raise ValueError(f"--data {cfg.data}: no such folder")
     if cfg.fid:
         R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = R.read_resume(cfg)                                       # refuses a resume with other result flags

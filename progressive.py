@@ -254,8 +254,8 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
         fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
         R.sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
                            full=R.full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else R.write_pngs(
-        data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
+                           cfg.fid_stats, data)
     return images, R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                             stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
@@ -367,9 +367,9 @@ def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
 
 def check(cfg):
     """What argparse cannot check, before any work: one-line ValueErrors."""
-    if cfg.data not in ("cifar10", "shapes") and not (cfg.data.startswith("folder:")
-                                                      and os.path.isdir(cfg.data[len("folder:"):])):
-        raise ValueError(f"--data {cfg.data}: expected {R.DATASETS} (an existing folder)")
+    classes = R.dataset_classes(cfg.data)  # checks the name (and that a folder exists)
+    if cfg.class_cond and not cfg.teacher and not classes:
+        raise ValueError(f"--class-cond: --data {cfg.data} has no class labels; use {R.LABELLED}")
     pow2 = lambda n: n & (n - 1) == 0
     if not (pow2(cfg.start_steps) and pow2(cfg.end_steps) and cfg.end_steps < cfg.start_steps):
         raise ValueError(f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected powers of "

@@ -750,6 +750,16 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, f
                    full and full * len(todo) // n)
     return folder
 
+def reference_pngs(data, n, folder, stats=None, images=None, image_size=None):
+    """The FID reference of --data: None where statistics serve (clean-fid's of cifar10, or --fid-stats),
+    else n of its images (`images`, or loaded) as PNGs in folder, written once: a fixed random subset (the
+    first n of a sorted class tree would be one class)."""
+    if data == "cifar10" or stats:
+        return None
+    images = load_dataset(data, image_size) if images is None else images
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    return write_pngs(images[pick.sort().values].cpu(), folder)
+
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
     clean-fid statistics), written once, each rank its share: into a temp folder, renamed when complete."""

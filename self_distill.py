@@ -325,10 +325,9 @@ def evaluate(cfg, models, reference_model, shape, data, device):
     from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
     seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
     label = lambda seeds, z: seeded_labels(seeds, models[reference_model].num_classes, z.device)
-    ref_folder = None
-    if cfg.fid_samples and cfg.data != "cifar10":
-        ref_folder = R.write_pngs(data[:cfg.fid_samples],
-                                  os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref_folder = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples",
+                                                                      f"data_{cfg.fid_samples}"),
+                                  cfg.fid_stats, data, shape[-1]) if cfg.fid_samples else None
 
     def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
         times = sampler_times(den.schedule, steps, cfg.skip)
@@ -419,7 +418,7 @@ def main(argv=None):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
         model, ema = den0.copy().eval(), den0.copy().freeze()  # fine-tuning without dropout (it trains)
         shape = (net_config(den0.net)["in_channels"], size, size)
-        if cfg.fid_samples and cfg.data != "cifar10":
+        if cfg.fid_samples and cfg.data != "cifar10" and not cfg.fid_stats:
             data = R.load_dataset(cfg.data, shape[-1], seed=cfg.seed)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))

@@ -33,7 +33,8 @@ def _teacher_file(path, param="x", kind="cosine_logsnr", var="fixed_large"):
 def small_data(monkeypatch):
     """256 shapes instead of 20,000: the runs below test the plumbing, not the quality."""
     real = R.load_dataset
-    small = lambda name, size=None, seed=0, **kw: real(name, size, n_shapes=256, seed=seed)
+    small = lambda name, size=None, seed=0, labels=False, **kw: real(name, size, n_shapes=256, seed=seed,
+                                                                      labels=labels)
     monkeypatch.setattr(R, "load_dataset", small)  # the method's and the base model's (R.train_teacher)
 
 def _run(out, *flags):

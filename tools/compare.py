@@ -133,9 +133,9 @@ def evaluate(cfg, teacher, models, device):
         if cfg.fid_samples:
             folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
             R.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
-            ref = None if cfg.data == "cifar10" else R.write_pngs(
-                R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-                os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+            ref = R.reference_pngs(cfg.data, cfg.fid_samples,
+                                   os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"), cfg.fid_stats,
+                                   image_size=shape[-1])
             scores = R.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
                               full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
