@@ -120,7 +120,7 @@ def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, 
 class Config:
     # data and teacher
     data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
-    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
+    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: --net's)", low=0)
     # The teacher to distil: a hub id (google/ddpm-cifar10-32), a diffusers folder or a checkpoint of this
     # project; 'cached' is the shared 16x16 shapes eps teacher (trained once); '' trains the base model first.
     teacher: str = R.field("", "teacher: hub id, folder, checkpoint, 'cached'; '' = train the base model "
@@ -384,21 +384,22 @@ def check(cfg):
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
     if not cfg.teacher:
-        net, size = PRESETS[cfg.net], cfg.image_size or 32
+        net = PRESETS[cfg.net]
+        size = cfg.image_size or net.image_size
         factor = net.patch_size if hasattr(net, "patch_size") else 2 ** (len(net.ch_mult) - 1)
         if size < 8 or size % factor:
             raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
 
 def base_config(cfg):
     """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
-    return R.TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
-                           class_cond=cfg.class_cond, schedule=cfg.schedule, param=cfg.param,
-                           weighting=cfg.weighting, var="fixed_large",
-                           updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
-                           warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
-                           grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                           compile=cfg.compile,
+    return R.TeacherConfig(data=cfg.data, image_size=cfg.image_size or PRESETS[cfg.net].image_size, net=cfg.net,
+                           dropout=cfg.dropout, class_cond=cfg.class_cond, schedule=cfg.schedule,
+                           param=cfg.param, weighting=cfg.weighting, var="fixed_large", updates=cfg.base_updates,
+                           batch=cfg.base_batch, lr=cfg.base_lr, warmup=cfg.base_warmup,
+                           weight_decay=cfg.base_weight_decay, ema=cfg.base_ema, grad_clip=cfg.grad_clip,
+                           seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
                            log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                           sample_steps=min(50, cfg.start_steps),  # its grid: at most as costly as a reference
                            out=os.path.join(cfg.out, "base"), resume="auto")
 
 def get_teacher(cfg, device):
@@ -438,7 +439,7 @@ def main(argv=None):
     labels = R.check_labels(teacher0, labels, cfg.data)  # a conditional teacher's, else None
     R.start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
     torch.manual_seed(cfg.seed)
-    distill(cfg, spec, teacher0, data.to(device), None if labels is None else labels.to(device), device, ckpt)
+    distill(cfg, spec, teacher0, *R.data_to(device, data, labels), device, ckpt)
     return R.run_finished(cfg.out)
 
 if __name__ == "__main__":

@@ -436,7 +436,7 @@ def main(argv=None):
     if depths:
         fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt)
     else:
-        train_dsd(cfg, model, ema, data.to(device), None if labels is None else labels.to(device), device, ckpt)
+        train_dsd(cfg, model, ema, *R.data_to(device, data, labels), device, ckpt)
     models = {"student": ema} if den0 is None else {"teacher": den0, "student": ema}
     results = evaluate(cfg, models, "student" if den0 is None else "teacher", shape, data, device)
     for r in results:

@@ -189,6 +189,46 @@ def test_progressive_from_a_hub_eps_teacher_rehearsed(cache, tmp_path):
               if r["model"] == "student"]
     assert params == ["eps", "eps", "both", "both"]
 
+def _image_tree(root, classes, n, size, seed=0):
+    """An ILSVRC2012-style train tree (or, classes None, a flat folder) of n random-noise JPEGs per class of
+    size (w, h): not square, so the central crop matters."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c in classes or [""]:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            pixels = torch.randint(256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(os.path.join(root, c, f"{c or 'img'}_{i}.JPEG"))
+    return root
+
+@pytest.mark.parametrize("panel", ["imagenet64", "lsun128"])
+def test_progressive_fig4_panels_rehearsed(cache, tmp_path, panel):
+    """Fig. 4's ImageNet 64 (class-conditional, ADM's reference batch as --fid-stats) and LSUN 128 commands as
+    the README gives them, on a small class tree / image folder, with the 16-channel U-Net and 4 start steps."""
+    if panel == "imagenet64":
+        data = "imagenet64:" + _image_tree(str(tmp_path / "train"), ["n01440764", "n01443537", "n01484850"],
+                                          4, (80, 70))
+        stats = str(tmp_path / "VIRTUAL_imagenet64_labeled.npz")  # mu, sigma of the stand-in's 64-d features
+        import numpy as np
+        np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
+        flags = ["--class-cond", "true", "--net", "pd_imagenet64", "--base-updates", "550000", "--fid-stats", stats]
+    else:
+        data = "lsun:" + _image_tree(str(tmp_path / "bedroom"), None, 8, (150, 130))
+        flags = ["--net", "pd_lsun128", "--base-updates", "400000"]
+    out = str(tmp_path / "run")
+    _run(cache, "progressive.py", ["--data", data, *flags, "--param", "both", "--dropout", "0.1", "--base-batch",
+                                   "2048", "--base-lr", "3e-4", "--start-steps", "1024", "--batch", "2048",
+                                   "--fid-samples", "50000", "--out", out, "--rehearse",
+                                   # shrunk for a CPU: the 16-channel U-Net, 4 steps, batches of 8
+                                   "--net", "tiny16", "--image-size", "64" if panel == "imagenet64" else "128",
+                                   "--start-steps", "4", "--batch", "4", "--base-batch", "4", "--device", "cpu"])
+    _rehearsal(out, ["base model (Alg. 1)", "round 1: 4 -> 2 steps", "FID samples student_1steps"])
+    base = R.load_teacher(os.path.join(out, "rehearsal", "base", "ckpt.pt"))
+    assert base.num_classes == (3 if panel == "imagenet64" else 0) and base.param == "both"
+    assert base.net.config.image_size == (64 if panel == "imagenet64" else 128)
+    metrics = _metrics(os.path.join(out, "rehearsal"))
+    assert metrics["finished"] and all(r["fid"] is not None for r in metrics["results"] if r["model"] == "student")
+
 def test_self_distill_with_fid_rehearsed(cache, tmp_path):
     """Table 2's DSDI command on google/ddpm-cifar10-32 with FID: every depth once, every model scored."""
     out = str(tmp_path / "run")

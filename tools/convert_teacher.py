@@ -5,6 +5,7 @@ variance type. Like DiT's download.py and EDM's dataset_tool.py, it prepares an 
     python tools/convert_teacher.py model-790000.ckpt teachers/ddpm_cifar10.pt   # pesser: Ho et al. CIFAR-10
     python tools/convert_teacher.py ckpt.pth teachers/ddim_celeba64.pt           # ermongroup/ddim CelebA 64
     python tools/convert_teacher.py ADM_cifar10_baseline.pt teachers/adm.pt      # DDPM-IP (DKDM's teacher)
+    python tools/convert_teacher.py 64x64_diffusion.pt teachers/adm_in64.pt      # guided-diffusion, conditional
     python tools/convert_teacher.py model.pt out.pt --preset unet.json --schedule linear --var fixed_small
 
 Formats, told apart by their key names (teacher_checkpoints.md secs. 2-4):
