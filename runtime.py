@@ -1652,8 +1652,9 @@ def cached_teacher(cfg=None):
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
     cfg = cfg or TeacherConfig()
     free = ("out", "resume", "device", "log_every", "ckpt_every", "sample_steps", "compile")
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
-    recipe["net"] = net_config(build_net(cfg.net))
+    recipe, net = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}, PRESETS[cfg.net]
+    defaults = type(net)()  # the preset's architecture as the fields it sets: a new field keeps the key
+    recipe["net"] = {k: v for k, v in dataclasses.asdict(net).items() if v != getattr(defaults, k)}
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
     path = os.path.join(CACHE_DIR, "teachers", name)
