@@ -466,6 +466,10 @@ class UNetConfig:
     norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
     num_classes: int = 0             # > 0: class-conditional, a learned embedding per class (ADM's label_emb)
+    context_dim: int = 0             # > 0: LDM's use_spatial_transformer: every attention block is a
+                                     # SpatialTransformer attending to the class context, ClassEmbedder(
+                                     # num_classes, context_dim)(y), which replaces label_emb (cin256-v2)
+    transformer_depth: int = 1       # transformer blocks per SpatialTransformer
 
 class ResBlock(nn.Module):
     """GN, SiLU, [resample both paths: avg-pool / nearest, BigGAN/ADM], conv, + time (or scale-shift), GN,
@@ -498,7 +502,8 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 class Attention(nn.Module):
-    """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
+    """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x))). Takes (and ignores) a
+    context, like a SpatialTransformer."""
 
     def __init__(self, channels, heads, cfg):
         super().__init__()
@@ -507,7 +512,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)  # rows [q | k | v], each split into heads
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         B, C, H, W = x.shape
         h = self.proj(_attend(self.qkv(self.norm(x).flatten(2).transpose(1, 2)), self.heads))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
@@ -533,17 +538,28 @@ class Level(nn.Module):  # one resolution of the U-Net: res blocks, attention af
 
 class UNet(nn.Module):
     """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021): skips after the stem, each
-    down res block (+attention) and downsampler, one per up res block. zero_init: ADM's zeroed outputs."""
+    down res block (+attention) and downsampler, one per up res block. zero_init: ADM's zeroed outputs. With
+    cfg.context_dim, LDM's openaimodel.py UNetModel(use_spatial_transformer=True): SpatialTransformers in
+    place of the attention blocks, the class embedding their context (Rombach et al. sec. 3.3)."""
 
     def __init__(self, cfg: UNetConfig, zero_init=False):
         super().__init__()
+        if cfg.context_dim and not cfg.num_classes:
+            raise ValueError("a UNetConfig with context_dim > 0 needs num_classes: its context is the class's")
         self.config = cfg
         ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, cfg.emb_dim or 4 * cfg.ch
         heads = lambda c: c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-        attention = lambda level, c, n: [Attention(c, heads(c), cfg) for _ in range(n)] \
+        # openaimodel.py, legacy=True: a SpatialTransformer's dim_head is ch // heads (num_heads 1: one head of
+        # all ch channels, cin256-v2's)
+        block = lambda c: Attention(c, heads(c), cfg) if not cfg.context_dim else \
+            SpatialTransformer(c, heads(c), c // heads(c), cfg.context_dim, cfg.transformer_depth)
+        attention = lambda level, c, n: [block(c) for _ in range(n)] \
             if cfg.image_size >> level in cfg.attn_resolutions else None
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
+        self.label_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes and not cfg.context_dim \
+            else None
+        # LDM cin256-v2: cond_stage_model, the labels' context (B, 1, context_dim); nothing added to emb
+        self.class_context = ClassEmbedder(cfg.num_classes, cfg.context_dim) if cfg.context_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         skips, c, self.down = [ch], ch, nn.ModuleList()  # skips: the channels of the skip stack
         for i, mult in enumerate(cfg.ch_mult):
@@ -556,7 +572,7 @@ class UNet(nn.Module):
                 skips.append(c)
             self.down.append(Level(res, attention(i, c, R), resample))
         self.mid_res1 = ResBlock(c, c, emb_dim, cfg)
-        self.mid_attn = Attention(c, heads(c), cfg)
+        self.mid_attn = block(c)
         self.mid_res2 = ResBlock(c, c, emb_dim, cfg)
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
@@ -578,22 +594,28 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None):
         cfg = self.config
         emb = self.time_mlp(timestep_embedding(t, x, cfg.ch, cfg.time_emb).to(x.dtype))
-        emb = add_class(emb, self.label_emb, y)
+        context = None
+        if self.class_context is None:
+            emb = add_class(emb, self.label_emb, y)
+        elif y is None:
+            raise ValueError("a class-conditional network needs labels")
+        else:
+            context = self.class_context(y)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
                 h = block(h, emb)
-                h = level.attn[j](h) if level.attn else h
+                h = level.attn[j](h, context) if level.attn else h
                 hs.append(h)
             if level.resample:
                 h = level.resample(h, emb)
                 hs.append(h)
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb), context), emb)
         for level in self.up:
             for j, block in enumerate(level.res):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
-                h = level.attn[j](h) if level.attn else h
+                h = level.attn[j](h, context) if level.attn else h
             h = level.resample(h, emb) if level.resample else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -970,6 +992,18 @@ PRESETS = {
     # CPU tests: the shared eps shapes teacher (828k params)
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),
+    # LDM-VQ-4 CelebA-HQ / FFHQ / LSUN-bedrooms (one U-Net; models/ldm/*/config.yaml, openaimodel.py defaults):
+    # 3x64x64 latents, attention at ds 2, 4, 8 = 32, 16, 8 latent pixels, 32-channel heads, legacy
+    # qkv order, conv resampling padded 1: 274,056,163 params (DSD table 3: 274.06M)
+    "ldm_vq4_unet": UNetConfig(image_size=64, ch=224, ch_mult=(1, 2, 3, 4), num_res_blocks=2,
+                               attn_resolutions=(32, 16, 8), num_head_channels=32, down_pad="sym",
+                               qkv_layout="legacy", time_emb="cos_sin", norm_eps=1e-5),
+    # LDM cin256-v2 (configs/latent-diffusion/cin256-v2.yaml): one-head SpatialTransformers (depth 1) attending
+    # to ClassEmbedder(1001, 512) of the label, 1000 the null class: 401,433,091 params, 400,920,579 without
+    # the class embedder (DSD table 3: 400.92M, the U-Net alone)
+    "ldm_cin256_v2": UNetConfig(image_size=64, ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2,
+                                attn_resolutions=(32, 16, 8), num_heads=1, down_pad="sym", qkv_layout="legacy",
+                                time_emb="cos_sin", norm_eps=1e-5, num_classes=1001, context_dim=512),
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),   # DiT-S/2 (Peebles & Xie 2023)
     "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),  # DiT-B/2
     "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),  # CPU tests
@@ -977,6 +1011,12 @@ PRESETS = {
 # CPU tests: 'tiny' at 16 channels (209k params, 1.8x faster per update on a CPU core), the base model of
 # progressive.py --quick and DKDM's --quick student
 PRESETS["tiny16"] = dataclasses.replace(PRESETS["tiny"], ch=16)
+# CPU tests: the LDM-VQ-4 U-Net shrunk to 16x16 latents and widths 32..128 (attention at 8, 4, 2), and a
+# cin256-v2-style cross-attention U-Net (1001 classes, context 64)
+PRESETS["ldm_tiny"] = dataclasses.replace(PRESETS["ldm_vq4_unet"], image_size=16, ch=32,
+                                          attn_resolutions=(8, 4, 2))
+PRESETS["ldm_cin_tiny"] = dataclasses.replace(PRESETS["ldm_cin256_v2"], image_size=16, ch=32, ch_mult=(1, 2),
+                                              num_res_blocks=1, attn_resolutions=(8,), context_dim=64)
 # autoencoders (kept apart from PRESETS, the denoisers' flag choices): build_net(AUTOENCODERS[name])
 AUTOENCODERS = {
     "vq_f4": VQConfig(),  # LDM-VQ-4 first stage (CelebA-HQ, FFHQ, LSUN-bedroom, cin256-v2; = vq-f4.zip)
