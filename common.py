@@ -114,13 +114,42 @@ def x_eps_from_output(out, z, alpha, sigma, param):
 class Denoiser(nn.Module):
     """A network read as a denoiser (k-diffusion's wrapper): (z_t, t) -> (x_pred, eps_pred), with its
     schedule, parameterisation, ancestral variance (variance_frac) and, for a student, the sampler it was
-    trained for (sampler_spec), so that sample() draws from any checkpoint without knowing its method."""
+    trained for (sampler_spec), so that sample() draws from any checkpoint without knowing its method.
+    A latent model (Rombach et al.'s LDM) carries its frozen autoencoder: it denoises latents, image() decodes
+    them. guidance: classifier-free guidance's scale w (guided()), None for the plain model."""
 
-    def __init__(self, net, schedule, param, var="fixed_small", sampler=None, source=""):
+    def __init__(self, net, schedule, param, var="fixed_small", sampler=None, source="", autoencoder=None):
         super().__init__()
         self.net, self.schedule, self.param, self.var, self.sampler, self.source = \
             net, schedule, param, var, sampler, source
         self.num_classes = getattr(getattr(net, "config", None), "num_classes", 0)  # 0: unconditional
+        self.autoencoder = autoencoder and autoencoder.eval().requires_grad_(False)  # shared, never trained
+        self.guidance = None
+
+    @property
+    def image_shape(self):
+        """(C, H, W) of the images it makes: its input's, or a latent model's decoder's."""
+        c = self.net.config
+        if self.autoencoder is None:
+            return c.in_channels, c.image_size, c.image_size
+        a = self.autoencoder.config
+        return a.out_ch, c.image_size << len(a.ch_mult) - 1, c.image_size << len(a.ch_mult) - 1
+
+    def image(self, x):
+        """Samples as images in [-1, 1]: a latent model's decoded (LDM's decode_first_stage: latents snapped to
+        the codebook, then the decoder), clamped."""
+        return (x if self.autoencoder is None else self.autoencoder.decode(x)).clamp(-1, 1)
+
+    def guided(self, w):
+        """This model with classifier-free guidance at scale w (a float, or (B,) per sample; Ho & Salimans
+        2022): out = out_u + w (out_c - out_u), out_u at the null class (the last, e.g. cin256-v2's 1000), both
+        in one batched pass (LDM's p_sample_ddim); w = 1 is the conditional model itself."""
+        if not self.num_classes:
+            raise ValueError(f"{self.source or 'this model'} is unconditional: a guidance scale needs a "
+                             "class-conditional teacher")
+        view = self.view(self.net)
+        view.guidance = w
+        return view
 
     @property
     def steps(self):
@@ -134,22 +163,29 @@ class Denoiser(nn.Module):
         if s is None:
             raise ValueError(f"{self.source or 'this model'} records no sampler; sample it with ddim_sample")
         if s["ancestral"]:
-            return ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"], y).clamp(-1, 1)
-        return ddim_sample(self, z, s["times"], s["clip"], y).clamp(-1, 1)
+            return self.image(ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"], y))
+        return self.image(ddim_sample(self, z, s["times"], s["clip"], y))
 
     def full(self, z, t, clip=False, y=None):
         """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
-        eps re-derived (Salimans & Ho's and DDPM's samplers); y: the class labels (B,) of a conditional model
-        (in range: checked where they enter, data or flags, not here in every call)."""
+        eps re-derived (Salimans & Ho's and DDPM's samplers; a latent model's x, no image, is never clipped, as
+        LDM's); y: the class labels (B,) of a conditional model (in range: checked where they enter, data or
+        flags, not here in every call)."""
         if (y is None) != (self.num_classes == 0):
             raise ValueError(f"{self.source or 'this model'} is " + (
                 f"class-conditional ({self.num_classes} classes): give it labels" if y is None else
                 "unconditional: it takes no labels (drop --classes, or use a class-conditional teacher)"))
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
-        out = self.net(z, self.schedule.net_time(t).to(z.device), *(() if y is None else (y,))).float()
+        t_net = self.schedule.net_time(t).to(z.device)
+        if self.guidance is None:
+            out = self.net(z, t_net, *(() if y is None else (y,))).float()
+        else:  # [unconditional | conditional] in one pass
+            null = torch.full_like(y, self.num_classes - 1)
+            out_u, out_c = self.net(z.repeat(2, 1, 1, 1), t_net.repeat(2), torch.cat([null, y])).float().chunk(2)
+            out = out_u + bcast(self.guidance, out_c) * (out_c - out_u)
         x, eps = x_eps_from_output(out, z, alpha, sigma, self.param)
-        if clip:
+        if clip and self.autoencoder is None:
             x = x.clamp(-1, 1)
             eps = eps_from_x(z, x, alpha, sigma)
         C = z.shape[1] * (2 if self.param == "both" else 1)
@@ -165,28 +201,35 @@ class Denoiser(nn.Module):
     def view(self, net):
         """The same denoiser over `net`, a wrapper of this one's (DistributedDataParallel, torch.compile) that
         shares its parameters: no copy, and the training mode and gradients left as they are."""
-        view = Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source)
-        view.num_classes = self.num_classes
+        view = Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source, self.autoencoder)
+        view.num_classes, view.guidance = self.num_classes, self.guidance
         return view
 
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
-        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source")}
+        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source", "autoencoder")}
         net = copy.deepcopy(self.net) if net is None else net
-        return Denoiser(net, **{**kept, **changes}).train().requires_grad_(True)
+        den = Denoiser(net, **{**kept, **changes}).train()
+        den.net.requires_grad_(True)
+        return den
 
     def state(self):
         """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
+        ae = self.autoencoder
         return dict(net_config=net_config(self.net), model=self.net.state_dict(),
-                    schedule=self.schedule.spec(), param=self.param, var=self.var, sampler=self.sampler)
+                    schedule=self.schedule.spec(), param=self.param, var=self.var, sampler=self.sampler,
+                    autoencoder=ae and dict(net_config=net_config(ae), model=ae.state_dict()))
 
     @staticmethod
     def from_state(state, source=""):
         """The Denoiser of a state() dict or checkpoint (its EMA weights if it has them), frozen."""
-        net = build_net(state["net_config"])
+        net, ae = build_net(state["net_config"]), state.get("autoencoder")
         net.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        if ae is not None:
+            ae, weights = build_net(ae["net_config"]), ae["model"]
+            ae.load_state_dict(weights)
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
-                        state.get("sampler"), source).freeze()
+                        state.get("sampler"), source, ae).freeze()
 
 def sampler_spec(times, ancestral=False, clip=False, frac=None):
     """The sampler a student was trained for, stored in its checkpoint: its times (descending, in the

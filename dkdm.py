@@ -52,7 +52,7 @@ def teacher_step(teacher, chain_t, z_t, k, noise, clip=True, y=None):
     eps_T (eq. 20) and p_T(x^{t-1} | x^t) (eq. 21). clip: x0 clipped before the posterior mean; eps_T raw.
     y: the entries' labels (a class-conditional teacher)."""
     x_pred, eps, v = teacher.full(z_t, chain_t[k], y=y)
-    x_pred = x_pred.clamp(-1, 1) if clip else x_pred
+    x_pred = x_pred.clamp(-1, 1) if clip and teacher.autoencoder is None else x_pred  # latents: never
     mean, logvar = reverse_gaussian(teacher.schedule, chain_t, z_t, k, x_pred, variance_frac(teacher.var, v))
     z_prev = mean + bcast(k > 0, z_t) * torch.exp(0.5 * logvar) * noise  # no noise into the data
     return {"eps": eps, "mean": mean, "logvar": logvar, "z_prev": z_prev}
@@ -63,6 +63,8 @@ def dkdm_loss(student, chain_t, z_t, k, target, y=None):
     learns from the KL (as in the hybrid objective, eq. 13)."""
     x_pred, eps, v = student.full(z_t, chain_t[k], y=y)
     simple = ((target["eps"] - eps) ** 2).flatten(1).mean(1)
+    if student.var != "learned_range":  # a fixed variance: nothing for the KL to teach (eq. 20 alone)
+        return simple, torch.zeros_like(simple)
     mean, logvar = reverse_gaussian(student.schedule, chain_t, z_t, k, x_pred.detach(),
                                     variance_frac(student.var, v))
     vlb = gaussian_kl(target["mean"], target["logvar"], mean, logvar).flatten(1).mean(1) / math.log(2)
@@ -147,6 +149,9 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
     "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
     "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
     "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: tiny at half width
+    # table 3: the LDM teacher's U-Net at 128 channels (dkdm-*-ldm-vq-4.yaml), in its latent space
+    "ldm_128": dataclasses.replace(PRESETS["ldm_vq4_unet"], ch=128),
+    "ldm_tiny_half": dataclasses.replace(PRESETS["ldm_tiny"], ch=16),  # CPU tests
 }
 
 @dataclasses.dataclass
@@ -222,6 +227,9 @@ class Config:
     fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
                                low=0, fixed=False, rehearse=32)
     fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
+    # table 3 (the LDMs): DDIM with 200 steps, eta 0 (--eval-steps 200)
+    fid_sampler: str = R.field("ancestral", "the sampler FID/IS score (table 2: ancestral; table 3: ddim)",
+                               choices=("ancestral", "ddim"), fixed=False)
     # '' = clean-fid's, downloaded once.
     fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines", fixed=False)
     inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
@@ -252,9 +260,9 @@ def samplers(cfg, den):
     n)), and DDIM on the same grid; per-seed noise."""
     times, clip = sampler_times(den.schedule, cfg.eval_steps, "linspace"), cfg.eval_clip
     y = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device)  # a conditional model's, per seed
-    return {"ddim": lambda z, seeds: ddim_sample(den, z, times, clip, y(z, seeds)).clamp(-1, 1),
-            "ancestral": lambda z, seeds: ancestral_sample(den, z, times, seeds, None, clip,
-                                                           y(z, seeds)).clamp(-1, 1)}
+    return {"ddim": lambda z, seeds: den.image(ddim_sample(den, z, times, clip, y(z, seeds))),
+            "ancestral": lambda z, seeds: den.image(ancestral_sample(den, z, times, seeds, None, clip,
+                                                                     y(z, seeds)))}
 
 @torch.no_grad()
 def teacher_reference(cfg, teacher, chain_t, shape, device):
@@ -272,13 +280,13 @@ def teacher_reference(cfg, teacher, chain_t, shape, device):
                                    f"evaluation teacher {name}", full.eval_samples)
     return ref
 
-def fid(cfg, name, fn, shape, device):
+def fid(cfg, name, fn, shape, device, image_size):
     """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
     with autocast(device, cfg.dtype):
         folder = R.sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
                                     cfg.batch, device, full=R.full_config(cfg).fid_samples)
     ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
-                           cfg.fid_stats, image_size=shape[-1])
+                           cfg.fid_stats, image_size=image_size)
     return R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                     stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
@@ -293,9 +301,9 @@ def evaluate(cfg, name, den, ref, chain_t, shape, device, want_fid=False):
         with autocast(device, cfg.dtype):
             images[sampler] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
                                          f"evaluation {name} {sampler}", R.full_config(cfg).eval_samples)
-        want = want_fid and sampler == "ancestral"
+        want = want_fid and sampler == cfg.fid_sampler
         fast = samplers(cfg, R.compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
-        scores = fid(cfg, f"{name}_{sampler}", fast, shape, device) if want else {}
+        scores = fid(cfg, f"{name}_{sampler}", fast, shape, device, den.image_shape[-1]) if want else {}
         rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
                      "rmse_to_reference": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
                      "is": scores.get("is")})
@@ -304,16 +312,19 @@ def evaluate(cfg, name, den, ref, chain_t, shape, device, want_fid=False):
 # ---- training: one visible loop ------------------------------------------------------------------------
 
 def make_student(cfg, teacher):
-    """The randomly initialised student (seeded): an eps network with learned-range variance (6 outputs, as
-    the paper's students) at the teacher's image size, on the teacher's schedule."""
-    c = teacher.net.config
+    """The randomly initialised student (seeded): an eps network at the teacher's image (or latent) size, on
+    the teacher's schedule, with learned-range variance (2C outputs, as the paper's students) for a learned-
+    range teacher, else the teacher's fixed variance (the LDMs of table 3: L*_simple alone, eq. 20); a latent
+    teacher's student shares its autoencoder."""
+    c, learned = teacher.net.config, teacher.var == "learned_range"
     torch.manual_seed(cfg.seed)
     net = build_net(STUDENTS.get(cfg.student, cfg.student), image_size=c.image_size,
-                    in_channels=c.in_channels, out_channels=2 * c.in_channels, dropout=cfg.dropout,
+                    in_channels=c.in_channels, out_channels=(1 + learned) * c.in_channels, dropout=cfg.dropout,
                     num_classes=teacher.num_classes)  # a conditional teacher's student takes its labels
     times = sampler_times(teacher.schedule, cfg.eval_steps, "linspace")  # its sampler: the paper's IDDPM one
-    return Denoiser(net, teacher.schedule, "eps", "learned_range",
-                    sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
+    return Denoiser(net, teacher.schedule, "eps", teacher.var, sampler_spec(times, ancestral=True,
+                                                                            clip=cfg.eval_clip),
+                    autoencoder=teacher.autoencoder)
 
 def train(cfg, spec, teacher, chain_t, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA
@@ -408,9 +419,11 @@ def evaluate_student(cfg, teacher, ema, chain_t, device):
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
                      "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
-        scores = fid(cfg, "teacher_ancestral", samplers(cfg, R.compiled(teacher, cfg.compile))["ancestral"],
-                     shape, device)
-        teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
+        scores = fid(cfg, f"teacher_{cfg.fid_sampler}",
+                     samplers(cfg, R.compiled(teacher, cfg.compile))[cfg.fid_sampler], shape, device,
+                     teacher.image_shape[-1])
+        row = teacher_rows[("ddim", "ancestral").index(cfg.fid_sampler)]
+        row.update({"fid": scores["fid"], "is": scores["is"]})
     g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
     R.save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g],
                            images["ancestral"][:g]]),
@@ -489,8 +502,8 @@ def main(argv=None):
         chain(cfg, Schedule(R.TeacherConfig().schedule), "the cached shapes teacher")
     spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
     teacher = R.load_teacher(spec, device)
-    if teacher.num_classes and cfg.method == "datafree":
-        raise ValueError("--method datafree trains on unlabelled synthetic images: use an unconditional teacher")
+    if (teacher.num_classes or teacher.autoencoder is not None) and cfg.method == "datafree":
+        raise ValueError("--method datafree trains on unlabelled pixel images: use an unconditional pixel teacher")
     chain_t = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
     if chosen:
         return evaluate_snapshots(cfg, chosen, teacher, chain_t, device)

@@ -466,7 +466,8 @@ def main(argv=None):
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
         shapes = R.TeacherConfig()                                  # before it is trained (once per machine)
         check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
-    teacher = R.load_teacher(cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond)), device)
+    spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
+    teacher = R.pixel_teacher(R.load_teacher(spec, device), "luhman_kd.py")
     if cfg.student_param == "official" and teacher.param != "eps":
         raise ValueError(f"--student-param official reads the output as eps; {teacher.source} predicts "
                          f"{teacher.param}: use --student-param exact")

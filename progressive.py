@@ -413,7 +413,7 @@ def get_teacher(cfg, device):
         base = base_config(cfg)
         spec = R.cached_teacher(base) if cfg.base_cache else \
             R.train_teacher(base, full_updates=R.full_config(cfg).base_updates)
-    return spec, R.load_teacher(spec, device)
+    return spec, R.pixel_teacher(R.load_teacher(spec, device), "progressive.py")
 
 @R.one_writer
 def main(argv=None):

@@ -208,6 +208,13 @@ def load_teacher(spec, device="cpu"):
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
     return Denoiser.from_state(load_checkpoint(spec), spec).to(device)
 
+def pixel_teacher(den, method):
+    """A method that reads or writes images (data, uint8 targets) refuses a latent teacher in one line."""
+    if den.autoencoder is not None:
+        raise ValueError(f"{den.source} is a latent model (LDM): {method} runs in pixel space here; latent "
+                         "teachers distil with self_distill.py and dkdm.py, as in their papers")
+    return den
+
 # ===================================== latent autoencoders ======================================
 # The VQ autoencoder of a latent-diffusion teacher (common.VQModel): from an LDM model.ckpt, which holds it as
 # first_stage_model.*, or from a diffusers VQModel (the vqvae/ of CompVis/ldm-celebahq-256).

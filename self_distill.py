@@ -22,8 +22,8 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps, ddim_sample,
-                    ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times, seeded_labels,
+from common import (LDM_SKIPS, Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps,
+                    ddim_sample, ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times, seeded_labels,
                     weighted_loss)
 
 import runtime as R
@@ -143,6 +143,11 @@ class Config:
     # fine-tuning: the conditional shapes teacher for shapes (others: a conditional --teacher is enough);
     # training: a class embedding, the labels from --data
     class_cond: bool = R.field(False, "class-conditional, a uniform label per trajectory or the data's")
+    # Class-conditional teachers (table 2's ImageNet 256): the scale of classifier-free guidance w ~ U(lo, hi),
+    # drawn per update, in the student's step and its two-step target; the paper: [1, 3], the code: U(1, 4)
+    guidance: str = R.field("", "LO,HI: guided fine-tuning, w ~ U(LO, HI) per update ('' = none)")
+    eval_guidance: float = R.field(0.0, "guidance scale of evaluation sampling (0 = none; the code: 3.0)",
+                                   low=0.0, fixed=False)
     image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)",
                               low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
@@ -151,8 +156,10 @@ class Config:
                            low=1, rehearse=1)  # --rehearse: one trajectory per depth
     batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)",
                          low=1)
+    # ldm: LDM's DDIM grid (range(0, T, T // N) + 1: 17, 33, 67 steps for N = 16, 32, 64); ldm_exact: DSD's
+    # patch of it, exactly N steps (np.arange(N) * (T // N) + 1), which the paper's numbers used
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
-                        choices=SKIPS[:1] + SKIPS[2:])
+                        choices=SKIPS[:1] + SKIPS[2:] + LDM_SKIPS)
     # implied: x'' of the model's two-step move (alg. 2); next_x: the official code's x prediction at z_t-1
     target: str = R.field("implied", "implied (alg. 2) | next_x (official code)",
                           choices=("implied", "next_x"))
@@ -263,7 +270,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
     opt, gen, trained = start(cfg, model, ema, cfg.lr, ckpt, device)
-    teacher = den0 if cfg.variant == "tsd" else None
+    teacher, w_range = den0 if cfg.variant == "tsd" else None, parse_range(cfg.guidance)
     fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # a view per TSD teacher
     step, z, y, elapsed = (ckpt["step"], ckpt["z"], ckpt.get("y"), ckpt["elapsed"]) if ckpt else \
         (0, None, None, 0.0)
@@ -283,9 +290,12 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
                     teacher = model.copy().freeze()  # TSD: the student becomes the next teacher (PD)
             times, alpha, sigma = grids[n]
             j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
-            loss, z = dsd_loss(trained, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
-                               cfg.weighting, cfg.target, None if teacher is None else fast(teacher),
-                               clipped(cfg, model), y)
+            student, guide = trained, None if teacher is None else fast(teacher)
+            if w_range:  # classifier-free guidance, its scale drawn per update (sec. 5; official: U(1, 4))
+                w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=gen, device=device)
+                student, guide = student.guided(w), guide and guide.guided(w)
+            loss, z = dsd_loss(student, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
+                               cfg.weighting, cfg.target, guide, clipped(cfg, model), y)
         lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
         update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1
@@ -322,16 +332,19 @@ def train_dsd(cfg, model, ema, data, labels, device, ckpt):
 
 def evaluate(cfg, models, reference_model, shape, data, device):
     """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
-    from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
+    from the same noise (images: a latent model's decoded), FID/IS when asked; samples.png: the reference,
+    then the models per step count."""
     seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
     label = lambda seeds, z: seeded_labels(seeds, models[reference_model].num_classes, z.device)
     ref_folder = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples",
                                                                       f"data_{cfg.fid_samples}"),
-                                  cfg.fid_stats, data, shape[-1]) if cfg.fid_samples else None
+                                  cfg.fid_stats, data, models[reference_model].image_shape[-1]) \
+        if cfg.fid_samples else None
 
-    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
+    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), as images
         times = sampler_times(den.schedule, steps, cfg.skip)
-        fn = lambda z, seeds: ddim_sample(den, z, times, clip, label(seeds, z)).clamp(-1, 1)
+        den = den.guided(cfg.eval_guidance) if cfg.eval_guidance else den
+        fn = lambda z, seeds: den.image(ddim_sample(den, z, times, clip, label(seeds, z)))
         with autocast(device, cfg.dtype):
             images = R.generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
                                 full.eval_samples)
@@ -339,7 +352,7 @@ def evaluate(cfg, models, reference_model, shape, data, device):
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
             fast_den = R.compiled(den, cfg.compile)  # pays at FID's sizes
-            fast = lambda z, seeds: ddim_sample(fast_den, z, times, clip, label(seeds, z)).clamp(-1, 1)
+            fast = lambda z, seeds: den.image(ddim_sample(fast_den, z, times, clip, label(seeds, z)))
             R.sample_to_folder(fast, cfg.fid_samples, folder, shape, cfg.eval_batch, device,
                                full=full.fid_samples)
         scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
@@ -363,6 +376,18 @@ def evaluate(cfg, models, reference_model, shape, data, device):
 
 # ---- main ------------------------------------------------------------------------------------------------
 
+def parse_range(text):
+    """--guidance LO,HI as (lo, hi), 1 <= lo <= hi; '' as None."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 <= lo <= hi:
+        raise ValueError(f"--guidance {text!r}: expected LO,HI with 0 <= LO <= HI, e.g. 1,3")
+    return lo, hi
+
 def parse_steps(text):
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -375,6 +400,7 @@ def parse_steps(text):
 def check(cfg):
     """One-line errors for what argparse cannot see, before any work."""
     parse_steps(cfg.eval_steps)
+    parse_range(cfg.guidance)
     if cfg.variant in ("dsdi", "tsd") and cfg.steps & (cfg.steps - 1):
         raise ValueError(f"--steps {cfg.steps}: {cfg.variant} halves N down to 2, so N must be a power of 2")
     if cfg.variant != "train" and cfg.steps % 2:
@@ -413,13 +439,18 @@ def main(argv=None):
             raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or "
                              "checkpoint)")
         den0 = R.load_teacher(spec, device)
+        if (cfg.guidance or cfg.eval_guidance) and not den0.num_classes:
+            raise ValueError(f"--guidance/--eval-guidance: {spec} is unconditional; guidance needs a "
+                             "class-conditional teacher")
+        if cfg.class_cond and not den0.num_classes:
+            raise ValueError(f"--class-cond: {spec} is unconditional")
         size = net_config(den0.net)["image_size"]
         if cfg.image_size not in (0, size):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
         model, ema = den0.copy().eval(), den0.copy().freeze()  # fine-tuning without dropout (it trains)
         shape = (net_config(den0.net)["in_channels"], size, size)
         if cfg.fid_samples and cfg.data != "cifar10" and not cfg.fid_stats:
-            data = R.load_dataset(cfg.data, shape[-1], seed=cfg.seed)
+            data = R.load_dataset(cfg.data, den0.image_shape[-1], seed=cfg.seed)  # decoded, if latent
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
     steps = depths[-1][0] if depths else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
