@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common import (AUTOENCODERS, Denoiser, PARAMS, PRESETS, Schedule, UNet, UNetConfig, VQConfig, VQModel,
-                    WEIGHTINGS, autocast, bcast, build_net, ddim_sample, ema_update, lr_at, net_config,
+                    WEIGHTINGS, autocast, bcast, build_net, ddim_sample, ema_update, lr_at,
                     sampler_times, seeded_noise, to_float, to_uint8, vlb_terms, weighted_loss)
 
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).

@@ -8,11 +8,12 @@ DSDGEXP); TSD is DSDI with a frozen teacher. Training DSD (sec. 4.2, eq. 1) adds
     python self_distill.py --variant dsdi --fid-samples 30000 --out runs/dsd_dsdi   # table 2, per variant
     python self_distill.py --variant train --out runs/dsd_train                     # fig. 3
     python self_distill.py --quick                                                  # CPU
-The paper fine-tunes latent models; here everything runs in pixel space. We follow the paper where its
-official code differs (docs/self_distill.md lists each case), with a flag for the code's choice: --batch 1
-(the code's one trajectory at a time), --target next_x (its loss), --weighting trunc_logsnr | none. Not in
-the paper: --clip auto clips the x predictions of eps models to [-1, 1]; each depth has its own N_i-step grid
-t_i = i/N (the code reuses the start grid); equal updates per depth, app. J's shares for DSDGEXP.
+The paper fine-tunes latent models (a converted LDM teacher: README, Latent teachers; class-conditional ones
+with --guidance); pixel models work alike. We follow the paper where its official code differs
+(docs/self_distill.md lists each case), with a flag for the code's choice: --batch 1 (the code's one
+trajectory at a time), --target next_x (its loss), --weighting trunc_logsnr | none. Not in the paper: --clip
+auto clips the x predictions of eps pixel models to [-1, 1]; each depth has its own N_i-step grid t_i = i/N
+(the code reuses the start grid); equal updates per depth, app. J's shares for DSDGEXP.
 """
 import dataclasses
 import functools

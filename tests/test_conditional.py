@@ -3,13 +3,11 @@ num_class_embeds, guided-diffusion label_emb), labels through the Denoiser and s
 each method on the conditional shapes teacher with its claim in small, and the one-line errors."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
 
-from common import (DiT, PRESETS, UNet, UNetConfig, build_net, ddim_sample, net_config, seeded_labels,
-                    seeded_noise)
+from common import PRESETS, build_net, ddim_sample, net_config, seeded_labels, seeded_noise
 
 import runtime as R
 from tools.convert_teacher import from_original, infer_preset, main as convert, to_original

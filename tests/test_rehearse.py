@@ -289,3 +289,41 @@ def test_compare_rehearsed(cache, tmp_path):
                      "reference", "luhman_kd best", "FID/IS scoring"])
     rows = json.load(open(os.path.join(out, "rehearsal", "compare.json")))
     assert {r["method"] for r in rows} == {"teacher", "progressive", "luhman_kd", "self_distill", "dkdm"}
+
+# ---- the README's latent commands (DSD table 2, DKDM table 3) on a fake CompVis model.ckpt ------------------
+
+@pytest.fixture(scope="module")
+def ldm_teacher(tmp_path_factory):
+    """A CompVis-layout model.ckpt of random weights (the ldm_tiny U-Net, the vq_tiny autoencoder), converted
+    as the README says: a latent teacher of 3x16x16 latents and 32x32 images."""
+    from test_ldm import first_stage, perturb
+    from tools.convert_teacher import main as convert, to_original
+    torch.manual_seed(0)
+    unet = perturb(C.UNet(C.PRESETS["ldm_tiny"]).eval(), 1)
+    folder = tmp_path_factory.mktemp("ldm")
+    state = {**to_original(unet.state_dict(), C.PRESETS["ldm_tiny"], "ldm"), **first_stage(2)}
+    torch.save({"state_dict": state, "global_step": 0}, folder / "model.ckpt")
+    convert([str(folder / "model.ckpt"), str(folder / "ldm_celeba256.pt")])
+    return str(folder / "ldm_celeba256.pt")
+
+def test_latent_commands_rehearsed(cache, tmp_path, ldm_teacher):
+    """DSD's CelebA-HQ command and DKDM's (shrunk: a half-width student, a 20-step chain) rehearsed on 2 ranks
+    with a latent teacher: FID on decoded images against a folder of real ones."""
+    real = _image_tree(str(tmp_path / "celeba"), None, 8, (40, 36))
+    dsd = str(tmp_path / "dsd")
+    _run(cache, "self_distill.py", ["--teacher", ldm_teacher, "--data", f"folder:{real}", "--skip", "ldm_exact",
+                                    "--eval-steps", "2,4,8", "--fid-samples", "30000", "--out", dsd, "--rehearse",
+                                    "--steps", "8", "--batch", "4", "--device", "cpu"])
+    _rehearsal(dsd, ["dsdi N = 8", "evaluation student 2 steps", "FID samples student_2", "FID/IS scoring"])
+    assert all(r["fid"] is not None for r in _metrics(os.path.join(dsd, "rehearsal"))["results"])
+    student = R.load_teacher(os.path.join(dsd, "rehearsal", "ckpt.pt"))
+    assert student.autoencoder is not None and student.image_shape == (3, 32, 32)
+    dk = str(tmp_path / "dkdm")
+    _run(cache, "dkdm.py", ["--teacher", ldm_teacher, "--student", "ldm_128", "--dropout", "0", "--rho", "4",
+                            "--batch", "48", "--lr", "9.6e-5", "--data", f"folder:{real}", "--eval-steps", "200",
+                            "--fid-sampler", "ddim", "--fid-samples", "50000", "--out", dk, "--rehearse",
+                            "--student", "ldm_tiny_half", "--chain-steps", "20", "--batch", "8",
+                            "--prep-batch", "16", "--eval-steps", "5", "--device", "cpu"])
+    _rehearsal(dk, ["shuffle denoise (the knowledge set)", "student training", "FID samples student_ddim"])
+    rows = _metrics(os.path.join(dk, "rehearsal"))["results"]
+    assert [r["sampler"] for r in rows if r["model"] == "student" and r["fid"] is not None] == ["ddim"]

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (AUTOENCODERS, Denoiser, PRESETS, Schedule, UNet, UNetConfig, VQModel,  # noqa: E402
-                    build_net, net_config)
+                    build_net)
 import runtime as R  # noqa: E402
 
 _HO = dict(kind="linear", T=1000)  # beta 1e-4 -> 0.02 (Ho et al. 2020)
@@ -379,8 +379,8 @@ def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
                 ldm["alphas_cumprod"].double(), den.schedule.alphas_cumprod, rtol=1e-6, atol=0):
             raise ValueError(f"the file's alphas_cumprod is not that of the schedule {spec}")
         found.update(autoencoder=infer_autoencoder(first), ema_used=ema_used)
-        ae = R.autoencoder_from_ldm(first, AUTOENCODERS[found["autoencoder"]])
-        extra = dict(autoencoder=dict(net_config=net_config(ae), model=ae.state_dict()), ema_used=ema_used)
+        den.autoencoder = R.autoencoder_from_ldm(first, AUTOENCODERS[found["autoencoder"]])  # a latent model
+        extra = dict(ema_used=ema_used)
     R.save_checkpoint(dst, **den.state(), **extra, converted_from=os.path.abspath(src))
     print(f"{src} -> {dst}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     return found
