@@ -422,7 +422,6 @@ def resolve(cfg):
     fill = {key: values[k] for key, values in TABLE3.items() if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, recipe=recipe, teacher=cfg.teacher or ("" if cfg.data == "shapes" else
                               TEACHERS[k]), pairs=cfg.pairs or os.path.join(cfg.out, "pairs"), **fill)
-    R.dataset_classes(cfg.data)  # an unknown dataset or a missing folder: a one-line error
     for ok, message in [
             (cfg.teacher or cfg.data == "shapes", "--teacher: the paper's CelebA teacher is ermongroup/ddim"
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
@@ -456,6 +455,7 @@ def main(argv=None):
     cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     device = R.setup_device(cfg.device)                             # first: the batch splits over the ranks
     cfg = R.rehearsal(resolve(cfg))                                 # --rehearse: every count cut
+    R.dataset_classes(cfg.data)                                     # an unknown dataset, a missing folder
     if cfg.fid:
         R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = R.read_resume(cfg)                                       # refuses a resume with other result flags
