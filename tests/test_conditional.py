@@ -3,11 +3,13 @@ num_class_embeds, guided-diffusion label_emb), labels through the Denoiser and s
 each method on the conditional shapes teacher with its claim in small, and the one-line errors."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
-from common import PRESETS, build_net, ddim_sample, net_config, seeded_labels, seeded_noise
+from common import (PRESETS, build_net, ddim_sample, net_config, rmse, sampler_spec, sampler_times,
+                    seeded_labels, seeded_noise)
 
 import runtime as R
 from tools.convert_teacher import from_original, infer_preset, main as convert, to_original
@@ -192,3 +194,24 @@ def test_dkdm_knowledge_set_keeps_a_label_per_trajectory(tmp_path):
     kset = R.load_checkpoint(str(tmp_path / "ckpt.pt"))["knowledge"]
     assert kset["y"].shape == kset["k"].shape and set(kset["y"].tolist()) == {0, 1, 2}
     _label_matters(tmp_path / "student.pt")
+
+def test_compare_scores_conditional_models_with_labels_per_seed(tmp_path):
+    """tools/compare.py on a class-conditional teacher and student: each seed's label drawn as the methods
+    draw it, so a row equals a direct computation (rel 1e-4: float32 at another batch size)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import compare
+    torch.manual_seed(0)
+    teacher = R.Denoiser(perturb(build_net(TINY).eval(), 5), R.Schedule(), "eps", source="t.pt")
+    times = lambda n: sampler_times(teacher.schedule, n, "unit")
+    student = teacher.copy(sampler=sampler_spec(times(2), clip=True)).eval()
+    cfg = R.parse_config(compare.Config, ["--quick", "--nfe", "2", "--eval-samples", "6", "--batch", "4",
+                                          "--reference-steps", "8", "--out", str(tmp_path / "cmp")],
+                         quick=compare.QUICK)
+    os.makedirs(cfg.out)
+    rows = compare.evaluate(cfg, teacher, {("self_distill", "ckpt"): student}, "cpu")
+    z, y = seeded_noise(range(6), (3, 16, 16)), seeded_labels(range(6), 3)
+    with torch.no_grad():
+        reference = ddim_sample(teacher, z, times(8), True, y).clamp(-1, 1)
+        direct = rmse(student.sample(z, range(6), y), reference)
+    assert rows[-1]["rmse_to_reference"] == pytest.approx(direct, rel=1e-4)
