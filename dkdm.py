@@ -335,7 +335,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
     student = make_student(cfg, teacher).to(device)
     trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().freeze()
     fast_teacher = R.compiled(teacher, cfg.compile)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(student.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed, kset = 0, 0.0, None

@@ -178,6 +178,8 @@ class Config:
                             low=0.0, below=1.0)
     beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
     beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
+    weight_decay: float = R.field(0.0, "Adam's L2 weight decay (table 3: none; the official code: 5e-4)",
+                                  low=0.0)
     ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
                          below=1.0)
     grad_clip: float = R.field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
@@ -235,7 +237,8 @@ QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=
 def start(cfg, model, ema, peak, ckpt, device):
     """Adam (table 3), the generator of the global batch's draws (the same on every rank) and the view of
     `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen, trained)."""
-    opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
+    opt = torch.optim.Adam(model.net.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2),
+                           weight_decay=cfg.weight_decay, fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
