@@ -215,3 +215,28 @@ def test_compare_scores_conditional_models_with_labels_per_seed(tmp_path):
         reference = ddim_sample(teacher, z, times(8), True, y).clamp(-1, 1)
         direct = rmse(student.sample(z, range(6), y), reference)
     assert rows[-1]["rmse_to_reference"] == pytest.approx(direct, rel=1e-4)
+
+def test_conditional_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """Labels out of a teacher's range, a conditional teacher with unlabelled data, --class-cond with an
+    unconditional teacher or unlabelled data: one-line errors, nothing trained or written."""
+    import progressive as P
+    import self_distill as S
+    den = R.Denoiser(build_net(TINY), R.Schedule(), "eps", source="cond.pt")
+    with pytest.raises(ValueError) as e:
+        R.check_labels(den, torch.tensor([0, 2, 5]), "folder:x")
+    assert "labels 0..5; cond.pt knows 3 classes (0..2)" in one_line(e)
+    cond, plain = str(tmp_path / "cond.pt"), str(tmp_path / "plain.pt")
+    R.save_checkpoint(cond, **den.state(), method="t")
+    R.save_checkpoint(plain, **R.Denoiser(build_net(PRESETS["tiny"]), R.Schedule(), "eps").state(), method="t")
+    flat = tmp_path / "flat"
+    R.write_pngs(R.make_shapes(4, 16), str(flat))  # images, no class subfolders
+    monkeypatch.setattr(R, "start_run", lambda *a, **k: pytest.fail("work started"))
+    for main, argv, message in [
+            (P.main, ["--teacher", cond, "--data", f"folder:{flat}", "--start-steps", "4"],
+             "cond.pt is class-conditional (3 classes) and --data folder:"),
+            (P.main, ["--class-cond", "true", "--data", f"lsun:{flat}"], "--class-cond: --data lsun:"),
+            (S.main, ["--teacher", plain, "--class-cond", "true"], "--class-cond: " + plain),
+            (S.main, ["--teacher", plain, "--eval-guidance", "3"], "guidance needs a class-conditional")]:
+        with pytest.raises(ValueError) as e:
+            main(["--quick", *argv, "--out", str(tmp_path / "run"), "--device", "cpu"])
+        assert message in one_line(e)
