@@ -120,7 +120,7 @@ def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, 
 class Config:
     # data and teacher
     data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
-    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: --net's)", low=0)
+    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: the data's or --net's)", low=0)
     # The teacher to distil: a hub id (google/ddpm-cifar10-32), a diffusers folder or a checkpoint of this
     # project; 'cached' is the shared 16x16 shapes eps teacher (trained once); '' trains the base model first.
     teacher: str = R.field("", "teacher: hub id, folder, checkpoint, 'cached'; '' = train the base model "
@@ -385,14 +385,15 @@ def check(cfg):
             raise ValueError(f"{flag} {path}: no such file")
     if not cfg.teacher:
         net = PRESETS[cfg.net]
-        size = cfg.image_size or net.image_size
+        size = cfg.image_size or R.dataset_size(cfg.data) or net.image_size
         factor = net.patch_size if hasattr(net, "patch_size") else 2 ** (len(net.ch_mult) - 1)
         if size < 8 or size % factor:
             raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
 
 def base_config(cfg):
     """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
-    return R.TeacherConfig(data=cfg.data, image_size=cfg.image_size or PRESETS[cfg.net].image_size, net=cfg.net,
+    size = cfg.image_size or R.dataset_size(cfg.data) or PRESETS[cfg.net].image_size
+    return R.TeacherConfig(data=cfg.data, image_size=size, net=cfg.net,
                            dropout=cfg.dropout, class_cond=cfg.class_cond, schedule=cfg.schedule,
                            param=cfg.param, weighting=cfg.weighting, var="fixed_large", updates=cfg.base_updates,
                            batch=cfg.base_batch, lr=cfg.base_lr, warmup=cfg.base_warmup,

@@ -599,6 +599,12 @@ def _dataset(name):
         raise ValueError(f"--data {name}: no such folder")
     return kind, path
 
+FIXED_SIZE = {"cifar10": 32, "imagenet64": 64}  # datasets of one image size (the others: any, resized)
+
+def dataset_size(name):
+    """The one image size of --data `name` (cifar10: 32, imagenet64: 64), None where any size is made."""
+    return FIXED_SIZE.get(_dataset(name)[0])
+
 def dataset_classes(name):
     """The number of classes of --data `name` (its labels are 0 .. n-1), None where it has no labels. Checks
     the name, before any work: reads a folder's listing, no image."""
@@ -618,9 +624,9 @@ def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0, l
     kind, path = _dataset(name)
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size {image_size}: expected at least 8")
-    for fixed, size in (("cifar10", 32), ("imagenet64", 64)):
-        if kind == fixed and image_size not in (None, size):
-            raise ValueError(f"{fixed} images are {size}x{size}, not {image_size}: pass --image-size {size}")
+    size = FIXED_SIZE.get(kind)
+    if size and image_size not in (None, size):
+        raise ValueError(f"{kind} images are {size}x{size}, not {image_size}: pass --image-size {size}")
     if kind == "cifar10":
         images, y = load_cifar10(data_dir or os.path.join(CACHE_DIR, "data"))
     elif kind == "shapes":  # built once per process (20k images take 4 s), a copy per caller
