@@ -254,14 +254,16 @@ def test_dkdm_distils_a_latent_teacher(latent_teacher, tmp_path):
     teacher = R.load_teacher(latent_teacher)
     fixed = latent_teacher.replace(".pt", "_fixed.pt")  # the LDMs' variance: fixed_small, no KL term
     R.save_checkpoint(fixed, **{**teacher.state(), "var": "fixed_small"}, method="teacher")
-    metrics = D.main(["--quick", "--teacher", fixed, "--out", str(tmp_path), "--device", "cpu"])
+    metrics = D.main(["--quick", "--teacher", fixed, "--out", str(tmp_path), "--device", "cpu", "--updates", "150",
+                      "--eval-samples", "8", "--eps-samples", "16", "--eval-steps", "20"])
     assert metrics["finished"]
     student, teacher = R.load_teacher(str(tmp_path / "student.pt")), R.load_teacher(fixed)
-    initial = D.make_student(R.parse_config(D.Config, ["--quick"], quick=D.QUICK), teacher).freeze()
-    times = C.sampler_times(teacher.schedule, 50, "linspace")  # as evaluated: DDIM on IDDPM's grid
+    initial = D.make_student(R.parse_config(D.Config, ["--quick", "--eval-steps", "20"], quick=D.QUICK),
+                             teacher).freeze()
+    times = C.sampler_times(teacher.schedule, 20, "linspace")  # as evaluated: DDIM on IDDPM's grid
     with torch.no_grad():
-        reference = C.ddim_sample(teacher, C.seeded_noise(range(64), (3, 16, 16)), times)
-    ours, before = (latent_rmse(den, reference, 50, "linspace") for den in (student, initial))
+        reference = C.ddim_sample(teacher, C.seeded_noise(range(32), (3, 16, 16)), times)
+    ours, before = (latent_rmse(den, reference, 20, "linspace") for den in (student, initial))
     print(f"latent DDIM RMSE to the teacher: init {before:.4f}, student {ours:.4f}")
     assert ours < 0.7 * before
     assert student.var == "fixed_small" and student.net.config.out_channels == 3
