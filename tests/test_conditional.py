@@ -186,7 +186,7 @@ def test_dkdm_knowledge_set_keeps_a_label_per_trajectory(tmp_path):
     """The dynamic set's entries carry labels (uniform); the student, conditional like its teacher, gets
     closer to the teacher's DDIM output than at initialisation (the unconditional claim's 0.7)."""
     import dkdm as D
-    metrics = D.main(["--quick", "--out", str(tmp_path), "--updates", "150", "--eval-samples", "16",
+    metrics = D.main(["--quick", "--out", str(tmp_path), "--eval-samples", "16",
                       "--eps-samples", "32", "--eval-steps", "20", *COND])
     row = lambda model: next(r for r in metrics["results"] if r["model"] == model and r["sampler"] == "ddim")
     print(f"DDIM RMSE: init {row('student_init')['rmse_to_reference']:.4f}, "
