@@ -151,7 +151,7 @@ def test_progressive_distils_the_conditional_teacher(tmp_path):
     as the teacher's own 1-step DDIM (an unconditional --quick shows the same, test_progressive)."""
     import progressive as P
     metrics = P.main(["--quick", "--teacher", "cached", "--out", str(tmp_path), "--start-steps", "4",
-                      "--updates-per-round", "100", "--reparam-updates", "150",
+                      "--updates-per-round", "100", "--reparam-updates", "150", "--batch", "8",
                       *COND])
     student, teacher = _rmse(metrics, "student", 1), _rmse(metrics, "teacher", 1)
     print(f"1 step: student {student:.4f}, teacher {teacher:.4f}")
