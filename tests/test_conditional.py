@@ -12,6 +12,7 @@ from common import (PRESETS, build_net, ddim_sample, net_config, rmse, sampler_s
                     seeded_labels, seeded_noise)
 
 import runtime as R
+from standins import one_line, perturb
 from tools.convert_teacher import from_original, infer_preset, main as convert, to_original
 
 # a small ADM-style diffusers UNet2DModel with a class embedding (nn.Embedding(5, 4 ch), no class_embed_type)
@@ -25,18 +26,6 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": 
              "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
              "variance_type": "learned_range"}
 TINY = dataclasses.replace(PRESETS["tiny"], num_classes=3)
-
-@torch.no_grad()
-def perturb(net, seed, scale=0.01):  # zero inits would hide a wrong mapping
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g))
-    return net
-
-def one_line(excinfo):
-    msg = str(excinfo.value)
-    assert "\n" not in msg and len(msg) > 20, msg
-    return msg
 
 # ---- nets and formats ------------------------------------------------------------------------------------
 

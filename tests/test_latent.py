@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import common as C
 import runtime as R
+from standins import one_line, perturb
 
 TINY = C.AUTOENCODERS["vq_tiny"]
 # the hub's vqvae/config.json of CompVis/ldm-celebahq-256 (reference notes B), no scaling_factor
@@ -26,19 +27,6 @@ SMALL_VQVAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_chann
                    num_vq_embeddings=32, sample_size=16,
                    down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
                    up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"))
-
-def one_line(e):
-    text = str(e.value)
-    assert "\n" not in text, text
-    return text
-
-@torch.no_grad()
-def perturb(net, seed, scale=0.1):
-    """Every tensor moved by scale * N(0, 1) (norm gains stay near 1, zero inits hide nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g))
-    return net
 
 def test_vq_f4_is_the_ldm_and_hub_autoencoder():
     """vq_f4 has LDM model.py's tensor names and shapes and as many parameters as diffusers' VQModel of the
@@ -75,7 +63,7 @@ def small_vqvae(tmp_path_factory):
     vqvae/."""
     from diffusers import VQModel as DiffusersVQModel
     torch.manual_seed(0)
-    ref = perturb(DiffusersVQModel(**SMALL_VQVAE).eval(), 1)
+    ref = perturb(DiffusersVQModel(**SMALL_VQVAE).eval(), 1, 0.1)
     with torch.no_grad():
         ref.quantize.embedding.weight.normal_()
     folder = tmp_path_factory.mktemp("pipeline")
@@ -130,7 +118,7 @@ def test_autoencoder_loads_from_ldm_layout_and_own_checkpoint(tmp_path):
     first_stage_model.* tensors) gives back exactly the autoencoder it was made from; so does a checkpoint of
     this project (net_config as JSON + state dict); a wrong ddconfig is a one-line error."""
     torch.manual_seed(0)
-    ae = perturb(C.build_net(TINY), 3)
+    ae = perturb(C.build_net(TINY), 3, 0.1)
     ldm = {"model.diffusion_model.out.2.weight": torch.zeros(3), "cond_stage_model.embedding.weight":
            torch.zeros(4, 2), **{f"first_stage_model.{k}": v for k, v in ae.state_dict().items()}}
     torch.save({"state_dict": ldm, "global_step": 7}, tmp_path / "model.ckpt")

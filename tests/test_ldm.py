@@ -11,6 +11,7 @@ import torch
 
 import common as C
 import runtime as R
+from standins import one_line, perturb
 from tools.convert_teacher import main as convert, to_original
 
 # CompVis/ldm-celebahq-256 unet/config.json (latent_and_conditional.md B)
@@ -26,19 +27,6 @@ LDM_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear
 LDM_SPEC = dict(kind="scaled_linear", T=1000, beta_start=0.0015, beta_end=0.0195, t_scale=1.0)
 CKPT_KEYS = {"format", "net_config", "model", "schedule", "param", "var", "sampler", "autoencoder",
              "converted_from", "ema_used", "log_bytes"}
-
-@torch.no_grad()
-def perturb(net, seed, scale=0.01):
-    """Every tensor moved by scale * N(0, 1), so that zero inits (proj_out, conv_out) hide nothing."""
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g))
-    return net
-
-def one_line(e):
-    text = str(e.value)
-    assert "\n" not in text, text
-    return text
 
 def ldm_alphas_cumprod():
     """ddpm.py register_schedule's buffer: make_beta_schedule('linear', 1000, 0.0015, 0.0195), stored float32."""
