@@ -171,7 +171,7 @@ class Config:
     # auto clips the x predictions of eps models (docs/self_distill.md); the paper's latents need none
     clip: str = R.field("auto", "clip x predictions to [-1, 1] everywhere: auto | yes | no",
                         choices=("auto", "yes", "no"))
-    lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
+    lr: float = R.field(1e-6, "peak Adam lr (table 3: 1e-6 CelebA-HQ and LSUN; ImageNet 1e-7)", low=0.0)
     lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
                             high=1.0)
     warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)",
