@@ -165,6 +165,7 @@ class Config:
                                "teacher")
     # A conditional teacher's labels are uniform per knowledge-set entry, kept along its trajectory.
     class_cond: bool = R.field(False, "the class-conditional cached shapes teacher (any --teacher: its own)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     # The paper's ADM CNNs are cnn_57m, cnn_44m, cnn_32m, cnn_24m and cnn_14m; a common preset is e.g. dit_s2
     # (a ViT).
     student: str = R.field("cnn_14m",
@@ -260,7 +261,8 @@ def samplers(cfg, den):
     """The paper's IDDPM ancestral sampler (learned variance) on IDDPM's respaced grid round(linspace(0, T-1,
     n)), and DDIM on the same grid; per-seed noise."""
     times, clip = sampler_times(den.schedule, cfg.eval_steps, "linspace"), cfg.eval_clip
-    y = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device)  # a conditional model's, per seed
+    classes = R.eval_classes(cfg.classes, den)
+    y = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device, classes)  # a conditional model's
     return {"ddim": lambda z, seeds: den.image(ddim_sample(den, z, times, clip, y(z, seeds))),
             "ancestral": lambda z, seeds: den.image(ancestral_sample(den, z, times, seeds, None, clip,
                                                                      y(z, seeds)))}
@@ -503,6 +505,7 @@ def main(argv=None):
         chain(cfg, Schedule(R.TeacherConfig().schedule), "the cached shapes teacher")
     spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
     teacher = R.load_teacher(spec, device)
+    R.eval_classes(cfg.classes, teacher)
     if (teacher.num_classes or teacher.autoencoder is not None) and cfg.method == "datafree":
         raise ValueError("--method datafree trains on unlabelled pixel images: use an unconditional pixel teacher")
     chain_t = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)

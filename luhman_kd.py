@@ -83,6 +83,7 @@ class Config:
     teacher: str = R.field("", "load_teacher spec; '' = the recipe's, for shapes the cached shapes teacher")
     # A conditional teacher's pairs carry a label each, drawn from the pair's seed as its x_T.
     class_cond: bool = R.field(False, "the class-conditional cached shapes teacher (any --teacher: its own)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     image_size: int = R.field(0, "size of x_T; 0 = the teacher network's training size", low=0)
     teacher_steps: int = by_recipe("teacher_steps", "DDIM steps of the teacher", low=1)
     skip: str = by_recipe("skip", "teacher timesteps (quad: from 0.8 T)", choices=SKIPS)
@@ -342,7 +343,8 @@ def evaluate(cfg, teacher, times, shape, device):
         student, teacher = R.compiled(student, cfg.compile), R.compiled(teacher, cfg.compile)
     last = R.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
     amp = autocast(device, cfg.dtype)                             # sample_fn(z, seeds) under --dtype
-    y = lambda z, seeds: seeded_labels(seeds, teacher.num_classes, z.device)  # a conditional model's
+    classes = R.eval_classes(cfg.classes, teacher)
+    y = lambda z, seeds: seeded_labels(seeds, teacher.num_classes, z.device, classes)  # a conditional model's
     F_student = amp(lambda z, seeds: student.sample(z, y=y(z, seeds)))  # its sampler: student_x0, clipped
     F_teacher = amp(lambda z, seeds: teacher_x0(teacher, z, times, y(z, seeds)))
     F_teacher_1 = amp(lambda z, seeds: teacher_x0(teacher, z, times[:1], y(z, seeds)))
@@ -468,6 +470,7 @@ def main(argv=None):
         check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
     spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
     teacher = R.pixel_teacher(R.load_teacher(spec, device), "luhman_kd.py")
+    R.eval_classes(cfg.classes, teacher)
     if cfg.student_param == "official" and teacher.param != "eps":
         raise ValueError(f"--student-param official reads the output as eps; {teacher.source} predicts "
                          f"{teacher.param}: use --student-param exact")

@@ -120,7 +120,8 @@ def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, 
 class Config:
     # data and teacher
     data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
-    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: the data's or --net's)", low=0)
+    image_size: int = R.field(0, "image resolution; 0 = the teacher's (base model: the data's or --net's)",
+                              low=0)
     # The teacher to distil: a hub id (google/ddpm-cifar10-32), a diffusers folder or a checkpoint of this
     # project; 'cached' is the shared 16x16 shapes eps teacher (trained once); '' trains the base model first.
     teacher: str = R.field("", "teacher: hub id, folder, checkpoint, 'cached'; '' = train the base model "
@@ -139,6 +140,7 @@ class Config:
     dropout: float = R.field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
     # The official code adds a Dense of the one-hot label to the time embedding (= common.add_class).
     class_cond: bool = R.field(False, "class-conditional base model, labels from --data (fig. 4: ImageNet 64)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     base_updates: int = R.field(800_000, "base model updates (app. E)", low=1, rehearse=2)
     base_batch: int = R.field(128, "base model batch size (app. E)", low=1)
     base_lr: float = R.field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
@@ -218,12 +220,12 @@ QUICK = dict(data="shapes", image_size=16, net="tiny16", dropout=0.0, base_updat
 
 # ---- evaluation (fig. 4, fig. 7, app. F) ------------------------------------------------------------------
 
-def sampler(den, steps, gamma, clip):
+def sampler(den, steps, gamma, clip, classes=None):
     """DDIM on the grid t = i/N the students are trained on, or (gamma: app. F) ancestral sampling on it with
     the log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log sigma~_{s|t}^2, noise (and a conditional
-    model's label, uniform) per seed."""
+    model's label, uniform or of --classes) per seed."""
     times = sampler_times(den.schedule, steps, skip="unit")
-    label = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device)
+    label = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device, classes)
     if gamma is None:  # a student's recorded sampler (den.sample)
         return lambda z, seeds: ddim_sample(den, z, times, clip, label(z, seeds)).clamp(-1, 1)
     return lambda z, seeds: ancestral_sample(den, z, times, seeds, gamma, clip, label(z, seeds)).clamp(-1, 1)
@@ -232,7 +234,8 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     """Samples from seeds 0..eval_samples-1 (for the RMSE) and, with fid, FID/IS of cfg.fid_samples samples
     in OUT/samples/name, emptied first if it holds another model's samples (a student retrained after a
     restart)."""
-    fn = sampler(den, steps, gamma, cfg.eval_clip)
+    classes = R.eval_classes(cfg.classes, den)
+    fn = sampler(den, steps, gamma, cfg.eval_clip, classes)
     with autocast(device, cfg.dtype):
         images = R.generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
                             f"evaluation {name}", R.full_config(cfg).eval_samples)
@@ -251,7 +254,7 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
             with open(owner, "w") as f:
                 f.write(stamp)
         R.barrier()
-        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
+        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip, classes)  # pays at FID's sizes
         R.sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
                            full=R.full_config(cfg).fid_samples)
     ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
@@ -438,6 +441,7 @@ def main(argv=None):
         raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
     data, labels = R.load_dataset(cfg.data, size, seed=cfg.seed, labels=True)
     labels = R.check_labels(teacher0, labels, cfg.data)  # a conditional teacher's, else None
+    R.eval_classes(cfg.classes, teacher0)
     R.start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
     torch.manual_seed(cfg.seed)
     distill(cfg, spec, teacher0, *R.data_to(device, data, labels), device, ckpt)

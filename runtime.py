@@ -662,6 +662,22 @@ def data_to(device, images, labels=None):
 
 LABELLED = "cifar10, shapes, imagenet64:PATH or a folder of class subfolders"
 
+CLASSES_HELP = "evaluation labels: comma-separated classes, seed s takes the (s mod n)-th ('' = uniform)"
+
+def eval_classes(text, den):
+    """--classes as a list (None when not given: each seed's label uniform), checked against the model."""
+    if not text:
+        return None
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        classes = []
+    if not den.num_classes:
+        raise ValueError(f"--classes: {den.source} is unconditional")
+    if not classes or not all(0 <= c < den.num_classes for c in classes):
+        raise ValueError(f"--classes {text!r}: expected comma-separated classes 0..{den.num_classes - 1}")
+    return classes
+
 def check_labels(den, labels, data):
     """A class-conditional model's labels of --data, checked once before any work (an embedding lookup out of
     range fails deep inside, on CUDA as a device assert); None for an unconditional model."""

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from common import (LDM_SKIPS, Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps,
-                    ddim_sample, ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times, seeded_labels,
-                    weighted_loss)
+                    ddim_sample, ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times,
+                    seeded_labels, weighted_loss)
 
 import runtime as R
 
@@ -144,6 +144,7 @@ class Config:
     # fine-tuning: the conditional shapes teacher for shapes (others: a conditional --teacher is enough);
     # training: a class embedding, the labels from --data
     class_cond: bool = R.field(False, "class-conditional, a uniform label per trajectory or the data's")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     # Class-conditional teachers (table 2's ImageNet 256): the scale of classifier-free guidance w ~ U(lo, hi),
     # drawn per update, in the student's step and its two-step target; the paper: [1, 3], the code: U(1, 4)
     guidance: str = R.field("", "LO,HI: guided fine-tuning, w ~ U(LO, HI) per update ('' = none)")
@@ -339,7 +340,8 @@ def evaluate(cfg, models, reference_model, shape, data, device):
     from the same noise (images: a latent model's decoded), FID/IS when asked; samples.png: the reference,
     then the models per step count."""
     seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
-    label = lambda seeds, z: seeded_labels(seeds, models[reference_model].num_classes, z.device)
+    classes = R.eval_classes(cfg.classes, models[reference_model])
+    label = lambda seeds, z: seeded_labels(seeds, models[reference_model].num_classes, z.device, classes)
     ref_folder = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples",
                                                                       f"data_{cfg.fid_samples}"),
                                   cfg.fid_stats, data, models[reference_model].image_shape[-1]) \
@@ -455,6 +457,7 @@ def main(argv=None):
         shape = (net_config(den0.net)["in_channels"], size, size)
         if cfg.fid_samples and cfg.data != "cifar10" and not cfg.fid_stats:
             data = R.load_dataset(cfg.data, den0.image_shape[-1], seed=cfg.seed)  # decoded, if latent
+    R.eval_classes(cfg.classes, model)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
     steps = depths[-1][0] if depths else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest

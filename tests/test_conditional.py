@@ -230,3 +230,26 @@ def test_conditional_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch
         with pytest.raises(ValueError) as e:
             main(["--quick", *argv, "--out", str(tmp_path / "run"), "--device", "cpu"])
         assert message in one_line(e)
+
+def test_classes_flag_gives_each_seed_a_given_label(tmp_path):
+    """--classes: evaluation's samples take the given labels (seed s the (s mod n)-th), checked against the
+    teacher before any work."""
+    den = R.Denoiser(build_net(TINY), R.Schedule(), "eps", source="cond.pt")
+    assert R.eval_classes("", den) is None and R.eval_classes("2,0", den) == [2, 0]
+    for text, message in (("3", "expected comma-separated classes 0..2"), ("a", "expected comma-separated")):
+        with pytest.raises(ValueError) as e:
+            R.eval_classes(text, den)
+        assert message in one_line(e)
+    with pytest.raises(ValueError) as e:
+        R.eval_classes("1", R.Denoiser(build_net(PRESETS["tiny"]), R.Schedule(), "eps", source="plain.pt"))
+    assert "--classes: plain.pt is unconditional" in one_line(e)
+    import dkdm as D
+    cfg = R.parse_config(D.Config, ["--quick", "--classes", "2", "--eval-steps", "3"], quick=D.QUICK)
+    torch.manual_seed(0)
+    cond = R.Denoiser(perturb(build_net(TINY).eval(), 1, 0.05), R.Schedule(), "eps")
+    z = seeded_noise(range(3), (3, 16, 16))
+    with torch.no_grad():
+        given = D.samplers(cfg, cond)["ddim"](z, range(3))
+        direct = cond.image(ddim_sample(cond, z, sampler_times(cond.schedule, 3, "linspace"), True,
+                                        torch.full((3,), 2)))
+    assert torch.equal(given, direct)
