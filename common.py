@@ -1,9 +1,10 @@
 """The compact core of the distillation references: diffusion math and networks, nothing else (no file I/O, no
 flags, no torch.distributed), so that a user copies this one file beside a method. Sections: math (schedules,
-parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, presets). Images
-are NCHW float in [-1, 1] (uint8 only at the edges); schedule algebra runs in float64, cast to float32; `t` is
-in the schedule's own units (integer timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is
-the network's input. The machinery of a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
+parameterisations, Denoiser, samplers, the losses the methods share) and nets (U-Net, DiT, the latent
+teachers' VQ autoencoder and cross-attention blocks, presets). Images are NCHW float in [-1, 1] (uint8 only at
+the edges); schedule algebra runs in float64, cast to float32; `t` is in the schedule's own units (integer
+timesteps if discrete, [0, 1] if continuous); `schedule.net_time(t)` is the network's input. The machinery of
+a run (flags, GPUs, checkpoints, data, FID) is runtime.py."""
 import copy, dataclasses, math
 from dataclasses import asdict, dataclass
 
@@ -16,20 +17,24 @@ import torch.nn.functional as F
 
 class Schedule:
     """Variance-preserving: z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(lambda_t), sigma_t^2 =
-    sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.)
-    and 'cosine' (Nichol & Dhariwal eq. 17, beta clipped at 0.999) are discrete, t in {0..T-1} (fractional t
-    interpolates lambda), fed as t * t_scale (improved-diffusion: 1000 / T); 'cosine_logsnr' (Salimans & Ho's
-    code) is continuous, t in [0, 1], lambda = -2 log tan(a t + b) clipped, fed as 'inv_cos' (~ 1000 t)."""
+    sigmoid(-lambda_t), lambda_t the log-SNR (Kingma et al. 2021; Salimans & Ho sec. 2). 'linear' (Ho et al.),
+    'scaled_linear' (the latent-diffusion teachers' "linear": betas linear in sqrt(beta)) and 'cosine' (Nichol
+    & Dhariwal eq. 17, beta clipped at 0.999) are discrete, t in {0..T-1} (fractional t interpolates lambda),
+    fed as t * t_scale (improved-diffusion: 1000 / T); 'cosine_logsnr' (Salimans & Ho's code) is continuous,
+    t in [0, 1], lambda = -2 log tan(a t + b) clipped, fed as 'inv_cos' (~ 1000 t)."""
 
     def __init__(self, kind="linear", T=1000, beta_start=1e-4, beta_end=0.02, cosine_s=0.008,
                  logsnr_min=-20.0, logsnr_max=20.0, t_scale=1.0):
-        if kind not in ("linear", "cosine", "cosine_logsnr"):
-            raise ValueError(f"unknown schedule {kind!r}: expected linear, cosine or cosine_logsnr")
+        if kind not in ("linear", "scaled_linear", "cosine", "cosine_logsnr"):
+            raise ValueError(f"unknown schedule {kind!r}: expected linear, scaled_linear, cosine or "
+                             "cosine_logsnr")
         self.kind, self.T, self.t_scale, self.discrete = kind, T, t_scale, kind != "cosine_logsnr"
         self.beta_start, self.beta_end, self.cosine_s = beta_start, beta_end, cosine_s
         self.logsnr_min, self.logsnr_max = logsnr_min, logsnr_max
         if kind == "linear":
             betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+        elif kind == "scaled_linear":  # LDM util.py make_beta_schedule("linear") = diffusers' scaled_linear
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64).numpy() ** 2
         elif kind == "cosine":
             u = np.arange(T + 1, dtype=np.float64) / T
             f = np.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
@@ -40,7 +45,7 @@ class Schedule:
 
     def spec(self):
         """JSON-serialisable arguments that rebuild this schedule: Schedule(**spec)."""
-        keys = ("kind", "T", "beta_start", "beta_end", "t_scale") if self.kind == "linear" else \
+        keys = ("kind", "T", "beta_start", "beta_end", "t_scale") if "linear" in self.kind else \
                ("kind", "T", "cosine_s", "t_scale") if self.kind == "cosine" else \
                ("kind", "logsnr_min", "logsnr_max")
         return {k: getattr(self, k) for k in keys}
@@ -109,43 +114,85 @@ def x_eps_from_output(out, z, alpha, sigma, param):
 class Denoiser(nn.Module):
     """A network read as a denoiser (k-diffusion's wrapper): (z_t, t) -> (x_pred, eps_pred), with its
     schedule, parameterisation, ancestral variance (variance_frac) and, for a student, the sampler it was
-    trained for (sampler_spec), so that sample() draws from any checkpoint without knowing its method."""
+    trained for (sampler_spec), so that sample() draws from any checkpoint without knowing its method.
+    A latent model (Rombach et al.'s LDM) carries its frozen autoencoder: it denoises latents, image() decodes
+    them. guidance: classifier-free guidance's scale w (guided()), None for the plain model."""
 
-    def __init__(self, net, schedule, param, var="fixed_small", sampler=None, source=""):
+    def __init__(self, net, schedule, param, var="fixed_small", sampler=None, source="", autoencoder=None):
         super().__init__()
         self.net, self.schedule, self.param, self.var, self.sampler, self.source = \
             net, schedule, param, var, sampler, source
+        self.num_classes = getattr(getattr(net, "config", None), "num_classes", 0)  # 0: unconditional
+        self.autoencoder = autoencoder and autoencoder.eval().requires_grad_(False)  # shared, never trained
+        self.guidance = None
+
+    @property
+    def image_shape(self):
+        """(C, H, W) of the images it makes: its input's, or a latent model's decoder's."""
+        c = self.net.config
+        if self.autoencoder is None:
+            return c.in_channels, c.image_size, c.image_size
+        a = self.autoencoder.config
+        return a.out_ch, c.image_size << len(a.ch_mult) - 1, c.image_size << len(a.ch_mult) - 1
+
+    def image(self, x):
+        """Samples as images in [-1, 1]: a latent model's decoded (LDM's decode_first_stage: latents snapped to
+        the codebook, then the decoder), clamped."""
+        return (x if self.autoencoder is None else self.autoencoder.decode(x)).clamp(-1, 1)
+
+    def guided(self, w):
+        """This model with classifier-free guidance at scale w (a float, or (B,) per sample; Ho & Salimans
+        2022): out = out_u + w (out_c - out_u), out_u at the null class (the last, e.g. cin256-v2's 1000), both
+        in one batched pass (LDM's p_sample_ddim); w = 1 is the conditional model itself."""
+        if not self.num_classes:
+            raise ValueError(f"{self.source or 'this model'} is unconditional: a guidance scale needs a "
+                             "class-conditional teacher")
+        view = self.view(self.net)
+        view.guidance = w
+        return view
 
     @property
     def steps(self):
         """The network evaluations of a student's sampler (None: no sampler recorded, e.g. a teacher)."""
         return len(self.sampler["times"]) if self.sampler else None
 
-    def sample(self, z, seeds=None):
-        """Images in [-1, 1] from noise z (B, C, H, W) with the recorded sampler; seeds: the samples' seeds,
-        whose streams give an ancestral sampler's noise."""
+    def sample(self, z, seeds=None, y=None):
+        """Images in [-1, 1] from noise z (B, C, H, W) and labels y with the recorded sampler; seeds: the
+        samples' seeds, whose streams give an ancestral sampler's noise."""
         s = self.sampler
         if s is None:
             raise ValueError(f"{self.source or 'this model'} records no sampler; sample it with ddim_sample")
         if s["ancestral"]:
-            return ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"]).clamp(-1, 1)
-        return ddim_sample(self, z, s["times"], s["clip"]).clamp(-1, 1)
+            return self.image(ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"], y))
+        return self.image(ddim_sample(self, z, s["times"], s["clip"], y))
 
-    def full(self, z, t, clip=False):
+    def full(self, z, t, clip=False, y=None):
         """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
-        eps re-derived (Salimans & Ho's and DDPM's samplers)."""
+        eps re-derived (Salimans & Ho's and DDPM's samplers; a latent model's x, no image, is never clipped, as
+        LDM's); y: the class labels (B,) of a conditional model (in range: checked where they enter, data or
+        flags, not here in every call)."""
+        if (y is None) != (self.num_classes == 0):
+            raise ValueError(f"{self.source or 'this model'} is " + (
+                f"class-conditional ({self.num_classes} classes): give it labels" if y is None else
+                "unconditional: it takes no labels (drop --classes, or use a class-conditional teacher)"))
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
-        out = self.net(z, self.schedule.net_time(t).to(z.device)).float()
+        t_net = self.schedule.net_time(t).to(z.device)
+        if self.guidance is None:
+            out = self.net(z, t_net, *(() if y is None else (y,))).float()
+        else:  # [unconditional | conditional] in one pass
+            null = torch.full_like(y, self.num_classes - 1)
+            out_u, out_c = self.net(z.repeat(2, 1, 1, 1), t_net.repeat(2), torch.cat([null, y])).float().chunk(2)
+            out = out_u + bcast(self.guidance, out_c) * (out_c - out_u)
         x, eps = x_eps_from_output(out, z, alpha, sigma, self.param)
-        if clip:
+        if clip and self.autoencoder is None:
             x = x.clamp(-1, 1)
             eps = eps_from_x(z, x, alpha, sigma)
         C = z.shape[1] * (2 if self.param == "both" else 1)
         return x, eps, out[:, C:C + z.shape[1]] if self.var == "learned_range" else None
 
-    def forward(self, z, t, clip=False):
-        return self.full(z, t, clip)[:2]
+    def forward(self, z, t, clip=False, y=None):
+        return self.full(z, t, clip, y)[:2]
 
     def freeze(self):
         """For inference only (a teacher, an EMA copy): eval mode, no dropout, and no gradients."""
@@ -154,26 +201,35 @@ class Denoiser(nn.Module):
     def view(self, net):
         """The same denoiser over `net`, a wrapper of this one's (DistributedDataParallel, torch.compile) that
         shares its parameters: no copy, and the training mode and gradients left as they are."""
-        return Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source)
+        view = Denoiser(net, self.schedule, self.param, self.var, self.sampler, self.source, self.autoencoder)
+        view.num_classes, view.guidance = self.num_classes, self.guidance
+        return view
 
     def copy(self, net=None, **changes):
         """A trainable copy (a student starts as its teacher): same fields, a copy of the net (or `net`)."""
-        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source")}
+        kept = {k: getattr(self, k) for k in ("schedule", "param", "var", "sampler", "source", "autoencoder")}
         net = copy.deepcopy(self.net) if net is None else net
-        return Denoiser(net, **{**kept, **changes}).train().requires_grad_(True)
+        den = Denoiser(net, **{**kept, **changes}).train()
+        den.net.requires_grad_(True)
+        return den
 
     def state(self):
         """The checkpoint fields that make a file loadable by load_teacher as this denoiser."""
+        ae = self.autoencoder
         return dict(net_config=net_config(self.net), model=self.net.state_dict(),
-                    schedule=self.schedule.spec(), param=self.param, var=self.var, sampler=self.sampler)
+                    schedule=self.schedule.spec(), param=self.param, var=self.var, sampler=self.sampler,
+                    autoencoder=ae and dict(net_config=net_config(ae), model=ae.state_dict()))
 
     @staticmethod
     def from_state(state, source=""):
         """The Denoiser of a state() dict or checkpoint (its EMA weights if it has them), frozen."""
-        net = build_net(state["net_config"])
+        net, ae = build_net(state["net_config"]), state.get("autoencoder")
         net.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        if ae is not None:
+            ae, weights = build_net(ae["net_config"]), ae["model"]
+            ae.load_state_dict(weights)
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
-                        state.get("sampler"), source).freeze()
+                        state.get("sampler"), source, ae).freeze()
 
 def sampler_spec(times, ancestral=False, clip=False, frac=None):
     """The sampler a student was trained for, stored in its checkpoint: its times (descending, in the
@@ -245,20 +301,31 @@ def vlb_terms(schedule, z_t, t, x, x_pred, v):
     return torch.where(torch.as_tensor(t, device=z_t.device) == 0, nll, kl) / math.log(2.0)
 
 SKIPS = ("uniform", "quad", "trailing", "linspace", "unit")
+LDM_SKIPS = ("ldm", "ldm_exact")  # the latent-diffusion teachers' DDIM grids (kept out of the methods' flags)
 
 def ddim_timesteps(T, steps, skip="uniform"):
     """Exactly `steps` descending timesteps of a chain over a T-step model, 1 <= steps <= T: uniform (DDIM,
     diffusers' 'leading': i T // steps; ermongroup/ddim's range(0, T, T // steps) gives more times when steps
     does not divide T, e.g. 67 for 64 steps: ours are its first `steps`), quad (ermongroup, Luhman & Luhman;
     from 0.8 T), trailing (from T - 1), linspace. A 1-step chain starts at the noise end, T - 1, whatever the
-    kind (the others would put its one step at t = 0 or 0.8 T)."""
-    if skip not in SKIPS[:4]:
-        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS[:4])}")
+    kind (the others would put its one step at t = 0 or 0.8 T, LDM's at t = 1). The LDM grids are offset by
+    one: 'ldm' is CompVis' make_ddim_timesteps('uniform'), range(0, T, T // steps) + 1, all of it, so NOT
+    `steps` times when steps does not divide T (16, 32, 64 give 17, 33, 67; `steps` is then the count asked
+    for, as in LDM); 'ldm_exact' is DSD's patch of it, i (T // steps) + 1 for i < steps (64 steps from
+    t = 946). A grid that reaches t = T (LDM indexes past its table there, e.g. 'ldm' with 9 steps) is a
+    ValueError."""
+    if skip not in SKIPS[:4] + LDM_SKIPS:
+        raise ValueError(f"unknown skip {skip!r}: expected one of {', '.join(SKIPS[:4] + LDM_SKIPS)}")
     if not 1 <= steps <= T:
         raise ValueError(f"{steps} steps over a {T}-step model: expected 1 to {T}")
     i = np.arange(steps)
     if steps == 1:
         seq = np.array([T - 1])
+    elif skip in LDM_SKIPS:  # LDM ldm/modules/diffusionmodules/util.py make_ddim_timesteps; DSD's copy of it
+        seq = (np.arange(0, T, T // steps) if skip == "ldm" else i * (T // steps)) + 1
+        if seq[-1] > T - 1:
+            raise ValueError(f"the {skip} grid of {steps} steps over a {T}-step model reaches t = {seq[-1]}, "
+                             f"past the model's last timestep {T - 1}: choose another step count")
     elif skip == "uniform":
         seq = i * (T // steps)
     elif skip == "quad":
@@ -282,6 +349,11 @@ def check_steps(schedule, skip, **counts):
         if schedule.discrete and skip != "unit" and n > schedule.T:
             raise ValueError(f"--{flag.replace('_', '-')} {n}: the model has T = {schedule.T} timesteps, so "
                              f"a {skip} grid holds at most {schedule.T} steps")
+        if schedule.discrete and skip in LDM_SKIPS:
+            try:
+                ddim_timesteps(schedule.T, n, skip)
+            except ValueError as e:
+                raise ValueError(f"--{flag.replace('_', '-')} {n}: {e}") from None
 
 def seeded_noise(seeds, shape, device="cpu", stream=0):
     """(len(seeds), *shape) float32 noise, sample i from (seeds[i], stream) alone, whatever the batch size,
@@ -293,22 +365,31 @@ def seeded_noise(seeds, shape, device="cpu", stream=0):
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out.to(device)
 
+def seeded_labels(seeds, num_classes, device="cpu", classes=None):
+    """Class labels (len(seeds),) for a conditional model, sample i's from seeds[i] alone (like its noise):
+    uniform over num_classes, or classes[seed % len(classes)] when given; None for num_classes 0."""
+    if not num_classes:
+        return None
+    y = [classes[int(s) % len(classes)] if classes else
+         int(np.random.default_rng([int(s), 0x1ABE1]).integers(num_classes)) for s in seeds]
+    return torch.tensor(y, dtype=torch.long, device=device)
+
 @torch.no_grad()
-def ddim_sample(den, z, times, clip=False):
+def ddim_sample(den, z, times, clip=False, y=None):
     """DDIM from z at times[0] through times[1:], then x_pred (as ermongroup/ddim and Salimans & Ho); repeated
-    times (the quad sequence has some) are identity steps."""
+    times (the quad sequence has some) are identity steps. y: class labels (B,) of a conditional model."""
     for i, t in enumerate(times):
-        x_pred, eps_pred = den(z, t, clip=clip)
+        x_pred, eps_pred = den(z, t, clip, y)
         if i + 1 == len(times):
             return x_pred
         z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
 
 @torch.no_grad()
-def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
+def ancestral_sample(den, z, times, seeds, frac=None, clip=False, y=None):
     """Ancestral sampling (Ho et al. alg. 2, respaced) with frac (variance_frac; None: the denoiser's own).
     Step k's noise of sample i is seeds[i]'s stream k + 1: samples do not depend on the batch they ran in."""
     for k, t in enumerate(times):
-        x_pred, _, v = den.full(z, t, clip=clip)
+        x_pred, _, v = den.full(z, t, clip, y)
         if k + 1 == len(times):
             return x_pred
         (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(times[k + 1])
@@ -317,14 +398,14 @@ def ancestral_sample(den, z, times, seeds, frac=None, clip=False):
         z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
 
 @torch.no_grad()
-def dpm_solver_2m(den, z, times, clip=False):
+def dpm_solver_2m(den, z, times, clip=False, y=None):
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): the probability-flow ODE in lambda = log(alpha / sigma),
     data prediction, second order by reusing the previous step's x_pred: z_s = (sigma_s/sigma_t) z_t -
     alpha_s (e^-h - 1) D, h = lambda_s - lambda_t, D = (1 + 1/2r) x_t - (1/2r) x_prev, r = h_prev / h; the
     first step (D = x_t) is DDIM's. Over times as ddim_sample, ending with x_pred: the same network calls."""
     x_prev = h_prev = None
     for i, t in enumerate(times):
-        x_pred, _ = den(z, t, clip=clip)
+        x_pred, _ = den(z, t, clip, y)
         if i + 1 == len(times):
             return x_pred
         lam_t, lam_s = (0.5 * den.schedule.logsnr(u) for u in (t, times[i + 1]))  # float64
@@ -391,6 +472,14 @@ def timestep_embedding(t, x, dim, order="cos_sin"):
     emb = torch.cat([args.cos(), args.sin()] if order == "cos_sin" else [args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
+def add_class(emb, table, y):
+    """emb + table(y): a class's learned embedding added to the time embedding (ADM's label_emb = diffusers'
+    class_embedding; Salimans & Ho's one-hot Dense with bias is the same table with the bias in every row)."""
+    if (table is None) != (y is None):
+        raise ValueError("a class-conditional network needs labels" if y is None else
+                         "an unconditional network takes no labels")
+    return emb if y is None else emb + table(y)
+
 def _attend(qkv, heads):
     """Softmax attention, (B, T, 3C) laid out [q | k | v], each split into heads -> (B, T, C)."""
     B, T, C3 = qkv.shape
@@ -404,7 +493,8 @@ class UNetConfig:
     image_size: int = 32
     in_channels: int = 3
     out_channels: int = 3            # 6 for ADM's learned variance: [eps, v]
-    ch: int = 128                    # base channels; the time MLP is ch -> 4ch -> 4ch
+    ch: int = 128                    # base channels; the time MLP is ch -> emb_dim -> emb_dim
+    emb_dim: int = 0                 # the time (and class) embedding's width; 0: 4 ch (Ho, ADM)
     ch_mult: tuple = (1, 2, 2, 2)    # channels per resolution level, times ch
     num_res_blocks: int = 2          # per level on the way down (num_res_blocks + 1 on the way up)
     attn_resolutions: tuple = (16,)  # resolutions (pixels) that get attention after every res block
@@ -418,6 +508,11 @@ class UNetConfig:
     norm_eps: float = 1e-6           # GroupNorm eps: Ho 1e-6, ADM 1e-5
     norm_groups: int = 32            # GroupNorm groups (32 in every published model)
     qkv_layout: str = "separate"     # fused ADM qkv order in checkpoints: 'legacy' (per head [q,k,v]) | 'new'
+    num_classes: int = 0             # > 0: class-conditional, a learned embedding per class (ADM's label_emb)
+    context_dim: int = 0             # > 0: LDM's use_spatial_transformer: every attention block is a
+                                     # SpatialTransformer attending to the class context, ClassEmbedder(
+                                     # num_classes, context_dim)(y), which replaces label_emb (cin256-v2)
+    transformer_depth: int = 1       # transformer blocks per SpatialTransformer
 
 class ResBlock(nn.Module):
     """GN, SiLU, [resample both paths: avg-pool / nearest, BigGAN/ADM], conv, + time (or scale-shift), GN,
@@ -450,7 +545,8 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 class Attention(nn.Module):
-    """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x)))."""
+    """Self-attention over the H*W positions with a residual: x + proj(attn(GN(x))). Takes (and ignores) a
+    context, like a SpatialTransformer."""
 
     def __init__(self, channels, heads, cfg):
         super().__init__()
@@ -459,7 +555,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)  # rows [q | k | v], each split into heads
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         B, C, H, W = x.shape
         h = self.proj(_attend(self.qkv(self.norm(x).flatten(2).transpose(1, 2)), self.heads))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
@@ -485,16 +581,28 @@ class Level(nn.Module):  # one resolution of the U-Net: res blocks, attention af
 
 class UNet(nn.Module):
     """DDPM U-Net (Ho et al. 2020) with the ADM options (Dhariwal & Nichol 2021): skips after the stem, each
-    down res block (+attention) and downsampler, one per up res block. zero_init: ADM's zeroed outputs."""
+    down res block (+attention) and downsampler, one per up res block. zero_init: ADM's zeroed outputs. With
+    cfg.context_dim, LDM's openaimodel.py UNetModel(use_spatial_transformer=True): SpatialTransformers in
+    place of the attention blocks, the class embedding their context (Rombach et al. sec. 3.3)."""
 
     def __init__(self, cfg: UNetConfig, zero_init=False):
         super().__init__()
+        if cfg.context_dim and not cfg.num_classes:
+            raise ValueError("a UNetConfig with context_dim > 0 needs num_classes: its context is the class's")
         self.config = cfg
-        ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, 4 * cfg.ch
+        ch, L, R, emb_dim = cfg.ch, len(cfg.ch_mult), cfg.num_res_blocks, cfg.emb_dim or 4 * cfg.ch
         heads = lambda c: c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
-        attention = lambda level, c, n: [Attention(c, heads(c), cfg) for _ in range(n)] \
+        # openaimodel.py, legacy=True: a SpatialTransformer's dim_head is ch // heads (num_heads 1: one head of
+        # all ch channels, cin256-v2's)
+        block = lambda c: Attention(c, heads(c), cfg) if not cfg.context_dim else \
+            SpatialTransformer(c, heads(c), c // heads(c), cfg.context_dim, cfg.transformer_depth)
+        attention = lambda level, c, n: [block(c) for _ in range(n)] \
             if cfg.image_size >> level in cfg.attn_resolutions else None
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes and not cfg.context_dim \
+            else None
+        # LDM cin256-v2: cond_stage_model, the labels' context (B, 1, context_dim); nothing added to emb
+        self.class_context = ClassEmbedder(cfg.num_classes, cfg.context_dim) if cfg.context_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         skips, c, self.down = [ch], ch, nn.ModuleList()  # skips: the channels of the skip stack
         for i, mult in enumerate(cfg.ch_mult):
@@ -507,7 +615,7 @@ class UNet(nn.Module):
                 skips.append(c)
             self.down.append(Level(res, attention(i, c, R), resample))
         self.mid_res1 = ResBlock(c, c, emb_dim, cfg)
-        self.mid_attn = Attention(c, heads(c), cfg)
+        self.mid_attn = block(c)
         self.mid_res2 = ResBlock(c, c, emb_dim, cfg)
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
@@ -526,24 +634,31 @@ class UNet(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         cfg = self.config
         emb = self.time_mlp(timestep_embedding(t, x, cfg.ch, cfg.time_emb).to(x.dtype))
+        context = None
+        if self.class_context is None:
+            emb = add_class(emb, self.label_emb, y)
+        elif y is None:
+            raise ValueError("a class-conditional network needs labels")
+        else:
+            context = self.class_context(y)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
                 h = block(h, emb)
-                h = level.attn[j](h) if level.attn else h
+                h = level.attn[j](h, context) if level.attn else h
                 hs.append(h)
             if level.resample:
                 h = level.resample(h, emb)
                 hs.append(h)
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb), context), emb)
         for level in self.up:
             for j, block in enumerate(level.res):
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
-                h = level.attn[j](h) if level.attn else h
+                h = level.attn[j](h, context) if level.attn else h
             h = level.resample(h, emb) if level.resample else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -559,6 +674,7 @@ class DiTConfig:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
+    num_classes: int = 0    # > 0: class-conditional, a class embedding added to the time's (DiT's y_embedder)
 
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -598,6 +714,7 @@ class DiT(nn.Module):
         pos2d = torch.cat([emb1d, emb1d.transpose(0, 1)], dim=2).reshape(grid * grid, D).float()
         self.register_buffer("pos", pos2d, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.label_emb = nn.Embedding(cfg.num_classes, D) if cfg.num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -608,22 +725,269 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch.weight.view(D, -1))
         nn.init.zeros_(self.patch.bias)
-        for lin in (self.time_mlp[0], self.time_mlp[2]):
+        for lin in (self.time_mlp[0], self.time_mlp[2]) + ((self.label_emb,) if cfg.num_classes else ()):
             nn.init.normal_(lin.weight, std=0.02)
         for lin in [b.ada[1] for b in self.blocks] + [self.ada_out[1], self.out]:  # adaLN-Zero
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         B, _, H, W = x.shape
         p, C = self.config.patch_size, self.config.out_channels
-        c = self.time_mlp(timestep_embedding(t, x, 256, "cos_sin").to(x.dtype))
+        c = add_class(self.time_mlp(timestep_embedding(t, x, 256, "cos_sin").to(x.dtype)), self.label_emb, y)
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, D)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada_out(c)[:, None].chunk(2, dim=2)
         h = self.out(_modulate(self.norm_out(h), shift, scale)).view(B, H // p, W // p, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, H, W)
+
+# ---- VQ autoencoder: the first stage of the latent-diffusion (LDM-VQ) teachers ---------------------
+# Rombach et al. 2022 sec. 3.1 / app. G; the taming/LDM code (ldm/modules/diffusionmodules/model.py Encoder,
+# Decoder; ldm/models/autoencoder.py VQModelInterface; taming VectorQuantizer2). Module names follow it, so
+# an LDM model.ckpt's first_stage_model.* tensors load with the prefix stripped. GroupNorm(32, eps 1e-6).
+
+@dataclass
+class VQConfig:  # LDM's ddconfig field names plus the quantizer's; the defaults are the f4 model's
+    resolution: int = 256            # image size; decides only where attn_resolutions apply
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4)       # downsampling factor 2^(len - 1): 4
+    num_res_blocks: int = 2          # per level in the encoder, num_res_blocks + 1 in the decoder
+    attn_resolutions: tuple = ()     # resolutions (pixels) with attention after every res block
+    z_channels: int = 3              # the encoder's output channels
+    embed_dim: int = 3               # the latent (= codebook vector) channels, after quant_conv
+    n_embed: int = 8192              # codebook size
+
+class VQResBlock(nn.Module):
+    """model.py ResnetBlock without time embedding: GN, swish, conv, GN, swish, conv, + skip (a 1x1 conv
+    'nin_shortcut' where the width changes). Dropout is 0 in every LDM first stage, so none here."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
+
+class VQAttention(nn.Module):
+    """model.py AttnBlock: one-head self-attention over the H*W positions, q, k, v and proj_out 1x1 convs."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+class VQLevel(nn.Module):
+    """One resolution: n res blocks (attention after each where `attn`), then 'downsample' (pad right/bottom,
+    stride-2 3x3 conv) or 'upsample' (nearest x2, 3x3 conv), the names of the LDM tensors."""
+
+    def __init__(self, c_in, c_out, n, attn, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(VQResBlock(c_in if j == 0 else c_out, c_out) for j in range(n))
+        self.attn = nn.ModuleList(VQAttention(c_out) for _ in range(n if attn else 0))
+        if resample == "down":
+            self.downsample = Resample(c_out, "down", "asym")
+        elif resample == "up":
+            self.upsample = Resample(c_out, "up")
+
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = block(h)
+            h = self.attn[j](h) if self.attn else h
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(h) if resample else h
+
+class VQMid(nn.Module):  # the middle of both halves: res block, attention, res block (always, LDM model.py)
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = VQResBlock(c, c), VQAttention(c), VQResBlock(c, c)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+class VQEncoder(nn.Module):
+    """conv_in, levels at ch * ch_mult (downsampling after all but the last), mid, GN, swish, conv_out."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, L = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            VQLevel(([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks,
+                    cfg.resolution >> i in cfg.attn_resolutions, "down" if i < L - 1 else None)
+            for i in range(L))
+        self.mid = VQMid(widths[-1])
+        self.norm_out = nn.GroupNorm(32, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+class VQDecoder(nn.Module):
+    """conv_in to the widest level, mid, levels from the lowest resolution up (up[i] is the resolution of
+    the encoder's down[i], as in LDM; upsampling after all but up[0]), GN, swish, conv_out."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, L = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = VQMid(widths[-1])
+        self.up = nn.ModuleList(
+            VQLevel((widths + [widths[-1]])[i + 1], widths[i], cfg.num_res_blocks + 1,
+                    cfg.resolution >> i in cfg.attn_resolutions, "up" if i > 0 else None)
+            for i in range(L))
+        self.norm_out = nn.GroupNorm(32, widths[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class VectorQuantizer(nn.Module):
+    """taming VectorQuantizer2's lookup: each latent vector (over channels) -> its nearest codebook entry in
+    Euclidean distance, with the straight-through gradient (the commitment loss is training's, not here)."""
+
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, z):
+        B, C, H, W = z.shape
+        flat, codes = z.permute(0, 2, 3, 1).reshape(-1, C), self.embedding.weight
+        distance = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
+        z_q = self.embedding(distance.argmin(1)).view(B, H, W, C).permute(0, 3, 1, 2)
+        return z + (z_q - z).detach()
+
+class VQModel(nn.Module):
+    """The VQ-regularised autoencoder (LDM VQModelInterface). encode(x): images in [-1, 1] -> the latent the
+    diffusion model works on, before quantization; decode(h): quantize (decode_first_stage does;
+    quantize=False is diffusers' force_not_quantize), post_quant_conv, decoder -> images, unclipped. No scale
+    factor: the LDM-VQ teachers use their latents as they are (scale_factor 1.0)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = VQEncoder(cfg), VQDecoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, x):
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, h, quantize=True):
+        return self.decoder(self.post_quant_conv(self.quantize(h) if quantize else h))
+
+# ---- cross-attention conditioning of LDM cin256-v2 (ldm/modules/attention.py, encoders/modules.py) --------
+# Rombach et al. 2022 sec. 3.3: the class embedding enters every SpatialTransformer as the keys and values of
+# its cross-attention. Standalone blocks, LDM's tensor names; GroupNorm(32, eps 1e-6), LayerNorm eps 1e-5.
+
+def _split_heads(x, heads):  # (B, N, heads * d) -> (B, heads, N, d)
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x (B, N, dim) to a context (B, M, context_dim); the context is x itself when
+    None (self-attention). to_q/k/v without bias, to_out a Linear; scale dim_head^-1/2."""
+
+    def __init__(self, dim, heads, dim_head, context_dim=None):
+        super().__init__()
+        self.heads, inner = heads, heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # LDM's to_out.0 (its to_out.1 is a dropout)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q = _split_heads(self.to_q(x), self.heads)
+        k, v = (_split_heads(f(context), self.heads) for f in (self.to_k, self.to_v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+class GEGLU(nn.Module):  # Shazeer 2020: a * gelu(gate), [a | gate] = proj(x)
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+class FeedForward(nn.Module):  # LDM FeedForward(glu=True): GEGLU to 4 dim, Linear back (net.1 is a dropout)
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+class TransformerBlock(nn.Module):
+    """LDM BasicTransformerBlock: pre-LN self-attention (attn1), cross-attention to the context (attn2) and
+    the feed-forward (ff), each with a residual."""
+
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+class SpatialTransformer(nn.Module):
+    """LDM SpatialTransformer: GN(32, eps 1e-6), 1x1 conv to heads * dim_head, `depth` transformer blocks
+    over the H*W positions attending to the context (B, M, context_dim), 1x1 conv back (zero-initialised:
+    the block starts as the identity), + x."""
+
+    def __init__(self, channels, heads, dim_head, context_dim, depth=1):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, -1, H, W))
+
+class ClassEmbedder(nn.Module):
+    """LDM ClassEmbedder: class labels (B,) -> a one-token context (B, 1, embed_dim). cin256-v2 has 1001
+    classes, 1000 the null class of classifier-free guidance."""
+
+    def __init__(self, n_classes, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, y):
+        return self.embedding(y[:, None])
 
 # ---- presets, build_net / net_config ---------------------------------------------------------
 
@@ -649,9 +1013,40 @@ PRESETS = {
     # Salimans & Ho progressive distillation CIFAR-10 base model
     "pd_cifar10": UNetConfig(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8),
                              dropout=0.2, resblock_updown=True, **_ADM),
+    # Salimans & Ho's ImageNet 64 base model (app. E: ADM's 64x64 model exactly; the official imagenet64_base
+    # config): 192 channels, emb 768, 3 res blocks, attention at 32, 16, 8 with 64-channel heads, dropout 0.1,
+    # res-block resampling; class-conditional (--class-cond, 1000 classes from the data)
+    "pd_imagenet64": UNetConfig(image_size=64, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                resblock_updown=True, **_ADM),
+    # Salimans & Ho's LSUN 128 base model (app. E; the official bedroom128_base config): 64 channels at 128,
+    # mult [1, 2, 4, 6, 8], emb 768, otherwise as ImageNet 64
+    "pd_lsun128": UNetConfig(image_size=128, ch=64, emb_dim=768, ch_mult=(1, 2, 4, 6, 8), num_res_blocks=3,
+                             attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                             resblock_updown=True, **_ADM),
+    # guided-diffusion 64x64_diffusion.pt (Dhariwal & Nichol), class-conditional ImageNet 64: 295,904,454 params
+    "adm_imagenet64": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                 attn_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                                 resblock_updown=True, qkv_layout="new", num_classes=1000, **_ADM),
+    # improved-diffusion imagenet64_cond_270M_250K.pt (Nichol & Dhariwal; t fed as t * 1000/4000): 273,049,350
+    "iddpm_imagenet64": UNetConfig(image_size=64, out_channels=6, ch=192, ch_mult=(1, 2, 3, 4),
+                                   num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, down_pad="sym",
+                                   qkv_layout="legacy", num_classes=1000, **_ADM),
     # CPU tests: the shared eps shapes teacher (828k params)
     "tiny": UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                        num_heads=2, resblock_updown=True, norm_groups=8, **_ADM),
+    # LDM-VQ-4 CelebA-HQ / FFHQ / LSUN-bedrooms (one U-Net; models/ldm/*/config.yaml, openaimodel.py defaults):
+    # 3x64x64 latents, attention at ds 2, 4, 8 = 32, 16, 8 latent pixels, 32-channel heads, legacy
+    # qkv order, conv resampling padded 1: 274,056,163 params (DSD table 3: 274.06M)
+    "ldm_vq4_unet": UNetConfig(image_size=64, ch=224, ch_mult=(1, 2, 3, 4), num_res_blocks=2,
+                               attn_resolutions=(32, 16, 8), num_head_channels=32, down_pad="sym",
+                               qkv_layout="legacy", time_emb="cos_sin", norm_eps=1e-5),
+    # LDM cin256-v2 (configs/latent-diffusion/cin256-v2.yaml): one-head SpatialTransformers (depth 1) attending
+    # to ClassEmbedder(1001, 512) of the label, 1000 the null class: 401,433,091 params, 400,920,579 without
+    # the class embedder (DSD table 3: 400.92M, the U-Net alone)
+    "ldm_cin256_v2": UNetConfig(image_size=64, ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2,
+                                attn_resolutions=(32, 16, 8), num_heads=1, down_pad="sym", qkv_layout="legacy",
+                                time_emb="cos_sin", norm_eps=1e-5, num_classes=1001, context_dim=512),
     "dit_s2": DiTConfig(hidden=384, depth=12, num_heads=6, patch_size=2),   # DiT-S/2 (Peebles & Xie 2023)
     "dit_b2": DiTConfig(hidden=768, depth=12, num_heads=12, patch_size=2),  # DiT-B/2
     "dit_tiny": DiTConfig(image_size=16, hidden=64, depth=2, num_heads=2, patch_size=2),  # CPU tests
@@ -659,6 +1054,18 @@ PRESETS = {
 # CPU tests: 'tiny' at 16 channels (209k params, 1.8x faster per update on a CPU core), the base model of
 # progressive.py --quick and DKDM's --quick student
 PRESETS["tiny16"] = dataclasses.replace(PRESETS["tiny"], ch=16)
+# CPU tests: the LDM-VQ-4 U-Net shrunk to 16x16 latents and widths 32..128 (attention at 8, 4, 2), and a
+# cin256-v2-style cross-attention U-Net (1001 classes, context 64)
+PRESETS["ldm_tiny"] = dataclasses.replace(PRESETS["ldm_vq4_unet"], image_size=16, ch=32,
+                                          attn_resolutions=(8, 4, 2))
+PRESETS["ldm_cin_tiny"] = dataclasses.replace(PRESETS["ldm_cin256_v2"], image_size=16, ch=32, ch_mult=(1, 2),
+                                              num_res_blocks=1, attn_resolutions=(8,), context_dim=64)
+# autoencoders (kept apart from PRESETS, the denoisers' flag choices): build_net(AUTOENCODERS[name])
+AUTOENCODERS = {
+    "vq_f4": VQConfig(),  # LDM-VQ-4 first stage (CelebA-HQ, FFHQ, LSUN-bedroom, cin256-v2; = vq-f4.zip)
+    "vq_tiny": VQConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                        n_embed=64),  # CPU tests
+}
 
 def build_net(cfg, zero_init=True, **overrides):
     """A network from a preset name, a config dataclass or a net_config() dict, with `overrides` of its fields
@@ -668,16 +1075,17 @@ def build_net(cfg, zero_init=True, **overrides):
     cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
     if isinstance(cfg, dict):
         try:
-            cls = {"unet": UNetConfig, "dit": DiTConfig}[cfg.get("arch")]
+            cls = {"unet": UNetConfig, "dit": DiTConfig, "vq": VQConfig}[cfg.get("arch")]
             cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "arch"})
         except (KeyError, TypeError) as e:
-            raise ValueError(f"network config {cfg} is no UNetConfig or DiTConfig ({e})") from None
+            raise ValueError(f"network config {cfg} is no UNetConfig, DiTConfig or VQConfig ({e})") from None
     names = {f.name for f in dataclasses.fields(cfg)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in names})
-    return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else DiT(cfg)
+    return UNet(cfg, zero_init=zero_init) if isinstance(cfg, UNetConfig) else \
+        DiT(cfg) if isinstance(cfg, DiTConfig) else VQModel(cfg)
 
 def net_config(net) -> dict:
     """JSON-serialisable dict that rebuilds `net` with build_net (stored in checkpoints)."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(net.config).items()}
-    return {"arch": "unet" if isinstance(net, UNet) else "dit", **cfg}
+    return {"arch": "unet" if isinstance(net, UNet) else "dit" if isinstance(net, DiT) else "vq", **cfg}
 

@@ -24,7 +24,7 @@ import torch
 
 from common import (Denoiser, PRESETS, Schedule, ancestral_logvar, ancestral_sample, autocast, bcast,
                     build_net, check_steps, ddim_sample, ema_update, gaussian_kl, posterior, rmse,
-                    sampler_spec, sampler_times, variance_frac)
+                    sampler_spec, sampler_times, seeded_labels, variance_frac)
 
 import runtime as R
 
@@ -47,29 +47,33 @@ def reverse_gaussian(schedule, chain_t, z_t, k, x_pred, frac):
     return mean, ancestral_logvar(torch.where(bcast(k, z_t) == 0, var_small_1, var_small), var_large, frac)
 
 @torch.no_grad()
-def teacher_step(teacher, chain_t, z_t, k, noise, clip=True):
+def teacher_step(teacher, chain_t, z_t, k, noise, clip=True, y=None):
     """One reverse step of the teacher, x^{t-1} = g(x^t, t) (sec. 3.2), with what the student learns from it:
-    eps_T (eq. 20) and p_T(x^{t-1} | x^t) (eq. 21). clip: x0 clipped before the posterior mean; eps_T raw."""
-    x_pred, eps, v = teacher.full(z_t, chain_t[k])
-    x_pred = x_pred.clamp(-1, 1) if clip else x_pred
+    eps_T (eq. 20) and p_T(x^{t-1} | x^t) (eq. 21). clip: x0 clipped before the posterior mean; eps_T raw.
+    y: the entries' labels (a class-conditional teacher)."""
+    x_pred, eps, v = teacher.full(z_t, chain_t[k], y=y)
+    x_pred = x_pred.clamp(-1, 1) if clip and teacher.autoencoder is None else x_pred  # latents: never
     mean, logvar = reverse_gaussian(teacher.schedule, chain_t, z_t, k, x_pred, variance_frac(teacher.var, v))
     z_prev = mean + bcast(k > 0, z_t) * torch.exp(0.5 * logvar) * noise  # no noise into the data
     return {"eps": eps, "mean": mean, "logvar": logvar, "z_prev": z_prev}
 
-def dkdm_loss(student, chain_t, z_t, k, target):
+def dkdm_loss(student, chain_t, z_t, k, target, y=None):
     """Eqs. 20 and 21 per sample, means over pixels: L*_simple = ||eps_T - eps_S||^2 and L*_vlb =
     KL(p_T || p_S) in bits, with the student's mean under stop-gradient, so that only its variance output
     learns from the KL (as in the hybrid objective, eq. 13)."""
-    x_pred, eps, v = student.full(z_t, chain_t[k])
+    x_pred, eps, v = student.full(z_t, chain_t[k], y=y)
     simple = ((target["eps"] - eps) ** 2).flatten(1).mean(1)
+    if student.var != "learned_range":  # a fixed variance: nothing for the KL to teach (eq. 20 alone)
+        return simple, torch.zeros_like(simple)
     mean, logvar = reverse_gaussian(student.schedule, chain_t, z_t, k, x_pred.detach(),
                                     variance_frac(student.var, v))
     vlb = gaussian_kl(target["mean"], target["logvar"], mean, logvar).flatten(1).mean(1) / math.log(2)
     return simple, vlb
 
-def new_set(n, K, shape, collect, gen, spread=False):
+def new_set(n, K, shape, collect, gen, spread=False, num_classes=0):
     """B+_0 of alg. 1: n entries of pure noise at chain index K - 1, each with the index where its shuffle
-    denoise stops: uniform over 0..K-1 (spread: evenly), or K - 1 for iterative distillation (no shuffle)."""
+    denoise stops: uniform over 0..K-1 (spread: evenly), or K - 1 for iterative distillation (no shuffle);
+    for a class-conditional teacher each entry's label 'y', uniform, kept along its trajectory."""
     device = gen.device
     if collect == "iterative":
         stop = torch.full((n,), K - 1, device=device)
@@ -77,8 +81,11 @@ def new_set(n, K, shape, collect, gen, spread=False):
         stop = ((torch.arange(n, device=device) + 0.5) * K / n).long()
     else:
         stop = torch.randint(K, (n,), generator=gen, device=device)
-    return {"z": torch.randn((n, *shape), generator=gen, device=device),
+    kset = {"z": torch.randn((n, *shape), generator=gen, device=device),
             "k": torch.full((n,), K - 1, device=device), "stop": stop}
+    if num_classes:
+        kset["y"] = torch.randint(num_classes, (n,), generator=gen, device=device)
+    return kset
 
 @torch.no_grad()
 def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_every=1000):
@@ -90,10 +97,11 @@ def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_ev
         todo = (kset["k"] > kset["stop"]).nonzero().squeeze(1)[:batch]
         if len(todo) == 0:
             break
-        z, k = kset["z"][todo], kset["k"][todo]
+        z, k, y = kset["z"][todo], kset["k"][todo], kset["y"][todo] if "y" in kset else None
         noise = torch.randn(z.shape, generator=gen, device=gen.device)
         # ranks share out
-        z_prev = teacher_step(teacher, chain_t, R.mine(z), R.mine(k), R.mine(noise), clip)["z_prev"]
+        z_prev = teacher_step(teacher, chain_t, R.mine(z), R.mine(k), R.mine(noise), clip,
+                              None if y is None else R.mine(y))["z_prev"]
         kset["z"][todo], kset["k"][todo] = R.gather(z_prev, len(todo)), k - 1
         calls += 1
         if calls % 20 == 0 or len(todo) < batch:
@@ -101,7 +109,7 @@ def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_ev
             R.progress("shuffle denoise", done, total, t0, " teacher steps/s")
         if save and calls % save_every == 0:
             save()
-    return {"z": kset["z"], "k": kset["k"]}
+    return {key: v for key, v in kset.items() if key != "stop"}
 
 def draw(n, b, collect, gen):
     """Alg. 1 line 4: b distinct random entries of the enlarged set (dynamic); iterative and shuffled
@@ -110,12 +118,15 @@ def draw(n, b, collect, gen):
         return torch.randperm(n, generator=gen, device=gen.device)[:b]
     return torch.arange(n, device=gen.device)
 
-def write_back(kset, idx, k, z_prev, K, gen):
+def write_back(kset, idx, k, z_prev, K, gen, num_classes=0):
     """Alg. 1 line 8: the teacher's one-step-denoised states replace their entries; entries that reached the
-    data restart from pure noise (the official loader resets them to t = T)."""
+    data restart from pure noise (the official loader resets them to t = T), with a new label if any."""
     fresh = torch.randn(z_prev.shape, generator=gen, device=gen.device)
     kset["z"][idx] = torch.where(bcast(k, z_prev) == 0, fresh, z_prev)
     kset["k"][idx] = torch.where(k == 0, K - 1, k - 1)
+    if num_classes:
+        y = torch.randint(num_classes, k.shape, generator=gen, device=gen.device)
+        kset["y"][idx] = torch.where(k == 0, y, kset["y"][idx])
 
 def synthesize(cfg, teacher, shape, device):
     """The data-free baseline's dataset (sec. 4.1, fig. 2b): cfg.synthetic ancestral teacher samples (table 4)
@@ -138,6 +149,9 @@ STUDENTS = {  # the paper's CNN students (official yaml/arch): the teacher's ADM
     "cnn_24m": dataclasses.replace(_ADM57, ch=96, num_res_blocks=2),  # 24,866,214
     "cnn_14m": dataclasses.replace(_ADM57, ch=64),                    # 14,301,446: the main CIFAR-10 student
     "cnn_tiny": PRESETS["tiny16"],                                    # 209,382: tiny at half width
+    # table 3: the LDM teacher's U-Net at 128 channels (dkdm-*-ldm-vq-4.yaml), in its latent space
+    "ldm_128": dataclasses.replace(PRESETS["ldm_vq4_unet"], ch=128),
+    "ldm_tiny_half": dataclasses.replace(PRESETS["ldm_tiny"], ch=16, norm_groups=8),  # CPU tests
 }
 
 @dataclasses.dataclass
@@ -149,6 +163,9 @@ class Config:
     # google/ddpm-cifar10-32 (fixed variance) or a project checkpoint work too.
     teacher: str = R.field("", "teacher for load_teacher (paper: DDPM-IP's ADM); '' = the cached shapes "
                                "teacher")
+    # A conditional teacher's labels are uniform per knowledge-set entry, kept along its trajectory.
+    class_cond: bool = R.field(False, "the class-conditional cached shapes teacher (any --teacher: its own)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     # The paper's ADM CNNs are cnn_57m, cnn_44m, cnn_32m, cnn_24m and cnn_14m; a common preset is e.g. dit_s2
     # (a ViT).
     student: str = R.field("cnn_14m",
@@ -173,9 +190,10 @@ class Config:
     # of a rho T b set per update.
     collect: str = R.field("dynamic", "how the teacher's knowledge is collected (sec. 3.3)",
                            choices=("iterative", "shuffled", "dynamic"))
+    # The LDMs of table 3: rho 4 (BATCH: 4.0 in the official configs), 192,000 latents at batch 48.
     rho: float = R.field(0.4,
                          "the dynamic set holds round(rho T) b entries (fig. 4b; official: 0.4 = 51,200)",
-                         low=0.0, high=1.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
+                         low=0.0, rehearse=lambda c: min(c.rho, 1 / (c.chain_steps or 100)))
     # Respaced as in Nichol & Dhariwal sec. 4; the student then sees only the chain's K timesteps.
     chain_steps: int = R.field(0, "steps K of the teacher's reverse chain: 0 = all T (the paper); K < T "
                                   "respaces it", low=0)
@@ -211,6 +229,9 @@ class Config:
     fid_samples: int = R.field(0, "FID/IS samples of the student's ancestral sampler (paper: 50000; 0 = off)",
                                low=0, fixed=False, rehearse=32)
     fid_teacher: bool = R.field(False, "also FID/IS of the teacher's", fixed=False)
+    # table 3 (the LDMs): DDIM with 200 steps, eta 0 (--eval-steps 200)
+    fid_sampler: str = R.field("ancestral", "the sampler FID/IS score (table 2: ancestral; table 3: ddim)",
+                               choices=("ancestral", "ddim"), fixed=False)
     # '' = clean-fid's, downloaded once.
     fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma) for offline machines", fixed=False)
     inception: str = R.field("", "Inception weights for FID/IS ('' = download once)", fixed=False)
@@ -239,10 +260,12 @@ QUICK = dict(data="shapes", student="cnn_tiny", dropout=0.0, chain_steps=50, rho
 def samplers(cfg, den):
     """The paper's IDDPM ancestral sampler (learned variance) on IDDPM's respaced grid round(linspace(0, T-1,
     n)), and DDIM on the same grid; per-seed noise."""
-    times = sampler_times(den.schedule, cfg.eval_steps, "linspace")
-    clip = cfg.eval_clip
-    return {"ddim": lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1),
-            "ancestral": lambda z, seeds: ancestral_sample(den, z, times, seeds, clip=clip).clamp(-1, 1)}
+    times, clip = sampler_times(den.schedule, cfg.eval_steps, "linspace"), cfg.eval_clip
+    classes = R.eval_classes(cfg.classes, den)
+    y = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device, classes)  # a conditional model's
+    return {"ddim": lambda z, seeds: den.image(ddim_sample(den, z, times, clip, y(z, seeds))),
+            "ancestral": lambda z, seeds: den.image(ancestral_sample(den, z, times, seeds, None, clip,
+                                                                     y(z, seeds)))}
 
 @torch.no_grad()
 def teacher_reference(cfg, teacher, chain_t, shape, device):
@@ -250,9 +273,9 @@ def teacher_reference(cfg, teacher, chain_t, shape, device):
     training never uses, stopping evenly along the chain), its eps there, and its samples of seeds 0..n-1."""
     gen, t0, full = torch.Generator(device).manual_seed(10 ** 9 + cfg.seed), time.time(), R.full_config(cfg)
     with autocast(device, cfg.dtype):
-        states = new_set(cfg.eps_samples, len(chain_t), shape, "shuffled", gen, spread=True)
+        states = new_set(cfg.eps_samples, len(chain_t), shape, "shuffled", gen, True, teacher.num_classes)
         ref = shuffle_denoise(teacher, chain_t, states, cfg.prep_batch, cfg.teacher_clip, gen)
-        ref["eps"] = teacher(ref["z"], chain_t[ref["k"]])[1]
+        ref["eps"] = teacher(ref["z"], chain_t[ref["k"]], y=ref.get("y"))[1]
         R.rehearsal_rate("teacher trajectory states", cfg.eps_samples, time.time() - t0, full.eps_samples,
                          "state")
         for name, fn in samplers(cfg, teacher).items():
@@ -260,14 +283,13 @@ def teacher_reference(cfg, teacher, chain_t, shape, device):
                                    f"evaluation teacher {name}", full.eval_samples)
     return ref
 
-def fid(cfg, name, fn, shape, device):
+def fid(cfg, name, fn, shape, device, image_size):
     """FID/IS of cfg.fid_samples samples (clean-fid's CIFAR-10 train statistics, or real images of --data)."""
     with autocast(device, cfg.dtype):
         folder = R.sample_to_folder(fn, cfg.fid_samples, os.path.join(cfg.out, "samples", name), shape,
                                     cfg.batch, device, full=R.full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else R.write_pngs(
-        R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-        os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
+                           cfg.fid_stats, image_size=image_size)
     return R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                     stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
@@ -276,15 +298,15 @@ def evaluate(cfg, name, den, ref, chain_t, shape, device, want_fid=False):
     """Teacher fidelity: the eps RMSE on the teacher's fresh trajectory states, and the RMSE of each sampler's
     output to the teacher's from the same noise; FID/IS of the ancestral sampler when asked."""
     with autocast(device, cfg.dtype):
-        eps_rmse = rmse(den(ref["z"], chain_t[ref["k"]])[1], ref["eps"])
+        eps_rmse = rmse(den(ref["z"], chain_t[ref["k"]], y=ref.get("y"))[1], ref["eps"])
     rows, images = [], {}
     for sampler, fn in samplers(cfg, den).items():
         with autocast(device, cfg.dtype):
             images[sampler] = R.generate(fn, range(cfg.eval_samples), shape, cfg.batch, device,
                                          f"evaluation {name} {sampler}", R.full_config(cfg).eval_samples)
-        want = want_fid and sampler == "ancestral"
+        want = want_fid and sampler == cfg.fid_sampler
         fast = samplers(cfg, R.compiled(den, cfg.compile))[sampler] if want else None  # pays at FID's sizes
-        scores = fid(cfg, f"{name}_{sampler}", fast, shape, device) if want else {}
+        scores = fid(cfg, f"{name}_{sampler}", fast, shape, device, den.image_shape[-1]) if want else {}
         rows.append({"model": name, "sampler": sampler, "steps": cfg.eval_steps, "eps_rmse": eps_rmse,
                      "rmse_to_reference": rmse(images[sampler], ref[sampler]), "fid": scores.get("fid"),
                      "is": scores.get("is")})
@@ -293,15 +315,19 @@ def evaluate(cfg, name, den, ref, chain_t, shape, device, want_fid=False):
 # ---- training: one visible loop ------------------------------------------------------------------------
 
 def make_student(cfg, teacher):
-    """The randomly initialised student (seeded): an eps network with learned-range variance (6 outputs, as
-    the paper's students) at the teacher's image size, on the teacher's schedule."""
-    c = teacher.net.config
+    """The randomly initialised student (seeded): an eps network at the teacher's image (or latent) size, on
+    the teacher's schedule, with learned-range variance (2C outputs, as the paper's students) for a learned-
+    range teacher, else the teacher's fixed variance (the LDMs of table 3: L*_simple alone, eq. 20); a latent
+    teacher's student shares its autoencoder."""
+    c, learned = teacher.net.config, teacher.var == "learned_range"
     torch.manual_seed(cfg.seed)
     net = build_net(STUDENTS.get(cfg.student, cfg.student), image_size=c.image_size,
-                    in_channels=c.in_channels, out_channels=2 * c.in_channels, dropout=cfg.dropout)
+                    in_channels=c.in_channels, out_channels=(1 + learned) * c.in_channels, dropout=cfg.dropout,
+                    num_classes=teacher.num_classes)  # a conditional teacher's student takes its labels
     times = sampler_times(teacher.schedule, cfg.eval_steps, "linspace")  # its sampler: the paper's IDDPM one
-    return Denoiser(net, teacher.schedule, "eps", "learned_range",
-                    sampler_spec(times, ancestral=True, clip=cfg.eval_clip))
+    return Denoiser(net, teacher.schedule, "eps", teacher.var, sampler_spec(times, ancestral=True,
+                                                                            clip=cfg.eval_clip),
+                    autoencoder=teacher.autoencoder)
 
 def train(cfg, spec, teacher, chain_t, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA
@@ -311,7 +337,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
     student = make_student(cfg, teacher).to(device)
     trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().freeze()
     fast_teacher = R.compiled(teacher, cfg.compile)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(student.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed, kset = 0, 0.0, None
@@ -322,7 +348,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
         kset = kset and {key: v.to(device) for key, v in kset.items()}
     elif cfg.method == "dkdm":
         n = round(cfg.rho * len(chain_t)) * cfg.batch if cfg.collect == "dynamic" else cfg.batch
-        kset = new_set(n, len(chain_t), shape, cfg.collect, gen)
+        kset = new_set(n, len(chain_t), shape, cfg.collect, gen, num_classes=teacher.num_classes)
     path, names = os.path.join(cfg.out, "ckpt.pt"), \
         ("loss", "vlb_bits") if cfg.method == "dkdm" else ("loss",)
     meter = R.Meter(cfg.out, step, cfg.updates, elapsed, device, names, "student training",
@@ -355,11 +381,12 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
                 noise = torch.randn((len(idx), *shape), generator=gen, device=device)
                 # this rank's part
                 z_t, k, noise = (R.mine(v) for v in (kset["z"][idx], kset["k"][idx], noise))
-                target = teacher_step(fast_teacher, chain_t, z_t, k, noise, cfg.teacher_clip)  # a step
-                simple, vlb = dkdm_loss(trained, chain_t, z_t, k, target)                 # lines 5-6
+                y = R.mine(kset["y"][idx]) if "y" in kset else None  # teacher and student: the same label
+                target = teacher_step(fast_teacher, chain_t, z_t, k, noise, cfg.teacher_clip, y)  # a step
+                simple, vlb = dkdm_loss(trained, chain_t, z_t, k, target, y)              # lines 5-6
                 loss, vlb = (simple + cfg.vlb_weight * vlb).mean(), vlb.mean()           # eq. 19
             else:  # standard hybrid training (eq. 13) on the synthetic data, with the same per-step KL weight
-                x = R.sample_batch(data, cfg.batch, gen)
+                x, _ = R.sample_batch(data, cfg.batch, gen)
                 loss = R.diffusion_loss(trained, "snr", x, gen,
                                         vlb_weight=cfg.vlb_weight / teacher.schedule.T)
                 vlb = torch.zeros((), device=device)
@@ -368,7 +395,8 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
         opt.step()                                                                       # line 7
         ema_update(ema.net, student.net, cfg.ema)
         if cfg.method == "dkdm":  # line 8, on every rank: each holds the whole set, the same after each step
-            write_back(kset, idx, kset["k"][idx], R.gather(target["z_prev"]), len(chain_t), gen)
+            write_back(kset, idx, kset["k"][idx], R.gather(target["z_prev"]), len(chain_t), gen,
+                       teacher.num_classes)
         step += 1
         meter.add(*(loss, vlb) if cfg.method == "dkdm" else (loss,))
         if step % cfg.log_every == 0 or step == cfg.updates:
@@ -394,9 +422,11 @@ def evaluate_student(cfg, teacher, ema, chain_t, device):
     teacher_rows = [{"model": "teacher", "sampler": s, "steps": cfg.eval_steps, "eps_rmse": 0.0,
                      "rmse_to_reference": 0.0, "fid": None, "is": None} for s in ("ddim", "ancestral")]
     if cfg.fid_samples and cfg.fid_teacher:
-        scores = fid(cfg, "teacher_ancestral", samplers(cfg, R.compiled(teacher, cfg.compile))["ancestral"],
-                     shape, device)
-        teacher_rows[1].update({"fid": scores["fid"], "is": scores["is"]})
+        scores = fid(cfg, f"teacher_{cfg.fid_sampler}",
+                     samplers(cfg, R.compiled(teacher, cfg.compile))[cfg.fid_sampler], shape, device,
+                     teacher.image_shape[-1])
+        row = teacher_rows[("ddim", "ancestral").index(cfg.fid_sampler)]
+        row.update({"fid": scores["fid"], "is": scores["is"]})
     g = cfg.grid  # rows: teacher DDIM, student DDIM, teacher ancestral, student ancestral; columns: noises
     R.save_grid(torch.cat([ref["ddim"][:g], images["ddim"][:g], ref["ancestral"][:g],
                            images["ancestral"][:g]]),
@@ -473,8 +503,11 @@ def main(argv=None):
         return R.run_finished(cfg.out)
     if not cfg.teacher:  # the cached teacher's T is known from its config: refused before it is trained
         chain(cfg, Schedule(R.TeacherConfig().schedule), "the cached shapes teacher")
-    spec = cfg.teacher or R.cached_teacher()
+    spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
     teacher = R.load_teacher(spec, device)
+    R.eval_classes(cfg.classes, teacher)
+    if (teacher.num_classes or teacher.autoencoder is not None) and cfg.method == "datafree":
+        raise ValueError("--method datafree trains on unlabelled pixel images: use an unconditional pixel teacher")
     chain_t = torch.tensor(chain(cfg, teacher.schedule, spec), device=device)
     if chosen:
         return evaluate_snapshots(cfg, chosen, teacher, chain_t, device)

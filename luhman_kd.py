@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from common import (SKIPS, autocast, build_net, check_steps, ddim_sample, ema_update, lr_at, net_config, rmse,
-                    sampler_spec, sampler_times, seeded_noise, to_float)
+                    sampler_spec, sampler_times, seeded_labels, seeded_noise, to_float)
 
 import runtime as R
 
 # ---- The method: F_teacher (sec. 2.2), F_student (sec. 3.2), the loss (eq. 10-11, app. B) -----------------
 
-def teacher_x0(teacher, x_T, times):
+def teacher_x0(teacher, x_T, times, y=None):
     """F_teacher(x_T): deterministic DDIM (eq. 8) through `times`, then the last step to x_0; unclipped inside
-    the chain, clipped to [-1, 1] once (official). With times[:1]: the teacher's own 1-step DDIM."""
-    return ddim_sample(teacher, x_T, times).clamp(-1, 1)
+    the chain, clipped to [-1, 1] once (official). With times[:1]: the teacher's own 1-step DDIM. y: the
+    labels of a class-conditional teacher, a pair's part as x_T is."""
+    return ddim_sample(teacher, x_T, times, y=y).clamp(-1, 1)
 
 def make_student(teacher, student_param):
     """The teacher network's architecture and weights, trainable (sec. 3.2), without dropout (app. B: "We did
@@ -39,11 +40,11 @@ def make_student(teacher, student_param):
     one_step = sampler_spec([teacher.schedule.time(1.0)], clip=True)   # student_x0, clipped as evaluated
     return teacher.copy(net=net, param=param, sampler=one_step).to(next(teacher.parameters()).device)
 
-def student_x0(student, x_T):
+def student_x0(student, x_T, y=None):
     """F_student(x_T): one evaluation at the top noise level t = T-1 (official: 999.0). 'resid' subtracts the
     eps-like output with unit coefficients (official); the exact conversion (x_T - sigma_T eps)/alpha_T is
     the teacher's 1-step DDIM at initialisation but divides by alpha_T = 0.0064 (linear schedule)."""
-    return student(x_T, student.schedule.time(1.0))[0]
+    return student(x_T, student.schedule.time(1.0), y=y)[0]
 
 def student_loss(x0_hat, x_0, kind):
     """Per-sample loss (B,): eq. 11 (l2, the KL between unit-variance Gaussians up to 1/2 and a constant) or
@@ -80,6 +81,9 @@ class Config:
     # The recipes' teachers (TEACHERS): cifar10 google/ddpm-cifar10-32, celeba none (convert ermongroup/ddim
     # celeba), lsun_bedroom google/ddpm-ema-bedroom-256, lsun_church google/ddpm-ema-church-256.
     teacher: str = R.field("", "load_teacher spec; '' = the recipe's, for shapes the cached shapes teacher")
+    # A conditional teacher's pairs carry a label each, drawn from the pair's seed as its x_T.
+    class_cond: bool = R.field(False, "the class-conditional cached shapes teacher (any --teacher: its own)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     image_size: int = R.field(0, "size of x_T; 0 = the teacher network's training size", low=0)
     teacher_steps: int = by_recipe("teacher_steps", "DDIM steps of the teacher", low=1)
     skip: str = by_recipe("skip", "teacher timesteps (quad: from 0.8 T)", choices=SKIPS)
@@ -154,10 +158,11 @@ def quantize(x_0, targets):
     y = x_0.clamp(-1, 1) * 127.5 + 127.5
     return (y.round() if targets == "round" else y.floor()).to(torch.uint8)
 
-def pairs_recipe(cfg, spec, times, shape):
+def pairs_recipe(cfg, spec, times, shape, classes=0):
     """What the pairs depend on; a pair folder of another recipe is refused (generation and training)."""
     return dict(teacher=spec, teacher_steps=cfg.teacher_steps, skip=cfg.skip, times=list(times),
-                dtype=cfg.dtype, targets=cfg.targets, seed=cfg.seed, shape=list(shape))
+                dtype=cfg.dtype, targets=cfg.targets, seed=cfg.seed, shape=list(shape),
+                **({"classes": classes} if classes else {}))
 
 def read_meta(pairs, recipe):
     """The pairs written per split ({'train': n, 'test': n}); None for a new folder."""
@@ -193,7 +198,8 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
     os.makedirs(cfg.pairs, exist_ok=True)
     R.lock_out(cfg.pairs, "--pairs")  # a --pairs folder shared by runs is filled by one at a time
     done = read_meta(cfg.pairs, recipe) or {"train": 0, "test": 0}
-    dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)])
+    classes = recipe.get("classes", 0)  # a class-conditional teacher: each pair's label, from its seed
+    dtype = np.dtype([("x_T", np.float16, shape), ("x_0", np.uint8, shape)] + [("y", np.int16)] * (classes > 0))
     splits = (("train", cfg.num_pairs), ("test", cfg.num_test_pairs))
     todo = sum(max(0, n - done[split]) for split, n in splits)
     R.print0(f"pairs: {cfg.num_pairs + cfg.num_test_pairs:,} x {dtype.itemsize} B in {cfg.pairs}; {todo:,} "
@@ -209,11 +215,14 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
             chunks, t_round = starts[r:r + R.world_size()], time.time()  # this round: chunk k is rank k's
             if R.rank() < len(chunks):
                 i, j = chunks[R.rank()], min(chunks[R.rank()] + cfg.gen_batch, n)
-                x_T = seeded_noise(noise_seeds(cfg.seed, split, i, j), shape, device)   # (b, C, H, W)
+                seeds = noise_seeds(cfg.seed, split, i, j)
+                x_T, y = seeded_noise(seeds, shape, device), seeded_labels(seeds, classes, device)  # (b, C, H, W)
                 with autocast(device, cfg.dtype):
-                    x_0 = teacher_x0(teacher, x_T, recipe["times"])
+                    x_0 = teacher_x0(teacher, x_T, recipe["times"], y)
                 data["x_T"][i:j] = x_T.half().cpu().numpy()
                 data["x_0"][i:j] = quantize(x_0, cfg.targets).cpu()
+                if y is not None:
+                    data["y"][i:j] = y.cpu().numpy()
                 data.flush()
             # the round's pairs on disk before the count
             R.barrier()
@@ -229,13 +238,15 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
                             "world_size": R.world_size()})
 
 def fetch(data, idx, device):
-    """Pairs idx -> (x_T, x_0), float32 (B, C, H, W) each on the device, in sorted index order."""
+    """Pairs idx -> (x_T, x_0, y), float32 (B, C, H, W) each on the device, in sorted index order; y the
+    labels (B,) of a class-conditional teacher's pairs, else None."""
     rec = data[np.sort(idx)]                                      # sorted: forward reads of the memory map
-    x_T, x_0 = (torch.from_numpy(np.ascontiguousarray(rec[k])) for k in ("x_T", "x_0"))
+    keys = ("x_T", "x_0", "y") if "y" in data.dtype.names else ("x_T", "x_0")
+    parts = [torch.from_numpy(np.ascontiguousarray(rec[k])) for k in keys]
     if device.startswith("cuda"):                                 # no host stall per step
-        x_T, x_0 = x_T.pin_memory(), x_0.pin_memory()
-    x_T, x_0 = x_T.to(device, non_blocking=True).float(), x_0.to(device, non_blocking=True)
-    return x_T, to_float(x_0)                                     # official train_pyfunc: y/127.5 - 1
+        parts = [p.pin_memory() for p in parts]
+    x_T, x_0, *y = (p.to(device, non_blocking=True) for p in parts)
+    return x_T.float(), to_float(x_0), y[0].long() if y else None  # official train_pyfunc: x_0/127.5 - 1
 
 # ---- Training: Adam with warm-up, EMA, the EMA's test loss every --test-every updates, the best EMA kept --
 
@@ -246,9 +257,9 @@ def test_loss(ema, test_set, cfg, device):
     ours, b = R.mine(torch.arange(cfg.num_test_pairs)).numpy(), cfg.batch // R.world_size() // cfg.accum
     total = torch.zeros((), device=device)
     for i in range(0, len(ours), b):
-        x_T, x_0 = fetch(test_set, ours[i:i + b], device)
+        x_T, x_0, y = fetch(test_set, ours[i:i + b], device)
         with autocast(device, cfg.dtype):
-            total += student_loss(student_x0(ema, x_T), x_0, cfg.loss).sum()
+            total += student_loss(student_x0(ema, x_T, y), x_0, cfg.loss).sum()
     return (R.mean_over_ranks(total) * R.world_size()).item() / cfg.num_test_pairs  # the sum over the ranks
 
 def train(cfg, teacher, ckpt, recipe, device):
@@ -289,10 +300,10 @@ def train(cfg, teacher, ckpt, recipe, device):
         opt.zero_grad(set_to_none=True)
         ours = R.mine(torch.from_numpy(order[i * cfg.batch:(i + 1) * cfg.batch])).numpy()  # this rank's part
         for a, part in enumerate(np.array_split(ours, cfg.accum)):
-            x_T, x_0 = fetch(train_set, part, device)             # (B / ranks / accum, C, H, W) each
+            x_T, x_0, y = fetch(train_set, part, device)          # (B / ranks / accum, C, H, W) each
             last = R.world_size() == 1 or a + 1 == cfg.accum         # DDP averages the gradients at the end
             with autocast(device, cfg.dtype), contextlib.nullcontext() if last else trained.net.no_sync():
-                loss = student_loss(student_x0(trained, x_T), x_0, cfg.loss).sum() / len(ours)
+                loss = student_loss(student_x0(trained, x_T, y), x_0, cfg.loss).sum() / len(ours)
                 loss.backward()                                   # summed over the parts: the batch mean
             meter.add(loss)
         opt.step()                                                # no gradient clipping (app. B)
@@ -332,9 +343,11 @@ def evaluate(cfg, teacher, times, shape, device):
         student, teacher = R.compiled(student, cfg.compile), R.compiled(teacher, cfg.compile)
     last = R.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
     amp = autocast(device, cfg.dtype)                             # sample_fn(z, seeds) under --dtype
-    F_student = amp(lambda z, seeds=None: student.sample(z))  # its recorded sampler: student_x0, clipped
-    F_teacher = amp(lambda z, seeds=None: teacher_x0(teacher, z, times))
-    F_teacher_1 = amp(lambda z, seeds=None: teacher_x0(teacher, z, times[:1]))
+    classes = R.eval_classes(cfg.classes, teacher)
+    y = lambda z, seeds: seeded_labels(seeds, teacher.num_classes, z.device, classes)  # a conditional model's
+    F_student = amp(lambda z, seeds: student.sample(z, y=y(z, seeds)))  # its sampler: student_x0, clipped
+    F_teacher = amp(lambda z, seeds: teacher_x0(teacher, z, times, y(z, seeds)))
+    F_teacher_1 = amp(lambda z, seeds: teacher_x0(teacher, z, times[:1], y(z, seeds)))
 
     # Teacher fidelity on held-out noise: the student's 1 step vs the teacher's own 1-step DDIM, same x_T.
     seeds, full = noise_seeds(cfg.seed, "eval", 0, cfg.eval_n), R.full_config(cfg)
@@ -354,13 +367,14 @@ def evaluate(cfg, teacher, times, shape, device):
         R.save_grid(x[:64], os.path.join(cfg.out, f"samples_{name}.png"))        # same noise, side by side
     z = seeded_noise(seeds[:8], shape, device)                    # fig. 6: slerp, 4 rows x 10 points
     zs = torch.stack([slerp(z[2 * r], z[2 * r + 1], a) for r in range(4) for a in torch.linspace(0, 1, 10)])
-    R.save_grid(F_student(zs), os.path.join(cfg.out, "interpolation.png"), nrow=10)
+    R.save_grid(F_student(zs, [seeds[2 * r] for r in range(4) for _ in range(10)]),  # a row: a label
+                os.path.join(cfg.out, "interpolation.png"), nrow=10)
     if cfg.time_batch:                                            # Table 2: 1 evaluation vs len(times)
-        z = torch.randn(cfg.time_batch, *shape, device=device)
+        z, z_seeds = torch.randn(cfg.time_batch, *shape, device=device), range(cfg.time_batch)
         for row, fn, repeats in ((rows[2], F_student, 10), (rows[0], F_teacher, 1)):
-            fn(z[:2]).sum().item()                                # warm-up; .item(): the device has finished
+            fn(z[:2], z_seeds[:2]).sum().item()                   # warm-up; .item(): the device has finished
             t0 = time.time()
-            torch.stack([fn(z).sum() for _ in range(repeats)]).sum().item()
+            torch.stack([fn(z, z_seeds).sum() for _ in range(repeats)]).sum().item()
             row["images_per_s"] = repeats * len(z) / (time.time() - t0)
             row["time_50k_s"] = 50_000 / row["images_per_s"]
     if cfg.other_size:                                            # fig. 13: a size never trained on
@@ -381,8 +395,8 @@ def evaluate(cfg, teacher, times, shape, device):
         "sampler": f"ddim_{cfg.skip}", "steps": len(times)}, rows, finished=finished)
     metrics(False)
     if cfg.fid:
-        ref = cfg.fid_ref or (None if cfg.data == "cifar10" else R.write_pngs(
-            R.load_dataset(cfg.data, shape[-1])[:cfg.fid], os.path.join(cfg.out, f"fid_real_{cfg.fid}")))
+        ref = cfg.fid_ref or R.reference_pngs(cfg.data, cfg.fid, os.path.join(cfg.out, f"fid_real_{cfg.fid}"),
+                                              cfg.fid_stats, image_size=shape[-1])
         models = ((rows[2], F_student, "student"), (rows[0], F_teacher, "teacher"))[:1 + cfg.fid_teacher]
         for row, fn, name in models:
             folder = R.sample_to_folder(fn, cfg.fid, os.path.join(cfg.out, f"fid_{name}"), shape,
@@ -413,8 +427,6 @@ def resolve(cfg):
     for ok, message in [
             (cfg.teacher or cfg.data == "shapes", "--teacher: the paper's CelebA teacher is ermongroup/ddim"
              "'s ckpt.pth: python tools/convert_teacher.py ckpt.pth celeba.pt, then --teacher celeba.pt"),
-            (cfg.data in ("cifar10", "shapes") or cfg.data.startswith("folder:"),
-             f"--data {cfg.data}: expected {R.DATASETS}"),
             (not cfg.other_size or re.fullmatch(r"\d+x\d+", cfg.other_size.lower()),
              f"--other-size {cfg.other_size!r}: expected HxW, e.g. 32x48"),
             (cfg.stage == "pairs" or cfg.batch % (cfg.accum * R.world_size()) == 0,
@@ -445,8 +457,7 @@ def main(argv=None):
     cfg = R.parse_config(Config, argv, quick=QUICK, doc=__doc__.split("\n\n")[0])
     device = R.setup_device(cfg.device)                             # first: the batch splits over the ranks
     cfg = R.rehearsal(resolve(cfg))                                 # --rehearse: every count cut
-    if cfg.data.startswith("folder:") and not os.path.isdir(cfg.data[7:]):
-        raise ValueError(f"--data {cfg.data}: no such folder")
+    R.dataset_classes(cfg.data)                                     # an unknown dataset, a missing folder
     if cfg.fid:
         R.prepare_fid(cfg.data, cfg.inception or None, cfg.fid_stats or None)
     ckpt = R.read_resume(cfg)                                       # refuses a resume with other result flags
@@ -457,7 +468,9 @@ def main(argv=None):
     if not cfg.teacher:                                           # the cached shapes teacher: sizes checked
         shapes = R.TeacherConfig()                                  # before it is trained (once per machine)
         check_sizes(cfg, net_config(build_net(shapes.net, image_size=shapes.image_size)))
-    teacher = R.load_teacher(cfg.teacher or R.cached_teacher(R.TeacherConfig()), device)
+    spec = cfg.teacher or R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
+    teacher = R.pixel_teacher(R.load_teacher(spec, device), "luhman_kd.py")
+    R.eval_classes(cfg.classes, teacher)
     if cfg.student_param == "official" and teacher.param != "eps":
         raise ValueError(f"--student-param official reads the output as eps; {teacher.source} predicts "
                          f"{teacher.param}: use --student-param exact")
@@ -469,7 +482,7 @@ def main(argv=None):
     size = cfg.image_size or net_config(teacher.net)["image_size"]
     shape = (3, size, size)
     times = sampler_times(teacher.schedule, cfg.teacher_steps, cfg.skip)
-    recipe = pairs_recipe(cfg, teacher.source, times, shape)
+    recipe = pairs_recipe(cfg, teacher.source, times, shape, teacher.num_classes)
     R.print0(f"teacher {teacher.source}: {len(times)}-step DDIM ({cfg.skip}) from t={times[0]}; {cfg.recipe} "
              f"recipe: lr {cfg.lr:g}, batch {cfg.batch}, {cfg.updates} updates")
     if cfg.stage in ("all", "pairs"):

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from common import (Denoiser, PRESETS, WEIGHTINGS, ancestral_sample, autocast, bcast, build_net, ddim_sample,
                     ddim_step, eps_from_x, lr_at, net_config, rmse, sampler_spec, sampler_times,
-                    weighted_loss)
+                    seeded_labels, weighted_loss)
 
 import runtime as R
 
@@ -48,24 +48,27 @@ def target_weight(phi_t, phi_t1, phi_t2):
     return b / (a + b)
 
 @torch.no_grad()
-def distill_target(teacher, z_t, u, N, one_step=False, clip=False):
+def distill_target(teacher, z_t, u, N, y=None, one_step=False, clip=False):
     """Alg. 2, lines 9-13: x~ for which one student DDIM step t -> t'' = t - 1/N lands where two teacher DDIM
-    steps t -> t' = t - 0.5/N -> t'' land (u: the unit time t of each sample, (B,) float64; N: student steps).
-    one_step (the re-parameterisation round): one teacher step per student step, x~ = the teacher's x."""
+    steps t -> t' = t - 0.5/N -> t'' land (u: the unit time t of each sample, (B,) float64; N: student steps;
+    y: the labels of a class-conditional teacher, the student's own). one_step (the re-parameterisation
+    round): one teacher step per student step, x~ = the teacher's x."""
     schedule = teacher.schedule
-    x1, eps1 = teacher(z_t, schedule.time(u), clip=clip)                                 # line 11
+    x1, eps1 = teacher(z_t, schedule.time(u), clip, y)                                   # line 11
     if one_step:
         return x1
     u1, u2 = u - 0.5 / N, u - 1.0 / N
     phi, phi1, phi2 = angle(schedule, u), angle(schedule, u1), angle(schedule, u2)
     z_t1 = ddim_step(x1, eps1, bcast(phi1.cos().float(), z_t), bcast(phi1.sin().float(), z_t))
-    x2, _ = teacher(z_t1, schedule.time(u1), clip=clip)                                  # line 12
+    x2, _ = teacher(z_t1, schedule.time(u1), clip, y)                                    # line 12
     w = bcast(target_weight(phi, phi1, phi2).float(), z_t)                              # line 13, eq. 43
     return w * x1 + (1 - w) * x2
 
-def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, clip=False):
+def distill_loss(student, teacher, x, y, N, weighting, generator, one_step=False, clip=False):
     """Alg. 2, the student's loss: t = i/N, i ~ U{1..N} (the student's own grid), z_t = alpha_t x +
-    sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~)."""
+    sigma_t eps, w(lambda_t) ||x~ - x_pred(z_t)||^2 with the weighting of sec. 4 (eps~ derived from x~).
+    y: x's labels for a class-conditional teacher (None otherwise); teacher and student see the same label
+    (the official loss_fn: no label dropout, no guidance)."""
     B, schedule = x.shape[0] * R.world_size(), student.schedule  # x: this rank's part of the global batch B
     i = R.mine(torch.randint(1, N + 1, (B,), generator=generator, device=generator.device))
     u = i.to(x.device, torch.float64) / N
@@ -73,8 +76,8 @@ def distill_loss(student, teacher, x, N, weighting, generator, one_step=False, c
     alpha, sigma = bcast(phi.cos().float(), x), bcast(phi.sin().float(), x)
     eps = R.mine(torch.randn((B, *x.shape[1:]), generator=generator, device=generator.device)).to(x.device)
     z_t = alpha * x + sigma * eps
-    x_tilde = distill_target(teacher, z_t, u, N, one_step, clip)
-    x_pred, eps_pred = student(z_t, schedule.time(u), clip=clip)
+    x_tilde = distill_target(teacher, z_t, u, N, y, one_step, clip)
+    x_pred, eps_pred = student(z_t, schedule.time(u), clip, y)
     eps_tilde = eps_from_x(z_t, x_tilde, alpha, sigma)
     return weighted_loss(x_pred, eps_pred, x_tilde, eps_tilde, alpha, sigma, weighting).mean()
 
@@ -117,7 +120,8 @@ def round_schedule(start, end, divisor, updates, final_factor, reparam_steps=0, 
 class Config:
     # data and teacher
     data: str = R.field("cifar10", f"dataset: {R.DATASETS}")
-    image_size: int = R.field(0, "image resolution; 0 = the teacher's (the base model: 32)", low=0)
+    image_size: int = R.field(0, "image resolution; 0 = the teacher's (base model: the data's or --net's)",
+                              low=0)
     # The teacher to distil: a hub id (google/ddpm-cifar10-32), a diffusers folder or a checkpoint of this
     # project; 'cached' is the shared 16x16 shapes eps teacher (trained once); '' trains the base model first.
     teacher: str = R.field("", "teacher: hub id, folder, checkpoint, 'cached'; '' = train the base model "
@@ -134,6 +138,9 @@ class Config:
     weighting: str = R.field("trunc_snr", "loss weighting w(lambda) of Alg. 1 and 2 (eps students: snr)",
                              choices=WEIGHTINGS)
     dropout: float = R.field(0.2, "base model dropout (app. E; distillation uses none)", low=0.0, below=1.0)
+    # The official code adds a Dense of the one-hot label to the time embedding (= common.add_class).
+    class_cond: bool = R.field(False, "class-conditional base model, labels from --data (fig. 4: ImageNet 64)")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
     base_updates: int = R.field(800_000, "base model updates (app. E)", low=1, rehearse=2)
     base_batch: int = R.field(128, "base model batch size (app. E)", low=1)
     base_lr: float = R.field(2e-4, "base Adam lr (official cifar_base config; app. E says 3e-4)", low=0.0)
@@ -213,19 +220,22 @@ QUICK = dict(data="shapes", image_size=16, net="tiny16", dropout=0.0, base_updat
 
 # ---- evaluation (fig. 4, fig. 7, app. F) ------------------------------------------------------------------
 
-def sampler(den, steps, gamma, clip):
+def sampler(den, steps, gamma, clip, classes=None):
     """DDIM on the grid t = i/N the students are trained on, or (gamma: app. F) ancestral sampling on it with
-    the log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log sigma~_{s|t}^2, noise per seed."""
+    the log-variance gamma log sigma_{t|s}^2 + (1 - gamma) log sigma~_{s|t}^2, noise (and a conditional
+    model's label, uniform or of --classes) per seed."""
     times = sampler_times(den.schedule, steps, skip="unit")
+    label = lambda z, seeds: seeded_labels(seeds, den.num_classes, z.device, classes)
     if gamma is None:  # a student's recorded sampler (den.sample)
-        return lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
-    return lambda z, seeds: ancestral_sample(den, z, times, seeds, frac=gamma, clip=clip).clamp(-1, 1)
+        return lambda z, seeds: ddim_sample(den, z, times, clip, label(z, seeds)).clamp(-1, 1)
+    return lambda z, seeds: ancestral_sample(den, z, times, seeds, gamma, clip, label(z, seeds)).clamp(-1, 1)
 
 def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     """Samples from seeds 0..eval_samples-1 (for the RMSE) and, with fid, FID/IS of cfg.fid_samples samples
     in OUT/samples/name, emptied first if it holds another model's samples (a student retrained after a
     restart)."""
-    fn = sampler(den, steps, gamma, cfg.eval_clip)
+    classes = R.eval_classes(cfg.classes, den)
+    fn = sampler(den, steps, gamma, cfg.eval_clip, classes)
     with autocast(device, cfg.dtype):
         images = R.generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
                             f"evaluation {name}", R.full_config(cfg).eval_samples)
@@ -244,11 +254,11 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
             with open(owner, "w") as f:
                 f.write(stamp)
         R.barrier()
-        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip)  # pays at FID's sizes
+        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip, classes)  # pays at FID's sizes
         R.sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
                            full=R.full_config(cfg).fid_samples)
-    ref = None if cfg.data == "cifar10" else R.write_pngs(
-        data[:cfg.fid_samples].cpu(), os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),
+                           cfg.fid_stats, data)
     return images, R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref,
                             stats=cfg.fid_stats or None, full=R.full_config(cfg).fid_samples)
 
@@ -274,9 +284,10 @@ def gammas(text):
 
 # ---- distillation: one visible loop per round --------------------------------------------------------------
 
-def distill(cfg, spec, teacher0, data, device, ckpt=None):
-    """Rounds of Alg. 2 from teacher0, resumable inside a round and across rounds: all resume state is in
-    OUT/ckpt.pt, itself a teacher checkpoint of the round's student. Returns the metrics rows."""
+def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
+    """Rounds of Alg. 2 from teacher0 on data (and its labels, for a class-conditional teacher), resumable
+    inside a round and across rounds: all resume state is in OUT/ckpt.pt, itself a teacher checkpoint of the
+    round's student. Returns the metrics rows."""
     eps = teacher0.param == "eps"
     rounds, full_rounds = (round_schedule(c.start_steps, c.end_steps, c.divisor, c.updates_per_round,
                                           c.final_rounds_factor, c.reparam_steps if eps else 0,
@@ -317,9 +328,9 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
             lr = lr_at(step, cfg.lr, 0, updates, "linear")  # app. E: linear anneal to zero within the round
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = R.sample_batch(data, cfg.batch, gen)
+            x, y = R.sample_batch(data, cfg.batch, gen, labels)
             with autocast(device, cfg.dtype):
-                loss = distill_loss(trained, fast_teacher, x, N, weighting, gen, n_teacher == N, clip)
+                loss = distill_loss(trained, fast_teacher, x, y, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -359,9 +370,9 @@ def distill(cfg, spec, teacher0, data, device, ckpt=None):
 
 def check(cfg):
     """What argparse cannot check, before any work: one-line ValueErrors."""
-    if cfg.data not in ("cifar10", "shapes") and not (cfg.data.startswith("folder:")
-                                                      and os.path.isdir(cfg.data[len("folder:"):])):
-        raise ValueError(f"--data {cfg.data}: expected {R.DATASETS} (an existing folder)")
+    classes = R.dataset_classes(cfg.data)  # checks the name (and that a folder exists)
+    if cfg.class_cond and not cfg.teacher and not classes:
+        raise ValueError(f"--class-cond: --data {cfg.data} has no class labels; use {R.LABELLED}")
     pow2 = lambda n: n & (n - 1) == 0
     if not (pow2(cfg.start_steps) and pow2(cfg.end_steps) and cfg.end_steps < cfg.start_steps):
         raise ValueError(f"--start-steps {cfg.start_steps} / --end-steps {cfg.end_steps}: expected powers of "
@@ -376,34 +387,37 @@ def check(cfg):
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
     if not cfg.teacher:
-        net, size = PRESETS[cfg.net], cfg.image_size or 32
+        net = PRESETS[cfg.net]
+        size = cfg.image_size or R.dataset_size(cfg.data) or net.image_size
         factor = net.patch_size if hasattr(net, "patch_size") else 2 ** (len(net.ch_mult) - 1)
         if size < 8 or size % factor:
             raise ValueError(f"--image-size {size}: the {cfg.net} network needs a multiple of {factor}, >= 8")
 
 def base_config(cfg):
     """The base model's Alg. 1 run into OUT/base (app. E's recipe: the --base-* flags)."""
-    return R.TeacherConfig(data=cfg.data, image_size=cfg.image_size or 32, net=cfg.net, dropout=cfg.dropout,
-                           schedule=cfg.schedule, param=cfg.param, weighting=cfg.weighting, var="fixed_large",
-                           updates=cfg.base_updates, batch=cfg.base_batch, lr=cfg.base_lr,
-                           warmup=cfg.base_warmup, weight_decay=cfg.base_weight_decay, ema=cfg.base_ema,
-                           grad_clip=cfg.grad_clip, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                           compile=cfg.compile,
+    size = cfg.image_size or R.dataset_size(cfg.data) or PRESETS[cfg.net].image_size
+    return R.TeacherConfig(data=cfg.data, image_size=size, net=cfg.net,
+                           dropout=cfg.dropout, class_cond=cfg.class_cond, schedule=cfg.schedule,
+                           param=cfg.param, weighting=cfg.weighting, var="fixed_large", updates=cfg.base_updates,
+                           batch=cfg.base_batch, lr=cfg.base_lr, warmup=cfg.base_warmup,
+                           weight_decay=cfg.base_weight_decay, ema=cfg.base_ema, grad_clip=cfg.grad_clip,
+                           seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
                            log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                           sample_steps=min(50, cfg.start_steps),  # its grid: at most as costly as a reference
                            out=os.path.join(cfg.out, "base"), resume="auto")
 
 def get_teacher(cfg, device):
     """(spec, Denoiser) of the start teacher: --teacher, the shared eps teacher, or the base model of Alg. 1
     (OUT/base, continued if unfinished and kept if finished: --resume is the distillation's; or the cache)."""
     if cfg.teacher == "cached":
-        spec = R.cached_teacher()
+        spec = R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond))
     elif cfg.teacher:
         spec = cfg.teacher
     else:
         base = base_config(cfg)
         spec = R.cached_teacher(base) if cfg.base_cache else \
             R.train_teacher(base, full_updates=R.full_config(cfg).base_updates)
-    return spec, R.load_teacher(spec, device)
+    return spec, R.pixel_teacher(R.load_teacher(spec, device), "progressive.py")
 
 @R.one_writer
 def main(argv=None):
@@ -425,10 +439,12 @@ def main(argv=None):
     size = net_config(teacher0.net)["image_size"]
     if cfg.image_size not in (0, size):
         raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} (or 0)")
-    data = R.load_dataset(cfg.data, size, seed=cfg.seed)
+    data, labels = R.load_dataset(cfg.data, size, seed=cfg.seed, labels=True)
+    labels = R.check_labels(teacher0, labels, cfg.data)  # a conditional teacher's, else None
+    R.eval_classes(cfg.classes, teacher0)
     R.start_run(cfg, ckpt, outputs=("samples", "rounds.png", "student_*.pt"), batch=cfg.batch)
     torch.manual_seed(cfg.seed)
-    distill(cfg, spec, teacher0, data.to(device), device, ckpt)
+    distill(cfg, spec, teacher0, *R.data_to(device, data, labels), device, ckpt)
     return R.run_finished(cfg.out)
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ rehearsal), checkpoints, teacher and hub loading, data, evaluation and FID, Alg.
 teachers. Method files import it as a module (`import runtime as R`: R.barrier(), R.fid_is(...)), so every
 call says where it comes from; it imports the core, the core imports nothing of it."""
 import argparse, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle, shutil
-import signal, socket, sys, tarfile, time
+import re, signal, socket, sys, tarfile, time, zipfile
 import urllib.request
 
 import numpy as np
@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import (Denoiser, PARAMS, PRESETS, Schedule, UNet, UNetConfig, WEIGHTINGS, autocast, bcast,
-                    build_net, ddim_sample, ema_update, lr_at, net_config, sampler_times, seeded_noise,
-                    to_float, to_uint8, vlb_terms, weighted_loss)
+from common import (AUTOENCODERS, Denoiser, PARAMS, PRESETS, Schedule, UNet, UNetConfig, VQConfig, VQModel,
+                    WEIGHTINGS, autocast, bcast, build_net, ddim_sample, ema_update, lr_at,
+                    sampler_times, seeded_noise, to_float, to_uint8, vlb_terms, weighted_loss)
 
 # Where downloads, datasets and the cached teachers live (DISTILL_CACHE overrides it).
 CACHE_DIR = os.environ.get("DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distill-ref"))
@@ -37,7 +37,7 @@ _DIFFUSERS_DEFAULTS = dict(
 _DIFFUSERS_FIXED = dict(
     _class_name="UNet2DModel", act_fn="silu", center_input_sample=False, time_embedding_type="positional",
     time_embedding_dim=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, add_attention=True,
-    class_embed_type=None, num_class_embeds=None)
+    class_embed_type=None)
 
 def unet_config_from_diffusers(config: dict) -> UNetConfig:
     """Our UNetConfig for a diffusers UNet2DModel config.json (DDPM and ADM block types). A missing key takes
@@ -72,7 +72,7 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         attn_resolutions=tuple(size >> i for i in range(L) if down[i].startswith("Attn")), num_heads=1,
         num_head_channels=c["attention_head_dim"] or -1, dropout=c["dropout"], scale_shift=shift != "default",
         resblock_updown=resample == {"resnet"}, down_pad="sym" if pad else "asym", time_emb=emb,
-        norm_eps=c["norm_eps"], norm_groups=groups)
+        norm_eps=c["norm_eps"], norm_groups=groups, num_classes=c.get("num_class_embeds") or 0)
 
 # Our tensor names -> diffusers UNet2DModel's, replaced in order in "." + name + "." (a resampler is a conv
 # or, in ADM, a res block); our fused attention qkv is [to_q; to_k; to_v]
@@ -82,7 +82,7 @@ _DIFFUSERS_NAMES = (
     (".mid_res2.", ".mid_block.resnets.1."), (".mid_attn.", ".mid_block.attentions.0."),
     (".down.", ".down_blocks."), (".up.", ".up_blocks."), (".res.", ".resnets."), (".attn.", ".attentions."),
     (".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."), (".norm.", ".group_norm."),
-    (".proj.", ".to_out.0."))
+    (".proj.", ".to_out.0."), (".label_emb.", ".class_embedding."))
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 def from_diffusers(sd, cfg: UNetConfig):
@@ -154,30 +154,35 @@ def hub_download(repo_id, filename, cache_dir=None, revision="main"):
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return download(f"{host}/{repo_id}/resolve/{revision}/{filename}", dest, what=f"{repo_id}/{filename}")
 
+def diffusers_file(spec, name, sub, model, required=True, pipeline=False):
+    """Path of file `name` of a diffusers folder (at its top or in `sub`/) or hub id (at its top, in `sub`/ if
+    `pipeline`, as CompVis/ldm-celebahq-256; downloaded once by hub_download); None if absent and not
+    `required`. model: what needs it, for the error."""
+    try:
+        path = hub_download(spec, f"{sub}/{name}" if pipeline else name) if not os.path.isdir(spec) else \
+            next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
+    except ValueError as e:  # a failed download
+        if required:
+            raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
+        return None
+    if path is None and required:
+        raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers {model} needs")
+    return path
+
 def load_diffusers(spec):
     """A Denoiser of a diffusers UNet2DModel: a folder (model files at the top or in unet/, the scheduler's at
     the top or in scheduler/; .safetensors, else .bin) or a hub id laid out as google/ddpm-cifar10-32."""
-    def find(name, sub, required=True):
-        try:
-            path = hub_download(spec, name) if not os.path.isdir(spec) else \
-                next((p for p in (f"{spec}/{name}", f"{spec}/{sub}/{name}") if os.path.isfile(p)), None)
-        except ValueError as e:  # a failed download
-            if required:
-                raise ValueError(f"{spec} is no local file or folder; as a hub id: {e}") from None
-            return None
-        if path is None and required:
-            raise ValueError(f"{spec} has no {name} (nor {sub}/{name}), which a diffusers UNet2DModel needs")
-        return path
-
+    find = functools.partial(diffusers_file, spec, model="UNet2DModel")
     cfg = unet_config_from_diffusers(read_file(find("config.json", "unet")))
     net = UNet(cfg)
-    weights = find("diffusion_pytorch_model.safetensors", "unet", False) or \
+    weights = find("diffusion_pytorch_model.safetensors", "unet", required=False) or \
         find("diffusion_pytorch_model.bin", "unet")
     net.load_state_dict(from_diffusers(read_file(weights), cfg))
     s = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
          "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small",
          **read_file(find("scheduler_config.json", "scheduler"))}
-    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
+    kinds = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+    kind = kinds.get(s["beta_schedule"])
     param = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}.get(s["prediction_type"])
     learned = cfg.out_channels == 2 * cfg.in_channels
     var = "learned_range" if learned else s["variance_type"].removesuffix("_log")
@@ -186,7 +191,7 @@ def load_diffusers(spec):
         raise ValueError(f"unsupported diffusers scheduler: beta_schedule={s['beta_schedule']!r}, "
                          f"prediction_type={s['prediction_type']!r}, variance_type={s['variance_type']!r} "
                          "or trained_betas")
-    betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if kind == "linear" else {}
+    betas = dict(beta_start=s["beta_start"], beta_end=s["beta_end"]) if "linear" in kind else {}
     return Denoiser(net, Schedule(kind, s["num_train_timesteps"], **betas), param, var, source=spec)
 
 def load_teacher(spec, device="cpu"):
@@ -203,11 +208,124 @@ def load_teacher(spec, device="cpu"):
                          "diffusers folder or a hub id like google/ddpm-cifar10-32)")
     return Denoiser.from_state(load_checkpoint(spec), spec).to(device)
 
+def pixel_teacher(den, method):
+    """A method that reads or writes images (data, uint8 targets) refuses a latent teacher in one line."""
+    if den.autoencoder is not None:
+        raise ValueError(f"{den.source} is a latent model (LDM): {method} runs in pixel space here; latent "
+                         "teachers distil with self_distill.py and dkdm.py, as in their papers")
+    return den
+
+# ===================================== latent autoencoders ======================================
+# The VQ autoencoder of a latent-diffusion teacher (common.VQModel): from an LDM model.ckpt, which holds it as
+# first_stage_model.*, or from a diffusers VQModel (the vqvae/ of CompVis/ldm-celebahq-256).
+
+def _load_exactly(net, sd, what):
+    """net with state dict sd loaded; a one-line ValueError unless the names and shapes match."""
+    want = net.state_dict()
+    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    reshaped = [k for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or extra or reshaped:
+        detail = "; ".join(f"{len(ks)} {kind}, e.g. '{ks[0]}'" for kind, ks in (
+            ("missing", missing), ("unexpected", extra), ("of another shape", reshaped)) if ks)
+        raise ValueError(f"{what} does not fit {type(net).__name__}({net.config}): {detail}")
+    net.load_state_dict(sd)
+    return net
+
+def autoencoder_from_ldm(sd, cfg=AUTOENCODERS["vq_f4"]) -> VQModel:
+    """The VQModel(cfg) of an LDM checkpoint ({'state_dict': ...}) or state dict: its first_stage_model.*
+    tensors with the prefix stripped (LDM LatentDiffusion.first_stage_model; DKDM's extract_ae.py does the
+    same). cfg: the ddconfig of the checkpoint's config.yaml, the f4 one by default."""
+    sd = sd.get("state_dict", sd)
+    prefix = "first_stage_model."
+    ours = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not ours:
+        raise ValueError(f"the state dict ({len(sd)} tensors, e.g. {next(iter(sd), None)!r}) has no "
+                         "first_stage_model.* (an LDM model.ckpt holds its autoencoder there)")
+    return _load_exactly(VQModel(cfg), ours, "the LDM first_stage_model")
+
+def vq_config_from_diffusers(config: dict) -> VQConfig:
+    """Our VQConfig for a diffusers VQModel config.json. Its scaling_factor is ignored: the latents are used
+    unscaled (LDM's scale_factor 1.0). The hub's vqvae/config.json of CompVis/ldm-celebahq-256 lacks the key,
+    and diffusers' default 0.18215 makes LDMPipeline decode garbage (diffusers issue #6725)."""
+    c = {"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "act_fn": "silu", "latent_channels": 3,
+         "sample_size": 32, "num_vq_embeddings": 256, "norm_num_groups": 32, "vq_embed_dim": None,
+         "norm_type": "group", "mid_block_add_attention": True, **config}  # VQModel.__init__'s defaults
+    down, up, chans = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
+    attn = [t.startswith("Attn") for t in down]
+    kinds_ok = all(t in ("DownEncoderBlock2D", "AttnDownEncoderBlock2D") for t in down) and \
+        all(t in ("UpDecoderBlock2D", "AttnUpDecoderBlock2D") for t in up) and \
+        [t.startswith("Attn") for t in up[::-1]] == attn and len(down) == len(chans)
+    fixed = (c["act_fn"], c["norm_num_groups"], c["norm_type"], c["mid_block_add_attention"])
+    if not kinds_ok or fixed != ("silu", 32, "group", True):
+        raise ValueError(f"unsupported diffusers VQModel config: block types {down} / {up} (the decoder's "
+                         "mirroring the encoder's), act_fn, norm_num_groups, norm_type, "
+                         f"mid_block_add_attention {fixed} (need ('silu', 32, 'group', True))")
+    size = c["sample_size"][0] if isinstance(c["sample_size"], (list, tuple)) else c["sample_size"]
+    return VQConfig(resolution=size, in_channels=c["in_channels"], out_ch=c["out_channels"], ch=chans[0],
+                    ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c["layers_per_block"],
+                    attn_resolutions=tuple(size >> i for i, a in enumerate(attn) if a),
+                    z_channels=c["latent_channels"], embed_dim=c["vq_embed_dim"] or c["latent_channels"],
+                    n_embed=c["num_vq_embeddings"])
+
+# Our VQModel tensor names -> diffusers', replaced in order in "." + name + "." (after the levels' indices)
+_VQ_DIFFUSERS_NAMES = (
+    (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.", ".mid_block.attentions.0."), (".block.", ".resnets."), (".attn.", ".attentions."),
+    (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
+    (".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."), (".norm.", ".group_norm."),
+    (".q.", ".to_q."), (".k.", ".to_k."), (".v.", ".to_v."), (".proj_out.", ".to_out.0."))
+
+def autoencoder_from_diffusers(sd, cfg: VQConfig) -> VQModel:
+    """VQModel(cfg) with a diffusers VQModel's state dict: renamed (old files' attention names too), the
+    decoder's levels reversed (diffusers' up_blocks run from the lowest resolution, taming's `up` list from
+    the highest), the attention Linears as taming's 1x1 convs. One-line ValueError unless they match."""
+    for old, new in _OLD_ATTENTION.items():
+        sd = {k.replace(old, new): v for k, v in sd.items()}
+    L = len(cfg.ch_mult)
+
+    def theirs(key):  # e.g. decoder.up.0.block.2.nin_shortcut.weight -> decoder.up_blocks.{L-1}.resnets.2...
+        name = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{L - 1 - int(m[1])}.", key)
+        name = "." + name.replace("encoder.down.", "encoder.down_blocks.") + "."
+        for a, b in _VQ_DIFFUSERS_NAMES:
+            name = name.replace(a, b)
+        return name[1:-1]
+
+    ae = VQModel(cfg)
+    ours = ae.state_dict()
+    names = {theirs(key): key for key in ours}
+    renamed = {}
+    for name, t in sd.items():
+        key = names.get(name, name)  # a name we lack stays: _load_exactly reports it
+        renamed[key] = t[..., None, None] if t.dim() == 2 and key in ours and ours[key].dim() == 4 else t
+    return _load_exactly(ae, renamed, "the diffusers VQModel weights")
+
+def load_autoencoder(spec, cfg=AUTOENCODERS["vq_f4"]) -> VQModel:
+    """A latent teacher's autoencoder, frozen: a checkpoint of this project (save_checkpoint(path,
+    net_config=net_config(ae), model=ae.state_dict())), an LDM model.ckpt (its first_stage_model.*, of
+    ddconfig cfg), a diffusers VQModel folder (config.json and weights at the top or in vqvae/) or the hub id
+    of a pipeline with a vqvae/ (CompVis/ldm-celebahq-256)."""
+    if os.path.isfile(spec):
+        state = read_file(spec, "checkpoint")
+        if state.get("format") != CKPT_FORMAT:
+            return autoencoder_from_ldm(state, cfg).eval().requires_grad_(False)
+        arch = state.get("net_config", {}).get("arch")
+        if arch != "vq":
+            raise ValueError(f"{spec} is a checkpoint of this project but no autoencoder's (arch {arch!r})")
+        ae = _load_exactly(build_net(state["net_config"]), state["model"], spec)
+    else:
+        find = functools.partial(diffusers_file, spec, sub="vqvae", model="VQModel", pipeline=True)
+        cfg = vq_config_from_diffusers(read_file(find("config.json")))
+        weights = find("diffusion_pytorch_model.safetensors", required=False) or \
+            find("diffusion_pytorch_model.bin")
+        ae = autoencoder_from_diffusers(read_file(weights), cfg)
+    return ae.eval().requires_grad_(False)
+
 # ============================================= data =============================================
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-DATASETS = "cifar10, folder:PATH or shapes"
+DATASETS = "cifar10, shapes, folder:PATH, imagenet64:PATH or lsun:PATH"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def _md5(path):
     with open(path, "rb") as f:
@@ -241,42 +359,217 @@ def download(url, path, md5=None, what="file"):
     return path
 
 def load_cifar10(data_dir, split="train"):
-    """CIFAR-10 from the official python tarball (md5-checked, cached): uint8 (N, 3, 32, 32)."""
+    """CIFAR-10 from the official python tarball (md5-checked, cached): uint8 (N, 3, 32, 32), labels (N,)."""
     path = download(CIFAR10_URL, os.path.join(data_dir, "cifar-10-python.tar.gz"), CIFAR10_MD5, "CIFAR-10")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     try:
         with tarfile.open(path, "r:gz") as tar:
             members = {os.path.basename(m.name): m for m in tar.getmembers()}
-            arrays = [pickle.load(tar.extractfile(members[n]), encoding="bytes")[b"data"] for n in names]
-        return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+            batches = [pickle.load(tar.extractfile(members[n]), encoding="bytes") for n in names]
+        images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)
+        return torch.from_numpy(images), torch.from_numpy(labels)
     except (tarfile.TarError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"{path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); delete it to "
                          "download it again") from None
 
-def load_folder(path, image_size):
-    """Every image below a folder, centre-cropped to a square and resized (bicubic): uint8 (N, 3, S, S)."""
-    from PIL import Image
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+def image_tree(path):
+    """The images below a folder, sorted, and where every image sits in a first-level subfolder their labels:
+    the index of that subfolder among those sorted (torchvision's ImageFolder; for an ILSVRC2012 tree the
+    sorted wnids, TFDS imagenet2012's label order). Returns (files, labels int64 or None, classes or None)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise ValueError(f"no images ({', '.join(exts)}) found below {path!r}")
-    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, f in enumerate(files):
-        try:
-            im = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{f} is not a readable image ({e}); remove it from {path}") from None
-        s = min(im.size)
-        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-        out[i] = np.asarray(im.crop((left, top, left + s, top + s)).resize((image_size,) * 2, Image.BICUBIC))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found below {path!r}")
+    top = [os.path.relpath(f, path).split(os.sep) for f in files]
+    if any(len(parts) == 1 for parts in top):
+        return files, None, None
+    classes = {c: i for i, c in enumerate(sorted({parts[0] for parts in top}))}
+    return files, np.array([classes[parts[0]] for parts in top], dtype=np.int64), len(classes)
 
-def make_shapes(n, image_size=32, seed=0):
+def _bicubic_square(im, size):
+    """folder:'s centre square ((side - short side) // 2 off), resized with PIL's bicubic: (S, S, 3)."""
+    from PIL import Image
+    s = min(im.size)
+    left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+    return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC))
+
+def tf_resize_weights(n, size, method):
+    """(size, n) weights resizing an axis of n pixels to size as TF2's tf.image.resize (half-pixel centres).
+    'area' (ResizeArea): each output pixel the mean over its footprint of n / size input pixels, one partly
+    covered weighted by the covered fraction. PIL's Image.BOX counts such a pixel wholly or not at all (by its
+    centre), so it equals TF's 'area' only where size divides n; hence these weights. 'bilinear' with
+    antialias=True (scale_and_translate): the triangle kernel widened by the reduction factor, the kernel of
+    PIL's BILINEAR when reducing (there in fixed point)."""
+    scale = n / size
+    if method == "area":
+        start = np.arange(size)[:, None] * scale
+        w = np.clip(np.minimum(start + scale, np.arange(1, n + 1)) - np.maximum(start, np.arange(n)), 0, None)
+    else:  # "bilinear"
+        centre = (np.arange(size)[:, None] + 0.5) * scale
+        w = np.clip(1 - np.abs(np.arange(n) + 0.5 - centre) / max(scale, 1.0), 0, None)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+def tf_central_square(im, size, method):
+    """Progressive distillation's preprocessing (GR-PD datasets.py): decode_and_central_square_crop (the
+    square of the short side, h // 2 - w // 2 off along the long one), tf.image.resize(.., method), clipped
+    to [0, 255]. Rounded to uint8 here (GR-PD keeps the floats: at most half a level apart); PIL's JPEG
+    decoder may differ from TF's by a level. (S, S, 3)."""
+    w, h = im.size
+    s = min(w, h)
+    top, left = (h // 2 - w // 2, 0) if h > w else (0, w // 2 - h // 2)
+    x = np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.float32)
+    a = tf_resize_weights(s, size, method)
+    x = a @ (a @ x.reshape(s, s * 3)).reshape(size, s, 3)  # rows, then columns
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+def read_images(files, size, resize, out):
+    """Each file decoded to RGB and resize(image, size) into out[i] (N, 3, S, S), in threads (PIL's decoders
+    and numpy release the GIL); a file that is no image: a one-line ValueError. Returns None (no labels)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def read(f):
+        try:
+            with Image.open(f) as im:
+                return resize(im.convert("RGB"), size).transpose(2, 0, 1)
+        except OSError as e:
+            raise ValueError(f"{f} is not a readable image ({e}); remove it") from None
+    t0, chunk = time.time(), 1024
+    with ThreadPoolExecutor() as pool:
+        for i in range(0, len(files), chunk):
+            out[i:i + chunk] = list(pool.map(read, files[i:i + chunk]))
+            progress("decoding images", min(i + chunk, len(files)), len(files), t0, " images/s")
+
+def cached_images(name, key, size, count, fill):
+    """uint8 images (count(), 3, size, size) that fill(out) writes (returning their labels or None), made once
+    into CACHE_DIR/data/{name}_{key}.npy (and _labels.npy): written to a temporary name and renamed (the
+    images last, so a file there is whole; delete it to make it again), then memory-mapped copy-on-write, so
+    that the processes of a node share its pages. As download(): each node's first process makes it (count and
+    fill run only there), the others wait. Returns (images, labels or None) as tensors."""
+    path = os.path.join(CACHE_DIR, "data", f"{name}_{key}.npy")
+    labels_path = path[:-4] + "_labels.npy"
+    if local_rank() > 0:
+        wait_for_fetchers()
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count(), 3, size, size))
+        try:
+            labels = fill(out)
+            out.flush()
+            if labels is not None:
+                np.save(tmp + ".npy", labels)
+                os.replace(tmp + ".npy", labels_path)
+        except BaseException:
+            os.remove(tmp)
+            raise
+        os.replace(tmp, path)
+    if local_rank() == 0:
+        wait_for_fetchers()
+    labels = torch.from_numpy(np.load(labels_path)) if os.path.exists(labels_path) else None
+    return torch.from_numpy(np.load(path, mmap_mode="c")), labels
+
+def _key(*parts):
+    """A short hash of values (paths, sizes, times): a cached file's name."""
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+def load_folder(path, image_size):
+    """Every image below a folder, centre-cropped to a square and resized (PIL bicubic): uint8 (N, 3, S, S),
+    and labels from class subfolders or None (image_tree)."""
+    files, labels, _ = image_tree(path)
+    images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    read_images(files, image_size, _bicubic_square, images)
+    return torch.from_numpy(images), None if labels is None else torch.from_numpy(labels)
+
+def imagenet64_batches(path):
+    """Chrabaszcz et al. 2017's downsampled-ImageNet train files in a folder (train_data_batch_1..10, pickled
+    or .npz), in their order; [] where there are none."""
+    found = [(int(m.group(1)), f) for f in os.listdir(path)
+             if (m := re.fullmatch(r"train_data_batch_(\d+)(\.npz)?", f))]
+    return [os.path.join(path, f) for _, f in sorted(found)]
+
+def read_imagenet64_batch(path):
+    """One downsampled-ImageNet 64x64 file (a pickled dict, or .npz): its `data` rows uint8 (N, 12288) stored
+    planar (the R, G, B planes of 64x64, row-major, as CIFAR-10's) as (N, 3, 64, 64), and its 1-indexed
+    `labels` as 0..999."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as f:
+                data, labels = f["data"], f["labels"]
+        else:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")  # latin1: Python 2 pickles of numpy arrays too
+            data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a downsampled-ImageNet file ({type(e).__name__}: {e})") from None
+    if data.dtype != np.uint8 or data.shape[1:] != (3 * 64 * 64,) or labels.shape != data.shape[:1]:
+        raise ValueError(f"{path}: data {data.dtype} {data.shape} with {labels.size} labels; expected uint8 "
+                         "(N, 12288) and N labels (the 64x64 files of Chrabaszcz et al.)")
+    if labels.size and not 1 <= labels.min() <= labels.max() <= 1000:
+        raise ValueError(f"{path}: labels {labels.min()}..{labels.max()} outside 1..1000 (these files' "
+                         "labels are 1-indexed)")
+    return data.reshape(-1, 3, 64, 64), labels.astype(np.int64) - 1
+
+def _imagenet64_tree(path):
+    """An ILSVRC2012-style tree's files, labels and class count (image_tree): every image in a class."""
+    files, labels, classes = image_tree(path)
+    if labels is None:
+        raise ValueError(f"imagenet64:{path}: expected class subfolders (n01440764/*.JPEG, ...) or "
+                         "train_data_batch_1..10 files; found images directly in it")
+    return files, labels, classes
+
+def load_imagenet64(path):
+    """Class-conditional ImageNet 64x64: uint8 (N, 3, 64, 64) and labels (N,), from a folder holding either
+    (a) the ILSVRC2012 train images in class subfolders (n01440764/*.JPEG, ...; labels the index among the
+        sorted wnids, TFDS imagenet2012's: 1000 classes) through progressive distillation's official pipeline,
+        what the paper trained on (GR-PD datasets.py: TFDS imagenet2012, decode_and_central_square_crop,
+        tf.image.resize(.., 64, 'area'); tf_central_square), or
+    (b) Chrabaszcz et al. 2017's downsampled ImageNet (train_data_batch_1..10, pickled or .npz, labels
+        1..1000): close, not identical (their box resize of the whole image, no crop).
+    Made once into CACHE_DIR/data and memory-mapped (cached_images): the 1,281,167 images are 15.7 GB of
+    uint8; decoding the JPEG tree takes hours of a node's cores."""
+    batches = imagenet64_batches(path)
+    if batches:
+        def fill(out):
+            labels, i = [], 0
+            for f in batches:
+                images, y = read_imagenet64_batch(f)
+                out[i:i + len(images)], i = images, i + len(images)
+                labels.append(y)
+            return np.concatenate(labels)
+        key = _key([(os.path.realpath(f), os.path.getsize(f), os.path.getmtime(f)) for f in batches])
+        count = lambda: sum(len(read_imagenet64_batch(f)[1]) for f in batches)  # a first pass, once
+        return cached_images("imagenet64_batches", key, 64, count, fill)
+    files, labels, _ = _imagenet64_tree(path)
+    area = functools.partial(tf_central_square, method="area")
+    images, _ = cached_images("imagenet64", _key(os.path.realpath(path), files), 64, lambda: len(files),
+                              functools.partial(read_images, files, 64, area))
+    return images, torch.from_numpy(labels)
+
+def load_lsun(path, image_size):
+    """LSUN (bedroom, church_outdoor) as progressive distillation's official code reads TFDS lsun/...: the
+    central square, tf.image.resize(.., antialias=True) (bilinear, widened when reducing; tf_central_square)
+    to image_size (the paper's 128); unlabelled. path: a folder of the images, e.g. exported from the LMDB
+    with the official LSUN tools (fyu/lsun: python3 data.py export <db> --out_dir <dir> --flat), which is not
+    repeated here. Made once into CACHE_DIR/data and memory-mapped (cached_images): bedroom's 3,033,042 images
+    are 149 GB at 128x128 (church_outdoor's 126,227: 6.2 GB), more than a GPU holds: keep them on the CPU,
+    sample_batch moves each batch. uint8 (N, 3, S, S)."""
+    files = image_tree(path)[0]
+    bilinear = functools.partial(tf_central_square, method="bilinear")
+    return cached_images(f"lsun{image_size}", _key(os.path.realpath(path), files), image_size,
+                         lambda: len(files), functools.partial(read_images, files, image_size, bilinear))[0]
+
+def make_shapes(n, image_size=32, seed=0, labels=False):
     """A procedural dataset: one to three filled circles, squares or triangles in saturated colours on a
-    two-colour gradient background. Image i depends only on (seed, i). uint8 (n, 3, S, S)."""
+    two-colour gradient background. Image i depends only on (seed, i). uint8 (n, 3, S, S); with labels=True
+    also each image's class (n,): the kind of its last shape, drawn on top of the others (0 circle, 1 square,
+    2 triangle)."""
     s = image_size
     yy, xx = np.meshgrid((np.arange(s) + 0.5) / s, (np.arange(s) + 0.5) / s, indexing="ij")
     out = np.empty((n, s, s, 3), dtype=np.uint8)
+    kinds = np.empty(n, dtype=np.int64)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         c0, c1 = rng.uniform(0.0, 0.5, 3), rng.uniform(0.0, 0.5, 3)
@@ -289,37 +582,114 @@ def make_shapes(n, image_size=32, seed=0):
             dx, dy = xx - cx, yy - cy
             masks = (dx ** 2 + dy ** 2 < r ** 2, (abs(dx) < r * 0.8) & (abs(dy) < r * 0.8),  # circle, square,
                      (dy < r * 0.7) & (dy > -r + 2 * abs(dx)))                              # triangle
-            img[masks[rng.integers(3)]] = colour
+            kinds[i] = rng.integers(3)
+            img[masks[kinds[i]]] = colour
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return (images, torch.from_numpy(kinds)) if labels else images
 
 _shapes = functools.lru_cache(maxsize=4)(make_shapes)
 
-def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0):
-    """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10
-    is 150 MB). name: 'cifar10' (32x32 train split), 'folder:PATH' or 'shapes'."""
+def _dataset(name):
+    """(kind, path) of a --data value; a one-line ValueError for an unknown one or a missing folder."""
+    kind, colon, path = name.partition(":")
+    if not (kind in ("cifar10", "shapes") and not colon or kind in ("folder", "imagenet64", "lsun") and path):
+        raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
+    if path and not os.path.isdir(path):
+        raise ValueError(f"--data {name}: no such folder")
+    return kind, path
+
+FIXED_SIZE = {"cifar10": 32, "imagenet64": 64}  # datasets of one image size (the others: any, resized)
+
+def dataset_size(name):
+    """The one image size of --data `name` (cifar10: 32, imagenet64: 64), None where any size is made."""
+    return FIXED_SIZE.get(_dataset(name)[0])
+
+def dataset_classes(name):
+    """The number of classes of --data `name` (its labels are 0 .. n-1), None where it has no labels. Checks
+    the name, before any work: reads a folder's listing, no image."""
+    kind, path = _dataset(name)
+    if kind == "folder":
+        return image_tree(path)[2]
+    if kind == "imagenet64":
+        return 1000 if imagenet64_batches(path) else _imagenet64_tree(path)[2]
+    return {"cifar10": 10, "shapes": 3, "lsun": None}[kind]
+
+def load_dataset(name, image_size=None, data_dir=None, n_shapes=20000, seed=0, labels=False):
+    """A whole dataset as a uint8 tensor (N, 3, S, S) on the CPU (move it to the device once: CIFAR-10 is
+    150 MB; imagenet64 and lsun are memory-mapped), with labels=True (images, labels): int64 (N,) class
+    indices (dataset_classes says how many), or None where the dataset has none. name: 'cifar10' (32x32 train
+    split), 'shapes' (the kind of the top-most shape), 'folder:PATH' (labels from class subfolders),
+    'imagenet64:PATH' (load_imagenet64) or 'lsun:PATH' (load_lsun, 128x128 unless image_size)."""
+    kind, path = _dataset(name)
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size {image_size}: expected at least 8")
-    if name == "cifar10":
-        if image_size not in (None, 32):
-            raise ValueError(f"cifar10 images are 32x32, not {image_size}: pass --image-size 32")
-        return load_cifar10(data_dir or os.path.join(CACHE_DIR, "data"))
-    if name.startswith("folder:"):
-        if not os.path.isdir(name[len("folder:"):]):
-            raise ValueError(f"--data {name}: no such folder")
-        return load_folder(name[len("folder:"):], image_size or 32)
-    if name == "shapes":  # built once per process (20k images take 4 s), a copy per caller
-        return _shapes(n_shapes, image_size or 32, seed).clone()
-    raise ValueError(f"unknown dataset {name!r}: expected {DATASETS}")
+    size = FIXED_SIZE.get(kind)
+    if size and image_size not in (None, size):
+        raise ValueError(f"{kind} images are {size}x{size}, not {image_size}: pass --image-size {size}")
+    if kind == "cifar10":
+        images, y = load_cifar10(data_dir or os.path.join(CACHE_DIR, "data"))
+    elif kind == "shapes":  # built once per process (20k images take 4 s), a copy per caller
+        images, y = (t.clone() for t in _shapes(n_shapes, image_size or 32, seed, True))
+    elif kind == "folder":
+        images, y = load_folder(path, image_size or 32)
+    elif kind == "imagenet64":
+        images, y = load_imagenet64(path)
+    else:
+        images, y = load_lsun(path, image_size or 128), None
+    return (images, y) if labels else images
 
-
-def sample_batch(data, batch_size, generator):
-    """This rank's part of a random global batch of batch_size, float [-1, 1] with random horizontal flips,
-    from a uint8 dataset on the device (every rank draws the whole batch's indices and flips)."""
+def sample_batch(data, batch_size, generator, labels=None):
+    """This rank's part of a random global batch of batch_size from a uint8 dataset: (x, y), x float [-1, 1]
+    with random horizontal flips, y the drawn images' labels (None without labels), both on the generator's
+    device (data may stay on the CPU, e.g. memory-mapped LSUN: only the batch moves). Every rank draws the
+    whole batch's indices and flips."""
     idx = mine(torch.randint(len(data), (batch_size,), generator=generator, device=generator.device))
-    x = to_float(data[idx.to(data.device)])
-    flip = mine(torch.rand(batch_size, generator=generator, device=generator.device)).to(x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    x = to_float(data[idx.to(data.device)].to(generator.device))
+    flip = mine(torch.rand(batch_size, generator=generator, device=generator.device)) < 0.5
+    y = None if labels is None else labels[idx.to(labels.device)].to(generator.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x), y
+
+DEVICE_DATA_GB = 8  # a dataset up to this size moves to the GPU once; a larger one stays in host memory
+
+def data_to(device, images, labels=None):
+    """(images, labels) where sample_batch reads them: on the device if the images take at most DEVICE_DATA_GB
+    (CIFAR-10: 0.15 GB, ImageNet 64: 15.7 GB), else where they are (LSUN bedroom 128: 149 GB, memory-mapped);
+    sample_batch then moves each batch."""
+    if images.numel() > DEVICE_DATA_GB * 2 ** 30:
+        return images, labels
+    return images.to(device), None if labels is None else labels.to(device)
+
+LABELLED = "cifar10, shapes, imagenet64:PATH or a folder of class subfolders"
+
+CLASSES_HELP = "evaluation labels: comma-separated classes, seed s takes the (s mod n)-th ('' = uniform)"
+
+def eval_classes(text, den):
+    """--classes as a list (None when not given: each seed's label uniform), checked against the model."""
+    if not text:
+        return None
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        classes = []
+    if not den.num_classes:
+        raise ValueError(f"--classes: {den.source} is unconditional")
+    if not classes or not all(0 <= c < den.num_classes for c in classes):
+        raise ValueError(f"--classes {text!r}: expected comma-separated classes 0..{den.num_classes - 1}")
+    return classes
+
+def check_labels(den, labels, data):
+    """A class-conditional model's labels of --data, checked once before any work (an embedding lookup out of
+    range fails deep inside, on CUDA as a device assert); None for an unconditional model."""
+    if not den.num_classes:
+        return None
+    if labels is None:
+        raise ValueError(f"{den.source} is class-conditional ({den.num_classes} classes) and --data {data} has "
+                         f"no labels; use {LABELLED}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < den.num_classes:
+        raise ValueError(f"--data {data} has labels {int(labels.min())}..{int(labels.max())}; {den.source} "
+                         f"knows {den.num_classes} classes (0..{den.num_classes - 1})")
+    return labels
 
 # ========================================= checkpoints ==========================================
 
@@ -419,6 +789,16 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, f
                    full and full * len(todo) // n)
     return folder
 
+def reference_pngs(data, n, folder, stats=None, images=None, image_size=None):
+    """The FID reference of --data: None where statistics serve (clean-fid's of cifar10, or --fid-stats),
+    else n of its images (`images`, or loaded) as PNGs in folder, written once: a fixed random subset (the
+    first n of a sorted class tree would be one class)."""
+    if data == "cifar10" or stats:
+        return None
+    images = load_dataset(data, image_size) if images is None else images
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    return write_pngs(images[pick.sort().values].cpu(), folder)
+
 def write_pngs(images_uint8, folder):
     """Images (N, C, H, W) uint8 as numbered PNGs (e.g. real images as the FID reference of datasets without
     clean-fid statistics), written once, each rank its share: into a temp folder, renamed when complete."""
@@ -453,30 +833,76 @@ def inception_weights(path=None):
 
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_{mode}_train_32.npz"
 
-def cifar10_statistics(mode, stats=None):
-    """(mu, sigma) of the CIFAR-10 train images: `stats` (.npz, 'legacy_tensorflow' only) or clean-fid's,
-    fetched once into CACHE_DIR/fid_stats by download() (clean-fid's own fetch writes into its package folder
-    from every rank at once, not atomically). Every rank calls it."""
-    if stats:
-        if not os.path.isfile(stats):
-            raise ValueError(f"--fid-stats {stats}: no such file")
-    else:
-        stats = os.path.join(CACHE_DIR, "fid_stats", f"cifar10_{mode}_train_32.npz")
-        try:
-            download(CLEANFID_STATS_URL.format(mode=mode), stats, what=f"CIFAR-10 statistics ({mode})")
-        except ValueError as e:
-            raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); or pass "
-                             "--fid-stats PATH") from None
+def cifar10_statistics(mode):
+    """(mu, sigma) of the CIFAR-10 train images: clean-fid's, fetched once into CACHE_DIR/fid_stats by
+    download() (clean-fid's own fetch writes into its package folder from every rank at once, not
+    atomically). Every rank calls it."""
+    stats = os.path.join(CACHE_DIR, "fid_stats", f"cifar10_{mode}_train_32.npz")
+    try:
+        download(CLEANFID_STATS_URL.format(mode=mode), stats, what=f"CIFAR-10 statistics ({mode})")
+    except ValueError as e:
+        raise ValueError(f"clean-fid's CIFAR-10 statistics ({mode}) are unavailable ({e}); or pass "
+                         "--fid-stats PATH") from None
     with np.load(stats) as f:
         return f["mu"], f["sigma"]
 
+def stats_modes(stats):
+    """The FID modes that a --fid-stats .npz serves, checked without loading it (one-line errors): `mu` and
+    `sigma`, statistics of the TF Inception's pool_3 features (clean-fid's 'legacy_tensorflow'; clean-fid's
+    files, ADM's reference batches such as VIRTUAL_imagenet64_labeled.npz), serve 'legacy_tensorflow';
+    `arr_0`, images (N, H, W, 3) uint8 (ADM's reference batches), serve every mode (stats_reference)."""
+    if not os.path.isfile(stats):
+        raise ValueError(f"--fid-stats {stats}: no such file")
+    try:
+        with zipfile.ZipFile(stats) as z:
+            keys = {os.path.splitext(name)[0] for name in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"--fid-stats {stats}: not an .npz ({e})") from None
+    if "arr_0" in keys:
+        return FID_MODES
+    if {"mu", "sigma"} <= keys:
+        return ("legacy_tensorflow",)
+    raise ValueError(f"--fid-stats {stats}: holds {', '.join(sorted(keys)) or 'nothing'}; expected mu and "
+                     "sigma (TF Inception statistics) or arr_0 (images, as ADM's reference batches)")
+
+def stats_reference(stats, mode, det, inception, batch_size, device):
+    """(mu, sigma) in `mode` from a --fid-stats .npz (stats_modes): its own for 'legacy_tensorflow' where it
+    has them, else those of its arr_0 images, written once as PNGs under CACHE_DIR/fid_stats and scored as a
+    reference folder; these statistics cached there too, keyed by the file and the Inception weights (with a
+    network object passed as `inception`: once a run). Every rank calls it."""
+    with np.load(stats) as f:
+        if mode == "legacy_tensorflow" and {"mu", "sigma"} <= set(f.files):
+            return f["mu"], f["sigma"]
+    base = os.path.join(CACHE_DIR, "fid_stats", os.path.splitext(os.path.basename(stats))[0] + "_" + _key(
+        os.path.realpath(stats), os.path.getsize(stats), os.path.getmtime(stats)))
+    weights = None if det is inception else inception_weights(inception)
+    cache = weights and f"{base}_{mode}_{_key(os.path.realpath(weights), os.path.getsize(weights))}.npz"
+    if cache and sum_over_ranks(np.float64(os.path.isfile(cache)))[0] == world_size():  # all ranks or none
+        with np.load(cache) as f:
+            return f["mu"], f["sigma"]
+    with np.load(stats) as f:
+        images = f["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"--fid-stats {stats}: arr_0 is {images.dtype} {images.shape}; expected uint8 "
+                         "images (N, H, W, 3)")
+    folder = write_pngs(torch.from_numpy(images).permute(0, 3, 1, 2), base + "_images")
+    mu, sigma = _reference(folder, mode, det, inception, batch_size, device)
+    if cache and rank() == 0:
+        with open(f"{cache}.{os.getpid()}.tmp", "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+        os.replace(f"{cache}.{os.getpid()}.tmp", cache)
+    return mu, sigma
+
 def prepare_fid(dataset, inception=None, stats=None):
-    """Fetch or verify what fid_is will need (the Inception weights; for cifar10 the reference statistics)
-    before any work, so that a machine that cannot fetch them fails at the start, not after the training."""
+    """Fetch or verify what fid_is will need (the Inception weights; the --fid-stats file, else for cifar10
+    clean-fid's statistics) before any work, so that a machine that cannot fetch them fails at the start, not
+    after the training."""
     inception_weights(inception)
-    if dataset == "cifar10":
-        for mode in ("legacy_tensorflow",) if stats else FID_MODES:
-            cifar10_statistics(mode, stats)
+    if stats:
+        stats_modes(stats)
+    elif dataset == "cifar10":
+        for mode in FID_MODES:
+            cifar10_statistics(mode)
 
 class Inception:
     """clean-fid's TF-ported Inception-v3: features(x, mode) of uint8-valued images (resized inside, as TF,
@@ -574,6 +1000,15 @@ def image_files(folder):
 
 _REFERENCE = {}  # (folder, its image count, mode, Inception) -> (mu, sigma): each reference scored once a run
 
+def _reference(folder, mode, det, inception, batch_size, device):
+    """(mu, sigma) of a folder of real images in `mode`, scored once a run (again on every rank unless every
+    rank has it). Every rank calls it."""
+    refs = image_files(folder)
+    key = (os.path.realpath(folder), len(refs), mode, inception if det is not inception else id(det))
+    if sum_over_ranks(np.float64(key in _REFERENCE))[0] < world_size():  # scored on all ranks or none
+        _REFERENCE[key] = _scored(refs, det, mode, 0, batch_size, device)[:2]
+    return _REFERENCE[key]
+
 @functools.lru_cache(maxsize=2)
 def _inception(path, device):
     """The Inception network of `path` (None: the cached download) on `device`, loaded once a run."""
@@ -581,25 +1016,25 @@ def _inception(path, device):
 
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None, modes=FID_MODES,
            batch_size=200, splits=10, full=None):
-    """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against ref_folder
-    (real PNGs), else for cifar10 clean-fid's statistics of the 50k *train* images (the papers'), or offline
-    `stats` (.npz of mu, sigma; 'legacy_tensorflow' only). inception: a path or an object like Inception.
-    Every rank calls it and scores its share of the images; every rank returns rank 0's numbers. full: the
-    full run's number of images, under --rehearse."""
-    if ref_folder is None and dataset != "cifar10":
-        raise ValueError(f"FID for {dataset!r} needs a folder of reference images")
+    """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against (the first
+    given) `stats` (a --fid-stats .npz, any dataset: its mu and sigma serve 'legacy_tensorflow' only, its
+    arr_0 images every mode; stats_modes), ref_folder (real PNGs), for cifar10 clean-fid's statistics of the
+    50k *train* images (the papers'). inception: a path or an object like Inception. Every rank calls it and
+    scores its share of the images; every rank returns rank 0's numbers. full: the full run's number of
+    images, under --rehearse."""
+    if not stats and ref_folder is None and dataset != "cifar10":
+        raise ValueError(f"FID for {dataset!r} needs a folder of reference images or --fid-stats (an .npz of "
+                         "mu and sigma, or of images arr_0)")
+    served = stats_modes(stats) if stats else FID_MODES
     det = inception if hasattr(inception, "features") else _inception(inception, device)
     files, out, t0 = image_files(folder), {}, time.time()
-    for mode in [m for m in modes if ref_folder is not None or not stats or m == "legacy_tensorflow"]:
-        if ref_folder is not None:
-            refs = image_files(ref_folder)
-            key = (os.path.realpath(ref_folder), len(refs), mode,
-                   inception if det is not inception else id(det))
-            if sum_over_ranks(np.float64(key in _REFERENCE))[0] < world_size():  # scored on all ranks or none
-                _REFERENCE[key] = _scored(refs, det, mode, 0, batch_size, device)[:2]
-            ref = _REFERENCE[key]
+    for mode in [m for m in modes if m in served]:
+        if stats:
+            ref = stats_reference(stats, mode, det, inception, batch_size, device)
+        elif ref_folder is not None:
+            ref = _reference(ref_folder, mode, det, inception, batch_size, device)
         else:
-            ref = cifar10_statistics(mode, stats)
+            ref = cifar10_statistics(mode)
         # the IS of the images as they are (the network resizes inside, as TF's), from the TF-mode pass
         mu, sigma, scores = _scored(files, det, mode, splits if mode == "legacy_tensorflow" else 0,
                                     batch_size, device)
@@ -1124,9 +1559,10 @@ def cli(main):
 
 
 
-def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
+def diffusion_loss(den, weighting, x, generator, y=None, vlb_weight=0.001):
     """Salimans & Ho alg. 1 (Ho et al. alg. 1), t ~ U[0, 1] or U{0..T-1}; learned-range variance adds Nichol &
-    Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient."""
+    Dhariwal's lambda L_vlb = lambda T E_t[L_t] (sec. 3.1) with the mean under stop-gradient. y: x's labels
+    (a class-conditional model)."""
     B, schedule, g = x.shape[0] * world_size(), den.schedule, generator  # x: this rank's part of B
     t = torch.randint(schedule.T, (B,), generator=g, device=g.device) if schedule.discrete else \
         torch.rand(B, generator=g, device=g.device)
@@ -1134,7 +1570,7 @@ def diffusion_loss(den, weighting, x, generator, vlb_weight=0.001):
     alpha, sigma = (bcast(v, x) for v in schedule.alpha_sigma(t))
     eps = mine(torch.randn((B, *x.shape[1:]), generator=g, device=g.device)).to(x.device)
     z = alpha * x + sigma * eps
-    x_pred, eps_pred, v = den.full(z, t)
+    x_pred, eps_pred, v = den.full(z, t, y=y)
     loss = weighted_loss(x_pred, eps_pred, x, eps, alpha, sigma, weighting)
     if den.var == "learned_range":
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
@@ -1152,6 +1588,7 @@ class TeacherConfig:
     data: str = field("shapes", f"dataset: {DATASETS}")
     image_size: int = field(16, "image resolution", low=8)
     net: str = field("tiny", "network preset (common.PRESETS)", choices=tuple(PRESETS))
+    class_cond: bool = field(False, "class-conditional: a class embedding, labels from --data")
     dropout: float = field(0.0, "dropout in the res blocks", low=0.0, below=1.0)
     schedule: str = field("linear", "noise schedule", choices=("linear", "cosine", "cosine_logsnr"))
     param: str = field("eps", "network output", choices=PARAMS[:4])
@@ -1188,10 +1625,15 @@ def train_teacher(cfg, full_updates=None):
     ckpt, path = read_resume(cfg), os.path.join(cfg.out, "ckpt.pt")
     if ckpt and ckpt["step"] >= cfg.updates and os.path.exists(os.path.join(cfg.out, "samples.png")):
         return path  # finished: nothing to do, nothing rewritten
-    data = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed).to(device)
+    data, labels = load_dataset(cfg.data, cfg.image_size, seed=cfg.seed, labels=True)
+    if cfg.class_cond and labels is None:
+        raise ValueError(f"--class-cond: --data {cfg.data} has no class labels; use {LABELLED}")
+    classes = dataset_classes(cfg.data) if cfg.class_cond else 0
+    data, labels = data_to(device, data, labels if classes else None)
     out_ch = 3 * (2 if cfg.param == "both" else 1) + (3 if cfg.var == "learned_range" else 0)
     torch.manual_seed(cfg.seed)
-    net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout).to(device)
+    net = build_net(cfg.net, image_size=data.shape[-1], out_channels=out_ch, dropout=cfg.dropout,
+                    num_classes=classes).to(device)
     den = Denoiser(net, Schedule(cfg.schedule), cfg.param, cfg.var)
     trained, ema = compiled(data_parallel(den), cfg.compile), copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -1210,9 +1652,9 @@ def train_teacher(cfg, full_updates=None):
     while step < cfg.updates:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        x = sample_batch(data, cfg.batch, gen)
+        x, y = sample_batch(data, cfg.batch, gen, labels)
         with autocast(device, cfg.dtype):
-            loss = diffusion_loss(trained, cfg.weighting, x, gen)
+            loss = diffusion_loss(trained, cfg.weighting, x, gen, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -1228,7 +1670,8 @@ def train_teacher(cfg, full_updates=None):
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
                             gen=gen.get_state(), elapsed=meter.now())
     z = seeded_noise(range(64), data.shape[1:], device)
-    grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), clip=True)
+    y = (torch.arange(64, device=device) // 8) % classes if classes else None  # a row per class
+    grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), True, y)
     save_grid(grid, os.path.join(cfg.out, "samples.png"))
     barrier()  # every rank leaves with the final checkpoint on disk (the next step loads it)
     return path
@@ -1238,8 +1681,9 @@ def cached_teacher(cfg=None):
     keyed by the config, so every script and test reuses the same one. Returns its checkpoint path."""
     cfg = cfg or TeacherConfig()
     free = ("out", "resume", "device", "log_every", "ckpt_every", "sample_steps", "compile")
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
-    recipe["net"] = net_config(build_net(cfg.net))
+    recipe, net = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}, PRESETS[cfg.net]
+    defaults = type(net)()  # the preset's architecture as the fields it sets: a new field keeps the key
+    recipe["net"] = {k: v for k, v in dataclasses.asdict(net).items() if v != getattr(defaults, k)}
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{cfg.data.replace(':', '_').replace('/', '_')}{cfg.image_size}_{key}.pt"
     path = os.path.join(CACHE_DIR, "teachers", name)

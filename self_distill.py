@@ -8,11 +8,12 @@ DSDGEXP); TSD is DSDI with a frozen teacher. Training DSD (sec. 4.2, eq. 1) adds
     python self_distill.py --variant dsdi --fid-samples 30000 --out runs/dsd_dsdi   # table 2, per variant
     python self_distill.py --variant train --out runs/dsd_train                     # fig. 3
     python self_distill.py --quick                                                  # CPU
-The paper fine-tunes latent models; here everything runs in pixel space. We follow the paper where its
-official code differs (docs/self_distill.md lists each case), with a flag for the code's choice: --batch 1
-(the code's one trajectory at a time), --target next_x (its loss), --weighting trunc_logsnr | none. Not in
-the paper: --clip auto clips the x predictions of eps models to [-1, 1]; each depth has its own N_i-step grid
-t_i = i/N (the code reuses the start grid); equal updates per depth, app. J's shares for DSDGEXP.
+The paper fine-tunes latent models (a converted LDM teacher: README, Latent teachers; class-conditional ones
+with --guidance); pixel models work alike. We follow the paper where its official code differs
+(docs/self_distill.md lists each case), with a flag for the code's choice: --batch 1 (the code's one
+trajectory at a time), --target next_x (its loss), --weighting trunc_logsnr | none. Not in the paper: --clip
+auto clips the x predictions of eps pixel models to [-1, 1]; each depth has its own N_i-step grid t_i = i/N
+(the code reuses the start grid); equal updates per depth, app. J's shares for DSDGEXP.
 """
 import dataclasses
 import functools
@@ -22,8 +23,9 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps, ddim_sample,
-                    ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times, weighted_loss)
+from common import (LDM_SKIPS, Denoiser, PRESETS, SKIPS, Schedule, autocast, bcast, build_net, check_steps,
+                    ddim_sample, ddim_step, ema_update, net_config, rmse, sampler_spec, sampler_times,
+                    seeded_labels, weighted_loss)
 
 import runtime as R
 
@@ -67,41 +69,42 @@ def loss_weight(alpha_t, sigma_t, weighting):
     return logsnr.clamp_min(1.0) if weighting == "trunc_logsnr" else torch.ones_like(logsnr)
 
 @torch.no_grad()
-def two_step_target(den, z_t, x_pred, eps_pred, t1, alpha, sigma, clip=False):
+def two_step_target(den, z_t, x_pred, eps_pred, t1, alpha, sigma, clip=False, y=None):
     """Alg. 2 lines 10-13 from the prediction (x_pred, eps_pred) at z_t: a DDIM step to t', den's prediction
-    there, a DDIM step to t''. alpha, sigma: float64, (3,) or (3, B), at (t, t', t''). Returns (x'', z_t'',
-    x(z_t')) with x'' = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t), the x
-    of one DDIM step t -> t'' that lands on z_t'' (in float64)."""
+    there (for labels y), a DDIM step to t''. alpha, sigma: float64, (3,) or (3, B), at (t, t', t'').
+    Returns (x'', z_t'', x(z_t')) with x'' = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/
+    sigma_t) alpha_t), the x of one DDIM step t -> t'' that lands on z_t'' (in float64)."""
     a, s = [[bcast(v, z_t.double()) for v in vs] for vs in (alpha, sigma)]
     z_t1 = ddim_step(x_pred, eps_pred, a[1].float(), s[1].float())                 # line 10
-    x_1, eps_1 = den(z_t1, t1, clip=clip)
+    x_1, eps_1 = den(z_t1, t1, clip, y)
     z_t2 = ddim_step(x_1, eps_1, a[2].float(), s[2].float())                       # line 11
     ratio = s[2] / s[0]
     x_target = (z_t2.double() - ratio * z_t.double()) / (a[2] - ratio * a[0])     # line 13
     return x_target.float(), z_t2, x_1
 
 def dsd_loss(model, z_t, t, t1, alpha, sigma, weighting="trunc_snr", target="implied", teacher=None,
-             clip=False):
-    """Alg. 2, one update for a batch of trajectories at grid points t > t' > t'': returns (loss, z_t'').
+             clip=False, y=None):
+    """Alg. 2, one update for a batch of trajectories (of labels y, for a class-conditional model) at grid
+    points t > t' > t'': returns (loss, z_t'').
     Line 12's x' = (z_t' - (sigma_t'/sigma_t) z_t) / (alpha_t' - (sigma_t'/sigma_t) alpha_t) is, for the
     DDIM step z_t' of line 10, exactly the model's x prediction at z_t: the only part with a gradient. The
     two-step move (x'', detached) is the model's own (DSD) or the frozen teacher's (TSD), and the trajectory
     goes on from its z_t''."""
-    x_pred, eps_pred = model(z_t, t, clip=clip)
+    x_pred, eps_pred = model(z_t, t, clip, y)
     with torch.no_grad():
-        first = (x_pred.detach(), eps_pred.detach()) if teacher is None else teacher(z_t, t, clip=clip)
-        x_target, z_t2, x_next = two_step_target(teacher or model, z_t, *first, t1, alpha, sigma, clip)
+        first = (x_pred.detach(), eps_pred.detach()) if teacher is None else teacher(z_t, t, clip, y)
+        x_target, z_t2, x_next = two_step_target(teacher or model, z_t, *first, t1, alpha, sigma, clip, y)
     if target == "next_x":  # the official code: MSE(x(z_t), x(z_t-1))
         x_target = x_next
     mse = ((x_pred - x_target) ** 2).flatten(1).mean(1)
     return (loss_weight(alpha[0], sigma[0], weighting).float().to(mse.device) * mse).mean(), z_t2
 
-def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
+def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15, y=None):
     """Sec. 4.2, eq. 1: L = alpha ||v_hat - v||^2 + beta ||x' - x''||^2 in one graph. u ~ U[0, 1], z_t =
     alpha_t x + sigma_t eps; one forward pass gives v_hat and x' = x(z_t), which carries the gradient; x''
     (detached) comes from two DDIM steps of the same model from z_t, t -> t - 1/N -> t - 2/N (alg. 2), its
     second pass run without dropout (the first step reuses x', so only x' sees dropout).
-    Samples with u < 2/N (no room for two steps) get the v term only."""
+    Samples with u < 2/N (no room for two steps) get the v term only. y: x's labels (a conditional model)."""
     B, schedule = x.shape[0] * R.world_size(), den.schedule  # x: this rank's part of the global batch B
     u = R.mine(torch.rand(B, generator=gen, device=gen.device)).to(x.device, torch.float64)
     eps = R.mine(torch.randn((B, *x.shape[1:]), generator=gen, device=gen.device)).to(x.device)
@@ -110,11 +113,11 @@ def training_dsd_loss(den, x, gen, steps, v_weight=0.85, distill_weight=0.15):
     alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
     a, s = bcast(alpha[0], x).float(), bcast(sigma[0], x).float()
     z_t = a * x + s * eps
-    x_pred, eps_pred = den(z_t, schedule.time(u))
+    x_pred, eps_pred = den(z_t, schedule.time(u), y=y)
     v_loss = weighted_loss(x_pred, eps_pred, x, eps, a, s, "snr_plus_one")  # ||v_hat - v||^2
     den.net.eval()  # the target's pass without dropout, a fixed target (as progressive's frozen teacher)
     x_target, _, _ = two_step_target(den, z_t, x_pred.detach(), eps_pred.detach(), schedule.time(us[1]),
-                                     alpha, sigma)
+                                     alpha, sigma, y=y)
     den.net.train()
     distill = ((x_pred - x_target) ** 2).flatten(1).mean(1) * (u >= 2 / steps)
     return (v_weight * v_loss + distill_weight * distill).mean()
@@ -138,6 +141,15 @@ class Config:
     data: str = R.field("cifar10", f"dataset ({R.DATASETS}): FID reference; the data of --variant train")
     # '' = google/ddpm-cifar10-32 for cifar10, the cached shapes teacher for shapes
     teacher: str = R.field("", "model to fine-tune (a load_teacher spec); '' = the dataset's")
+    # fine-tuning: the conditional shapes teacher for shapes (others: a conditional --teacher is enough);
+    # training: a class embedding, the labels from --data
+    class_cond: bool = R.field(False, "class-conditional, a uniform label per trajectory or the data's")
+    classes: str = R.field("", R.CLASSES_HELP, fixed=False)
+    # Class-conditional teachers (table 2's ImageNet 256): the scale of classifier-free guidance w ~ U(lo, hi),
+    # drawn per update, in the student's step and its two-step target; the paper: [1, 3], the code: U(1, 4)
+    guidance: str = R.field("", "LO,HI: guided fine-tuning, w ~ U(LO, HI) per update ('' = none)")
+    eval_guidance: float = R.field(0.0, "guidance scale of evaluation sampling (0 = none; the code: 3.0)",
+                                   low=0.0, fixed=False)
     image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)",
                               low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
@@ -146,8 +158,10 @@ class Config:
                            low=1, rehearse=1)  # --rehearse: one trajectory per depth
     batch: int = R.field(16, "trajectories sampled in parallel; one update per pair of steps (code: 1)",
                          low=1)
+    # ldm: LDM's DDIM grid (range(0, T, T // N) + 1: 17, 33, 67 steps for N = 16, 32, 64); ldm_exact: DSD's
+    # patch of it, exactly N steps (np.arange(N) * (T // N) + 1), which the paper's numbers used
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
-                        choices=SKIPS[:1] + SKIPS[2:])
+                        choices=SKIPS[:1] + SKIPS[2:] + LDM_SKIPS)
     # implied: x'' of the model's two-step move (alg. 2); next_x: the official code's x prediction at z_t-1
     target: str = R.field("implied", "implied (alg. 2) | next_x (official code)",
                           choices=("implied", "next_x"))
@@ -158,13 +172,15 @@ class Config:
     # auto clips the x predictions of eps models (docs/self_distill.md); the paper's latents need none
     clip: str = R.field("auto", "clip x predictions to [-1, 1] everywhere: auto | yes | no",
                         choices=("auto", "yes", "no"))
-    lr: float = R.field(1e-6, "peak Adam lr (table 3; kept in pixel space, see the docstring)", low=0.0)
+    lr: float = R.field(1e-6, "peak Adam lr (table 3: 1e-6 CelebA-HQ and LSUN; ImageNet 1e-7)", low=0.0)
     lr_end: float = R.field(0.1, "cosine annealing to this fraction of the peak (sec. 5: 0.1)", low=0.0,
                             high=1.0)
     warmup: float = R.field(0.05, "linear warm-up as a fraction of the updates (official code: 0.05)",
                             low=0.0, below=1.0)
     beta1: float = R.field(0.9, "Adam beta1 (table 3)", low=0.0, below=1.0)
     beta2: float = R.field(0.98, "Adam beta2 (table 3)", low=0.0, below=1.0)
+    weight_decay: float = R.field(0.0, "Adam's L2 weight decay (table 3: none; the official code: 5e-4)",
+                                  low=0.0)
     ema: float = R.field(0.995, "EMA decay (table 3); the EMA is evaluated and loads as the model", low=0.0,
                          below=1.0)
     grad_clip: float = R.field(1.0, "clip the global gradient norm (table 3; 0 = off)", low=0.0)
@@ -222,7 +238,8 @@ QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=
 def start(cfg, model, ema, peak, ckpt, device):
     """Adam (table 3), the generator of the global batch's draws (the same on every rank) and the view of
     `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen, trained)."""
-    opt = torch.optim.Adam(model.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2), fused=device != "cpu")
+    opt = torch.optim.Adam(model.net.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2),
+                           weight_decay=cfg.weight_decay, fused=device != "cpu")
     gen = torch.Generator(device).manual_seed(cfg.seed)
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
@@ -240,12 +257,14 @@ def update(cfg, model, ema, opt, loss, decay, lr):
     opt.step()
     ema_update(ema.net, model.net, decay)
 
-def save(cfg, model, ema, opt, gen, step, elapsed, z=None, teacher=None):
-    """OUT/ckpt.pt: all the resume state (z: every rank's trajectories; teacher: TSD's current one)."""
+def save(cfg, model, ema, opt, gen, step, elapsed, z=None, teacher=None, y=None):
+    """OUT/ckpt.pt: all the resume state (z, y: every rank's trajectories and their labels; teacher: TSD's
+    current one)."""
     R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
                       method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
                       optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
-                      z=None if z is None else R.gather(z), elapsed=elapsed, teacher=teacher)
+                      z=None if z is None else R.gather(z), y=None if y is None else R.gather(y),
+                      elapsed=elapsed, teacher=teacher)
 
 def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
@@ -256,10 +275,11 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
     opt, gen, trained = start(cfg, model, ema, cfg.lr, ckpt, device)
-    teacher = den0 if cfg.variant == "tsd" else None
+    teacher, w_range = den0 if cfg.variant == "tsd" else None, parse_range(cfg.guidance)
     fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # a view per TSD teacher
-    step, z, elapsed = (ckpt["step"], ckpt["z"], ckpt["elapsed"]) if ckpt else (0, None, 0.0)
-    z = None if z is None else R.mine(z.to(device))  # this rank's trajectories
+    step, z, y, elapsed = (ckpt["step"], ckpt["z"], ckpt.get("y"), ckpt["elapsed"]) if ckpt else \
+        (0, None, None, 0.0)
+    z, y = (None if v is None else R.mine(v.to(device)) for v in (z, y))  # this rank's trajectories
     if ckpt and ckpt["teacher"] is not None:
         teacher = den0.copy().freeze()
         teacher.net.load_state_dict(ckpt["teacher"])
@@ -269,13 +289,18 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
         with autocast(device, cfg.dtype):
             if k == 0:  # alg. 2 line 6: a new batch of trajectories from z_N ~ N(0, I), ours a slice
                 z = R.mine(torch.randn((cfg.batch, *shape), generator=gen, device=device))
+                if model.num_classes:  # a class-conditional teacher: a uniform label per trajectory
+                    y = R.mine(torch.randint(model.num_classes, (cfg.batch,), generator=gen, device=device))
                 if teacher is not None and step > 0 and sequence[step - 1][0] != n:
                     teacher = model.copy().freeze()  # TSD: the student becomes the next teacher (PD)
             times, alpha, sigma = grids[n]
             j = slice(2 * k, 2 * k + 3)  # t, t', t'' on the N-step grid
-            loss, z = dsd_loss(trained, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
-                               cfg.weighting, cfg.target, None if teacher is None else fast(teacher),
-                               clipped(cfg, model))
+            student, guide = trained, None if teacher is None else fast(teacher)
+            if w_range:  # classifier-free guidance, its scale drawn per update (sec. 5; official: U(1, 4))
+                w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=gen, device=device)
+                student, guide = student.guided(w), guide and guide.guided(w)
+            loss, z = dsd_loss(student, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
+                               cfg.weighting, cfg.target, guide, clipped(cfg, model), y)
         lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
         update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1
@@ -285,20 +310,20 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
                       phase=f"{cfg.variant} N = {n}", full_total=full_updates[n])
         if step % cfg.ckpt_every == 0 or step == total:
             save(cfg, model, ema, opt, gen, step, meter.now(), z,
-                 None if teacher in (None, den0) else teacher.net.state_dict())
+                 None if teacher in (None, den0) else teacher.net.state_dict(), y)
 
-def train_dsd(cfg, model, ema, data, device, ckpt):
-    """Training DSD (sec. 4.2, eq. 1) from scratch on the data: `model` and its EMA trained in place,
-    resumable at any update."""
+def train_dsd(cfg, model, ema, data, labels, device, ckpt):
+    """Training DSD (sec. 4.2, eq. 1) from scratch on the data (and labels: --class-cond): `model` and its
+    EMA trained in place, resumable at any update."""
     total = cfg.train_updates
     opt, gen, trained = start(cfg, model, ema, cfg.train_lr, ckpt, device)
     step, elapsed = (ckpt["step"], ckpt["elapsed"]) if ckpt else (0, 0.0)
     meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
                     full_total=R.full_config(cfg).train_updates)
     while step < total:
-        x = R.sample_batch(data, cfg.train_batch, gen)
+        x, y = R.sample_batch(data, cfg.train_batch, gen, labels)
         with autocast(device, cfg.dtype):
-            loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight)
+            loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight, y)
         lr = learning_rate(step, cfg.train_lr, cfg.train_warmup, total, 1.0)  # warm-up, then constant
         update(cfg, model, ema, opt, loss, cfg.train_ema, lr)
         step += 1
@@ -312,16 +337,20 @@ def train_dsd(cfg, model, ema, data, device, ckpt):
 
 def evaluate(cfg, models, reference_model, shape, data, device):
     """Every model at every --eval-steps count: the RMSE to the reference model's --reference-steps output
-    from the same noise, FID/IS when asked; samples.png: the reference, then the models per step count."""
+    from the same noise (images: a latent model's decoded), FID/IS when asked; samples.png: the reference,
+    then the models per step count."""
     seeds, clip, full = range(cfg.eval_samples), clipped(cfg, models[reference_model]), R.full_config(cfg)
-    ref_folder = None
-    if cfg.fid_samples and cfg.data != "cifar10":
-        ref_folder = R.write_pngs(data[:cfg.fid_samples],
-                                  os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+    classes = R.eval_classes(cfg.classes, models[reference_model])
+    label = lambda seeds, z: seeded_labels(seeds, models[reference_model].num_classes, z.device, classes)
+    ref_folder = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples",
+                                                                      f"data_{cfg.fid_samples}"),
+                                  cfg.fid_stats, data, models[reference_model].image_shape[-1]) \
+        if cfg.fid_samples else None
 
-    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), clamped to the image range
+    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), as images
         times = sampler_times(den.schedule, steps, cfg.skip)
-        fn = lambda z, seeds: ddim_sample(den, z, times, clip=clip).clamp(-1, 1)
+        den = den.guided(cfg.eval_guidance) if cfg.eval_guidance else den
+        fn = lambda z, seeds: den.image(ddim_sample(den, z, times, clip, label(seeds, z)))
         with autocast(device, cfg.dtype):
             images = R.generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
                                 full.eval_samples)
@@ -329,8 +358,9 @@ def evaluate(cfg, models, reference_model, shape, data, device):
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
             fast_den = R.compiled(den, cfg.compile)  # pays at FID's sizes
-            R.sample_to_folder(lambda z, seeds: ddim_sample(fast_den, z, times, clip=clip).clamp(-1, 1),
-                               cfg.fid_samples, folder, shape, cfg.eval_batch, device, full=full.fid_samples)
+            fast = lambda z, seeds: den.image(ddim_sample(fast_den, z, times, clip, label(seeds, z)))
+            R.sample_to_folder(fast, cfg.fid_samples, folder, shape, cfg.eval_batch, device,
+                               full=full.fid_samples)
         scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
                           stats=cfg.fid_stats or None, full=full.fid_samples)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
@@ -352,6 +382,18 @@ def evaluate(cfg, models, reference_model, shape, data, device):
 
 # ---- main ------------------------------------------------------------------------------------------------
 
+def parse_range(text):
+    """--guidance LO,HI as (lo, hi), 1 <= lo <= hi; '' as None."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 <= lo <= hi:
+        raise ValueError(f"--guidance {text!r}: expected LO,HI with 0 <= LO <= HI, e.g. 1,3")
+    return lo, hi
+
 def parse_steps(text):
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -364,6 +406,7 @@ def parse_steps(text):
 def check(cfg):
     """One-line errors for what argparse cannot see, before any work."""
     parse_steps(cfg.eval_steps)
+    parse_range(cfg.guidance)
     if cfg.variant in ("dsdi", "tsd") and cfg.steps & (cfg.steps - 1):
         raise ValueError(f"--steps {cfg.steps}: {cfg.variant} halves N down to 2, so N must be a power of 2")
     if cfg.variant != "train" and cfg.steps % 2:
@@ -389,25 +432,32 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     data = None
     if cfg.variant == "train":
-        data = R.load_dataset(cfg.data, cfg.image_size or None, seed=cfg.seed)
+        data, labels = R.load_dataset(cfg.data, cfg.image_size or None, seed=cfg.seed, labels=True)
         net = build_net(cfg.train_net, image_size=data.shape[-1], out_channels=data.shape[1],
-                        dropout=cfg.dropout)
+                        dropout=cfg.dropout, num_classes=R.dataset_classes(cfg.data) if cfg.class_cond else 0)
         model = Denoiser(net.to(device), Schedule(cfg.train_schedule), "v", "fixed_large").train()
+        labels = R.check_labels(model, labels, cfg.data)
         spec, den0, ema, shape = None, None, model.copy().freeze(), tuple(data.shape[1:])
     else:  # fine-tuning: den0 the original model (frozen), model a copy without dropout, ema its EMA
         spec = cfg.teacher or {"cifar10": "google/ddpm-cifar10-32"}.get(cfg.data) or (
-            R.cached_teacher() if cfg.data == "shapes" else None)
+            R.cached_teacher(R.TeacherConfig(class_cond=cfg.class_cond)) if cfg.data == "shapes" else None)
         if spec is None:
             raise ValueError(f"--data {cfg.data}: pass --teacher (a hub id, diffusers directory or "
                              "checkpoint)")
         den0 = R.load_teacher(spec, device)
+        if (cfg.guidance or cfg.eval_guidance) and not den0.num_classes:
+            raise ValueError(f"--guidance/--eval-guidance: {spec} is unconditional; guidance needs a "
+                             "class-conditional teacher")
+        if cfg.class_cond and not den0.num_classes:
+            raise ValueError(f"--class-cond: {spec} is unconditional")
         size = net_config(den0.net)["image_size"]
         if cfg.image_size not in (0, size):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
         model, ema = den0.copy().eval(), den0.copy().freeze()  # fine-tuning without dropout (it trains)
         shape = (net_config(den0.net)["in_channels"], size, size)
-        if cfg.fid_samples and cfg.data != "cifar10":
-            data = R.load_dataset(cfg.data, shape[-1], seed=cfg.seed)
+        if cfg.fid_samples and cfg.data != "cifar10" and not cfg.fid_stats:
+            data = R.load_dataset(cfg.data, den0.image_shape[-1], seed=cfg.seed)  # decoded, if latent
+    R.eval_classes(cfg.classes, model)
     check_steps(model.schedule, cfg.skip, steps=cfg.steps, reference_steps=cfg.reference_steps,
                 eval_steps=max(parse_steps(cfg.eval_steps)))
     steps = depths[-1][0] if depths else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
@@ -424,7 +474,7 @@ def main(argv=None):
     if depths:
         fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt)
     else:
-        train_dsd(cfg, model, ema, data.to(device), device, ckpt)
+        train_dsd(cfg, model, ema, *R.data_to(device, data, labels), device, ckpt)
     models = {"student": ema} if den0 is None else {"teacher": den0, "student": ema}
     results = evaluate(cfg, models, "student" if den0 is None else "teacher", shape, data, device)
     for r in results:

@@ -99,7 +99,7 @@ def setup(method, spec, args, device, fast):
 
         def step():
             with amp:
-                loss = P.distill_loss(student_v, teacher_v, x, 8, "trunc_snr", gen)
+                loss = P.distill_loss(student_v, teacher_v, x, None, 8, "trunc_snr", gen)
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()

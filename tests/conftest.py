@@ -22,14 +22,15 @@ if WORKER:
 
 @pytest.fixture(scope="session", autouse=True)
 def teachers_side_by_side(worker_id):
-    """The two cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
-    teacher and gw1 progressive's --quick base model at the start, side by side; a test of the other worker
-    that needs one before it is done waits on the cache's lock (runtime.cached_teacher)."""
+    """The cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
+    teacher, gw1 progressive's --quick base model and then the class-conditional eps teacher, side by side; a
+    test of the other worker that needs one before it is done waits on the cache's lock (runtime.cached_teacher)."""
     if worker_id == "gw0":
         R.cached_teacher()
     elif worker_id == "gw1":
         import progressive as P
         R.cached_teacher(P.base_config(R.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
+        R.cached_teacher(R.TeacherConfig(class_cond=True))
 
 @pytest.fixture
 def kill_on_call(monkeypatch):

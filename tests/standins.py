@@ -96,3 +96,17 @@ def user_cache(folder):
     os.makedirs(os.path.join(R.CACHE_DIR, "teachers"), exist_ok=True)
     os.symlink(os.path.join(R.CACHE_DIR, "teachers"), os.path.join(folder, "teachers"))
     return folder
+
+@torch.no_grad()
+def perturb(net, seed, scale=0.01):
+    """Every tensor of net moved by scale * N(0, 1) (seeded), so that zero inits hide no wrong mapping."""
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+def one_line(excinfo):
+    """The message of a raised error, checked to be one line (and not empty)."""
+    text = str(excinfo.value)
+    assert "\n" not in text and len(text) > 20, text
+    return text

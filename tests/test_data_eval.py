@@ -38,7 +38,7 @@ def test_cifar10_official_format(tmp_path, monkeypatch):
     assert train.shape == (100, 3, 32, 32) and train.dtype == torch.uint8
     expected = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
     assert np.array_equal(train.numpy(), expected)
-    test = R.load_cifar10(str(tmp_path), split="test")
+    test, _ = R.load_cifar10(str(tmp_path), split="test")
     assert np.array_equal(test.numpy(), batches["test_batch"].reshape(-1, 3, 32, 32))
 
 def test_cifar10_offline_and_corrupt_errors_are_one_line(tmp_path, monkeypatch):
@@ -84,8 +84,8 @@ def test_shapes_is_deterministic_per_image():
 def test_sample_batch_is_in_range_and_flips():
     data = R.make_shapes(8, 8)
     g = torch.Generator().manual_seed(0)
-    x = R.sample_batch(data, 64, g)
-    assert x.shape == (64, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    x, y = R.sample_batch(data, 64, g)
+    assert x.shape == (64, 3, 8, 8) and x.min() >= -1 and x.max() <= 1 and y is None
     originals = C.to_float(data)
     flipped = sum(any(torch.equal(xi, o.flip(2)) and not torch.equal(xi, o) for o in originals) for xi in x)
     assert 10 < flipped < 54

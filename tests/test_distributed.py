@@ -42,9 +42,9 @@ def _main(method, argv):
     return R.train_teacher(R.parse_config(R.TeacherConfig, argv)) if method == "runtime" else \
         METHODS[method].main(argv)
 
-def _teacher_file(path):
+def _teacher_file(path, num_classes=0):
     torch.manual_seed(0)
-    net = C.build_net("tiny16", image_size=16, out_channels=6, zero_init=False)
+    net = C.build_net("tiny16", image_size=16, out_channels=6, zero_init=False, num_classes=num_classes)
     R.save_checkpoint(str(path), **C.Denoiser(net, C.Schedule("linear"), "eps", "learned_range").state(),
                       method="t")
     return str(path)
@@ -105,6 +105,26 @@ def test_two_ranks_take_the_update_of_one_process(tmp_path, method):
         for split in ("train", "test"):
             assert open(os.path.join(one, "pairs", f"{split}.npy"), "rb").read() == \
                 open(os.path.join(two, "pairs", f"{split}.npy"), "rb").read()
+
+@pytest.mark.parametrize("method", ["progressive", "dkdm"])
+def test_two_ranks_take_the_update_of_one_process_with_labels(tmp_path, method):
+    """A class-conditional teacher: labels drawn with the data (progressive, each rank its slice) or with the
+    knowledge set (dkdm, every rank the whole set) give one process's updates on 2 ranks."""
+    teacher = _teacher_file(tmp_path / "teacher.pt", num_classes=3)
+    argv = _argv(method, teacher)
+    if method == "progressive":
+        argv += ["--teacher", teacher, "--reparam-updates", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _main(method, argv + ["--out", one])
+    _torchrun(method, argv + ["--out", two])
+    a, b = (R.load_checkpoint(os.path.join(out, "ckpt.pt")) for out in (one, two))
+    assert a["net_config"]["num_classes"] == 3
+    _close_weights(a["model"], b["model"])
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    (keys_a, rmse_a), (keys_b, rmse_b) = _rows(one), _rows(two)
+    assert keys_a == keys_b and rmse_b == pytest.approx(rmse_a, rel=1e-4, abs=1e-6)
+    if method == "dkdm":
+        assert torch.equal(a["knowledge"]["y"], b["knowledge"]["y"])
 
 def _holders(marker):
     """The pids of the processes whose command line holds `marker`."""

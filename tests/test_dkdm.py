@@ -87,6 +87,11 @@ def test_vlb_is_zero_between_identical_models_and_trains_only_the_variance(var):
         assert simple.abs().max() == 0 and vlb.abs().max() < 1e-6
     target = D.teacher_step(teacher, grid, z, k, torch.randn_like(z), clip=True)
     student = D.make_student(D.Config(student="dit_tiny", seed=1), teacher)
+    if var != "learned_range":  # a fixed-variance teacher's student: its variance, L*_simple alone (eq. 20)
+        assert student.var == var and student.net.config.out_channels == 3
+        simple, vlb = D.dkdm_loss(student, grid, z, k, target)
+        assert vlb.abs().max() == 0 and (simple > 0).all()
+        return
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -63,7 +63,7 @@ def test_float_flags_must_be_finite(tmp_path, no_work, method, value):
     ("self_distill", ["--train-ema", "1"], "--train-ema: must be below 1.0"),
     ("self_distill", ["--beta1", "-0.1"], "--beta1: must be at least 0.0"),
     ("dkdm", ["--ema", "1"], "--ema: must be below 1.0"),
-    ("dkdm", ["--rho", "1.5"], "--rho: must be at most 1.0"),
+    ("dkdm", ["--rho", "-1"], "--rho: must be at least 0.0"),
     ("dkdm", ["--dropout", "1"], "--dropout: must be below 1.0")])
 def test_decays_probabilities_and_fractions_stay_in_range(tmp_path, no_work, method, flags, message):
     _refused(method, flags, message, tmp_path / "run")

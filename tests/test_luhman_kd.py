@@ -260,7 +260,7 @@ def test_bad_flags_are_rejected_before_any_work(tmp_path, monkeypatch):
             (["--ema", "1.5"], SystemExit, "below 1"),
             (["--inception", str(tmp_path / "no.pt")], ValueError, "no such file"),
             (["--resume", str(tmp_path / "no.pt")], ValueError, "no such checkpoint"),
-            (["--data", "cifar100"], ValueError, "expected cifar10, folder:PATH or shapes"),
+            (["--data", "cifar100"], ValueError, "expected cifar10, shapes, folder:PATH"),
             (["--batch", "0"], SystemExit, "at least 1"),
             (["--num-test-pairs", "-1"], SystemExit, "at least 0"),
             (["--recipe", "imagenet"], SystemExit, "invalid choice"),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common import (DiT, PRESETS, UNet, UNetConfig, build_net, net_config, sampler_spec)
 
 import runtime as R
+from standins import perturb
 from tools.convert_teacher import (KNOWN, config_from_ermongroup, diffusion_of, from_original, infer_format,
                                    infer_preset, main as convert, to_original)
 
@@ -54,13 +55,6 @@ HO_SMALL = UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, at
 HO_SMALL_DIFFUSERS = dict(DDPM_CIFAR10, sample_size=16, block_out_channels=[32, 64], layers_per_block=1,
                           down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                           up_block_types=["AttnUpBlock2D", "UpBlock2D"])
-
-@torch.no_grad()
-def perturb(net, seed, scale=0.01):
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g))
-    return net
 
 def max_diff(a, b):
     return (a - b).abs().max().item()

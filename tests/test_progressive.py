@@ -33,7 +33,8 @@ def _teacher_file(path, param="x", kind="cosine_logsnr", var="fixed_large"):
 def small_data(monkeypatch):
     """256 shapes instead of 20,000: the runs below test the plumbing, not the quality."""
     real = R.load_dataset
-    small = lambda name, size=None, seed=0, **kw: real(name, size, n_shapes=256, seed=seed)
+    small = lambda name, size=None, seed=0, labels=False, **kw: real(name, size, n_shapes=256, seed=seed,
+                                                                      labels=labels)
     monkeypatch.setattr(R, "load_dataset", small)  # the method's and the base model's (R.train_teacher)
 
 def _run(out, *flags):
@@ -159,7 +160,7 @@ def test_student_starts_as_the_teacher(param, var, both):
     (["--batch", "0"], "at least 1"), (["--stochastic", "2"], "--stochastic"),
     (["--stochastic", "a"], "--stochastic"), (["--net", "big"], "choice"),
     (["--teacher", "", "--net", "pd_cifar10", "--image-size", "18"], "multiple of 4"),
-    (["--data", "imagenet"], "--data imagenet"), (["--resume", "nowhere.pt"], "no such checkpoint"),
+    (["--data", "imagenet"], "unknown dataset 'imagenet'"), (["--resume", "nowhere.pt"], "no such checkpoint"),
     (["--fid-stats", "nowhere.npz"], "no such file"), (["--teacher-clip", "maybe"], "invalid choice"),
     (["--fid-teacher", "maybe"], "true or false"), (["--reparam-updates", "0"], "at least 1")])
 def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, monkeypatch, flags, message):
@@ -296,8 +297,8 @@ def test_eps_teacher_in_ddpm_cifar10_format(tmp_path, small_data, monkeypatch):
                "variance_type": "fixed_large"},
               open(folder / "scheduler_config.json", "w"))
     calls, real_loss = [], P.distill_loss
-    monkeypatch.setattr(P, "distill_loss", lambda s, t, x, N, w, g, one_step, clip: calls.append(
-        (t.param, s.param, N, w, one_step, clip)) or real_loss(s, t, x, N, w, g, one_step, clip))
+    monkeypatch.setattr(P, "distill_loss", lambda s, t, x, y, N, w, g, one_step, clip: calls.append(
+        (t.param, s.param, N, w, one_step, clip)) or real_loss(s, t, x, y, N, w, g, one_step, clip))
     metrics, log = _run(tmp_path / "run", "--teacher", str(folder), *TINY, "--reparam-updates", "2")
     assert sorted(set(calls), key=calls.index) == [("eps", "eps", 2, "snr", False, True),
                                                    ("eps", "both", 2, "trunc_snr", True, True),

@@ -189,6 +189,46 @@ def test_progressive_from_a_hub_eps_teacher_rehearsed(cache, tmp_path):
               if r["model"] == "student"]
     assert params == ["eps", "eps", "both", "both"]
 
+def _image_tree(root, classes, n, size, seed=0):
+    """An ILSVRC2012-style train tree (or, classes None, a flat folder) of n random-noise JPEGs per class of
+    size (w, h): not square, so the central crop matters."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c in classes or [""]:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            pixels = torch.randint(256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(os.path.join(root, c, f"{c or 'img'}_{i}.JPEG"))
+    return root
+
+@pytest.mark.parametrize("panel", ["imagenet64", "lsun128"])
+def test_progressive_fig4_panels_rehearsed(cache, tmp_path, panel):
+    """Fig. 4's ImageNet 64 (class-conditional, ADM's reference batch as --fid-stats) and LSUN 128 commands as
+    the README gives them, on a small class tree / image folder, with the 16-channel U-Net and 4 start steps."""
+    if panel == "imagenet64":
+        data = "imagenet64:" + _image_tree(str(tmp_path / "train"), ["n01440764", "n01443537", "n01484850"],
+                                          4, (80, 70))
+        stats = str(tmp_path / "VIRTUAL_imagenet64_labeled.npz")  # mu, sigma of the stand-in's 64-d features
+        import numpy as np
+        np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
+        flags = ["--class-cond", "true", "--net", "pd_imagenet64", "--base-updates", "550000", "--fid-stats", stats]
+    else:
+        data = "lsun:" + _image_tree(str(tmp_path / "bedroom"), None, 8, (150, 130))
+        flags = ["--net", "pd_lsun128", "--base-updates", "400000"]
+    out = str(tmp_path / "run")
+    _run(cache, "progressive.py", ["--data", data, *flags, "--param", "both", "--dropout", "0.1", "--base-batch",
+                                   "2048", "--base-lr", "3e-4", "--start-steps", "1024", "--batch", "2048",
+                                   "--fid-samples", "50000", "--out", out, "--rehearse",
+                                   # shrunk for a CPU: the 16-channel U-Net, 4 steps, batches of 8
+                                   "--net", "tiny16", "--image-size", "64",  # LSUN at 64: the CPU's cost
+                                   "--start-steps", "4", "--batch", "4", "--base-batch", "4", "--device", "cpu"])
+    _rehearsal(out, ["base model (Alg. 1)", "round 1: 4 -> 2 steps", "FID samples student_1steps"])
+    base = R.load_teacher(os.path.join(out, "rehearsal", "base", "ckpt.pt"))
+    assert base.num_classes == (3 if panel == "imagenet64" else 0) and base.param == "both"
+    assert base.net.config.image_size == 64
+    metrics = _metrics(os.path.join(out, "rehearsal"))
+    assert metrics["finished"] and all(r["fid"] is not None for r in metrics["results"] if r["model"] == "student")
+
 def test_self_distill_with_fid_rehearsed(cache, tmp_path):
     """Table 2's DSDI command on google/ddpm-cifar10-32 with FID: every depth once, every model scored."""
     out = str(tmp_path / "run")
@@ -249,3 +289,41 @@ def test_compare_rehearsed(cache, tmp_path):
                      "reference", "luhman_kd best", "FID/IS scoring"])
     rows = json.load(open(os.path.join(out, "rehearsal", "compare.json")))
     assert {r["method"] for r in rows} == {"teacher", "progressive", "luhman_kd", "self_distill", "dkdm"}
+
+# ---- the README's latent commands (DSD table 2, DKDM table 3) on a fake CompVis model.ckpt ------------------
+
+@pytest.fixture(scope="module")
+def ldm_teacher(tmp_path_factory):
+    """A CompVis-layout model.ckpt of random weights (the ldm_tiny U-Net, the vq_tiny autoencoder), converted
+    as the README says: a latent teacher of 3x16x16 latents and 32x32 images."""
+    from test_ldm import first_stage, perturb
+    from tools.convert_teacher import main as convert, to_original
+    torch.manual_seed(0)
+    unet = perturb(C.UNet(C.PRESETS["ldm_tiny"]).eval(), 1)
+    folder = tmp_path_factory.mktemp("ldm")
+    state = {**to_original(unet.state_dict(), C.PRESETS["ldm_tiny"], "ldm"), **first_stage(2)}
+    torch.save({"state_dict": state, "global_step": 0}, folder / "model.ckpt")
+    convert([str(folder / "model.ckpt"), str(folder / "ldm_celeba256.pt")])
+    return str(folder / "ldm_celeba256.pt")
+
+def test_latent_commands_rehearsed(cache, tmp_path, ldm_teacher):
+    """DSD's CelebA-HQ command and DKDM's (shrunk: a half-width student, a 20-step chain) rehearsed on 2 ranks
+    with a latent teacher: FID on decoded images against a folder of real ones."""
+    real = _image_tree(str(tmp_path / "celeba"), None, 8, (40, 36))
+    dsd = str(tmp_path / "dsd")
+    _run(cache, "self_distill.py", ["--teacher", ldm_teacher, "--data", f"folder:{real}", "--skip", "ldm_exact",
+                                    "--eval-steps", "2,4,8", "--fid-samples", "30000", "--out", dsd, "--rehearse",
+                                    "--steps", "8", "--batch", "4", "--device", "cpu"])
+    _rehearsal(dsd, ["dsdi N = 8", "evaluation student 2 steps", "FID samples student_2", "FID/IS scoring"])
+    assert all(r["fid"] is not None for r in _metrics(os.path.join(dsd, "rehearsal"))["results"])
+    student = R.load_teacher(os.path.join(dsd, "rehearsal", "ckpt.pt"))
+    assert student.autoencoder is not None and student.image_shape == (3, 32, 32)
+    dk = str(tmp_path / "dkdm")
+    _run(cache, "dkdm.py", ["--teacher", ldm_teacher, "--student", "ldm_128", "--dropout", "0", "--rho", "4",
+                            "--batch", "48", "--lr", "9.6e-5", "--data", f"folder:{real}", "--eval-steps", "200",
+                            "--fid-sampler", "ddim", "--fid-samples", "50000", "--out", dk, "--rehearse",
+                            "--student", "ldm_tiny_half", "--chain-steps", "20", "--batch", "8",
+                            "--prep-batch", "16", "--eval-steps", "5", "--device", "cpu"])
+    _rehearsal(dk, ["shuffle denoise (the knowledge set)", "student training", "FID samples student_ddim"])
+    rows = _metrics(os.path.join(dk, "rehearsal"))["results"]
+    assert [r["sampler"] for r in rows if r["model"] == "student" and r["fid"] is not None] == ["ddim"]

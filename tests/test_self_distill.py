@@ -162,7 +162,8 @@ def test_resume_mid_schedule_reproduces_an_uninterrupted_run(tmp_path, monkeypat
     flags = ["--variant", variant, *flags, "--batch", "2", "--ckpt-every", "3", "--log-every", "3",
              "--eval-samples", "4", "--eval-steps", "2", "--reference-steps", "4"]
     real = R.load_dataset
-    monkeypatch.setattr(R, "load_dataset", lambda name, size, seed: real(name, size, n_shapes=256))
+    small = lambda name, size, seed, labels=False: real(name, size, n_shapes=256, labels=labels)
+    monkeypatch.setattr(R, "load_dataset", small)
     straight, straight_log = _run(tmp_path / "a", *flags)
 
     real_save = R.save_checkpoint

@@ -122,10 +122,11 @@ def evaluate(cfg, teacher, models, device):
     seeds, shape = range(cfg.eval_samples), (c.in_channels, c.image_size, c.image_size)
     clip = teacher.param == "eps"  # an eps model's x explodes as alpha -> 0 (the method files clip it too)
     full = R.full_config(cfg)  # the full run's counts, under --rehearse
+    label = lambda z, seeds: C.seeded_labels(seeds, teacher.num_classes, z.device)  # a conditional teacher's
 
     def teacher_sampler(solver, n):
         times = C.sampler_times(teacher.schedule, n, "unit")
-        return lambda z, seeds: solver(teacher, z, times, clip=clip).clamp(-1, 1)
+        return lambda z, seeds: teacher.image(solver(teacher, z, times, clip, label(z, seeds)))
 
     def row(method, model, steps, sampler, fn):
         images = R.generate(fn, seeds, shape, cfg.batch, device, f"{method} {model}", full.eval_samples)
@@ -133,9 +134,9 @@ def evaluate(cfg, teacher, models, device):
         if cfg.fid_samples:
             folder = os.path.join(cfg.out, "samples", f"{method}_{model}_{sampler}_{steps}")
             R.sample_to_folder(fn, cfg.fid_samples, folder, shape, cfg.batch, device, full=full.fid_samples)
-            ref = None if cfg.data == "cifar10" else R.write_pngs(
-                R.load_dataset(cfg.data, shape[-1])[:cfg.fid_samples],
-                os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"))
+            ref = R.reference_pngs(cfg.data, cfg.fid_samples,
+                                   os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"), cfg.fid_stats,
+                                   image_size=teacher.image_shape[-1])
             scores = R.fid_is(folder, cfg.data, device, cfg.inception or None, ref, cfg.fid_stats or None,
                               full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
@@ -153,7 +154,8 @@ def evaluate(cfg, teacher, models, device):
         rows.append(row("teacher", "dpm_solver_2m", n, "dpm++2m", teacher_sampler(C.dpm_solver_2m, n)))
     for (method, name), den in models.items():
         sampler = "ancestral" if den.sampler["ancestral"] else "ddim"
-        rows.append(row(method, name, den.steps, sampler, lambda z, seeds, den=den: den.sample(z, seeds)))
+        rows.append(row(method, name, den.steps, sampler,
+                        lambda z, seeds, den=den: den.sample(z, seeds, label(z, seeds))))
     return rows
 
 # ---- the table and the plot ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ variance type. Like DiT's download.py and EDM's dataset_tool.py, it prepares an 
     python tools/convert_teacher.py model-790000.ckpt teachers/ddpm_cifar10.pt   # pesser: Ho et al. CIFAR-10
     python tools/convert_teacher.py ckpt.pth teachers/ddim_celeba64.pt           # ermongroup/ddim CelebA 64
     python tools/convert_teacher.py ADM_cifar10_baseline.pt teachers/adm.pt      # DDPM-IP (DKDM's teacher)
+    python tools/convert_teacher.py 64x64_diffusion.pt teachers/adm_in64.pt      # guided-diffusion, conditional
+    python tools/convert_teacher.py models/ldm/celeba256/model.ckpt teachers/ldm_celeba256.pt  # CompVis LDM
     python tools/convert_teacher.py model.pt out.pt --preset unet.json --schedule linear --var fixed_small
 
 Formats, told apart by their key names (teacher_checkpoints.md secs. 2-4):
@@ -12,6 +14,13 @@ Formats, told apart by their key names (teacher_checkpoints.md secs. 2-4):
               ermongroup's training list [model, optimizer, epoch, step, ema], of which the EMA is taken
   guided      improved-diffusion / guided-diffusion / DDPM-IP state dicts; the attention qkv is fused, in
               per-head [q, k, v] order ('legacy', improved-diffusion) or q, k, v first ('new', DDPM-IP)
+  ldm         CompVis latent-diffusion model.ckpt (Lightning: its 'state_dict'; latent_and_conditional.md A.5):
+              model.diffusion_model.* in guided names (openaimodel.py; legacy qkv order) with cin256-v2's
+              SpatialTransformers under LDM's own names, cond_stage_model.embedding (the class context),
+              first_stage_model.* (the VQ autoencoder) and, when trained with use_ema, model_ema.* (LitEma: each
+              name with its dots removed), which is then the copy converted. The output holds the denoiser (in
+              latent space: LDM's 'linear' = scaled_linear 0.0015 -> 0.0195, eps, the posterior variance) and
+              the autoencoder, {'net_config', 'model'} under 'autoencoder'; 'ema_used' says which weights.
 The architecture is the one U-Net preset of common.PRESETS whose tensor names and shapes the file has
 (or --preset); an ermongroup file that fits none gets the architecture read from its keys. The schedule,
 parameterisation and variance are KNOWN for the released models' presets, or given by the flags.
@@ -26,7 +35,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (Denoiser, PRESETS, Schedule, UNet, UNetConfig, build_net)  # noqa: E402
+from common import (AUTOENCODERS, Denoiser, PRESETS, Schedule, UNet, UNetConfig, VQModel,  # noqa: E402
+                    build_net)
 import runtime as R  # noqa: E402
 
 _HO = dict(kind="linear", T=1000)  # beta 1e-4 -> 0.02 (Ho et al. 2020)
@@ -39,8 +49,18 @@ KNOWN = {
     "adm_cifar10_57m": dict(schedule=_ADM, param="eps", var="learned_range"),  # DDPM-IP, DKDM's teacher
     "adm_celeba64_295m": dict(schedule=_ADM, param="eps", var="learned_range"),
     "iddpm_cifar10": dict(schedule=dict(_ADM, T=4000, t_scale=0.25), param="eps", var="learned_range"),
+    # class-conditional ImageNet 64 (latent_and_conditional.md F): guided-diffusion 64x64_diffusion.pt and
+    # improved-diffusion imagenet64_cond_270M_250K.pt (its defaults: 4000 steps, rescale_timesteps)
+    "adm_imagenet64": dict(schedule=_ADM, param="eps", var="learned_range"),
+    "iddpm_imagenet64": dict(schedule=dict(_ADM, T=4000, t_scale=0.25), param="eps", var="learned_range"),
 }
-FORMATS = {"ermongroup": "temb.dense.0.weight", "guided": "time_embed.0.weight"}  # a key only it has
+# Every CompVis LDM (latent_and_conditional.md A.2; ddpm.py defaults): LDM's "linear" betas (= scaled_linear),
+# eps, v_posterior 0 (the posterior variance beta~), in latent space
+LDM_DIFFUSION = dict(schedule=dict(kind="scaled_linear", T=1000, beta_start=0.0015, beta_end=0.0195),
+                     param="eps", var="fixed_small")
+KNOWN.update(ldm_vq4_unet=LDM_DIFFUSION, ldm_cin256_v2=LDM_DIFFUSION)
+FORMATS = {"ermongroup": "temb.dense.0.weight", "guided": "time_embed.0.weight",  # a key only it has
+           "ldm": "model.diffusion_model.time_embed.0.weight"}
 
 # ---- key maps: our modules, each at a format-neutral place that each format names ---------------------
 
@@ -51,23 +71,28 @@ def _modules(cfg):
     has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
     yield "time_mlp.0", "plain", ("time", 0)
     yield "time_mlp.2", "plain", ("time", 1)
+    if cfg.num_classes and cfg.context_dim:
+        yield "class_context.embedding", "plain", ("context",)  # LDM's ClassEmbedder (cond_stage_model)
+    elif cfg.num_classes:
+        yield "label_emb", "plain", ("label",)  # ADM's nn.Embedding(num_classes, 4 ch), added to time's
+    attn = "transformer" if cfg.context_dim else "attn"
     yield "conv_in", "plain", ("conv_in",)
     for i in range(L):
         for j in range(R):
             yield f"down.{i}.res.{j}", "res", ("down", i, j)
             if has_attn[i]:
-                yield f"down.{i}.attn.{j}", "attn", ("down_attn", i, j)
+                yield f"down.{i}.attn.{j}", attn, ("down_attn", i, j)
         if i < L - 1:
             yield f"down.{i}.resample", "res" if cfg.resblock_updown else "downconv", ("downsample", i)
     yield "mid_res1", "res", ("mid", 0)
-    yield "mid_attn", "attn", ("mid", 1)
+    yield "mid_attn", attn, ("mid", 1)
     yield "mid_res2", "res", ("mid", 2)
     for u in range(L):
         i = L - 1 - u  # resolution level of up block u
         for j in range(R + 1):
             yield f"up.{u}.res.{j}", "res", ("up", i, j)
             if has_attn[i]:
-                yield f"up.{u}.attn.{j}", "attn", ("up_attn", i, j)
+                yield f"up.{u}.attn.{j}", attn, ("up_attn", i, j)
         if i > 0:
             yield f"up.{u}.resample", "res" if cfg.resblock_updown else "upconv", ("upsample", i)
     yield "norm_out", "plain", ("norm_out",)
@@ -90,6 +115,7 @@ def _guided_path(place, cfg):
     has_attn = [cfg.image_size >> i in cfg.attn_resolutions for i in range(L)]
     match place:
         case ("time", n): return f"time_embed.{2 * n}"
+        case ("label",): return "label_emb"
         case ("conv_in",): return "input_blocks.0.0"
         case ("norm_out",): return "out.0"
         case ("conv_out",): return "out.2"
@@ -101,7 +127,11 @@ def _guided_path(place, cfg):
         case ("up_attn", i, j): return f"output_blocks.{(L - 1 - i) * (R + 1) + j}.1"
         case ("upsample", i): return f"output_blocks.{(L - 1 - i) * (R + 1) + R}.{2 if has_attn[i] else 1}"
 
-_PATHS = {"ermongroup": _ermongroup_path, "guided": _guided_path}
+def _ldm_path(place, cfg):  # ddpm.py LatentDiffusion: DiffusionWrapper.diffusion_model, cond_stage_model
+    return "cond_stage_model.embedding" if place == ("context",) else \
+        "model.diffusion_model." + _guided_path(place, cfg)
+
+_PATHS = {"ermongroup": _ermongroup_path, "guided": _guided_path, "ldm": _ldm_path}
 _RES = {  # our res block leaves -> theirs
     "ermongroup": dict(norm1="norm1", conv1="conv1", emb_proj="temb_proj", norm2="norm2", conv2="conv2",
                        skip="nin_shortcut"),
@@ -138,29 +168,36 @@ def _label(cfg):
     return f"'{name}'" if name else "(custom)"
 
 def _entries(cfg, fmt):
-    """The _Entry list mapping UNet(cfg)'s tensors to format fmt, and our state dict on the meta device."""
-    if fmt == "guided" and cfg.qkv_layout not in ("legacy", "new"):
-        raise ValueError(f"guided-diffusion files fuse the attention qkv, but config {_label(cfg)} has "
-                         f"qkv_layout={cfg.qkv_layout!r}; pass --qkv-layout legacy (improved-diffusion) "
-                         "or new (DDPM-IP)")
+    """The _Entry list mapping UNet(cfg)'s tensors to format fmt, and our state dict on the meta device. The
+    'ldm' format is 'guided' under LDM's prefixes, plus the SpatialTransformers and the class embedder."""
+    if fmt != "ermongroup" and cfg.qkv_layout not in ("legacy", "new"):
+        raise ValueError(f"guided-diffusion and LDM files fuse the attention qkv, but config {_label(cfg)} "
+                         f"has qkv_layout={cfg.qkv_layout!r}; pass --qkv-layout legacy (improved-diffusion, "
+                         "LDM) or new (DDPM-IP)")
+    if cfg.context_dim and fmt != "ldm":
+        raise ValueError(f"config {_label(cfg)} has cross-attention (context_dim {cfg.context_dim}), which "
+                         "only LDM model.ckpt files hold")
     ho = dict(scale_shift=False, resblock_updown=False, down_pad="asym", time_emb="sin_cos", num_heads=1,
-              num_head_channels=-1)
+              num_head_channels=-1, num_classes=0)
     wrong = {k: getattr(cfg, k) for k, v in ho.items() if getattr(cfg, k) != v}
     if fmt == "ermongroup" and wrong:
         raise ValueError(f"ermongroup/pesser files hold Ho et al.'s architecture; config {_label(cfg)} has "
                          f"{wrong}")
     with torch.device("meta"):
         net = UNet(cfg)
-    ours, out = net.state_dict(), []
+    ours, out, base = net.state_dict(), [], "guided" if fmt == "ldm" else fmt  # base: the blocks' names
     for mine, kind, place in _modules(cfg):
         theirs = _PATHS[fmt](place, cfg)
-        leaves = {"res": _RES[fmt], "downconv": {"conv": _DOWNCONV[fmt]}, "upconv": {"conv": "conv"},
+        if kind == "transformer":  # common.SpatialTransformer has LDM's attention.py names: passed through
+            out += [_Entry(k, (theirs + k[len(mine):],)) for k in ours if k.startswith(mine + ".")]
+            continue
+        leaves = {"res": _RES[base], "downconv": {"conv": _DOWNCONV[base]}, "upconv": {"conv": "conv"},
                   "attn": {"norm": "norm"}}.get(kind, {"": ""})
         for p in ("weight", "bias"):
             if kind == "attn":
-                pad = _PAD[fmt] if p == "weight" else 0
-                heads = net.get_submodule(mine).heads if fmt == "guided" and cfg.qkv_layout == "legacy" else 0
-                qkv = tuple(f"{theirs}.{q}.{p}" for q in _QKV[fmt])
+                pad = _PAD[base] if p == "weight" else 0
+                heads = net.get_submodule(mine).heads if base == "guided" and cfg.qkv_layout == "legacy" else 0
+                qkv = tuple(f"{theirs}.{q}.{p}" for q in _QKV[base])
                 out.append(_Entry(f"{mine}.qkv.{p}", qkv, pad, heads))
                 out.append(_Entry(f"{mine}.proj.{p}", (f"{theirs}.proj_out.{p}",), pad))
             for a, b in leaves.items():
@@ -181,13 +218,14 @@ def _check(sd, expected, fmt, cfg):
                          f"{len(expected)} ({detail}); pass --preset with the model's architecture")
 
 def from_original(sd, cfg: UNetConfig, fmt):
-    """An ermongroup or guided state dict as UNet(cfg)'s (cfg.qkv_layout: a guided file's qkv order)."""
+    """An ermongroup, guided or ldm state dict as UNet(cfg)'s (cfg.qkv_layout: a guided file's qkv order); ldm:
+    the denoiser's tensors of a model.ckpt (split_ldm)."""
     entries, ours = _entries(cfg, fmt)
     _check(sd, {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(ours[e.ours]))}, fmt, cfg)
     return {e.ours: e.to_ours([sd[k] for k in e.theirs]) for e in entries}
 
 def to_original(sd, cfg: UNetConfig, fmt):
-    """UNet(cfg)'s state dict in ermongroup or guided names and layouts (the inverse of from_original)."""
+    """UNet(cfg)'s state dict in ermongroup, guided or ldm names and layouts (the inverse of from_original)."""
     entries, ours = _entries(cfg, fmt)
     _check(sd, ours, "our", cfg)
     return {k: t for e in entries for k, t in zip(e.theirs, e.to_theirs(sd[e.ours]))}
@@ -195,8 +233,8 @@ def to_original(sd, cfg: UNetConfig, fmt):
 def infer_format(sd):
     fmt = next((f for f, key in FORMATS.items() if key in sd), None)
     if fmt is None:
-        raise ValueError(f"the file's {len(sd)} tensors (first '{next(iter(sd), None)}') have neither "
-                         "ermongroup/pesser nor guided-diffusion names (diffusers folders load as --teacher)")
+        raise ValueError(f"the file's {len(sd)} tensors (first '{next(iter(sd), None)}') have no ermongroup/"
+                         "pesser, guided-diffusion or LDM names (diffusers folders load as --teacher)")
     return fmt
 
 def config_from_ermongroup(sd) -> UNetConfig:
@@ -237,8 +275,11 @@ def infer_preset(sd, fmt):
 
 def read_original(path):
     """The state dict in an original file: of ermongroup/ddim's training list [model, optimizer, epoch, step,
-    ema], the last tensor dict (the EMA); DataParallel's 'module.' prefix is dropped."""
+    ema], the last tensor dict (the EMA); of a Lightning checkpoint (LDM's model.ckpt), its 'state_dict';
+    DataParallel's 'module.' prefix is dropped."""
     obj = R.read_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
     if isinstance(obj, (list, tuple)):
         dicts = [o for o in obj if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values())]
         obj = dicts[-1] if dicts else None
@@ -248,11 +289,44 @@ def read_original(path):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
+def split_ldm(sd):
+    """An LDM model.ckpt's state dict (ddpm.py LatentDiffusion) -> (its denoiser's tensors, the model_ema.*
+    copy in place of model.diffusion_model.* when the file has one; its first_stage_model.*; whether the EMA
+    was used). LitEma (ldm/modules/ema.py) holds model.<name> as model_ema.<name without dots>, decay and
+    num_updates beside: the diffusion model's parameters only, not the class embedder's."""
+    first = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    if not first:
+        raise ValueError(f"the file's {len(sd)} tensors have no first_stage_model.*: an LDM model.ckpt holds "
+                         "its autoencoder under first_stage_model.*")
+    den = {k: v for k, v in sd.items() if k.startswith(("model.diffusion_model.", "cond_stage_model."))}
+    ema = {k: v for k, v in sd.items() if k.startswith("model_ema.") and
+           k not in ("model_ema.decay", "model_ema.num_updates")}
+    if ema:
+        shadow = {"model_ema." + k[len("model."):].replace(".", ""): k for k in den if k.startswith("model.")}
+        if shadow.keys() != ema.keys():
+            odd = next(iter(ema.keys() ^ shadow.keys()))
+            raise ValueError(f"the file's model_ema.* ({len(ema)} tensors) is no copy of its "
+                             f"model.diffusion_model.* ({len(shadow)}), e.g. '{odd}'")
+        den.update({name: ema[key] for key, name in shadow.items()})
+    return den, first, bool(ema)
+
+def infer_autoencoder(first):
+    """The one common.AUTOENCODERS config whose names and shapes are those of first_stage_model.* `first`."""
+    shapes = {k[len("first_stage_model."):]: v.shape for k, v in first.items()}
+    for name, cfg in AUTOENCODERS.items():
+        with torch.device("meta"):
+            want = VQModel(cfg).state_dict()
+        if want.keys() == shapes.keys() and all(want[k].shape == shapes[k] for k in want):
+            return name
+    raise ValueError(f"the file's first_stage_model.* ({len(first)} tensors) fits no autoencoder of "
+                     f"common.AUTOENCODERS ({', '.join(AUTOENCODERS)})")
+
 def diffusion_of(name, out_channels, schedule=None, T=None, beta_start=None, beta_end=None, t_scale=None,
-                 param=None, var=None):
+                 param=None, var=None, known=None):
     """(schedule spec, param, var) of a model of preset `name` (None: no preset): the flags where given,
-    else KNOWN[name]; 6 output channels mean learned-range variance (Nichol & Dhariwal eq. 15)."""
-    known = KNOWN.get(name, {})
+    else `known` (the diffusion the file's format implies: LDM_DIFFUSION) or KNOWN[name]; 6 output channels
+    mean learned-range variance (Nichol & Dhariwal eq. 15)."""
+    known = known or KNOWN.get(name, {})
     if schedule is None and any(v is not None for v in (T, beta_start, beta_end, t_scale)):
         raise ValueError("--T, --beta-start, --beta-end and --t-scale go with --schedule linear|cosine")
     if schedule is None and not known:
@@ -272,6 +346,9 @@ def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
     diffusion: the schedule flags of diffusion_of."""
     sd = read_original(src)
     fmt = infer_format(sd)
+    if fmt == "ldm":
+        ldm = sd
+        sd, first, ema_used = split_ldm(ldm)
     if preset is not None and preset.endswith(".json"):
         with open(preset) as f:
             cfg = {"arch": "unet", **json.load(f)}
@@ -289,12 +366,22 @@ def convert(src, dst, preset=None, qkv_layout=None, **diffusion):
     if not isinstance(net, UNet):
         raise ValueError(f"--preset {preset} is not a U-Net")
     name = cfg if isinstance(cfg, str) else None
-    spec, param, var = diffusion_of(name, net.config.out_channels, **diffusion)
+    spec, param, var = diffusion_of(name, net.config.out_channels, **diffusion,
+                                    known=LDM_DIFFUSION if fmt == "ldm" else None)
     net.load_state_dict({k: v.float() for k, v in from_original(sd, net.config, fmt).items()}, assign=True)
     den = Denoiser(net, Schedule(**spec), param, var)
-    R.save_checkpoint(dst, **den.state(), converted_from=os.path.abspath(src))
     found = dict(format=fmt, preset=name, params=sum(p.numel() for p in net.parameters()), schedule=spec,
                  param=param, var=var)
+    extra = {}  # an LDM file's autoencoder, and which of its weights were converted
+    if fmt == "ldm":
+        # the file's own schedule buffer (ddpm.py register_schedule; float32: 1e-6 relative)
+        if "alphas_cumprod" in ldm and not torch.allclose(
+                ldm["alphas_cumprod"].double(), den.schedule.alphas_cumprod, rtol=1e-6, atol=0):
+            raise ValueError(f"the file's alphas_cumprod is not that of the schedule {spec}")
+        found.update(autoencoder=infer_autoencoder(first), ema_used=ema_used)
+        den.autoencoder = R.autoencoder_from_ldm(first, AUTOENCODERS[found["autoencoder"]])  # a latent model
+        extra = dict(ema_used=ema_used)
+    R.save_checkpoint(dst, **den.state(), **extra, converted_from=os.path.abspath(src))
     print(f"{src} -> {dst}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     return found
 
@@ -306,7 +393,8 @@ def main(argv=None):
                                     "UNetConfig fields (default: the one preset the file's tensors fit)")
     p.add_argument("--qkv-layout", choices=("legacy", "new"),
                    help="a guided file's fused qkv order (default: the preset's; improved-diffusion: legacy)")
-    p.add_argument("--schedule", choices=("linear", "cosine"), help="the noise schedule (default: KNOWN's)")
+    p.add_argument("--schedule", choices=("linear", "cosine"),
+                   help="the noise schedule (default: KNOWN's; an LDM file's: LDM_DIFFUSION)")
     p.add_argument("--T", type=int, help="with --schedule: training timesteps (1000)")
     p.add_argument("--beta-start", type=float, help="with --schedule linear: the first beta (1e-4)")
     p.add_argument("--beta-end", type=float, help="with --schedule linear: the last beta (0.02)")
