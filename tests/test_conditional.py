@@ -151,7 +151,7 @@ def test_self_distill_fine_tunes_the_conditional_teacher(tmp_path):
     """DSDI 16 -> 2 on trajectories of uniform labels: the 2-step output closer to the original model's
     16-step output than its own 2-step DDIM (as the unconditional claim test)."""
     import self_distill as S
-    metrics = S.main(["--quick", "--out", str(tmp_path), *COND])
+    metrics = S.main(["--quick", "--out", str(tmp_path), "--eval-steps", "2", *COND])
     student, teacher = _rmse(metrics, "student", 2), _rmse(metrics, "teacher", 2)
     print(f"2 steps: student {student:.4f}, teacher {teacher:.4f}")
     assert student < 0.95 * teacher

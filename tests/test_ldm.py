@@ -220,8 +220,8 @@ def test_self_distill_fine_tunes_a_latent_teacher(latent_teacher, tmp_path):
     DDIM (decoded through this random codebook both are near its images' spread, so the claim is read in
     latent space, where the method works)."""
     import self_distill as S
-    metrics = S.main(["--quick", "--teacher", latent_teacher, "--skip", "ldm_exact", "--lr", "2e-5", "--out", str(tmp_path),
-                      "--device", "cpu"])  # DSD's grid on the LDMs, latents unclipped
+    metrics = S.main(["--quick", "--teacher", latent_teacher, "--skip", "ldm_exact", "--lr", "2e-5",
+                      "--eval-steps", "2", "--out", str(tmp_path), "--device", "cpu"])  # latents unclipped
     assert metrics["finished"] and all(0 < r["rmse_to_reference"] < 2 for r in metrics["results"][1:])
     teacher, student = R.load_teacher(latent_teacher), R.load_teacher(str(tmp_path / "ckpt.pt"))
     with torch.no_grad():
