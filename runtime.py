@@ -920,11 +920,12 @@ class Inception:
         return self.base(x, no_output_bias=True)
 
 def _is_sums(probs, first, n, splits):
-    """This share's part of the IS: per split of the n images (np.array_split order; probs are images first
-    .. first + len(probs) - 1) the count, sum over images of sum_y p log p, and sum of p(y|x)."""
+    """This share's part of the IS of images 0 .. n-1: per split (np.array_split order; probs are images first
+    .. first + len(probs) - 1, those past n left out) the count, sum over images of sum_y p log p, and sum of
+    p(y|x)."""
     which = np.repeat(np.arange(splits), [len(c) for c in np.array_split(np.arange(n), splits)])
     which = which[first:first + len(probs)]
-    p = np.asarray(probs, dtype=np.float64).reshape(len(which), -1)
+    p = np.asarray(probs, dtype=np.float64)[:len(which)]
     p_sum = np.zeros((splits, p.shape[1]))
     np.add.at(p_sum, which, p)
     plogp = np.bincount(which, (p * np.log(p + 1e-12)).sum(1), minlength=splits)
@@ -967,9 +968,10 @@ def sum_over_ranks(*arrays):
         i += np.size(a)
     return out
 
-def _scored(files, det, mode, splits, batch_size, device):
+def _scored(files, det, mode, splits, batch_size, device, is_count=None):
     """Inception over every rank's share of `files` (contiguous, in order; NVlabs/edm's fid.py), reduced to
-    (mu, sigma) in clean-fid's `mode` and, with splits, the IS (mean, std) from the same pass."""
+    (mu, sigma) in clean-fid's `mode` and, with splits, the IS (mean, std) from the same pass: of the first
+    is_count files (None: all)."""
     from cleanfid import fid as cleanfid
     ours = np.array_split(np.arange(len(files)), world_size())[rank()]
     width = []
@@ -987,9 +989,9 @@ def _scored(files, det, mode, splits, batch_size, device):
     mu = s1 / n
     scores = None
     if splits:
-        probs = out[:, d:] if out is not None else np.zeros((0, 1))
-        scores = _is_from_sums(*sum_over_ranks(*_is_sums(probs, ours[0] if len(ours) else 0, len(files),
-                                                         min(splits, len(files)))))
+        probs, n = out[:, d:] if out is not None else np.zeros((0, 1)), min(is_count or len(files), len(files))
+        scores = _is_from_sums(*sum_over_ranks(*_is_sums(probs, ours[0] if len(ours) else 0, n,
+                                                         min(splits, n))))
     return mu, (s2 - n * np.outer(mu, mu)) / (n - 1), scores
 
 def image_files(folder):
@@ -1015,13 +1017,13 @@ def _inception(path, device):
     return Inception(path, device)
 
 def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats=None, modes=FID_MODES,
-           batch_size=200, splits=10, full=None):
+           batch_size=200, splits=10, full=None, is_samples=None):
     """{'fid', 'fid_clean', 'is', 'is_std'} of a folder of PNGs, FID in clean-fid's modes against (the first
     given) `stats` (a --fid-stats .npz, any dataset: its mu and sigma serve 'legacy_tensorflow' only, its
     arr_0 images every mode; stats_modes), ref_folder (real PNGs), for cifar10 clean-fid's statistics of the
     50k *train* images (the papers'). inception: a path or an object like Inception. Every rank calls it and
     scores its share of the images; every rank returns rank 0's numbers. full: the full run's number of
-    images, under --rehearse."""
+    images, under --rehearse. is_samples: the IS of the first n images alone (DSD: FID on 30k, IS on 5k)."""
     if not stats and ref_folder is None and dataset != "cifar10":
         raise ValueError(f"FID for {dataset!r} needs a folder of reference images or --fid-stats (an .npz of "
                          "mu and sigma, or of images arr_0)")
@@ -1037,13 +1039,14 @@ def fid_is(folder, dataset, device="cpu", inception=None, ref_folder=None, stats
             ref = cifar10_statistics(mode)
         # the IS of the images as they are (the network resizes inside, as TF's), from the TF-mode pass
         mu, sigma, scores = _scored(files, det, mode, splits if mode == "legacy_tensorflow" else 0,
-                                    batch_size, device)
+                                    batch_size, device, is_samples)
         out["fid" if mode == "legacy_tensorflow" else "fid_" + mode] = \
             frechet_distance(mu, sigma, *ref) if rank() == 0 else None
         if scores is not None:
             out["is"], out["is_std"] = scores
     if "is" not in out:  # clean mode alone: the IS still reads the images as the TF network does
-        out["is"], out["is_std"] = _scored(files, det, "legacy_tensorflow", splits, batch_size, device)[2]
+        out["is"], out["is_std"] = _scored(files[:is_samples], det, "legacy_tensorflow", splits, batch_size,
+                                           device)[2]
     rehearsal_rate("FID/IS scoring", len(files), time.time() - t0, full, "image")
     return broadcast_object(out)
 

@@ -209,9 +209,10 @@ class Config:
     eval_batch: int = R.field(128, "batch size of sampling", low=1, fixed=False)
     # samples.png: the reference, then per step count the original model | DSD
     grid: int = R.field(8, "samples per row of samples.png", low=1, fixed=False)
-    # the IS reads the same samples (the paper: 5000 for the IS)
     fid_samples: int = R.field(0, "FID/IS samples per model and step count (0 = off; table 2: 30000)", low=0,
                                fixed=False, rehearse=32)
+    is_samples: int = R.field(5000, "the IS of the first N FID samples (table 2: 5000; 0 = all)", low=0,
+                              fixed=False)
     fid_stats: str = R.field("", "cifar10 FID statistics .npz (mu, sigma), offline ('' = clean-fid's)",
                              fixed=False)
     inception: str = R.field("", "Inception weights for FID/IS, a path ('' = download once)", fixed=False)
@@ -362,7 +363,7 @@ def evaluate(cfg, models, reference_model, shape, data, device):
             R.sample_to_folder(fast, cfg.fid_samples, folder, shape, cfg.eval_batch, device,
                                full=full.fid_samples)
         scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
-                          stats=cfg.fid_stats or None, full=full.fid_samples)
+                          stats=cfg.fid_stats or None, full=full.fid_samples, is_samples=cfg.is_samples or None)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
 
     reference, scores = run(reference_model, models[reference_model], cfg.reference_steps)

@@ -170,6 +170,10 @@ def test_fid_is_through_clean_fid_with_stand_in(tmp_path):
     assert set(same) == {"fid", "fid_clean", "is", "is_std"}
     assert far["fid"] > 5 * same["fid"] and far["fid_clean"] > 5 * same["fid_clean"]
     assert 1.0 <= same["is"] <= 10.0
+    _write_pngs(tmp_path / "first40", shapes[100:140])
+    first40 = R.fid_is(str(tmp_path / "first40"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"))
+    assert R.fid_is(str(tmp_path / "same"), "shapes", inception=det, ref_folder=str(tmp_path / "ref"),
+                    is_samples=40)["is"] == pytest.approx(first40["is"], rel=1e-9)
     with pytest.raises(ValueError, match="reference images"):
         R.fid_is(str(tmp_path / "same"), "shapes", inception=det, modes=("clean",))
 
@@ -178,6 +182,15 @@ def test_inception_score_limits():
     assert R.inception_score(uniform)[0] == pytest.approx(1.0)
     onehot = np.eye(10)[np.arange(100) % 10]
     assert R.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+def test_inception_score_of_the_first_n_images_over_shares():
+    """DSD's IS on the first 5k of its 30k FID samples: ranks' shares of all the images, each summing only its
+    images below n, give the IS of images 0 .. n-1 exactly (float64 sums in another order: 1e-12)."""
+    probs = np.random.default_rng(0).dirichlet(np.full(10, 0.3), 100)
+    shares = [(0, probs[:37]), (37, probs[37:74]), (74, probs[74:])]  # 3 ranks; the last has none below 50
+    sums = [sum(parts) for parts in zip(*(R._is_sums(p, first, 50, 5) for first, p in shares))]
+    assert R._is_from_sums(*sums) == pytest.approx(R.inception_score(probs[:50], splits=5), rel=1e-12)
+    assert R._is_from_sums(*sums)[0] != pytest.approx(R.inception_score(probs, splits=5)[0], rel=1e-3)
 
 def test_frechet_distance_closed_form_and_newest_scipy(monkeypatch):
     """Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2. scipy 1.18's sqrtm has no `disp`
