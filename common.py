@@ -164,7 +164,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"{self.source or 'this model'} records no sampler; sample it with ddim_sample")
         if s["ancestral"]:
             return self.image(ancestral_sample(self, z, s["times"], seeds, s["frac"], s["clip"], y))
-        return self.image(ddim_sample(self, z, s["times"], s["clip"], y))
+        return self.image(ddim_sample(self, z, s["times"], s["clip"], y, last=s.get("last")))
 
     def full(self, z, t, clip=False, y=None):
         """(x_pred, eps_pred, v), v the learned-range channels or None; clip: x_pred clipped to [-1, 1] and
@@ -231,11 +231,11 @@ class Denoiser(nn.Module):
         return Denoiser(net, Schedule(**state["schedule"]), state["param"], state.get("var", "fixed_small"),
                         state.get("sampler"), source, ae).freeze()
 
-def sampler_spec(times, ancestral=False, clip=False, frac=None):
+def sampler_spec(times, ancestral=False, clip=False, frac=None, last=None):
     """The sampler a student was trained for, stored in its checkpoint: its times (descending, in the
     schedule's units), DDIM or ancestral (frac: variance_frac; None: the model's own), x_pred clipped or
-    not."""
-    return dict(times=list(times), ancestral=ancestral, clip=clip, frac=frac)
+    not, and a DDIM's last step (None: to x_pred; a time: ddim_sample's last)."""
+    return dict(times=list(times), ancestral=ancestral, clip=clip, frac=frac, last=last)
 
 def ddim_step(x_pred, eps_pred, alpha_s, sigma_s):
     """Deterministic DDIM (Song et al. 2021 eq. 12, eta = 0; Salimans & Ho eq. 8); (1, 0) gives x_pred."""
@@ -375,14 +375,25 @@ def seeded_labels(seeds, num_classes, device="cpu", classes=None):
     return torch.tensor(y, dtype=torch.long, device=device)
 
 @torch.no_grad()
-def ddim_sample(den, z, times, clip=False, y=None):
-    """DDIM from z at times[0] through times[1:], then x_pred (as ermongroup/ddim and Salimans & Ho); repeated
-    times (the quad sequence has some) are identity steps. y: class labels (B,) of a conditional model."""
-    for i, t in enumerate(times):
+def ddim_sample(den, z, times, clip=False, y=None, eta=0.0, seeds=None, last=None):
+    """DDIM from z at times[0] through times[1:], then x_pred (as ermongroup/ddim and Salimans & Ho), or with
+    `last` one more step, to that time (LDM's sampler ends at alpha-bar_0: last=0); repeated times (the quad
+    sequence has some) are identity steps. y: class labels (B,) of a conditional model. eta > 0: Song et al.
+    eq. 16's noise, sigma_s(eta)^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2) (eta = 1: the
+    posterior's), in step k sample i's from seeds[i]'s stream k + 1 (as ancestral_sample)."""
+    ends = list(times[1:]) + ([] if last is None else [last])
+    for k, t in enumerate(times):
         x_pred, eps_pred = den(z, t, clip, y)
-        if i + 1 == len(times):
+        if k == len(ends):
             return x_pred
-        z = ddim_step(x_pred, eps_pred, *(bcast(v, z) for v in den.schedule.alpha_sigma(times[i + 1])))
+        (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(ends[k])
+        if not eta:
+            z = ddim_step(x_pred, eps_pred, bcast(a_s, z), bcast(s_s, z))
+            continue
+        c = eta * ((s_s / s_t) ** 2 * (1 - (a_t / a_s) ** 2)).clamp_min(0).sqrt()
+        noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
+        z = ddim_step(x_pred, eps_pred, bcast(a_s, z), bcast((s_s ** 2 - c ** 2).sqrt(), z)) + bcast(c, z) * noise
+    return z
 
 @torch.no_grad()
 def ancestral_sample(den, z, times, seeds, frac=None, clip=False, y=None):

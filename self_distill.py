@@ -48,14 +48,21 @@ def plan(variant, steps, updates):
                     for n, share in zip(depths, shares)]
     return [(n, u, u * (n // 2)) for n, u in zip(depths, trajectories)]
 
-def ddim_grid(schedule, steps, skip):
-    """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units, then the data; (alpha,
-    sigma) in float64, (1, 0) at the data, where every sampler here ends."""
+def ddim_grid(schedule, steps, skip, last=None):
+    """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units; (alpha, sigma) in float64 at
+    those times and at the end: the data, (1, 0), where DDIM ends, or time `last` (LDM's sampler: 0)."""
     times = torch.tensor(sampler_times(schedule, steps, skip), dtype=torch.float64)
-    logsnr = schedule.logsnr(times)
-    alpha = torch.cat([torch.sigmoid(logsnr).sqrt(), torch.ones(1, dtype=torch.float64)])
-    sigma = torch.cat([torch.sigmoid(-logsnr).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    end = torch.tensor([] if last is None else [float(last)], dtype=torch.float64)
+    logsnr = schedule.logsnr(torch.cat([times, end]))
+    alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+    if last is None:
+        alpha, sigma = torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), \
+            torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
     return times, alpha, sigma
+
+def last_time(cfg):
+    """ddim_sample's `last` for --last-step: None (the data) or alpha-bar_0's time 0."""
+    return 0 if cfg.last_step == "alphabar0" else None
 
 def clipped(cfg, den):
     """Whether x predictions are clipped (--clip; auto: eps models, whose x blows up as alpha -> 0)."""
@@ -150,6 +157,9 @@ class Config:
     guidance: str = R.field("", "LO,HI: guided fine-tuning, w ~ U(LO, HI) per update ('' = none)")
     eval_guidance: float = R.field(0.0, "guidance scale of evaluation sampling (0 = none; the code: 3.0)",
                                    low=0.0, fixed=False)
+    # eta > 0: DDIM's stochastic steps (Song et al. eq. 16), sample i's noise from seed i
+    eval_eta: float = R.field(0.0, "DDIM eta of evaluation sampling (alg. 2: 0; the code on ImageNet: 0.1)",
+                              low=0.0, high=1.0, fixed=False)
     image_size: int = R.field(0, "image size; 0 = the teacher's (fine-tuning) or the data's (training)",
                               low=0)
     # fine-tuning DSD (sec. 4.1, alg. 2)
@@ -162,6 +172,11 @@ class Config:
     # patch of it, exactly N steps (np.arange(N) * (T // N) + 1), which the paper's numbers used
     skip: str = R.field("unit", "grid of an N-step DDIM: unit (t_i = i/N) or a discrete skip",
                         choices=SKIPS[:1] + SKIPS[2:] + LDM_SKIPS)
+    # DDIM (and alg. 2) ends at the data; LDM's DDIMSampler, which the official code runs, ends with one step
+    # to alpha-bar_0 of a discrete schedule (sqrt(alpha-bar_0) x + sqrt(1 - alpha-bar_0) eps), in training and
+    # sampling alike
+    last_step: str = R.field("data", "where an N-step DDIM ends: data | alphabar0 (LDM's sampler, the code)",
+                             choices=("data", "alphabar0"))
     # implied: x'' of the model's two-step move (alg. 2); next_x: the official code's x prediction at z_t-1
     target: str = R.field("implied", "implied (alg. 2) | next_x (official code)",
                           choices=("implied", "next_x"))
@@ -271,7 +286,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
     teacher that the student replaces at each halving: `model` and its EMA trained in place, resumable at any
     update (mid-trajectory and mid-schedule)."""
-    grids = {n: ddim_grid(model.schedule, n, cfg.skip) for n, _, _ in depths}
+    grids = {n: ddim_grid(model.schedule, n, cfg.skip, last_time(cfg)) for n, _, _ in depths}
     sequence = [(n, k) for n, trajectories, _ in depths for _ in range(trajectories) for k in range(n // 2)]
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
@@ -348,20 +363,21 @@ def evaluate(cfg, models, reference_model, shape, data, device):
                                   cfg.fid_stats, data, models[reference_model].image_shape[-1]) \
         if cfg.fid_samples else None
 
-    def run(name, den, steps):  # the deterministic sampler DSD trains (alg. 2), as images
+    def run(name, den, steps):  # the DDIM DSD trains (alg. 2; --eval-eta, --last-step), as images
         times = sampler_times(den.schedule, steps, cfg.skip)
         den = den.guided(cfg.eval_guidance) if cfg.eval_guidance else den
-        fn = lambda z, seeds: den.image(ddim_sample(den, z, times, clip, label(seeds, z)))
+
+        def sampler(net):  # (z, seeds) -> images
+            return lambda z, seeds: den.image(ddim_sample(net, z, times, clip, label(seeds, z), cfg.eval_eta,
+                                                          seeds, last_time(cfg)))
         with autocast(device, cfg.dtype):
-            images = R.generate(fn, seeds, shape, cfg.eval_batch, device, f"evaluation {name} {steps} steps",
-                                full.eval_samples)
+            images = R.generate(sampler(den), seeds, shape, cfg.eval_batch, device,
+                                f"evaluation {name} {steps} steps", full.eval_samples)
             if not cfg.fid_samples:
                 return images, {"fid": None, "is": None}
             folder = os.path.join(cfg.out, "samples", f"{name}_{steps}")
-            fast_den = R.compiled(den, cfg.compile)  # pays at FID's sizes
-            fast = lambda z, seeds: den.image(ddim_sample(fast_den, z, times, clip, label(seeds, z)))
-            R.sample_to_folder(fast, cfg.fid_samples, folder, shape, cfg.eval_batch, device,
-                               full=full.fid_samples)
+            R.sample_to_folder(sampler(R.compiled(den, cfg.compile)), cfg.fid_samples, folder, shape,  # compiled:
+                               cfg.eval_batch, device, full=full.fid_samples)  # it pays at FID's sizes
         scores = R.fid_is(folder, cfg.data, device, inception=cfg.inception or None, ref_folder=ref_folder,
                           stats=cfg.fid_stats or None, full=full.fid_samples, is_samples=cfg.is_samples or None)
         return images, {"fid": scores.get("fid"), "is": scores.get("is")}
@@ -449,6 +465,9 @@ def main(argv=None):
         if (cfg.guidance or cfg.eval_guidance) and not den0.num_classes:
             raise ValueError(f"--guidance/--eval-guidance: {spec} is unconditional; guidance needs a "
                              "class-conditional teacher")
+        if cfg.last_step == "alphabar0" and not den0.schedule.discrete:
+            raise ValueError(f"--last-step alphabar0: {spec} has a continuous schedule, with no alpha-bar_0; "
+                             "pass --last-step data")
         if cfg.class_cond and not den0.num_classes:
             raise ValueError(f"--class-cond: {spec} is unconditional")
         size = net_config(den0.net)["image_size"]
@@ -463,7 +482,7 @@ def main(argv=None):
                 eval_steps=max(parse_steps(cfg.eval_steps)))
     steps = depths[-1][0] if depths else min(parse_steps(cfg.eval_steps))  # the last depth's N, or the fewest
     times = sampler_times(model.schedule, steps, cfg.skip)
-    model.sampler = ema.sampler = sampler_spec(times, clip=clipped(cfg, model))  # recorded in checkpoints
+    model.sampler = ema.sampler = sampler_spec(times, clip=clipped(cfg, model), last=last_time(cfg))  # recorded
     R.start_run(cfg, ckpt, outputs=("samples", "samples.png", "plan.json"),
                 batch=cfg.train_batch if cfg.variant == "train" else cfg.batch)
     R.rank_dropout_seed(cfg.seed)
@@ -481,7 +500,7 @@ def main(argv=None):
     for r in results:
         r["variant"] = cfg.variant
     reference = {"sampler": f"ddim_{cfg.skip}" + ("_clip" if clipped(cfg, ema) else ""),
-                 "steps": cfg.reference_steps}
+                 "steps": cfg.reference_steps, "eta": cfg.eval_eta, "last_step": cfg.last_step}
     R.write_metrics(cfg.out, "self_distill", cfg.data, spec, reference, results, finished=True)
     return R.run_finished(cfg.out)
 

@@ -160,6 +160,33 @@ def test_ddim_sample_matches_diffusers_ddim_unclipped():
     ours = C.ddim_sample(C.Denoiser(net, sched, "eps"), z0, C.ddim_timesteps(1000, 20, "uniform"))
     assert (ours - z).abs().max() < 1e-4
 
+def test_ldm_ddim_with_eta_ending_at_alpha_bar_0_matches_diffusers():
+    """LDM's DDIMSampler (DSD's evaluation): the +1 grid, eta 0.1 (the official ImageNet setting) and the last
+    step to alpha-bar_0 = diffusers' DDIMScheduler(steps_offset=1, set_alpha_to_one=False) given our noise."""
+    from diffusers import DDIMScheduler
+    net, seeds = _Toy(3), [5, 2]
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                        set_alpha_to_one=False, steps_offset=1)
+    ref.set_timesteps(20)
+    times = C.ddim_timesteps(1000, 20, "ldm")
+    assert ref.timesteps.tolist() == times
+    z0 = C.seeded_noise(seeds, (3, 4, 4))
+    z = z0.clone()
+    for k, t in enumerate(ref.timesteps):
+        z = ref.step(net(z, t.float().expand(2)), t, z, eta=0.1,
+                     variance_noise=C.seeded_noise(seeds, (3, 4, 4), stream=k + 1)).prev_sample
+    ours = C.ddim_sample(C.Denoiser(net, C.Schedule("linear"), "eps"), z0, times, eta=0.1, seeds=seeds, last=0)
+    assert (ours - z).abs().max() < 1e-5 * z.abs().max()  # float32 chains, the algebra in another order
+
+def test_ddim_at_eta_1_is_ancestral_sampling_with_the_posterior_variance():
+    """Song et al. sec. 4.1: eta = 1 gives the DDPM posterior (beta~) step; with the same noise streams DDIM
+    and ancestral_sample(frac=0) agree (float32 rounding of two algebraic forms)."""
+    den, seeds = C.Denoiser(_Toy(3), C.Schedule("linear"), "eps", "fixed_small"), [1, 7]
+    times, z = C.ddim_timesteps(1000, 10, "uniform"), C.seeded_noise(seeds, (3, 4, 4))
+    ddim = C.ddim_sample(den, z, times, eta=1.0, seeds=seeds)
+    assert (ddim - C.ancestral_sample(den, z, times, seeds, frac=0.0)).abs().max() < 1e-4
+    assert (ddim - C.ddim_sample(den, z, times)).abs().max() > 1e-2
+
 def test_posterior_matches_ddpm_coefficients():
     """For adjacent discrete steps the posterior equals Ho et al. eq. 7: beta~_t, beta_t and the mean
     coefficients sqrt(abar_{t-1}) beta_t/(1-abar_t), sqrt(alpha_t)(1-abar_{t-1})/(1-abar_t)."""

@@ -84,6 +84,23 @@ def test_x_prime_and_x_double_prime_against_two_explicit_ddim_steps(param, kind,
         assert abs(official.item() - expected) <= 1e-4 * expected + 1e-6
         z = z_next.detach()
 
+def test_last_step_to_alpha_bar_0_in_training_and_sampling(tmp_path):
+    """--last-step alphabar0 (LDM's DDIMSampler): the grid's end is alpha-bar_0, and the trajectory of the last
+    update lands where ddim_sample's last step to time 0 does; a continuous schedule has no alpha-bar_0."""
+    model = _den("eps", "linear")
+    times, alpha, sigma = S.ddim_grid(model.schedule, 2, "ldm", last=0)
+    a0, s0 = model.schedule.alpha_sigma(0)
+    assert abs(alpha[-1] - a0) < 1e-6 and abs(sigma[-1] - s0) < 1e-6 and s0 > 0.005  # float32 vs float64
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, z_end = S.dsd_loss(model, z, float(times[0]), float(times[1]), alpha, sigma)
+    with torch.no_grad():
+        assert _close(z_end, C.ddim_sample(model, z, times.tolist(), last=0))
+    path = str(tmp_path / "v.pt")
+    R.save_checkpoint(path, **_den("v", "cosine_logsnr").state(), method="teacher")
+    with pytest.raises(ValueError) as e:
+        S.main(["--quick", "--teacher", path, "--last-step", "alphabar0", "--out", str(tmp_path / "run")])
+    assert "continuous schedule" in str(e.value) and "\n" not in str(e.value)
+
 def test_training_dsd_distillation_term_reaches_the_weights():
     """Eq. 1 in one graph: beta ||x' - x''||^2 sends its gradient into the weights through x' = x(z_t) (this
     fails if the term is detached, as in the official code), x'' is a constant, alpha and beta add up."""
@@ -155,7 +172,8 @@ def test_help_lists_the_flags(capsys):
     assert e.value.code == 0 and "--distill-weight" in capsys.readouterr().out
 
 @pytest.mark.parametrize("variant,flags,crash_at", [
-    ("dsdi", ["--steps", "4", "--updates", "12"], 3),      # mid-trajectory, first depth
+    ("dsdi", ["--steps", "4", "--updates", "12", "--skip", "ldm", "--last-step", "alphabar0",  # LDM's DDIM,
+              "--eval-eta", "0.1"], 3),                    # mid-trajectory, first depth
     ("tsd", ["--steps", "4", "--updates", "12"], 9),       # after the student became the teacher
     ("train", ["--train-updates", "6", "--train-batch", "4", "--distill-steps", "4"], 3)])
 def test_resume_mid_schedule_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, variant, flags, crash_at):
