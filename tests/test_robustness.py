@@ -2,6 +2,9 @@
 a non-finite loss with the checkpoint before it kept, the device a run used in its files, --device auto's
 fallback said, and generator states that resume per device type."""
 import json
+import os
+import sys
+import time
 import warnings
 
 import pytest
@@ -119,3 +122,34 @@ def test_a_cpu_run_resumes_a_checkpoint_of_another_device_type(tmp_path, capsys)
     R.train_teacher(_cfg(tmp_path, updates=4, ckpt_every=2))
     assert "resumed on cpu from a cuda checkpoint" in capsys.readouterr().out
     assert R.load_checkpoint(path)["step"] == 4 and R.load_checkpoint(path)["gen"]["device"] == "cpu"
+
+def test_the_gpu_check_records_every_step_and_stops_within_its_budget(tmp_path):
+    """benchmarks/gpu_check.py's runner on stand-in steps (the real ones need a GPU): a result file read back,
+    a method run's folder read back, a failure, a step past its own timeout and one cut by the budget (both
+    killed, recorded as timed out), a step with no time left (skipped); one JSON, rewritten after each. The
+    budget of 4 s holds to the 2 s a loaded machine may add to start and kill the children."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_check
+    py, result, run = sys.executable, tmp_path / "result.json", tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"finished": True}))
+    (run / "log.jsonl").write_text(json.dumps({"event": "started", "device_used": "cuda:0", "world_size": 1}) + "\n")
+    steps = [("writes", [py, "-c", f"open({str(result)!r}, 'w').write('{{\"rate\": 2.5}}')"], 30, str(result)),
+             ("a method run", [py, "-c", "pass", "--out", str(run)], 30, None),
+             ("fails", [py, "-c", "raise SystemExit(3)"], 30, None),
+             ("hangs", [py, "-c", "import time; time.sleep(60)"], 0.5, None),
+             ("hangs past the budget", [py, "-c", "import time; time.sleep(60)"], 60, None),
+             ("never starts", [py, "-c", "pass"], 30, None)]
+    t0 = time.time()
+    report = gpu_check.run_all(steps, 4.0, str(tmp_path / "check.json"), dict(os.environ), str(tmp_path),
+                               {"torch_version": torch.__version__})
+    assert time.time() - t0 < 4.0 + 2.0
+    assert json.loads((tmp_path / "check.json").read_text()) == report and report["torch_version"]
+    status = {s["name"]: s["status"] for s in report["steps"]}
+    assert status == {"writes": "ok", "a method run": "ok", "fails": "failed", "hangs": "timed out",
+                      "hangs past the budget": "timed out", "never starts": "skipped: no time left"}
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["writes"]["figures"] == {"rate": 2.5} and steps["fails"]["returncode"] == 3
+    assert steps["a method run"]["figures"] == {"metrics": {"finished": True}, "ran_on": {
+        "device_used": "cuda:0", "device_name": None, "world_size": 1}}
+    assert steps["hangs"]["seconds"] < 2.5 and steps["hangs past the budget"]["timeout_s"] < 4.0
