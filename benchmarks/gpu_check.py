@@ -44,11 +44,12 @@ def plan(args, work):
              "--methods", ",".join(METHODS), *(["--pairs", "2"] if args.dry else ["--paper", "--pairs", "10"])]
     steps = [(f"{m} --quick eager", [py, os.path.join(ROOT, f"{m}.py"), *quick, "--device", dev,
                                      "--out", os.path.join(work, f"{m}_eager")], 150, None) for m in METHODS]
+    bench_name = "bench_methods bf16" if args.dry else "bench_methods --paper bf16"
     steps += [("torchrun --nproc_per_node=1 self_distill --quick",
                [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 os.path.join(ROOT, "self_distill.py"), *quick, "--device", dev,
                 "--out", os.path.join(work, "self_distill_torchrun")], 90, None),
-              ("bench_methods --paper bf16 eager", [*bench, "--json", os.path.join(work, "bench_eager.json")],
+              (f"{bench_name} eager", [*bench, "--json", os.path.join(work, "bench_eager.json")],
                150, os.path.join(work, "bench_eager.json")),
               ("ddim pair rate", [py, os.path.abspath(__file__), "--ddim-rate", os.path.join(work, "ddim.json"),
                                   "--device", dev, "--dry", str(args.dry).lower()], 60,
@@ -56,7 +57,7 @@ def plan(args, work):
     steps += [(f"{m} --quick --compile true --dtype bf16",
                [py, os.path.join(ROOT, f"{m}.py"), *quick, "--device", dev, "--compile", "true", "--dtype", "bf16",
                 "--out", os.path.join(work, f"{m}_compiled")], 150, None) for m in METHODS]
-    steps += [("bench_methods --paper bf16 --compile",
+    steps += [(f"{bench_name} --compile",
                [*bench, "--compile", "--json", os.path.join(work, "bench_compiled.json")], 300,
                os.path.join(work, "bench_compiled.json"))]
     return steps
