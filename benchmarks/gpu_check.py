@@ -52,7 +52,7 @@ def plan(args, work):
               (f"{bench_name} eager", [*bench, "--json", os.path.join(work, "bench_eager.json")],
                150, os.path.join(work, "bench_eager.json")),
               ("ddim pair rate", [py, os.path.abspath(__file__), "--ddim-rate", os.path.join(work, "ddim.json"),
-                                  "--device", dev, "--dry", str(args.dry).lower()], 60,
+                                  "--device", dev, "--dry", str(args.dry).lower()], 90,
                os.path.join(work, "ddim.json"))]
     steps += [(f"{m} --quick --compile true --dtype bf16",
                [py, os.path.join(ROOT, f"{m}.py"), *quick, "--device", dev, "--compile", "true", "--dtype", "bf16",
