@@ -343,7 +343,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
     step, elapsed, kset = 0, 0.0, None
     if ckpt is not None:
         student.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"]), R.restore_generator(gen, ckpt["gen"], ckpt["step"])
         step, elapsed, kset = ckpt["step"], ckpt["elapsed"], ckpt["knowledge"]
         kset = kset and {key: v.to(device) for key, v in kset.items()}
     elif cfg.method == "dkdm":
@@ -357,7 +357,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
     # 1.9 s (load 0.7 s) on a CPU machine's disk, against 10k updates between checkpoints
     save = lambda: R.save_checkpoint(path, **student.state(), ema=ema.net.state_dict(), method="dkdm",
                                      config=dataclasses.asdict(cfg), teacher=spec, optimizer=opt.state_dict(),
-                                     step=step, gen=gen.get_state(), knowledge=kset,
+                                     step=step, gen=R.generator_state(gen), knowledge=kset,
                                      elapsed=meter.now())
     if cfg.method == "datafree":
         data = synthesize(cfg, fast_teacher, shape, device)
@@ -402,8 +402,10 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
         if step % cfg.log_every == 0 or step == cfg.updates:
             meter.log(step, {"stage": "train", "update": step})
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
+            meter.check()  # never a checkpoint after a non-finite loss
             save()
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:  # each a teacher, for the early stop
+            meter.check()
             R.save_checkpoint(os.path.join(cfg.out, "snapshots", f"ema_{step:07d}.pt"), **ema.state(),
                               method="dkdm", teacher=spec, config=dataclasses.asdict(cfg), step=step)
     R.save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,

@@ -299,19 +299,23 @@ def train(cfg, teacher, ckpt, recipe, device):
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)             # warm-up, then constant (app. B)
         opt.zero_grad(set_to_none=True)
         ours = R.mine(torch.from_numpy(order[i * cfg.batch:(i + 1) * cfg.batch])).numpy()  # this rank's part
+        loss = 0.0
         for a, part in enumerate(np.array_split(ours, cfg.accum)):
             x_T, x_0, y = fetch(train_set, part, device)          # (B / ranks / accum, C, H, W) each
             last = R.world_size() == 1 or a + 1 == cfg.accum         # DDP averages the gradients at the end
             with autocast(device, cfg.dtype), contextlib.nullcontext() if last else trained.net.no_sync():
-                loss = student_loss(student_x0(trained, x_T, y), x_0, cfg.loss).sum() / len(ours)
-                loss.backward()                                   # summed over the parts: the batch mean
-            meter.add(loss)
+                part_loss = student_loss(student_x0(trained, x_T, y), x_0, cfg.loss).sum() / len(ours)
+                part_loss.backward()                              # summed over the parts: the batch mean
+            loss = loss + part_loss.detach()
         opt.step()                                                # no gradient clipping (app. B)
         ema_update(ema.net, student.net, cfg.ema)
         step += 1
+        meter.add(loss)
         if step % cfg.log_every == 0 or step == cfg.updates:
             meter.log(step, {"stage": "train", "step": step, "lr": g["lr"]})
         tested = cfg.num_test_pairs > 0 and (step % cfg.test_every == 0 or step == cfg.updates)
+        if tested or step % cfg.ckpt_every == 0 or step == cfg.updates:
+            meter.check()                                         # never a checkpoint after a non-finite loss
         if tested:                                                # early stopping on the test loss (official)
             t_test, full = time.time(), R.full_config(cfg)
             loss_test = test_loss(ema, test_set, cfg, device)

@@ -201,7 +201,8 @@ class Config:
     # run
     seed: int = R.field(0, "seed")
     device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, target weights fp64)",
+    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, target weights fp64; fp16: with "
+                                 "loss scaling)",
                          choices=("fp32", "bf16", "fp16"))
     compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
     log_every: int = R.field(500, "log every N updates", low=1, fixed=False, rehearse=1)
@@ -314,12 +315,13 @@ def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
             R.compiled(teacher, cfg.compile)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr,  # no weight decay, no EMA (official config)
                                fused=device != "cpu")
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + r)
+        gen, scaler = torch.Generator(device).manual_seed(cfg.seed * 1000 + r), R.grad_scaler(device, cfg.dtype)
         step = 0
         if r == r0 and "optimizer" in ckpt:  # resume inside this round
             student.net.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
-            gen.set_state(ckpt["gen"])
+            scaler.load_state_dict(ckpt.get("scaler", {}))
             step = ckpt["step"]
+            R.restore_generator(gen, ckpt["gen"], step)
             R.print0(f"resumed round {r + 1} ({n_teacher} -> {N} steps) at update {step}/{updates}")
         weighting = "snr" if student.param == "eps" else cfg.weighting  # eps students: their teacher's loss
         phase = f"round {r + 1}: {n_teacher} -> {N} steps"
@@ -332,19 +334,23 @@ def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
             with autocast(device, cfg.dtype):
                 loss = distill_loss(trained, fast_teacher, x, y, N, weighting, gen, n_teacher == N, clip)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             meter.add(loss)
             if step % cfg.log_every == 0 or step == updates:
                 meter.log(step, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
                                  "update": step, "lr": lr})
             if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
+                meter.check()  # never a checkpoint after a non-finite loss
                 R.save_checkpoint(path, **student.state(), method="progressive",
                                   config=dataclasses.asdict(cfg), round=r, step=step,
-                                  optimizer=opt.state_dict(), gen=gen.get_state(),
+                                  optimizer=opt.state_dict(), gen=R.generator_state(gen),
+                                  scaler=scaler.state_dict(),
                                   teacher=teacher.state(), results=results, reference=reference,
                                   grid_rows=grid_rows, elapsed=meter.now(), teacher_spec=spec)
 

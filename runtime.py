@@ -4,7 +4,7 @@ rehearsal), checkpoints, teacher and hub loading, data, evaluation and FID, Alg.
 teachers. Method files import it as a module (`import runtime as R`: R.barrier(), R.fid_is(...)), so every
 call says where it comes from; it imports the core, the core imports nothing of it."""
 import argparse, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle, shutil
-import re, signal, socket, sys, tarfile, time, zipfile
+import platform, re, signal, socket, sys, tarfile, time, warnings, zipfile
 import urllib.request
 
 import numpy as np
@@ -717,6 +717,26 @@ def load_checkpoint(path):
                          f"python tools/convert_teacher.py {path} teacher.pt")
     return ckpt
 
+def generator_state(gen):
+    """A generator's state for a checkpoint, with its device type: a CPU generator's state (Mersenne Twister,
+    5,056 bytes) and a CUDA one's (Philox seed and offset, 16 bytes) do not convert into each other."""
+    return {"device": gen.device.type, "state": gen.get_state()}
+
+def restore_generator(gen, saved, step):
+    """Put a checkpoint's generator state back into `gen` (seeded as the run seeds it) when the device type is
+    the same. Resumed on another device type (--device may change), the run cannot draw the numbers it would
+    have drawn (CPU and CUDA generators draw different numbers from one seed), so `gen` is reseeded
+    deterministically from its seed and the stored update `step`, said in one line: the resumed run is then
+    a function of (seed, step, device type), as any run of this project."""
+    if torch.is_tensor(saved):  # a checkpoint from before the device type was stored: known by its size
+        saved = {"device": "cpu" if len(saved) == len(torch.Generator().get_state()) else "cuda",
+                 "state": saved}
+    if saved["device"] == gen.device.type:
+        return gen.set_state(saved["state"])
+    print0(f"resumed on {gen.device.type} from a {saved['device']} checkpoint: the generator is reseeded from "
+           f"its seed and update {step} (the draws differ from an uninterrupted run's)")
+    return gen.manual_seed((gen.initial_seed() * 1_000_003 + step) % 2 ** 63)
+
 # ========================================== evaluation ==========================================
 
 
@@ -1104,9 +1124,18 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     return dataclasses.replace(cfg, **args)
 
 def pick_device(name="auto"):
-    """A device torch has: auto (cuda if visible, else cpu), cpu, cuda or cuda:N; else a one-line error."""
+    """A device torch has: auto (cuda if usable, else cpu, saying why in one line on stderr), cpu, cuda or
+    cuda:N; else a one-line error."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a driver older than the wheel needs
+            warnings.simplefilter("always")
+            usable = torch.cuda.is_available()
+        if not usable and int(os.environ.get("RANK", 0)) == 0:
+            why = str(caught[-1].message).splitlines()[0] if caught else \
+                "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            print(f"--device auto: CUDA is not usable ({why}); running on the CPU", file=sys.stderr,
+                  flush=True)
+        return "cuda" if usable else "cpu"
     kind, _, index = name.partition(":")
     if name == "cpu" or (kind == "cuda" and (index == "" or index.isdigit())):
         count = torch.cuda.device_count() if kind == "cuda" else 1
@@ -1129,6 +1158,18 @@ def pick_device(name="auto"):
 # second, gloo group with a 24-hour timeout (wait_for_fetchers).
 DIST_TIMEOUT, WAIT_TIMEOUT = datetime.timedelta(minutes=30), datetime.timedelta(hours=24)
 _WAIT_GROUP = None
+DEVICE = "cpu"  # this process's device, set by setup_device (start_run records it)
+
+def device_info(device):
+    """What a run ran on (config.json and the first log row of each start): the device, its model, and the
+    torch and CUDA versions (CUDA: the version this torch was built for; None on a CPU-only build)."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        name = next(iter(re.findall(r"model name\s*:\s*(.+)", cpuinfo)), platform.processor() or "cpu")
+    return {"device_used": str(device), "device_name": name, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda}
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -1144,7 +1185,8 @@ def setup_device(name="auto"):
     """This process's device. Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set; several nodes through its own
     rendezvous) the process group starts once, nccl on CUDA and gloo on CPU, and each process takes the GPU
     of its LOCAL_RANK; a plain `python method.py` is one process without a group."""
-    device = pick_device(name)
+    global DEVICE
+    device = DEVICE = pick_device(name)
     if device != "cpu":  # TF32 matmuls and convolutions (fp32 near bf16's speed, 10-bit mantissas: ample for
         # diffusion training) and cuDNN's autotuned kernels (the shapes repeat every update)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1153,7 +1195,7 @@ def setup_device(name="auto"):
         return device
     stop_with_launcher()
     if device != "cpu":
-        device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        device = DEVICE = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         global _WAIT_GROUP
@@ -1437,7 +1479,8 @@ def start_run(cfg, ckpt, outputs=(), batch=None):
     is cut back to the rows written before the checkpoint (its log_bytes) and a 'resumed' row added; starting
     over, the old log, metrics.json and `outputs` (the method's result files and folders, glob patterns) go,
     so that no result of an earlier run is reported as this one's. Orphan temp files go; config.json is
-    written; the first row says how many processes share the global batch."""
+    written; the first row says how many processes share the global batch. Both record the device
+    (rank 0's), its model and the torch and CUDA versions (device_info)."""
     if rank() > 0:
         return barrier()
     os.makedirs(cfg.out, exist_ok=True)
@@ -1454,10 +1497,12 @@ def start_run(cfg, ckpt, outputs=(), batch=None):
                 os.remove(path)
     elif os.path.exists(log) and ckpt.get("log_bytes") is not None:
         os.truncate(log, min(ckpt["log_bytes"], os.path.getsize(log)))
-    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "world_size": world_size()})
+    ran_on = device_info(DEVICE)
+    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "world_size": world_size(),
+                                                      **ran_on})
     ranks = {"world_size": world_size(), "batch_per_rank": batch // world_size()} if batch else {}
-    log_row(cfg.out, {"event": "resumed", "from": ckpt["path"], "step": ckpt.get("step"), **ranks}
-            if ckpt is not None else {"event": "started", **ranks})
+    log_row(cfg.out, {"event": "resumed", "from": ckpt["path"], "step": ckpt.get("step"), **ranks, **ran_on}
+            if ckpt is not None else {"event": "started", **ranks, **ran_on})
     barrier()
 
 def run_finished(out):
@@ -1478,17 +1523,34 @@ def log_row(out_dir, row):
 
 class Meter:
     """A training loop's log (nanoGPT's pattern): losses summed on the device each update, no host sync; every
-    --log-every updates one row of their mean over those updates and over the ranks (the loop's one host
-    sync), s/update, elapsed time (a resumed run's included) and ETA, and under --rehearse the phase's rate. A
-    non-finite loss stops the run in one line before the checkpoint of that update is written."""
+    --log-every updates one row of their mean over those updates and over the ranks (the loop's host syncs),
+    s/update, elapsed time (a resumed run's included) and ETA, and under --rehearse the phase's rate. A
+    non-finite loss stops the run in one line (its update and loss) at the next log or checkpoint: the loop
+    calls check() before it writes a checkpoint, so none is ever written after a non-finite loss."""
 
     def __init__(self, out, step, total, elapsed, device, names=("loss",), phase="training", full_total=None):
         self.out, self.last, self.total, self.elapsed_s, self.names = out, step, total, elapsed, names
-        self.phase, self.full_total = phase, full_total or total
+        self.phase, self.full_total, self.added = phase, full_total or total, step
         self.sums, self.t0 = torch.zeros(len(names), device=device), time.time()
+        self.first_bad = torch.full((len(names),), math.inf, device=device)  # per loss: its first bad update
 
     def add(self, *losses):
-        self.sums += torch.stack([loss.detach().float() for loss in losses])
+        """One update's losses (called once per update, after its step): summed, and the update recorded
+        where a loss is not finite, on the device."""
+        losses, self.added = torch.stack([loss.detach().float() for loss in losses]), self.added + 1
+        self.sums += losses
+        self.first_bad.masked_fill_(~losses.isfinite() & self.first_bad.isinf(), self.added)
+
+    def check(self, phase=None):
+        """Stop in one line if a loss added so far was not finite (one host sync; the ranks agree)."""
+        first = self.first_bad.clone()
+        if world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = first.tolist()
+        if any(map(math.isfinite, first)):
+            update, name = min((u, n) for u, n in zip(first, self.names) if math.isfinite(u))
+            raise ValueError(f"{phase or self.phase}: {name} is not finite at update {int(update)}; rerun with "
+                             "a lower --lr (the checkpoint before it is kept)")
 
     def lap(self):
         """Count the time so far (a phase of no updates: a set prepared, a dataset sampled) and time the
@@ -1501,13 +1563,11 @@ class Meter:
 
     def log(self, step, row, phase=None, full_total=None):
         """The row at update `step` (row: the loop's own fields first); returns the mean losses."""
+        self.check(phase)
         dt, n = time.time() - self.t0, step - self.last
         self.elapsed_s, self.t0, self.last = self.elapsed_s + dt, time.time(), step
         means = (mean_over_ranks(self.sums) / n).tolist()
         self.sums.zero_()
-        if not all(map(math.isfinite, means)):
-            raise ValueError(f"{phase or self.phase} diverged at update {step} ({self.names[0]} {means[0]}); "
-                             "rerun with a lower --lr (the checkpoint before it is kept)")
         log_row(self.out, {**row, **dict(zip(self.names, means)), "sec_per_update": dt / n,
                            "elapsed_s": self.elapsed_s, "eta_s": (self.total - step) * dt / n})
         rehearsal_rate(phase or self.phase, n, dt, full_total or self.full_total, "update", last=True)
@@ -1579,6 +1639,13 @@ def diffusion_loss(den, weighting, x, generator, y=None, vlb_weight=0.001):
         loss = loss + vlb_weight * schedule.T * vlb_terms(schedule, z, t, x, x_pred.detach(), v)
     return loss.mean()
 
+def grad_scaler(device, dtype):
+    """fp16's loss scaling (Micikevicius et al. 2018): the loss is multiplied before backward so that small
+    gradients do not underflow fp16's range, the gradients divided back before clipping and the step, which
+    is skipped (and the scale lowered) when they overflow. A no-op for fp32 and bf16 (bf16 has fp32's range).
+    Fused Adam takes the scale and the overflow flag on the device: no host sync per update on CUDA."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "fp16")
+
 # --compile: the long sampling phases are the teacher's pairs, knowledge and synthetic sets and the FID
 # samples; each network is compiled once. Measured on an H100: the CIFAR-10 U-Net's forward 2.7x, a pd_cifar10
 # update 1.4x faster. Off by default: on CPU the compile time is not won back in short runs.
@@ -1607,7 +1674,7 @@ class TeacherConfig:
     grad_clip: float = field(1.0, "clip the global gradient norm (0 = off)", low=0.0)
     seed: int = field(0, "seed")
     device: str = field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = field("fp32", "network precision", choices=("fp32", "bf16", "fp16"))
+    dtype: str = field("fp32", "network precision (fp16: with loss scaling)", choices=("fp32", "bf16", "fp16"))
     compile: bool = field(False, COMPILE_HELP, fixed=False)
     log_every: int = field(100, "log every N updates", low=1, fixed=False)
     ckpt_every: int = field(1000, "checkpoint every N updates", low=1, fixed=False)
@@ -1642,13 +1709,15 @@ def train_teacher(cfg, full_updates=None):
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device != "cpu")  # one kernel for the whole update on CUDA
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same on every rank: the global batch's draws
+    scaler = grad_scaler(device, cfg.dtype)
     rank_dropout_seed(cfg.seed)
     step, elapsed = 0, 0.0
     start_run(cfg, ckpt, outputs=("samples.png",), batch=cfg.batch)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt.get("scaler", {}))
         step, elapsed = ckpt["step"], ckpt["elapsed"]
+        restore_generator(gen, ckpt["gen"], step)
     net.train()
     meter = Meter(cfg.out, step, cfg.updates, elapsed, device, phase="base model (Alg. 1)",
                   full_total=full_updates)
@@ -1659,19 +1728,22 @@ def train_teacher(cfg, full_updates=None):
         with autocast(device, cfg.dtype):
             loss = diffusion_loss(trained, cfg.weighting, x, gen, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         ema_update(ema, net, cfg.ema)
         step += 1
         meter.add(loss)
         if step % cfg.log_every == 0 or step == cfg.updates:
             meter.log(step, {"stage": "teacher", "step": step})
         if step % cfg.ckpt_every == 0 or step == cfg.updates:
+            meter.check()  # never a checkpoint after a non-finite loss
             save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
-                            gen=gen.get_state(), elapsed=meter.now())
+                            gen=generator_state(gen), scaler=scaler.state_dict(), elapsed=meter.now())
     z = seeded_noise(range(64), data.shape[1:], device)
     y = (torch.arange(64, device=device) // 8) % classes if classes else None  # a row per class
     grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), True, y)

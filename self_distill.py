@@ -234,7 +234,8 @@ class Config:
     # run
     seed: int = R.field(0, "seed of the trajectories (fine-tuning) or of training")
     device: str = R.field("auto", "auto | cpu | cuda[:N]", fixed=False)
-    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, targets fp64)",
+    dtype: str = R.field("fp32", "network precision (schedule algebra fp32, targets fp64; fp16: with loss "
+                                 "scaling)",
                          choices=("fp32", "bf16", "fp16"))
     compile: bool = R.field(False, R.COMPILE_HELP, fixed=False)
     log_every: int = R.field(100, "log every N updates", low=1, fixed=False, rehearse=1)
@@ -252,35 +253,42 @@ QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=
 # ---- one visible training loop: fine-tuning DSD / TSD under the plan, or training DSD --------------------
 
 def start(cfg, model, ema, peak, ckpt, device):
-    """Adam (table 3), the generator of the global batch's draws (the same on every rank) and the view of
-    `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen, trained)."""
+    """Adam (table 3), fp16's loss scaler, the generator of the global batch's draws (the same on every rank)
+    and the view of `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen,
+    trained); the scaler rides on opt (opt.scaler)."""
     opt = torch.optim.Adam(model.net.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, fused=device != "cpu")
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+    gen, opt.scaler = torch.Generator(device).manual_seed(cfg.seed), R.grad_scaler(device, cfg.dtype)
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"]), gen.set_state(ckpt["gen"])
+        opt.load_state_dict(ckpt["optimizer"]), opt.scaler.load_state_dict(ckpt.get("scaler", {}))
+        R.restore_generator(gen, ckpt["gen"], ckpt["step"])
     return opt, gen, R.compiled(R.data_parallel(model), cfg.compile)
 
 def update(cfg, model, ema, opt, loss, decay, lr):
-    """One optimiser step at learning rate lr: gradients clipped at --grad-clip, Adam, the EMA."""
+    """One optimiser step at learning rate lr: gradients (fp16: loss-scaled) clipped at --grad-clip, Adam,
+    the EMA."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    opt.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
+        opt.scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
+    opt.scaler.step(opt)
+    opt.scaler.update()
     ema_update(ema.net, model.net, decay)
 
-def save(cfg, model, ema, opt, gen, step, elapsed, z=None, teacher=None, y=None):
+def save(cfg, model, ema, opt, gen, meter, step, z=None, teacher=None, y=None):
     """OUT/ckpt.pt: all the resume state (z, y: every rank's trajectories and their labels; teacher: TSD's
-    current one)."""
+    current one), never after a non-finite loss (meter.check)."""
+    meter.check()
     R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
                       method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                      optimizer=opt.state_dict(), step=step, gen=gen.get_state(),
+                      optimizer=opt.state_dict(), scaler=opt.scaler.state_dict(), step=step,
+                      gen=R.generator_state(gen),
                       z=None if z is None else R.gather(z), y=None if y is None else R.gather(y),
-                      elapsed=elapsed, teacher=teacher)
+                      elapsed=meter.now(), teacher=teacher)
 
 def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
@@ -325,7 +333,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
             meter.log(step, {"stage": cfg.variant, "update": step, "steps": n, "lr": lr},
                       phase=f"{cfg.variant} N = {n}", full_total=full_updates[n])
         if step % cfg.ckpt_every == 0 or step == total:
-            save(cfg, model, ema, opt, gen, step, meter.now(), z,
+            save(cfg, model, ema, opt, gen, meter, step, z,
                  None if teacher in (None, den0) else teacher.net.state_dict(), y)
 
 def train_dsd(cfg, model, ema, data, labels, device, ckpt):
@@ -347,7 +355,7 @@ def train_dsd(cfg, model, ema, data, labels, device, ckpt):
         if step % cfg.log_every == 0 or step == total:
             meter.log(step, {"stage": cfg.variant, "update": step, "lr": lr})
         if step % cfg.ckpt_every == 0 or step == total:
-            save(cfg, model, ema, opt, gen, step, meter.now())
+            save(cfg, model, ema, opt, gen, meter, step)
 
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 

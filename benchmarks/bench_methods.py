@@ -8,7 +8,8 @@ method: 1.0 means the method's code costs nothing beyond its networks. Pairing c
 machine, which scatters the ratio of two separate medians by +-7 % here. The last row is DDIM sampling,
 common.ddim_sample against diffusers' UNet2DModel + DDIMScheduler on the same weights and noise (efficiency =
 ours / diffusers images per second). FLOPs of an update are counted once (torch.utils.flop_counter, eager);
-TFLOP/s follows, and MFU against --peak-tflops (bf16 dense; known GPUs by name).
+TFLOP/s follows, and MFU against the GPU's dense peak for the dtype (bf16, or TF32 for fp32 rows: CUDA runs
+fp32 matmuls and convolutions in TF32 here), known by exact model name (PEAK_TFLOPS), else --peak-tflops.
     python benchmarks/bench_methods.py                                   # CPU, tiny nets, about a minute
     python benchmarks/bench_methods.py --device cuda --paper --dtype bf16 [--compile]
 """
@@ -32,13 +33,24 @@ import progressive as P  # noqa: E402
 import self_distill as S  # noqa: E402
 from bench_unet import DDPM_CIFAR10  # noqa: E402
 
-# --paper: each method's CIFAR-10 networks and batch (its file's defaults): progressive's pd_cifar10 (app. E),
-# the Denoising Student's DDPM U-Net at batch 512 (app. B, table 3), DSD's 16 trajectories on the DDPM U-Net,
-# DKDM's 57M ADM teacher and 14M CNN student (sec. 5.1).
-PAPER = {"progressive": dict(net="pd_cifar10", batch=128), "luhman_kd": dict(net="ddpm_cifar10", batch=512),
-         "self_distill": dict(net="ddpm_cifar10", batch=16),
-         "dkdm": dict(net="adm_cifar10_57m", student="cnn_14m", batch=128)}
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM parts
+# --paper: each method's CIFAR-10 networks, batch and settings (its file's defaults): progressive's pd_cifar10 on
+# the cosine log-SNR schedule (app. E), the Denoising Student's DDPM U-Net at batch 512 (app. B, table 3), DSD's
+# 16 trajectories on the DDPM U-Net, DKDM's 57M ADM teacher and 14M CNN student with its dropout 0.3 (sec. 5.1).
+# Without --paper: the linear schedule and no dropout, on the tiny nets.
+PAPER = {"progressive": dict(net="pd_cifar10", batch=128, schedule="cosine_logsnr"),
+         "luhman_kd": dict(net="ddpm_cifar10", batch=512), "self_distill": dict(net="ddpm_cifar10", batch=16),
+         "dkdm": dict(net="adm_cifar10_57m", student="cnn_14m", batch=128, dropout=D.Config.dropout)}
+# Dense peaks (bf16, TF32) in TFLOP/s from NVIDIA's datasheets (their sparse figures halved), by the exact name
+# torch.cuda.get_device_name reports: an SXM H100 names itself by its memory, the PCIe and NVL parts by form.
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": (989.4, 494.7), "NVIDIA H100 PCIe": (756.5, 378.0),
+               "NVIDIA H100 NVL": (835.5, 417.5), "NVIDIA H200": (989.4, 494.7), "NVIDIA H200 NVL": (835.5, 417.5),
+               "NVIDIA A100-SXM4-80GB": (312.0, 156.0), "NVIDIA A100-SXM4-40GB": (312.0, 156.0),
+               "NVIDIA A100 80GB PCIe": (312.0, 156.0), "NVIDIA A100-PCIE-40GB": (312.0, 156.0)}
+
+def peak_tflops(device_name, dtype):
+    """The dense peak of this GPU for the dtype's math (bf16, else TF32), or None for a model not listed."""
+    peaks = PEAK_TFLOPS.get(device_name)
+    return peaks and peaks[0 if dtype == "bf16" else 1]
 
 def sync(device):
     if device.startswith("cuda"):
@@ -67,18 +79,21 @@ def flops(fn):
         fn()
     return counter.get_total_flops()
 
-def denoiser(net_name, image_size, param="eps", var="fixed_small", seed=0):
+def denoiser(net_name, image_size, param="eps", var="fixed_small", seed=0, schedule="linear"):
     torch.manual_seed(seed)
     out = 3 * (2 if var == "learned_range" else 1)
     net = C.build_net(net_name, image_size=image_size, out_channels=out, zero_init=False, dropout=0.0)
-    return C.Denoiser(net, C.Schedule("linear"), param, var)
+    return C.Denoiser(net, C.Schedule(schedule), param, var)
 
-def bare_step(student, passes, z, t, opt):
-    """The networks alone: `passes` no-grad forwards (teachers, targets) and one forward/backward + step."""
-    with torch.no_grad():
+def bare_step(student, passes, z, t, opt, amp):
+    """The networks alone, under the method's autocast `amp` (the same dtype on both sides): `passes` no-grad
+    forwards (teachers, targets) and one forward/backward + step."""
+    with torch.no_grad(), amp:
         for net in passes:
             net(z, t)
-    student.net(z, t).float().square().mean().backward()
+    with amp:
+        loss = student.net(z, t).float().square().mean()
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -92,7 +107,7 @@ def setup(method, spec, args, device, fast):
     adam = dict(lr=1e-4, fused=device != "cpu")
 
     if method == "progressive":
-        teacher = denoiser(spec["net"], size, "x").to(device).freeze()
+        teacher = denoiser(spec["net"], size, "x", schedule=spec["schedule"]).to(device).freeze()
         student = P.make_student(teacher, 8, clip=False)
         opt = torch.optim.Adam(student.parameters(), **adam)
         teacher_v, student_v = fast(teacher), fast(student)
@@ -104,7 +119,7 @@ def setup(method, spec, args, device, fast):
             nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step, lambda: bare_step(student_v, [teacher_v.net] * 2, z, t, opt)
+        return step, lambda: bare_step(student_v, [teacher_v.net] * 2, z, t, opt, amp)
 
     if method == "luhman_kd":
         kd = L.make_student(denoiser(spec["net"], size).to(device).freeze(), "official")
@@ -118,7 +133,7 @@ def setup(method, spec, args, device, fast):
             opt.step()
             opt.zero_grad(set_to_none=True)
             C.ema_update(kd_ema.net, kd.net, 0.995)
-        return step, lambda: bare_step(kd_v, [], z, t, opt)
+        return step, lambda: bare_step(kd_v, [], z, t, opt, amp)
 
     if method == "self_distill":
         model = denoiser(spec["net"], size).to(device).train()
@@ -135,10 +150,11 @@ def setup(method, spec, args, device, fast):
             opt.step()
             opt.zero_grad(set_to_none=True)
             C.ema_update(model_ema.net, model.net, 0.995)
-        return step, lambda: bare_step(model_v, [model_v.net], z, t, opt)
+        return step, lambda: bare_step(model_v, [model_v.net], z, t, opt, amp)
 
     big = denoiser(spec["net"], size, var="learned_range").to(device).freeze()
-    small = D.make_student(R.parse_config(D.Config, ["--student", spec["student"], "--dropout", "0"]), big)
+    small = D.make_student(R.parse_config(D.Config, ["--student", spec["student"],
+                                                     "--dropout", str(spec["dropout"])]), big)
     small = small.to(device)
     small_ema, big_v, small_v = small.copy().freeze(), fast(big), fast(small)
     opt = torch.optim.AdamW(small.parameters(), **adam)
@@ -157,7 +173,7 @@ def setup(method, spec, args, device, fast):
         opt.zero_grad(set_to_none=True)
         C.ema_update(small_ema.net, small.net, 0.9999)
         D.write_back(kset, idx, k, target["z_prev"], len(grid), gen)
-    return step, lambda: bare_step(small_v, [big_v.net], z, t, opt)
+    return step, lambda: bare_step(small_v, [big_v.net], z, t, opt, amp)
 
 def ddim_race(args, device):
     """(batch, the largest gap between the two loops' samples, our loop's FLOPs, race(ours, diffusers)) of DDIM
@@ -214,19 +230,22 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the networks of both sides")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="the device's dense bf16 peak for MFU; 0 = by GPU name (H100, H200, A100) or none")
+                   help="the device's dense peak for --dtype (bf16, or TF32 for fp32) for MFU; 0 = by exact "
+                        "GPU name (PEAK_TFLOPS), else no MFU")
     p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = R.setup_device(args.device)
-    peak = args.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items()
-                                      if k in torch.cuda.get_device_name(device)), 0.0)
-                                if device.startswith("cuda") else 0.0)
+    name = R.device_info(device)["device_name"]
+    peak = args.peak_tflops or (peak_tflops(name, args.dtype) if device.startswith("cuda") else None)
+    if device.startswith("cuda") and not peak:
+        print(f"no MFU: {name} is not in PEAK_TFLOPS; pass --peak-tflops (its dense {args.dtype} peak)")
     methods = args.methods.split(",")
     rows = []
     for method in (m for m in PAPER if m in methods):
-        spec = {"net": args.net, "student": args.student, "batch": args.batch, "image_size": args.image_size}
+        spec = {"net": args.net, "student": args.student, "batch": args.batch, "image_size": args.image_size,
+                "schedule": "linear", "dropout": 0.0}
         if args.paper:
             spec.update({**PAPER[method], "image_size": 32})
         if device.startswith("cuda"):
@@ -241,8 +260,8 @@ def main():
                          images_per_s=spec["batch"] / sec, bare_sec_per_update=bare_sec, efficiency=efficiency,
                          tflop_per_update=count / 1e12, bare_tflop_per_update=bare_count / 1e12,
                          tflops=count / sec / 1e12,
-                         mfu=count / sec / 1e12 / peak if peak else None,
-                         peak_gib=peak_gib,
+                         mfu=count / sec / 1e12 / peak if peak else None, peak_tflops=peak,
+                         peak_gib=peak_gib, device_name=name,
                          device=device, threads=torch.get_num_threads()))
         del step, bare, eager
     if "ddim" in methods:
@@ -252,6 +271,7 @@ def main():
                          images_per_s=batch / ours, bare_sec_per_update=None, efficiency=efficiency,
                          diffusers_images_per_s=batch / theirs, max_abs_diff=gap, steps=args.steps, device=device,
                          tflops=count / ours / 1e12, mfu=count / ours / 1e12 / peak if peak else None,
+                         peak_tflops=peak, device_name=name,
                          threads=torch.get_num_threads()))
     print(f"{'method':13s} {'net':24s} {'batch':>5s} {'dtype':5s} {'s/update':>9s} {'images/s':>9s} "
           f"{'bare s':>9s} {'efficiency':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s}")

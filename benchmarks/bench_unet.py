@@ -78,6 +78,8 @@ def main():
                 variants.append((name + " +compile", net))
             for label, base in variants:
                 net = base.to(dev)
+                if dev.startswith("cuda"):  # each row its own peak
+                    torch.cuda.reset_peak_memory_stats()
                 mf = torch.channels_last if "channels_last" in label else torch.contiguous_format
                 net = net.to(memory_format=mf)
                 xi = x.to(memory_format=mf)

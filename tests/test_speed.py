@@ -2,6 +2,7 @@
 (one update each at log-every 1, on a tiny net), and the foreach EMA is the per-tensor lerp. The methods
 benchmark compares like with like: its bare passes are the update's FLOPs, its two DDIM loops the same
 samples (its timings are never asserted)."""
+import argparse
 import json
 import math
 import os
@@ -50,3 +51,21 @@ def test_the_benchmark_races_each_update_against_its_own_network_passes(tmp_path
         if method != "ddim":
             assert r["tflop_per_update"] > 0 and r["tflop_per_update"] == r["bare_tflop_per_update"]
     assert rows["ddim"]["max_abs_diff"] < 1e-4
+
+def test_the_benchmark_races_like_against_like_in_bf16():
+    """--device cpu --dtype bf16: each method's update and its bare passes run every convolution in bf16 (the
+    bare side under the method's autocast, issue 28)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_methods as B
+    spec = dict(net="tiny", student="cnn_tiny", batch=2, image_size=16, schedule="linear", dropout=0.0)
+    seen = []
+    record = lambda module, inputs, out: seen.append(out.dtype) if isinstance(module, torch.nn.Conv2d) else None
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for method in B.PAPER:
+            for side in B.setup(method, spec, argparse.Namespace(dtype="bf16"), "cpu", lambda den: den):
+                seen.clear()
+                side()
+                assert seen and set(seen) == {torch.bfloat16}, (method, set(seen))
+    finally:
+        handle.remove()
