@@ -1549,7 +1549,7 @@ def preempted():
     """Whether any rank was asked to stop, on every rank alike, so that all stop at the same update: under
     torchrun a one-element all-reduce of a CPU tensor on the gloo group, else the flag itself. Asked every
     update: it needs no device sync, so on a GPU it runs while the update's kernels are queued; measured
-    0.33 ms a call with two ranks on a loaded 2-core CPU (benchmarks/README.md), under 1% of a CPU update."""
+    0.33 ms a call with two ranks on a loaded 2-core CPU (docs/many_gpus.md), under 1% of a CPU update."""
     if world_size() == 1:
         return _PREEMPT[0]
     flag = torch.tensor([float(_PREEMPT[0])])
