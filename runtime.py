@@ -1402,15 +1402,18 @@ def lock_out(out, flag="--out"):
 
 def one_writer(run):
     """Decorates a run's entry point (a method's main, train_teacher): the --out locks it took are freed when
-    it returns or raises, so that one process may run several runs in turn (pytest, tools/compare.py)."""
+    it returns or raises, and its folder stops receiving stop_if_preempted's row, so that one process may run
+    several runs in turn (pytest, tools/compare.py)."""
     @functools.wraps(run)
     def locked(*args, **kwargs):
-        before = set(LOCKS)
+        before, outer = set(LOCKS), dict(_RUN)
         try:
             return run(*args, **kwargs)
         finally:
             for key in set(LOCKS) - before:
                 LOCKS.pop(key).close()
+            _RUN.clear()
+            _RUN.update(outer)  # the run this one was part of, if any (a base model's: the distillation's)
     return locked
 
 def read_resume(cfg, ckpt_name="ckpt.pt"):

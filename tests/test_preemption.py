@@ -9,7 +9,6 @@ import signal
 import pytest
 import torch
 
-import common
 import runtime as R
 import luhman_kd as kd
 from test_luhman_kd import make_pairs, random_teacher, small_cfg
