@@ -108,6 +108,8 @@ def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_ev
             done = total - int((kset["k"] - kset["stop"]).sum())
             R.progress("shuffle denoise", done, total, t0, " teacher steps/s")
         stop = R.preempted()
+        if stop:
+            R.log_preempted("shuffle denoise")  # before the checkpoint: a resumed log keeps it
         if save and (calls % save_every == 0 or stop):
             save()
         if stop:

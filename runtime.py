@@ -1561,12 +1561,16 @@ def preempted():
 
 _RUN = {}  # "out": the folder of the run this process works for (start_run), for stop_if_preempted's row
 
+def log_preempted(phase):
+    """The 'preempted' row of the run this process works for (none outside a run, e.g. tools/sample.py)."""
+    if _RUN.get("out"):
+        log_row(_RUN["out"], {"event": "preempted", "phase": phase})
+
 def stop_if_preempted(what):
     """In a sampling phase, once per round of batches on every rank: on preemption a 'preempted' row (the
     phase) and Preempted; what the phase wrote so far is where the next start resumes."""
     if preempted():
-        if _RUN.get("out"):
-            log_row(_RUN["out"], {"event": "preempted", "phase": what})
+        log_preempted(what)
         raise Preempted(what)
 
 def cli(main):

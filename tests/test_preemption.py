@@ -1,7 +1,7 @@
 """Preemption on one process, with the real signal handler: a SIGTERM during the Denoising Student's pair
 generation stops it at the next chunk (the pairs made are kept, resumed from there), one in mid-training
-stops it at the end of that update with its checkpoint and a 'preempted' row; the resumed run equals an
-uninterrupted one. Two ranks: tests/test_distributed.py; the exit status: tests/test_inputs.py."""
+stops it at the end of that update with its checkpoint and a 'preempted' row, one in DKDM's shuffle denoise
+after the teacher call under way, saved; the resumed run equals an uninterrupted one. Two ranks: tests/test_distributed.py; the exit status: tests/test_inputs.py."""
 import json
 import os
 import signal
@@ -9,6 +9,8 @@ import signal
 import pytest
 import torch
 
+import common
+import dkdm
 import runtime as R
 import luhman_kd as kd
 from test_luhman_kd import make_pairs, random_teacher, small_cfg
@@ -65,3 +67,22 @@ def test_sigterm_in_pair_generation_and_in_training_loses_nothing(tmp_path, sche
     for key in ("model", "ema"):
         for name in b[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+def test_sigterm_in_dkdm_shuffle_denoise_saves_and_resumes_to_the_same_set(scheduler):
+    """DKDM's knowledge set (alg. 1 line 1) stops after the teacher call under way, saved; resumed from that
+    save (the set and the generator), it ends equal to an uninterrupted preparation."""
+    teacher, K = random_teacher(), 10
+    grid = torch.tensor(common.sampler_times(teacher.schedule, K, "linspace")).flip(0)
+    new_set = lambda: dkdm.new_set(12, K, (3, 16, 16), "dynamic", torch.Generator().manual_seed(0))
+    straight = dkdm.shuffle_denoise(teacher, grid, new_set(), 4, True, torch.Generator().manual_seed(1))
+    kset, gen, saved = new_set(), torch.Generator().manual_seed(1), []
+    save = lambda: saved.append(({k: v.clone() for k, v in kset.items()}, gen.get_state()))
+    resume = scheduler(teacher.net, "forward", 3)
+    with pytest.raises(R.Preempted, match="shuffle denoise, teacher call 3"):
+        dkdm.shuffle_denoise(teacher, grid, kset, 4, True, gen, save)
+    assert len(saved) == 1                                   # saved once, at the call it stopped after
+    resume()
+    (kset, state), gen = saved[0], torch.Generator()
+    gen.set_state(state)
+    resumed = dkdm.shuffle_denoise(teacher, grid, kset, 4, True, gen)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
