@@ -1,7 +1,8 @@
 """Preemption on one process, with the real signal handler: a SIGTERM during the Denoising Student's pair
 generation stops it at the next chunk (the pairs made are kept, resumed from there), one in mid-training
 stops it at the end of that update with its checkpoint and a 'preempted' row, one in DKDM's shuffle denoise
-after the teacher call under way, saved; the resumed run equals an uninterrupted one. Two ranks: tests/test_distributed.py; the exit status: tests/test_inputs.py."""
+after the teacher call under way, saved; the resumed run equals an uninterrupted one. Two ranks:
+tests/test_distributed.py; the exit status: tests/test_inputs.py."""
 import json
 import os
 import signal
