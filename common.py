@@ -413,7 +413,8 @@ def dpm_solver_2m(den, z, times, clip=False, y=None):
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): the probability-flow ODE in lambda = log(alpha / sigma),
     data prediction, second order by reusing the previous step's x_pred: z_s = (sigma_s/sigma_t) z_t -
     alpha_s (e^-h - 1) D, h = lambda_s - lambda_t, D = (1 + 1/2r) x_t - (1/2r) x_prev, r = h_prev / h; the
-    first step (D = x_t) is DDIM's. Over times as ddim_sample, ending with x_pred: the same network calls."""
+    first step (D = x_t) is DDIM's. Over times as ddim_sample, ending with x_pred: the same network calls;
+    a repeated time (h = 0, as the quad sequence's) is an identity step, as DDIM's, and r spans it."""
     x_prev = h_prev = None
     for i, t in enumerate(times):
         x_pred, _ = den(z, t, clip, y)
@@ -421,6 +422,8 @@ def dpm_solver_2m(den, z, times, clip=False, y=None):
             return x_pred
         lam_t, lam_s = (0.5 * den.schedule.logsnr(u) for u in (t, times[i + 1]))  # float64
         h = float(lam_s - lam_t)
+        if h == 0:
+            continue
         sigma_t, (alpha_s, sigma_s) = den.schedule.alpha_sigma(t)[1], den.schedule.alpha_sigma(times[i + 1])
         d = x_pred if x_prev is None else (1 + h / (2 * h_prev)) * x_pred - h / (2 * h_prev) * x_prev
         z = float(sigma_s / sigma_t) * z - float(alpha_s) * math.expm1(-h) * d

@@ -107,8 +107,13 @@ def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_ev
         if calls % 20 == 0 or len(todo) < batch:
             done = total - int((kset["k"] - kset["stop"]).sum())
             R.progress("shuffle denoise", done, total, t0, " teacher steps/s")
-        if save and calls % save_every == 0:
+        stop = R.preempted()
+        if stop:
+            R.log_preempted("shuffle denoise")  # before the checkpoint: a resumed log keeps it
+        if save and (calls % save_every == 0 or stop):
             save()
+        if stop:
+            raise R.Preempted(f"shuffle denoise, teacher call {calls}")
     return {key: v for key, v in kset.items() if key != "stop"}
 
 def draw(n, b, collect, gen):
@@ -399,15 +404,18 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
                        teacher.num_classes)
         step += 1
         meter.add(*(loss, vlb) if cfg.method == "dkdm" else (loss,))
-        if step % cfg.log_every == 0 or step == cfg.updates:
-            meter.log(step, {"stage": "train", "update": step})
-        if step % cfg.ckpt_every == 0 or step == cfg.updates:
+        stop = R.preempted()
+        if step % cfg.log_every == 0 or step == cfg.updates or stop:
+            meter.log(step, {"stage": "train", "update": step}, preempted=stop)
+        if step % cfg.ckpt_every == 0 or step == cfg.updates or stop:
             meter.check()  # never a checkpoint after a non-finite loss
             save()
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:  # each a teacher, for the early stop
             meter.check()
             R.save_checkpoint(os.path.join(cfg.out, "snapshots", f"ema_{step:07d}.pt"), **ema.state(),
                               method="dkdm", teacher=spec, config=dataclasses.asdict(cfg), step=step)
+        if stop:
+            raise R.Preempted(f"update {step}")
     R.save_checkpoint(os.path.join(cfg.out, "student.pt"), **ema.state(), method="dkdm", teacher=spec,
                       config=dataclasses.asdict(cfg))  # the EMA student alone: a teacher for load_teacher
     return ema

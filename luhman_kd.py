@@ -212,6 +212,7 @@ def generate_pairs(cfg, teacher, recipe, shape, device):
         R.barrier()
         data, starts = pair_array(cfg.pairs, split, n, dtype), range(done[split], n, cfg.gen_batch)
         for r in range(0, len(starts), R.world_size()):
+            R.stop_if_preempted("teacher pairs")  # the rounds before are on disk and counted: resumed there
             chunks, t_round = starts[r:r + R.world_size()], time.time()  # this round: chunk k is rank k's
             if R.rank() < len(chunks):
                 i, j = chunks[R.rank()], min(chunks[R.rank()] + cfg.gen_batch, n)
@@ -311,8 +312,9 @@ def train(cfg, teacher, ckpt, recipe, device):
         ema_update(ema.net, student.net, cfg.ema)
         step += 1
         meter.add(loss)
-        if step % cfg.log_every == 0 or step == cfg.updates:
-            meter.log(step, {"stage": "train", "step": step, "lr": g["lr"]})
+        stop = R.preempted()
+        if step % cfg.log_every == 0 or step == cfg.updates or stop:
+            meter.log(step, {"stage": "train", "step": step, "lr": g["lr"]}, preempted=stop)
         tested = cfg.num_test_pairs > 0 and (step % cfg.test_every == 0 or step == cfg.updates)
         if tested or step % cfg.ckpt_every == 0 or step == cfg.updates:
             meter.check()                                         # never a checkpoint after a non-finite loss
@@ -326,8 +328,10 @@ def train(cfg, teacher, ckpt, recipe, device):
                 save(os.path.join(cfg.out, "best.pt"), None)
             R.log_row(cfg.out, {"stage": "test", "step": step, "epoch": step / per_epoch,
                                 "test_loss": loss_test, "best_test_loss": best})
-        if tested or step % cfg.ckpt_every == 0 or step == cfg.updates:
+        if tested or step % cfg.ckpt_every == 0 or step == cfg.updates or stop:
             save(os.path.join(cfg.out, "ckpt.pt"), opt)
+        if stop:
+            raise R.Preempted(f"update {step}")
 
 # ---- Evaluation (sec. 4): teacher fidelity, Table 2 timing, fig. 6 slerp, fig. 13 other size, FID/IS -----
 

@@ -342,10 +342,11 @@ def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
             scaler.update()
             step += 1
             meter.add(loss)
-            if step % cfg.log_every == 0 or step == updates:
+            stop = R.preempted()
+            if step % cfg.log_every == 0 or step == updates or stop:
                 meter.log(step, {"stage": "distill", "round": r + 1, "steps": N, "param": student.param,
-                                 "update": step, "lr": lr})
-            if step % cfg.ckpt_every == 0 or step == updates:  # the one save: all resume state, also pre-eval
+                                 "update": step, "lr": lr}, preempted=stop)
+            if step % cfg.ckpt_every == 0 or step == updates or stop:  # the one save: all resume state
                 meter.check()  # never a checkpoint after a non-finite loss
                 R.save_checkpoint(path, **student.state(), method="progressive",
                                   config=dataclasses.asdict(cfg), round=r, step=step,
@@ -353,6 +354,8 @@ def distill(cfg, spec, teacher0, data, labels, device, ckpt=None):
                                   scaler=scaler.state_dict(),
                                   teacher=teacher.state(), results=results, reference=reference,
                                   grid_rows=grid_rows, elapsed=meter.now(), teacher_spec=spec)
+            if stop:
+                raise R.Preempted(f"round {r + 1}, update {step}")
 
         # the round's student as a teacher checkpoint, its evaluation; it becomes the next teacher (Alg. 2)
         elapsed = meter.elapsed_s

@@ -755,9 +755,11 @@ def generate(sample_fn, seeds, shape, batch_size, device, what="sampling", full=
     seeds = list(seeds)
     batches = batched(seeds, batch_size)
     done, t0, ours = 0, time.time(), {}
-    for i in range(rank(), len(batches), world_size()):
-        ours[i] = sample_fn(seeded_noise(batches[i], shape, device), batches[i]).float().cpu()
-        done += len(batches[i]) * world_size()
+    for first in range(0, len(batches), world_size()):  # rounds of a batch per rank
+        stop_if_preempted(what)
+        if (i := first + rank()) < len(batches):
+            ours[i] = sample_fn(seeded_noise(batches[i], shape, device), batches[i]).float().cpu()
+        done += sum(map(len, batches[first:first + world_size()]))
         progress(what, min(done, len(seeds)), len(seeds), t0, " images/s")
     if world_size() > 1:
         parts = [None] * world_size()
@@ -799,10 +801,13 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, f
                              if not os.path.exists(os.path.join(folder, f"{s:06d}.png"))])
     batches = batched(todo, batch_size)
     done, t0 = 0, time.time()
-    for seeds in batches[rank()::world_size()]:
-        for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
-            save_png(im, os.path.join(folder, f"{s:06d}.png"))
-        done += len(seeds) * world_size()
+    for first in range(0, len(batches), world_size()):  # rounds of a batch per rank
+        stop_if_preempted(f"sampling {os.path.basename(folder)}")
+        seeds = batches[first + rank()] if first + rank() < len(batches) else []
+        if seeds:
+            for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
+                save_png(im, os.path.join(folder, f"{s:06d}.png"))
+        done += sum(map(len, batches[first:first + world_size()]))
         progress(f"sampling {os.path.basename(folder)}", min(done, len(todo)), len(todo), t0, " images/s")
     barrier()
     rehearsal_rate(f"FID samples {os.path.basename(folder)}", len(todo), time.time() - t0,
@@ -1208,9 +1213,9 @@ def stop_with_launcher():
     """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a
     kill -9 of torchrun's process group (a job script's, a scheduler's) reaches torchrun alone, and its
     orphans would train on beside a restarted run. Linux sends the worker SIGTERM when the launcher dies
-    (PR_SET_PDEATHSIG; torchrun starts its workers from its main thread), which cli turns into the
-    'interrupted' exit; a checkpoint is written to a temporary name and renamed, so the next start resumes as
-    after any kill."""
+    (PR_SET_PDEATHSIG; torchrun starts its workers from its main thread): they stop as preempted, at
+    the end of their current update (cli); a checkpoint is written to a temporary name and renamed, so the
+    next start resumes as after any kill."""
     if sys.platform.startswith("linux"):
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
@@ -1442,15 +1447,18 @@ def lock_out(out, flag="--out"):
 
 def one_writer(run):
     """Decorates a run's entry point (a method's main, train_teacher): the --out locks it took are freed when
-    it returns or raises, so that one process may run several runs in turn (pytest, tools/compare.py)."""
+    it returns or raises, and its folder stops receiving stop_if_preempted's row, so that one process may run
+    several runs in turn (pytest, tools/compare.py)."""
     @functools.wraps(run)
     def locked(*args, **kwargs):
-        before = set(LOCKS)
+        before, outer = set(LOCKS), dict(_RUN)
         try:
             return run(*args, **kwargs)
         finally:
             for key in set(LOCKS) - before:
                 LOCKS.pop(key).close()
+            _RUN.clear()
+            _RUN.update(outer)  # the run this one was part of, if any (a base model's: the distillation's)
     return locked
 
 def read_resume(cfg, ckpt_name="ckpt.pt"):
@@ -1481,6 +1489,7 @@ def start_run(cfg, ckpt, outputs=(), batch=None):
     so that no result of an earlier run is reported as this one's. Orphan temp files go; config.json is
     written; the first row says how many processes share the global batch. Both record the device
     (rank 0's), its model and the torch and CUDA versions (device_info)."""
+    _RUN["out"] = cfg.out if rank() == 0 else None
     if rank() > 0:
         return barrier()
     os.makedirs(cfg.out, exist_ok=True)
@@ -1561,8 +1570,10 @@ class Meter:
         """Seconds of the run so far: what a checkpoint stores as `elapsed`."""
         return self.elapsed_s + time.time() - self.t0
 
-    def log(self, step, row, phase=None, full_total=None):
-        """The row at update `step` (row: the loop's own fields first); returns the mean losses."""
+    def log(self, step, row, phase=None, full_total=None, preempted=False):
+        """The row at update `step` (row: the loop's own fields first), then with `preempted` (preempted())
+        a 'preempted' row, before the checkpoint of that update is written (a resumed log keeps both);
+        returns the mean losses."""
         self.check(phase)
         dt, n = time.time() - self.t0, step - self.last
         self.elapsed_s, self.t0, self.last = self.elapsed_s + dt, time.time(), step
@@ -1571,6 +1582,8 @@ class Meter:
         log_row(self.out, {**row, **dict(zip(self.names, means)), "sec_per_update": dt / n,
                            "elapsed_s": self.elapsed_s, "eta_s": (self.total - step) * dt / n})
         rehearsal_rate(phase or self.phase, n, dt, full_total or self.full_total, "update", last=True)
+        if preempted:
+            log_row(self.out, {"event": "preempted", "phase": phase or self.phase, "step": step})
         return means
 
 def write_metrics(out_dir, method, dataset, teacher, reference, results, finished=False):
@@ -1580,18 +1593,55 @@ def write_metrics(out_dir, method, dataset, teacher, reference, results, finishe
                                                            reference=reference, results=results,
                                                            finished=finished))
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, torchrun's, or the launcher gone: stop_with_launcher), taken as Ctrl-C."""
+# ---- preemption: a scheduler's SIGTERM (or SIGUSR1, SLURM's --signal) stops a run at the end of an update ----
+# The signal only sets a flag. Each training loop asks preempted() once per update, after the update: every
+# rank then logs a 'preempted' row, writes the checkpoint of that update and raises Preempted, which cli ends
+# with PREEMPTED_STATUS; the next start resumes from that update. Sampling phases ask once per round of
+# batches (stop_if_preempted): what they wrote (PNGs per seed, pairs per chunk) is kept.
+PREEMPTED_STATUS = 75  # EX_TEMPFAIL (sysexits.h): "try again later", for a job script to requeue on
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_PREEMPT = [False]  # set by the signal handler, read by preempted()
 
-def stopped(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Stopped()
+class Preempted(KeyboardInterrupt):
+    """A run stopped by preemption once its state was written (cli: PREEMPTED_STATUS)."""
+
+def ask_to_stop(signum, frame):
+    """The handler of PREEMPT_SIGNALS: the run stops at the end of its update (or round of sampling
+    batches). A repeated signal changes nothing (torchrun forwards the scheduler's SIGTERM that the workers
+    got too); the scheduler's kill after its grace period is the hard stop."""
+    _PREEMPT[0] = True
+
+def preempted():
+    """Whether any rank was asked to stop, on every rank alike, so that all stop at the same update: under
+    torchrun a one-element all-reduce of a CPU tensor on the gloo group, else the flag itself. Asked every
+    update: it needs no device sync, so on a GPU it runs while the update's kernels are queued; measured
+    0.33 ms a call with two ranks on a loaded 2-core CPU (docs/many_gpus.md), under 1% of a CPU update."""
+    if world_size() == 1:
+        return _PREEMPT[0]
+    flag = torch.tensor([float(_PREEMPT[0])])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_WAIT_GROUP)
+    return bool(flag.item())
+
+_RUN = {}  # "out": the folder of the run this process works for (start_run), for stop_if_preempted's row
+
+def log_preempted(phase):
+    """The 'preempted' row of the run this process works for (none outside a run, e.g. tools/sample.py)."""
+    if _RUN.get("out"):
+        log_row(_RUN["out"], {"event": "preempted", "phase": phase})
+
+def stop_if_preempted(what):
+    """In a sampling phase, once per round of batches on every rank: on preemption a 'preempted' row (the
+    phase) and Preempted; what the phase wrote so far is where the next start resumes."""
+    if preempted():
+        log_preempted(what)
+        raise Preempted(what)
 
 def cli(main):
     """Run main() as a command: expected failures (bad values, files, downloads, a full disk) end in one line
-    'error: ...' that says what to do; a traceback is left for real bugs. SIGINT and SIGTERM end in one line
-    'interrupted: ...' (rank 0's), exit status 1 and 143 (128 + SIGTERM)."""
-    previous = signal.signal(signal.SIGTERM, stopped)
+    'error: ...' that says what to do; a traceback is left for real bugs. SIGTERM and SIGUSR1 preempt the
+    run (the state of its current update written, status PREEMPTED_STATUS); SIGINT (Ctrl-C) ends it at once
+    in one line 'interrupted: ...' (rank 0's), status 1, resumed from the last checkpoint."""
+    previous = {s: signal.signal(s, ask_to_stop) for s in PREEMPT_SIGNALS}
     try:
         main()
         rehearsal_report()
@@ -1602,11 +1652,14 @@ def cli(main):
         return
     except (ValueError, OSError, EOFError) as e:
         line, status = f"error: {e}", 1
-    except KeyboardInterrupt as e:
-        line, status = "interrupted: rerun the same command to resume", 128 + signal.SIGTERM if \
-            isinstance(e, Stopped) else 1
+    except Preempted as e:
+        line, status = f"preempted at {e}, its state written: rerun the same command to resume", \
+            PREEMPTED_STATUS
+    except KeyboardInterrupt:
+        line, status = "interrupted: rerun the same command to resume", 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     shown = rank() == 0 or line.startswith("error")  # an error on any rank; the interruption once
     if dist.is_initialized():  # this rank's end of the group, without waiting for the others
         dist.destroy_process_group()
@@ -1737,13 +1790,16 @@ def train_teacher(cfg, full_updates=None):
         ema_update(ema, net, cfg.ema)
         step += 1
         meter.add(loss)
-        if step % cfg.log_every == 0 or step == cfg.updates:
-            meter.log(step, {"stage": "teacher", "step": step})
-        if step % cfg.ckpt_every == 0 or step == cfg.updates:
+        stop = preempted()
+        if step % cfg.log_every == 0 or step == cfg.updates or stop:
+            meter.log(step, {"stage": "teacher", "step": step}, preempted=stop)
+        if step % cfg.ckpt_every == 0 or step == cfg.updates or stop:
             meter.check()  # never a checkpoint after a non-finite loss
             save_checkpoint(path, **den.state(), ema=ema.state_dict(), method="teacher",
                             config=dataclasses.asdict(cfg), optimizer=opt.state_dict(), step=step,
                             gen=generator_state(gen), scaler=scaler.state_dict(), elapsed=meter.now())
+        if stop:
+            raise Preempted(f"update {step}")
     z = seeded_noise(range(64), data.shape[1:], device)
     y = (torch.arange(64, device=device) // 8) % classes if classes else None  # a row per class
     grid = ddim_sample(den.copy(ema).freeze(), z, sampler_times(den.schedule, cfg.sample_steps), True, y)

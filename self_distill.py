@@ -329,12 +329,15 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
         update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1
         meter.add(loss)
-        if step % cfg.log_every == 0 or step == total:
+        stop = R.preempted()
+        if step % cfg.log_every == 0 or step == total or stop:
             meter.log(step, {"stage": cfg.variant, "update": step, "steps": n, "lr": lr},
-                      phase=f"{cfg.variant} N = {n}", full_total=full_updates[n])
-        if step % cfg.ckpt_every == 0 or step == total:
+                      phase=f"{cfg.variant} N = {n}", full_total=full_updates[n], preempted=stop)
+        if step % cfg.ckpt_every == 0 or step == total or stop:
             save(cfg, model, ema, opt, gen, meter, step, z,
                  None if teacher in (None, den0) else teacher.net.state_dict(), y)
+        if stop:
+            raise R.Preempted(f"update {step}")
 
 def train_dsd(cfg, model, ema, data, labels, device, ckpt):
     """Training DSD (sec. 4.2, eq. 1) from scratch on the data (and labels: --class-cond): `model` and its
@@ -352,10 +355,13 @@ def train_dsd(cfg, model, ema, data, labels, device, ckpt):
         update(cfg, model, ema, opt, loss, cfg.train_ema, lr)
         step += 1
         meter.add(loss)
-        if step % cfg.log_every == 0 or step == total:
-            meter.log(step, {"stage": cfg.variant, "update": step, "lr": lr})
-        if step % cfg.ckpt_every == 0 or step == total:
+        stop = R.preempted()
+        if step % cfg.log_every == 0 or step == total or stop:
+            meter.log(step, {"stage": cfg.variant, "update": step, "lr": lr}, preempted=stop)
+        if step % cfg.ckpt_every == 0 or step == total or stop:
             save(cfg, model, ema, opt, gen, meter, step)
+        if stop:
+            raise R.Preempted(f"update {step}")
 
 # ---- evaluation (tables 1 and 2, figs. 6-13, in teacher-fidelity terms) ----------------------------------
 

@@ -66,9 +66,12 @@ def test_a_student_loaded_from_its_checkpoint_samples_as_its_method_evaluated_it
                 "dkdm": (5, True)}[method]
     assert (den.steps, den.sampler["ancestral"]) == expected
 
-def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path):
+def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path, monkeypatch):
     """The comparison's one evaluation on tiny checkpoints: a row per student and per teacher solver and NFE,
-    RMSEs equal to a direct computation, and the table and the plot written."""
+    RMSEs equal to a direct computation, every network through --compile, and the table and the plot written,
+    DKDM's ancestral row marked as no fidelity number."""
+    compiled = []
+    monkeypatch.setattr(R, "compiled", lambda den, on=True: compiled.append(on) or den)  # CPU: no inductor
     teacher = R.load_teacher(_teacher_file(tmp_path / "t.pt", var="learned_range"))
     spec = lambda n, **kw: C.sampler_spec(C.sampler_times(teacher.schedule, n, "unit"), **kw)
     models = {("progressive", "student_2steps"): teacher.copy(sampler=spec(2, clip=True)).eval(),
@@ -76,7 +79,7 @@ def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path)
               ("self_distill", "ckpt"): teacher.copy(sampler=spec(4, clip=True)).eval(),
               ("dkdm", "student"): teacher.copy(sampler=spec(3, ancestral=True, clip=True)).eval()}
     cfg = R.parse_config(compare.Config, ["--quick", "--nfe", "1,2,4", "--eval-samples", "6",
-                                          "--batch", "4", "--reference-steps", "8",
+                                          "--batch", "4", "--reference-steps", "8", "--compile", "true",
                                           "--out", str(tmp_path / "cmp")],
                          quick=compare.QUICK)
     os.makedirs(cfg.out)
@@ -93,10 +96,12 @@ def test_the_comparison_scores_every_student_and_the_teacher_baselines(tmp_path)
     assert dkdm_row["rmse_to_reference"] == pytest.approx(C.rmse(direct, reference), rel=1e-4)
     dpm = C.dpm_solver_2m(teacher, z, C.sampler_times(teacher.schedule, 4, "unit"), clip=True).clamp(-1, 1)
     assert dpm_row["rmse_to_reference"] == pytest.approx(C.rmse(dpm, reference), rel=1e-4)
+    assert compiled == [True] * 5 and [r["fidelity"] for r in rows] == [True] * 9 + [False]
     compare.report(rows, cfg.out)
     assert json.load(open(os.path.join(cfg.out, "compare.json"))) == rows
     table = open(os.path.join(cfg.out, "compare.md")).read().splitlines()
-    assert len(table) == 2 + len(rows) and all(f"| {r['method']} | {r['model']} |" in "\n".join(table)
+    assert len(table) == 4 + len(rows) and all(f"| {r['method']} | {r['model']} |" in "\n".join(table)
                                                for r in rows)
+    assert f"| {dkdm_row['rmse_to_reference']:.4f} (not fidelity) |" in table[-3] and "FID" in table[-1]
     with Image.open(os.path.join(cfg.out, "compare.png")) as image:
         assert image.format == "PNG" and image.size[0] > 300

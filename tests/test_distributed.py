@@ -170,40 +170,56 @@ def _started(run, out):
     while not os.path.exists(os.path.join(out, "ckpt.pt")) and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
 
-@pytest.mark.parametrize("kill", ["everything", "launcher"])
+@pytest.mark.parametrize("kill", ["everything", "launcher", "preempted"])
 def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path, kill):
-    """A run on two ranks SIGKILLed, resumed on one process: equal to an uninterrupted run, one log row per
-    update. 'everything': torchrun and its workers, as a power cut would; 'launcher': kill -9 of torchrun alone
-    (a job script's kill of its process group: each worker has a session of its own), and the workers stop
-    too (PR_SET_PDEATHSIG), rank 0 with its one line, so that no orphan writes beside the restart."""
+    """A run on two ranks stopped, resumed on one process: equal to an uninterrupted run, one log row per
+    update. 'everything': SIGKILL to torchrun and its workers, as a power cut would; 'launcher': kill -9 of
+    torchrun alone (a job script's kill of its process group: each worker has a session of its own), and the
+    workers stop too (PR_SET_PDEATHSIG), as preempted; 'preempted': a scheduler's SIGTERM to torchrun, which
+    forwards it: both ranks stop at the same update, the checkpoint of that update written, no update lost."""
     teacher = _teacher_file(tmp_path / "teacher.pt")
     argv = _argv("self_distill", teacher) + ["--updates", "40", "--ckpt-every", "2"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     self_distill.main(argv + ["--out", straight])
+    if kill == "preempted":
+        argv[argv.index("--ckpt-every") + 1] = "1000"  # no checkpoint but the preempted update's
     run = _torchrun("self_distill", argv + ["--out", killed], wait=False)
-    _started(run, killed)
+    _started(run, killed) if kill != "preempted" else _logged(run, killed, 3)
     if kill == "everything":
         _kill_all(killed)
         run.wait()
     else:
         workers = [pid for pid in _holders(killed) if pid != run.pid]
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait()
+        os.kill(run.pid, signal.SIGKILL if kill == "launcher" else signal.SIGTERM)
+        run.wait(timeout=60)
         deadline = time.time() + 10
         while any(map(_alive, workers)) and time.time() < deadline:
             time.sleep(0.05)
         assert not any(map(_alive, workers)), "the workers outlived their launcher"
         said = run.stderr.read().decode()
-        assert "interrupted: rerun the same command to resume" in said and "Traceback" not in said, said
+        assert "preempted at update " in said and "Traceback" not in said.split("preempted at")[0], said
+        stop = [row for row in map(json.loads, open(os.path.join(killed, "log.jsonl")))
+                if row.get("event") == "preempted"]
+        assert len(stop) == 1 and R.load_checkpoint(os.path.join(killed, "ckpt.pt"))["step"] == stop[0]["step"]
     assert not os.path.exists(os.path.join(killed, "metrics.json")), "finished before it could be killed"
     resumed = self_distill.main(argv + ["--out", killed])
     log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
-    assert [row.get("world_size") for row in log if "event" in row] == [2, 1]  # started on 2, resumed on 1
+    starts = [row for row in log if row.get("event") in ("started", "resumed")]
+    assert [row["world_size"] for row in starts] == [2, 1]  # started on 2, resumed on 1
     assert [row["update"] for row in log if "loss" in row] == list(range(1, 41))   # one row per update
+    if kill != "everything":  # resumed at the update it stopped at
+        assert starts[1]["step"] == next(row["step"] for row in log if row.get("event") == "preempted")
     _close_weights(R.load_checkpoint(os.path.join(straight, "ckpt.pt"))["model"],
                    R.load_checkpoint(os.path.join(killed, "ckpt.pt"))["model"])
     assert _rows(killed)[1] == pytest.approx(_rows(straight)[1], rel=1e-4)
     assert resumed["finished"]
+
+def _logged(run, out, n):
+    """Wait until the run writing `out` has logged n updates."""
+    deadline, log = time.time() + 300, os.path.join(out, "log.jsonl")
+    while run.poll() is None and time.time() < deadline and \
+            (not os.path.exists(log) or sum('"loss"' in line for line in open(log)) < n):
+        time.sleep(0.02)
 
 def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):
     """DKDM's dynamic set and generator state carry over: 3 updates on one process, 3 more on two ranks."""

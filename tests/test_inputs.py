@@ -4,6 +4,7 @@ per update, elapsed time runs to the checkpoint, a finished run is left untouche
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -255,8 +256,8 @@ def _wait(until, run):
 
 def test_a_folder_has_one_writer(tmp_path):
     """A second run on a folder that a live run holds is refused in one line before any work; kill -9 frees
-    the folder (the OS drops the lock with its process); SIGTERM ends a run in Ctrl-C's one line, status
-    143."""
+    the folder (the OS drops the lock with its process); SIGUSR1 preempts a run: the checkpoint of its
+    update, one line, status PREEMPTED_STATUS."""
     out = tmp_path / "run"
     cfg = R.TeacherConfig(net="tiny16", batch=2, updates=1, ckpt_every=1, sample_steps=2, device="cpu",
                           out=str(out))  # done at once if it were let in
@@ -279,11 +280,12 @@ def test_a_folder_has_one_writer(tmp_path):
         assert events() == ["started", "resumed"] and R.load_checkpoint(out / "ckpt.pt")["step"] == step + 1
         runs.append(_teacher_run(out))
         _wait(lambda: events() == ["started", "resumed", "resumed"], runs[1])
-        runs[1].terminate()  # SIGTERM
-        assert runs[1].wait(timeout=60) == 143
-        said = runs[1].stderr.read()
-        assert said.strip().splitlines()[-1] == "interrupted: rerun the same command to resume" and \
-            "Traceback" not in said, said
+        runs[1].send_signal(signal.SIGUSR1)  # a scheduler's warning (SLURM's --signal)
+        assert runs[1].wait(timeout=60) == R.PREEMPTED_STATUS
+        said, step = runs[1].stderr.read(), R.load_checkpoint(out / "ckpt.pt")["step"]
+        assert said.strip().splitlines()[-1] == f"preempted at update {step}, its state written: rerun the " \
+            "same command to resume" and "Traceback" not in said, said
+        assert events() == ["started", "resumed", "resumed", "preempted"]
     finally:
         for run in runs:
             run.kill()

@@ -337,6 +337,10 @@ def test_dpm_solver_2m_is_second_order_and_starts_as_ddim():
     for coarse, fine in zip(dpm, dpm[1:]):
         assert 3.4 < coarse / fine < 4.6  # second order
     assert dpm[-1] < ddim[-1] / 10
+    # a repeated time (the quad sequence's at 100 steps) is an identity step: the grid without it, exactly
+    times = grid(5)
+    assert torch.equal(C.dpm_solver_2m(den, z, times[:2] + times[1:3] + times[2:] + times[-1:]),
+                       C.dpm_solver_2m(den, z, times))
 
 def test_the_core_is_math_and_networks_alone():
     """common.py is the file a user copies beside a method: it imports nothing of the runtime (nor file I/O,

@@ -49,6 +49,8 @@ class Config:
     fid_stats: str = R.field("", "cifar10 FID statistics .npz for offline machines")
     inception: str = R.field("", "Inception weights for FID/IS ('' = download once)")
     batch: int = R.field(256, "sampling batch", low=1)
+    compile: bool = R.field(False, "torch.compile the teacher and each student for this evaluation (the methods "
+                                   "take their own --compile)")
     device: str = R.field("auto", "auto | cpu | cuda[:N]")
     out: str = R.field("runs/compare", "folder of the runs (OUT/METHOD) and of compare.json/.md/.png")
 
@@ -124,9 +126,11 @@ def evaluate(cfg, teacher, models, device):
     full = R.full_config(cfg)  # the full run's counts, under --rehearse
     label = lambda z, seeds: C.seeded_labels(seeds, teacher.num_classes, z.device)  # a conditional teacher's
 
+    fast = R.compiled(teacher, cfg.compile)
+
     def teacher_sampler(solver, n):
         times = C.sampler_times(teacher.schedule, n, "unit")
-        return lambda z, seeds: teacher.image(solver(teacher, z, times, clip, label(z, seeds)))
+        return lambda z, seeds: teacher.image(solver(fast, z, times, clip, label(z, seeds)))
 
     def row(method, model, steps, sampler, fn):
         images = R.generate(fn, seeds, shape, cfg.batch, device, f"{method} {model}", full.eval_samples)
@@ -141,7 +145,7 @@ def evaluate(cfg, teacher, models, device):
                               full=full.fid_samples)
         result = {"method": method, "model": model, "steps": steps, "sampler": sampler,
                   "rmse_to_reference": C.rmse(images, reference), "fid": scores.get("fid"),
-                  "is": scores.get("is")}
+                  "is": scores.get("is"), "fidelity": sampler != "ancestral"}  # ancestral: its own noise
         R.print0(f"{method:13s} {model:20s} {steps:4d} NFE  {sampler:9s} "
                  f"RMSE {result['rmse_to_reference']:.4f}")
         return result
@@ -155,13 +159,15 @@ def evaluate(cfg, teacher, models, device):
     for (method, name), den in models.items():
         sampler = "ancestral" if den.sampler["ancestral"] else "ddim"
         rows.append(row(method, name, den.steps, sampler,
-                        lambda z, seeds, den=den: den.sample(z, seeds, label(z, seeds))))
+                        lambda z, seeds, den=R.compiled(den, cfg.compile): den.sample(z, seeds, label(z, seeds))))
     return rows
 
 # ---- the table and the plot ----------------------------------------------------------------------------
 
 def report(rows, out):
-    """compare.json, compare.md and compare.png in out (rank 0)."""
+    """compare.json, compare.md and compare.png in out (rank 0). A row of an ancestral sampler (DKDM's) draws
+    its own noise, which the DDIM reference does not share: its RMSE is no fidelity number, so it is marked
+    in the table and left off the RMSE plot, and with FID a second panel plots FID against NFE for all."""
     if R.rank() > 0:
         return
     R.write_json(os.path.join(out, "compare.json"), rows)
@@ -169,26 +175,38 @@ def report(rows, out):
     lines = ["| method | model | NFE | sampler | RMSE to reference | FID | IS | updates | teacher evals "
              "| wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        mark = "" if r["fidelity"] else " (not fidelity)"
         lines.append(f"| {r['method']} | {r['model']} | {r['steps']} | {r['sampler']} | "
-                     f"{r['rmse_to_reference']:.4f} | {fmt(r['fid'], '.2f')} | {fmt(r['is'], '.2f')} | "
+                     f"{r['rmse_to_reference']:.4f}{mark} | {fmt(r['fid'], '.2f')} | {fmt(r['is'], '.2f')} | "
                      f"{fmt(r.get('updates'), ',')} | {fmt(r.get('teacher_evals'), ',')} | "
                      f"{fmt(r.get('wall_s'), '.0f')} |")
+    if not all(r["fidelity"] for r in rows):
+        lines += ["", "(not fidelity): an ancestral sampler draws its own noise, not the reference's; compare it "
+                      "by FID (--fid-samples)."]
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib  # the comparison's alone (requirements.txt)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for key, style in ((("teacher", "ddim"), "k--"), (("teacher", "dpm_solver_2m"), "k:")):
-        pts = [(r["steps"], r["rmse_to_reference"]) for r in rows if (r["method"], r["model"]) == key]
-        ax.plot(*zip(*pts), style, marker=".", label=f"teacher, {key[1].replace('_', '-')}")
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
-        pts = sorted((r["steps"], r["rmse_to_reference"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel("RMSE to the teacher's reference")
-    ax.legend(fontsize=8)
+    panels = [("rmse_to_reference", "RMSE to the teacher's reference")] + \
+        [("fid", "FID")] * any(r["fid"] is not None for r in rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        shown = [r for r in rows if r[key] is not None and (key == "fid" or r["fidelity"])]
+        for model, style in (("ddim", "k--"), ("dpm_solver_2m", "k:")):
+            pts = [(r["steps"], r[key]) for r in shown if (r["method"], r["model"]) == ("teacher", model)]
+            if pts:
+                ax.plot(*zip(*pts), style, marker=".", label=f"teacher, {model.replace('_', '-')}")
+        for method in dict.fromkeys(r["method"] for r in shown if r["method"] != "teacher"):
+            pts = sorted((r["steps"], r[key]) for r in shown if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        apart = [f"{r['method']} {r['model']}" for r in rows if key != "fid" and not r["fidelity"]]
+        if apart:  # ancestral rows: no fidelity number
+            ax.set_title(f"not shown (ancestral, own noise): {', '.join(apart)}", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "compare.png"))
     plt.close(fig)
