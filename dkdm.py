@@ -90,25 +90,35 @@ def new_set(n, K, shape, collect, gen, spread=False, num_classes=0):
 @torch.no_grad()
 def shuffle_denoise(teacher, chain_t, kset, batch, clip, gen, save=None, save_every=1000):
     """Alg. 1 line 1, shuffle denoise: the teacher denoises every entry from pure noise down to its own stop
-    index, `batch` entries per call at mixed t (the official generate()). Resumable: only entries above their
-    stop move, and save() runs every save_every calls. Returns the set without the stop indices."""
-    total, calls, t0 = int((kset["k"] - kset["stop"]).sum()), 0, time.time()
-    while True:
-        todo = (kset["k"] > kset["stop"]).nonzero().squeeze(1)[:batch]
-        if len(todo) == 0:
-            break
-        z, k, y = kset["z"][todo], kset["k"][todo], kset["y"][todo] if "y" in kset else None
-        noise = torch.randn(z.shape, generator=gen, device=gen.device)
-        # ranks share out
-        z_prev = teacher_step(teacher, chain_t, R.mine(z), R.mine(k), R.mine(noise), clip,
-                              None if y is None else R.mine(y))["z_prev"]
-        kset["z"][todo], kset["k"][todo] = R.gather(z_prev, len(todo)), k - 1
-        calls += 1
-        if calls % 20 == 0 or len(todo) < batch:
-            done = total - int((kset["k"] - kset["stop"]).sum())
-            R.progress("shuffle denoise", done, total, t0, " teacher steps/s")
-        if save and calls % save_every == 0:
-            save()
+    index, `batch` entries per call at mixed t (the official generate()): the first entries still above their
+    stop. Every call has the same shape (one cuDNN autotuning, one compiled graph): the last calls are padded
+    with finished entries, which do not move. The host reads the set's progress once per round of calls, a
+    round as many calls as the steps left need at least (none idle), so no call waits for the one before.
+    Resumable: only entries above their stop move, and save() runs every save_every calls. Returns the set
+    without the stop indices."""
+    b, calls, t0 = min(batch, len(kset["k"])), 0, time.time()
+    total = left = int((kset["k"] - kset["stop"]).sum())
+    while left:
+        longest = int((kset["k"] - kset["stop"]).max())
+        for i in range(max(-(-left // b), longest)):  # each call moves at most b entries, each entry one step
+            todo = torch.argsort((kset["k"] <= kset["stop"]).byte(), stable=True)[:b]  # moving first, in order
+            z, k, stop = kset["z"][todo], kset["k"][todo], kset["stop"][todo]
+            y = kset["y"][todo] if "y" in kset else None
+            noise = torch.randn(z.shape, generator=gen, device=gen.device)
+            # ranks share out
+            z_prev = teacher_step(teacher, chain_t, R.mine(z), R.mine(k), R.mine(noise), clip,
+                                  None if y is None else R.mine(y))["z_prev"]
+            moves = k > stop
+            kset["z"][todo] = torch.where(bcast(moves, z) > 0, R.gather(z_prev, b), z)
+            kset["k"][todo] = k - moves.long()
+            calls += 1
+            if calls % 20 == 0:  # estimated, b steps a call: no host read
+                R.progress("shuffle denoise", min(total - 1, total - left + (i + 1) * b), total, t0,
+                           " teacher steps/s")
+            if save and calls % save_every == 0:
+                save()
+        left = int((kset["k"] - kset["stop"]).sum())
+        R.progress("shuffle denoise", total - left, total, t0, " teacher steps/s")
     return {key: v for key, v in kset.items() if key != "stop"}
 
 def draw(n, b, collect, gen):

@@ -48,14 +48,15 @@ def plan(variant, steps, updates):
                     for n, share in zip(depths, shares)]
     return [(n, u, u * (n // 2)) for n, u in zip(depths, trajectories)]
 
-def ddim_grid(schedule, steps, skip):
+def ddim_grid(schedule, steps, skip, device="cpu"):
     """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units, then the data; (alpha,
-    sigma) in float64, (1, 0) at the data, where every sampler here ends."""
+    sigma) in float64, (1, 0) at the data, where every sampler here ends. Computed on the host, then on
+    `device` once: an update reads its t, t', t'' there."""
     times = torch.tensor(sampler_times(schedule, steps, skip), dtype=torch.float64)
     logsnr = schedule.logsnr(times)
     alpha = torch.cat([torch.sigmoid(logsnr).sqrt(), torch.ones(1, dtype=torch.float64)])
     sigma = torch.cat([torch.sigmoid(-logsnr).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    return times, alpha, sigma
+    return times.to(device), alpha.to(device), sigma.to(device)
 
 def clipped(cfg, den):
     """Whether x predictions are clipped (--clip; auto: eps models, whose x blows up as alpha -> 0)."""
@@ -270,7 +271,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
     teacher that the student replaces at each halving: `model` and its EMA trained in place, resumable at any
     update (mid-trajectory and mid-schedule)."""
-    grids = {n: ddim_grid(model.schedule, n, cfg.skip) for n, _, _ in depths}
+    grids = {n: ddim_grid(model.schedule, n, cfg.skip, device) for n, _, _ in depths}
     sequence = [(n, k) for n, trajectories, _ in depths for _ in range(trajectories) for k in range(n // 2)]
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
@@ -299,8 +300,8 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
             if w_range:  # classifier-free guidance, its scale drawn per update (sec. 5; official: U(1, 4))
                 w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=gen, device=device)
                 student, guide = student.guided(w), guide and guide.guided(w)
-            loss, z = dsd_loss(student, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
-                               cfg.weighting, cfg.target, guide, clipped(cfg, model), y)
+            loss, z = dsd_loss(student, z, times[2 * k], times[2 * k + 1], alpha[j], sigma[j], cfg.weighting,
+                               cfg.target, guide, clipped(cfg, model), y)
         lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
         update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1
