@@ -184,22 +184,26 @@ def test_every_sampler_makes_no_host_traffic(device):
         assert ops == [], f"{name}: {ops}"
 
 def test_shuffle_denoise_reads_the_host_once_per_round_of_full_calls():
-    """DKDM's shuffle denoise: every teacher call at the full batch (the last ones padded with finished
-    entries, which stay put), the set's progress read by the host a few times in all, not once per call."""
+    """DKDM's shuffle denoise as on a GPU (pad): every teacher call at the full batch (the last ones padded
+    with finished entries, which stay put), the set's progress read by the host a few times in all, not once
+    per call; unpadded (a CPU's way) the same entries move."""
     den = _den("linear", "eps", "learned_range").freeze()
     chain_t = torch.tensor(sorted(C.sampler_times(den.schedule, 10, "linspace")))
     den.schedule.logsnr(chain_t)  # fills the device's table
     g = torch.Generator().manual_seed(0)
     kset = D.new_set(12, 10, (3, 8, 8), "shuffled", g)
-    want = kset["stop"].clone()
+    want, fresh = kset["stop"].clone(), lambda: {key: v.clone() for key, v in kset.items()}
     sizes, real = [], D.teacher_step
     D.teacher_step = lambda teacher, chain_t, z, *a: sizes.append(len(z)) or real(teacher, chain_t, z, *a)
     try:
-        ops, out = traffic(D.shuffle_denoise, den, chain_t, kset, 5, True, g)
+        ops, out = traffic(lambda: D.shuffle_denoise(den, chain_t, fresh(), 5, True, g, pad=True))
+        calls = len(sizes)
+        unpadded = D.shuffle_denoise(den, chain_t, fresh(), 5, True, g)
     finally:
         D.teacher_step = real
-    assert torch.equal(out["k"], want) and "stop" not in out
-    assert set(sizes) == {5} and len(sizes) >= int((9 - want).sum()) / 5
+    assert torch.equal(out["k"], want) and torch.equal(unpadded["k"], want) and "stop" not in out
+    assert set(sizes[:calls]) == {5} and calls == len(sizes) - calls >= int((9 - want).sum()) / 5
+    assert min(sizes[calls:]) < 5  # the unpadded calls shrink
     assert ops.count("_local_scalar_dense") <= 6 and set(ops) == {"_local_scalar_dense"}, ops
 
 def test_seeded_noise_is_per_seed_on_the_device_whatever_the_batch():
