@@ -378,8 +378,9 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
         data = synthesize(cfg, fast_teacher, shape, device)
     elif "stop" in kset:  # alg. 1 line 1, resumable; the set is saved with the run, so it is made once
         t_prep, full = time.time(), R.full_config(cfg)
-        with autocast(device, cfg.dtype):
-            kset = shuffle_denoise(fast_teacher, chain_t, kset, cfg.prep_batch, cfg.teacher_clip, gen, save)
+        with autocast(device, cfg.dtype):  # a CPU's calls shrink (unpadded): each size would compile
+            kset = shuffle_denoise(fast_teacher if device != "cpu" else teacher, chain_t, kset, cfg.prep_batch,
+                                   cfg.teacher_clip, gen, save)
         save()
         R.rehearsal_rate("shuffle denoise (the knowledge set)", len(kset["k"]), time.time() - t_prep,
                          round(full.rho * len(chain_t)) * full.batch if full.collect == "dynamic"
