@@ -41,7 +41,8 @@ class Schedule:
             betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)
         if self.discrete:
             self.alphas_cumprod = ac = torch.from_numpy(np.cumprod(1.0 - betas))
-            self.logsnr_table = torch.log(ac) - torch.log1p(-ac)  # (T,) float64
+            self.logsnr_table = torch.log(ac) - torch.log1p(-ac)  # (T,) float64, on the host
+        self._tables = {}  # device -> its copy of logsnr_table
 
     def spec(self):
         """JSON-serialisable arguments that rebuild this schedule: Schedule(**spec)."""
@@ -50,18 +51,24 @@ class Schedule:
                ("kind", "logsnr_min", "logsnr_max")
         return {k: getattr(self, k) for k in keys}
 
+    def table(self, device):
+        """logsnr_table on `device`, copied there once: a training step or sampler step copies nothing."""
+        if device not in self._tables:
+            self._tables[device] = self.logsnr_table.to(device, copy=True)
+        return self._tables[device]
+
     def logsnr(self, t):
-        """lambda_t in float64, same shape as t."""
+        """lambda_t in float64, same shape as t, on t's device."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if self.kind == "cosine_logsnr":
             b = math.atan(math.exp(-0.5 * self.logsnr_max))
             a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
             return -2.0 * torch.log(torch.tan(a * t + b))
-        table = self.logsnr_table.to(t.device)
+        table = self.table(t.device)
         t = t.clamp(0, self.T - 1)
         lo = t.floor().long().clamp(max=self.T - 2)
         w = t - lo
-        return (1 - w) * table[lo] + w * table[lo + 1]
+        return (1 - w) * table.take(lo) + w * table.take(lo + 1)  # take: table[lo] reads a 0-dim lo to the host
 
     def alpha_sigma(self, t):
         """(alpha_t, sigma_t) as float32 tensors shaped like t."""
@@ -81,9 +88,19 @@ class Schedule:
         return u * (self.T - 1) if self.discrete else u
 
 def bcast(v, x):
-    """Reshape a per-sample value (B,) or scalar so it broadcasts against an image batch x (B,C,H,W)."""
-    v = torch.as_tensor(v, device=x.device, dtype=x.dtype)
+    """Reshape a per-sample value (B,) or scalar so it broadcasts against an image batch x (B,C,H,W); a Python
+    number is left as it is (a kernel argument: nothing to copy to the device)."""
+    if not torch.is_tensor(v):
+        return v
+    v = v.to(x.device, x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+
+def as_time(t, device):
+    """A time (or another per-step scalar) as a float64 tensor on `device`: a number is filled there
+    (torch.full: a kernel argument, no host->device copy), a tensor moved (a no-op where it already is)."""
+    if torch.is_tensor(t):
+        return t.to(device, torch.float64)
+    return torch.full((), t, dtype=torch.float64, device=device)
 
 # Parameterisations (Salimans & Ho sec. 4, app. D). alpha, sigma broadcast against z.
 def x_from_eps(z, eps, alpha, sigma): return (z - sigma * eps) / alpha
@@ -175,9 +192,9 @@ class Denoiser(nn.Module):
             raise ValueError(f"{self.source or 'this model'} is " + (
                 f"class-conditional ({self.num_classes} classes): give it labels" if y is None else
                 "unconditional: it takes no labels (drop --classes, or use a class-conditional teacher)"))
-        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
+        t = as_time(t, z.device).expand(z.shape[0])
         alpha, sigma = (bcast(v, z) for v in self.schedule.alpha_sigma(t))
-        t_net = self.schedule.net_time(t).to(z.device)
+        t_net = self.schedule.net_time(t)
         if self.guidance is None:
             out = self.net(z, t_net, *(() if y is None else (y,))).float()
         else:  # [unconditional | conditional] in one pass
@@ -280,8 +297,9 @@ def step_gaussian(schedule, z_t, t, x_pred, frac):
     a_s, s_s = (bcast(v, z_t) for v in schedule.alpha_sigma((t - 1).clamp_min(0)))
     mean, var_small, var_large = posterior(z_t, x_pred, a_t, s_t, torch.where(first, 1.0, a_s),
                                            torch.where(first, 0.0, s_s))
-    var_small_1 = posterior(0, 0, *schedule.alpha_sigma(1), *schedule.alpha_sigma(0))[1]
-    return mean, ancestral_logvar(torch.where(first, var_small_1.to(z_t.device), var_small), var_large, frac)
+    one, zero = (schedule.alpha_sigma(as_time(u, z_t.device)) for u in (1, 0))
+    var_small_1 = posterior(0, 0, *one, *zero)[1]
+    return mean, ancestral_logvar(torch.where(first, var_small_1, var_small), var_large, frac)
 
 def discretized_gaussian_nll(x, mean, logvar):
     """-log p(x) of 8-bit data, N(mean, e^logvar) integrated over each 2/255 bin, the edge bins open (Ho et
@@ -355,15 +373,25 @@ def check_steps(schedule, skip, **counts):
             except ValueError as e:
                 raise ValueError(f"--{flag.replace('_', '-')} {n}: {e}") from None
 
+class SeededGenerators:
+    """Per-sample random streams on the device (NVlabs/edm's StackedRandomGenerator): a generator per seed,
+    seeded once, the samples' draws stacked, so that sample i's noise depends on seeds[i] alone, whatever the
+    batch size or GPU count, on one device type (CPU and CUDA generators draw different numbers from one
+    seed). stream k > 0 is each seed's k-th independent stream (stream 0: the seed itself)."""
+
+    def __init__(self, seeds, device="cpu", stream=0):
+        self.generators = [torch.Generator(device).manual_seed(
+            int(np.random.SeedSequence([int(s), stream]).generate_state(1)[0]) if stream else int(s))
+            for s in seeds]
+
+    def randn(self, shape):
+        """(len(seeds), *shape) float32 N(0, I), sample i the next draw of its own generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in self.generators])
+
 def seeded_noise(seeds, shape, device="cpu", stream=0):
-    """(len(seeds), *shape) float32 noise, sample i from (seeds[i], stream) alone, whatever the batch size,
-    device or GPU count (EDM's per-seed generation); stream k > 0 is a sampler's k-th independent draw."""
-    out = torch.empty((len(seeds), *shape))
-    for i, seed in enumerate(seeds):
-        if stream:
-            seed = np.random.SeedSequence([int(seed), stream]).generate_state(1)[0]
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-    return out.to(device)
+    """(len(seeds), *shape) float32 noise drawn on the device, sample i from (seeds[i], stream) alone
+    (SeededGenerators' first draw)."""
+    return SeededGenerators(seeds, device, stream).randn(shape)
 
 def seeded_labels(seeds, num_classes, device="cpu", classes=None):
     """Class labels (len(seeds),) for a conditional model, sample i's from seeds[i] alone (like its noise):
@@ -380,33 +408,34 @@ def ddim_sample(den, z, times, clip=False, y=None, eta=0.0, seeds=None, last=Non
     `last` one more step, to that time (LDM's sampler ends at alpha-bar_0: last=0); repeated times (the quad
     sequence has some) are identity steps. y: class labels (B,) of a conditional model. eta > 0: Song et al.
     eq. 16's noise, sigma_s(eta)^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2) (eta = 1: the
-    posterior's), in step k sample i's from seeds[i]'s stream k + 1 (as ancestral_sample)."""
+    posterior's), in step k sample i's the k-th draw of seeds[i]'s stream 1 (as ancestral_sample)."""
     ends = list(times[1:]) + ([] if last is None else [last])
+    noise = SeededGenerators(seeds, z.device, stream=1) if eta else None
     for k, t in enumerate(times):
         x_pred, eps_pred = den(z, t, clip, y)
         if k == len(ends):
             return x_pred
-        (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(ends[k])
+        (a_t, s_t), (a_s, s_s) = (den.schedule.alpha_sigma(as_time(u, z.device)) for u in (t, ends[k]))
         if not eta:
-            z = ddim_step(x_pred, eps_pred, bcast(a_s, z), bcast(s_s, z))
+            z = ddim_step(x_pred, eps_pred, a_s, s_s)
             continue
         c = eta * ((s_s / s_t) ** 2 * (1 - (a_t / a_s) ** 2)).clamp_min(0).sqrt()
-        noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
-        z = ddim_step(x_pred, eps_pred, bcast(a_s, z), bcast((s_s ** 2 - c ** 2).sqrt(), z)) + bcast(c, z) * noise
+        z = ddim_step(x_pred, eps_pred, a_s, (s_s ** 2 - c ** 2).sqrt()) + c * noise.randn(z.shape[1:])
     return z
 
 @torch.no_grad()
 def ancestral_sample(den, z, times, seeds, frac=None, clip=False, y=None):
     """Ancestral sampling (Ho et al. alg. 2, respaced) with frac (variance_frac; None: the denoiser's own).
-    Step k's noise of sample i is seeds[i]'s stream k + 1: samples do not depend on the batch they ran in."""
+    Step k's noise of sample i is the k-th draw of seeds[i]'s stream 1 (its x_T is stream 0's), on z's
+    device: samples do not depend on the batch they ran in."""
+    noise = SeededGenerators(seeds, z.device, stream=1)
     for k, t in enumerate(times):
         x_pred, _, v = den.full(z, t, clip, y)
         if k + 1 == len(times):
             return x_pred
-        (a_t, s_t), (a_s, s_s) = den.schedule.alpha_sigma(t), den.schedule.alpha_sigma(times[k + 1])
-        noise = seeded_noise(seeds, z.shape[1:], z.device, stream=k + 1)
+        (a_t, s_t), (a_s, s_s) = (den.schedule.alpha_sigma(as_time(u, z.device)) for u in times[k:k + 2])
         f = variance_frac(den.var, v) if frac is None else frac
-        z = ancestral_step(z, x_pred, *(bcast(a, z) for a in (a_t, s_t, a_s, s_s)), noise, f)
+        z = ancestral_step(z, x_pred, a_t, s_t, a_s, s_s, noise.randn(z.shape[1:]), f)
 
 @torch.no_grad()
 def dpm_solver_2m(den, z, times, clip=False, y=None):
@@ -420,13 +449,13 @@ def dpm_solver_2m(den, z, times, clip=False, y=None):
         x_pred, _ = den(z, t, clip, y)
         if i + 1 == len(times):
             return x_pred
-        lam_t, lam_s = (0.5 * den.schedule.logsnr(u) for u in (t, times[i + 1]))  # float64
-        h = float(lam_s - lam_t)
-        if h == 0:
+        if times[i + 1] == t:  # a repeated time (h = 0): an identity step, read on the host (a list)
             continue
-        sigma_t, (alpha_s, sigma_s) = den.schedule.alpha_sigma(t)[1], den.schedule.alpha_sigma(times[i + 1])
+        t, s = as_time(t, z.device), as_time(times[i + 1], z.device)
+        h = 0.5 * den.schedule.logsnr(s) - 0.5 * den.schedule.logsnr(t)  # float64, on the device
+        sigma_t, (alpha_s, sigma_s) = den.schedule.alpha_sigma(t)[1], den.schedule.alpha_sigma(s)
         d = x_pred if x_prev is None else (1 + h / (2 * h_prev)) * x_pred - h / (2 * h_prev) * x_prev
-        z = float(sigma_s / sigma_t) * z - float(alpha_s) * math.expm1(-h) * d
+        z = sigma_s / sigma_t * z - alpha_s * torch.expm1(-h) * d
         x_prev, h_prev = x_pred, h
 
 # ---- shared by the methods' losses and loops -----------------------------------------------------

@@ -380,7 +380,8 @@ def evaluate(cfg, teacher, times, shape, device):
     if cfg.time_batch:                                            # Table 2: 1 evaluation vs len(times)
         z, z_seeds = torch.randn(cfg.time_batch, *shape, device=device), range(cfg.time_batch)
         for row, fn, repeats in ((rows[2], F_student, 10), (rows[0], F_teacher, 1)):
-            fn(z[:2], z_seeds[:2]).sum().item()                   # warm-up; .item(): the device has finished
+            fn(z, z_seeds).sum().item()                           # warm-up at the timed batch (cuDNN
+            # autotunes, --compile compiles each new size: not in the timing); .item(): the device has finished
             t0 = time.time()
             torch.stack([fn(z, z_seeds).sum() for _ in range(repeats)]).sum().item()
             row["images_per_s"] = repeats * len(z) / (time.time() - t0)

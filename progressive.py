@@ -236,9 +236,10 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
     in OUT/samples/name, emptied first if it holds another model's samples (a student retrained after a
     restart)."""
     classes = R.eval_classes(cfg.classes, den)
-    fn = sampler(den, steps, gamma, cfg.eval_clip, classes)
+    # --compile: the start-steps reference (8192 steps) too, and FID at the same batch size reuses its graph
+    fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip, classes)
     with autocast(device, cfg.dtype):
-        images = R.generate(fn, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
+        images = R.generate(fast, range(cfg.eval_samples), data.shape[1:], cfg.batch, device,
                             f"evaluation {name}", R.full_config(cfg).eval_samples)
         if not (fid and cfg.fid_samples):
             return images, {"fid": None, "is": None}
@@ -255,7 +256,6 @@ def sample_and_score(cfg, name, den, steps, gamma, data, device, fid):
             with open(owner, "w") as f:
                 f.write(stamp)
         R.barrier()
-        fast = sampler(R.compiled(den, cfg.compile), steps, gamma, cfg.eval_clip, classes)  # pays at FID's sizes
         R.sample_to_folder(fast, cfg.fid_samples, folder, data.shape[1:], cfg.batch, device,
                            full=R.full_config(cfg).fid_samples)
     ref = R.reference_pngs(cfg.data, cfg.fid_samples, os.path.join(cfg.out, "samples", f"data_{cfg.fid_samples}"),

@@ -1287,8 +1287,15 @@ def data_parallel(den):
 
 def compiled(den, on=True):
     """den with its net under torch.compile (on): a view sharing the parameters, for the hot loops. Compiled
-    code is reused by later networks of the same architecture (a progressive round's new student)."""
-    return den.view(torch.compile(den.net)) if on else den
+    code is reused by later networks of the same architecture (a progressive round's new student). Static
+    shapes (dynamic=False): each of a run's few batch sizes (training, teacher, sampling) gets a graph of its
+    own, where the default makes every graph after the first change of size symbolic, slower at every size;
+    up to 64 graphs per network code (teacher and student, each size and mode), where dynamo's 8 would run the
+    ninth eagerly."""
+    if not on:
+        return den
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return den.view(torch.compile(den.net, dynamic=False))
 
 def rank_dropout_seed(seed):
     """Each rank its own dropout masks (a plain run keeps its generator): dropout makes k ranks match one

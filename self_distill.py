@@ -48,9 +48,10 @@ def plan(variant, steps, updates):
                     for n, share in zip(depths, shares)]
     return [(n, u, u * (n // 2)) for n, u in zip(depths, trajectories)]
 
-def ddim_grid(schedule, steps, skip, last=None):
+def ddim_grid(schedule, steps, skip, last=None, device="cpu"):
     """Alg. 2's grid of an N-step DDIM: times t_N .. t_1 in the schedule's units; (alpha, sigma) in float64 at
-    those times and at the end: the data, (1, 0), where DDIM ends, or time `last` (LDM's sampler: 0)."""
+    those times and at the end: the data, (1, 0), where DDIM ends, or time `last` (LDM's sampler: 0).
+    Computed on the host, then on `device` once: an update reads its t, t', t'' there."""
     times = torch.tensor(sampler_times(schedule, steps, skip), dtype=torch.float64)
     end = torch.tensor([] if last is None else [float(last)], dtype=torch.float64)
     logsnr = schedule.logsnr(torch.cat([times, end]))
@@ -58,7 +59,7 @@ def ddim_grid(schedule, steps, skip, last=None):
     if last is None:
         alpha, sigma = torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), \
             torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
-    return times, alpha, sigma
+    return times.to(device), alpha.to(device), sigma.to(device)
 
 def last_time(cfg):
     """ddim_sample's `last` for --last-step: None (the data) or alpha-bar_0's time 0."""
@@ -294,7 +295,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     """Fine-tuning DSD (alg. 2) under the plan `depths` [(N_i, trajectories, updates)], TSD with a frozen
     teacher that the student replaces at each halving: `model` and its EMA trained in place, resumable at any
     update (mid-trajectory and mid-schedule)."""
-    grids = {n: ddim_grid(model.schedule, n, cfg.skip, last_time(cfg)) for n, _, _ in depths}
+    grids = {n: ddim_grid(model.schedule, n, cfg.skip, last_time(cfg), device) for n, _, _ in depths}
     sequence = [(n, k) for n, trajectories, _ in depths for _ in range(trajectories) for k in range(n // 2)]
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
@@ -323,8 +324,8 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
             if w_range:  # classifier-free guidance, its scale drawn per update (sec. 5; official: U(1, 4))
                 w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand((), generator=gen, device=device)
                 student, guide = student.guided(w), guide and guide.guided(w)
-            loss, z = dsd_loss(student, z, float(times[2 * k]), float(times[2 * k + 1]), alpha[j], sigma[j],
-                               cfg.weighting, cfg.target, guide, clipped(cfg, model), y)
+            loss, z = dsd_loss(student, z, times[2 * k], times[2 * k + 1], alpha[j], sigma[j], cfg.weighting,
+                               cfg.target, guide, clipped(cfg, model), y)
         lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
         update(cfg, model, ema, opt, loss, cfg.ema, lr)
         step += 1

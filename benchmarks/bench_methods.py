@@ -139,12 +139,11 @@ def setup(method, spec, args, device, fast):
         model = denoiser(spec["net"], size).to(device).train()
         model_ema, model_v = model.copy().freeze(), fast(model)
         opt = torch.optim.Adam(model.parameters(), **adam)
-        times, alpha, sigma = S.ddim_grid(model.schedule, 8, "unit")
+        times, alpha, sigma = S.ddim_grid(model.schedule, 8, "unit", device=device)
 
         def step():
             with amp:
-                loss, _ = S.dsd_loss(model_v, z, float(times[0]), float(times[1]), alpha[:3], sigma[:3],
-                                     clip=True)
+                loss, _ = S.dsd_loss(model_v, z, times[0], times[1], alpha[:3], sigma[:3], clip=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -245,8 +245,10 @@ times = C.sampler_times(den.schedule, 3, "linspace")
 R.sample_to_folder(lambda z, seeds: C.ancestral_sample(den, z, times, seeds), 10, sys.argv[1], (3, 16, 16), 3,
                    "cpu")
 images = R.generate(lambda z, seeds: C.ddim_sample(den, z, times), range(7), (3, 16, 16), 2, "cpu")
+ancestral = R.generate(lambda z, seeds: C.ancestral_sample(den, z, times, seeds, clip=True), range(7),
+                       (3, 16, 16), 8, "cpu")  # one process: one batch of 7; two ranks: 4 and 3
 if R.rank() == 0:
-    R.torch.save(images, sys.argv[1] + ".pt")
+    R.torch.save((images, ancestral), sys.argv[1] + ".pt")
 R.barrier()
 if R.world_size() > 1:
     R.dist.destroy_process_group()
@@ -254,7 +256,8 @@ if R.world_size() > 1:
 
 def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
     """EDM's sharded sampling: one PNG per seed, so the FID folder is the same whatever the number of ranks;
-    generate() returns every seed's image in order on every rank."""
+    generate() returns every seed's image in order on every rank; an ancestral sampler's per-step noise
+    follows the seeds (their device generators) whatever batches the ranks take."""
     script = tmp_path / "sample.py"
     script.write_text(SAMPLE.format(root=ROOT, teacher=_teacher_file(tmp_path / "teacher.pt")))
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True,
@@ -265,8 +268,12 @@ def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
     assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 10
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    (one, one_anc), (two, two_anc) = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == (7, 3, 16, 16) and torch.equal(one, two)
+    # 1e-3: float32 sums blocked by batch size (6e-5 seen), grown by the eps teacher's 1/alpha at t = T - 1;
+    # a seed's noise, not another's: 0.1 apart
+    assert torch.allclose(one_anc, two_anc, atol=1e-3)
+    assert not torch.allclose(one_anc[1:], two_anc[:-1], atol=0.1)
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -171,10 +171,9 @@ def test_ldm_ddim_with_eta_ending_at_alpha_bar_0_matches_diffusers():
     times = C.ddim_timesteps(1000, 20, "ldm")
     assert ref.timesteps.tolist() == times
     z0 = C.seeded_noise(seeds, (3, 4, 4))
-    z = z0.clone()
-    for k, t in enumerate(ref.timesteps):
-        z = ref.step(net(z, t.float().expand(2)), t, z, eta=0.1,
-                     variance_noise=C.seeded_noise(seeds, (3, 4, 4), stream=k + 1)).prev_sample
+    z, noise = z0.clone(), C.SeededGenerators(seeds, stream=1)  # step k: the k-th draw of each seed's stream
+    for t in ref.timesteps:
+        z = ref.step(net(z, t.float().expand(2)), t, z, eta=0.1, variance_noise=noise.randn((3, 4, 4))).prev_sample
     ours = C.ddim_sample(C.Denoiser(net, C.Schedule("linear"), "eps"), z0, times, eta=0.1, seeds=seeds, last=0)
     assert (ours - z).abs().max() < 1e-5 * z.abs().max()  # float32 chains, the algebra in another order
 
