@@ -359,7 +359,7 @@ def test_load_teacher_specs_and_bad_files(tmp_path, monkeypatch):
     den = R.load_teacher(str(tmp_path / "ours.pt"))
     assert (den.param, den.var, den.steps, den.schedule.spec()) == ("x", "fixed_small", 4, schedule)
     assert den.sampler == {"times": [999, 749.25, 499.5, 249.75], "ancestral": False, "clip": True,
-                           "frac": None}
+                           "frac": None, "last": None}
     assert_same_state(den.net.state_dict(), ema.state_dict()) and not den.net.training
 
     guided = dataclasses.replace(PRESETS["tiny"], qkv_layout="new")
