@@ -1128,19 +1128,23 @@ def parse_config(cls, argv=None, quick=None, doc=None):
     cfg = dataclasses.replace(defaults, **(quick or {})) if args.pop("quick") else defaults
     return dataclasses.replace(cfg, **args)
 
+@functools.lru_cache(maxsize=1)
+def cuda_usable():
+    """Whether CUDA is usable; if not, why, said once a process (rank 0) in one line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a driver older than the wheel needs
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    if not usable and int(os.environ.get("RANK", 0)) == 0:
+        why = str(caught[-1].message).splitlines()[0] if caught else \
+            "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        print(f"--device auto: CUDA is not usable ({why}); running on the CPU", file=sys.stderr, flush=True)
+    return usable
+
 def pick_device(name="auto"):
-    """A device torch has: auto (cuda if usable, else cpu, saying why in one line on stderr), cpu, cuda or
-    cuda:N; else a one-line error."""
+    """A device torch has: auto (cuda if usable, else cpu: cuda_usable), cpu, cuda or cuda:N; else a one-line
+    error."""
     if name == "auto":
-        with warnings.catch_warnings(record=True) as caught:  # e.g. a driver older than the wheel needs
-            warnings.simplefilter("always")
-            usable = torch.cuda.is_available()
-        if not usable and int(os.environ.get("RANK", 0)) == 0:
-            why = str(caught[-1].message).splitlines()[0] if caught else \
-                "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            print(f"--device auto: CUDA is not usable ({why}); running on the CPU", file=sys.stderr,
-                  flush=True)
-        return "cuda" if usable else "cpu"
+        return "cuda" if cuda_usable() else "cpu"
     kind, _, index = name.partition(":")
     if name == "cpu" or (kind == "cuda" and (index == "" or index.isdigit())):
         count = torch.cuda.device_count() if kind == "cuda" else 1
