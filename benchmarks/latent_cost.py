@@ -50,11 +50,11 @@ def dkdm_phases(teacher, student, decode, batch, rho=4.0, T=1000, updates=200_00
             ("training", updates * batch * (teacher + 3 * student)),
             ("evaluation", fid * (steps * student + decode))]
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peak-tflops", type=float, default=989.4, help="dense bf16 peak (H100 SXM: 989.4)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of the peak sustained")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rate = args.peak_tflops * 1e12 * args.mfu
     with torch.device("meta"):
         decode = forward_flops(lambda: C.VQModel(C.AUTOENCODERS["vq_f4"]).decode, torch.zeros(1, 3, 64, 64))
@@ -62,7 +62,8 @@ def main():
     student = unet_flops(dkdm.STUDENTS["ldm_128"])
     print(f"GFLOP per forward: LDM-VQ-4 U-Net {uncond / 1e9:.1f}, cin256-v2 {cond / 1e9:.1f}, DKDM's ldm_128 "
           f"student {student / 1e9:.1f}, VQ-f4 decoder (256x256) {decode / 1e9:.1f}")
-    print(f"hours at {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s\n\n| run | phase | PFLOP | hours |\n|---|---|---|---|")
+    print(f"hours at {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s\n")
+    print("| run | phase | PFLOP | hours |\n|---|---|---|---|")
     runs = {"DSD CelebA-HQ / LSUN Bedroom": dsd_phases(uncond, decode, False, 4000),
             "DSD ImageNet 256 (guided)": dsd_phases(cond, decode, True, 5000),
             "DKDM CelebA-HQ (b 48)": dkdm_phases(uncond, student, decode, 48),

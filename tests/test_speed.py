@@ -69,3 +69,18 @@ def test_the_benchmark_races_like_against_like_in_bf16():
                 assert seen and set(seen) == {torch.bfloat16}, (method, set(seen))
     finally:
         handle.remove()
+
+def test_latent_cost_prints_the_readme_table(capsys):
+    """`python benchmarks/latent_cost.py` (the README's latent cost table): FLOPs counted on the meta device
+    give the table's per-forward figures and rows, so the README's numbers are the script's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import latent_cost
+    latent_cost.main([])
+    out = capsys.readouterr().out
+    readme = open(os.path.join(os.path.dirname(latent_cost.__file__), os.pardir, "README.md")).read()
+    for figure in ("LDM-VQ-4 U-Net 202.4", "cin256-v2 208.5", "student 68.7", "(256x256) 670.8"):
+        assert figure in out, figure
+    for row, total in (("DSD CelebA-HQ / LSUN Bedroom", "757 | 0.5"), ("DSD ImageNet 256 (guided)", "1,436 | 1.0"),
+                       ("DKDM CelebA-HQ (b 48)", "24,051 | 16.9"), ("DKDM FFHQ (b 42)", "21,135 | 14.8")):
+        assert f"| {row} | **all** | {total} |" in out, row
+    assert "| 757 PFLOP | 0.5 |" in readme and "| 24 EFLOP | 17 |" in readme and "| 21 EFLOP | 15 |" in readme
