@@ -53,12 +53,11 @@ def _metrics(out):
 # ---- hangs and races reproduced on the launched paths ------------------------------------------------------
 
 FID = """
-import sys
+import json, sys
 sys.path.insert(0, {root!r})
-import common as C
 import runtime as R
 R.setup_device("cpu")
-print("FID", R.fid_is(sys.argv[1], "cifar10"))
+json.dump(R.fid_is(sys.argv[1], "cifar10"), open(f"{{sys.argv[2]}}.{{R.rank()}}.json", "w"))  # a file a rank
 """
 
 def test_fid_under_torchrun_without_inception_flag_equals_one_process(cache, tmp_path):
@@ -69,11 +68,12 @@ def test_fid_under_torchrun_without_inception_flag_equals_one_process(cache, tmp
     for i, image in enumerate(R.make_shapes(21, 32, seed=3)):
         R.save_png(image, str(folder / f"{i:06d}.png"))
     (tmp_path / "fid.py").write_text(FID.format(root=ROOT))
-    one, two = (eval(_run(cache, str(tmp_path / "fid.py"), [str(folder)], ranks).stdout.split("FID ")[-1])
-                for ranks in (0, 2))
-    assert set(one) == {"fid", "fid_clean", "is", "is_std"}
+    for ranks in (0, 2):  # each rank's numbers in its own file (their printed lines could interleave)
+        _run(cache, str(tmp_path / "fid.py"), [str(folder), str(tmp_path / f"ranks{ranks}")], ranks)
+    one, *two = (json.load(open(tmp_path / name)) for name in ("ranks0.0.json", "ranks2.0.json", "ranks2.1.json"))
+    assert set(one) == {"fid", "fid_clean", "is", "is_std"} and two[0] == two[1]  # every rank: rank 0's
     for key in one:  # float32 features at another batch size: ~1e-9 relative here
-        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+        assert two[0][key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
 
 BASE = """
 import hashlib, sys, time
