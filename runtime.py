@@ -3,8 +3,8 @@ writes, seed sharding), the run contract (config.json, log.jsonl, ckpt.pt, metri
 rehearsal), checkpoints, teacher and hub loading, data, evaluation and FID, Alg. 1 training and the cached
 teachers. Method files import it as a module (`import runtime as R`: R.barrier(), R.fid_is(...)), so every
 call says where it comes from; it imports the core, the core imports nothing of it."""
-import argparse, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle, shutil
-import platform, re, signal, socket, sys, tarfile, time, warnings, zipfile
+import argparse, atexit, copy, dataclasses, datetime, functools, gc, glob, hashlib, json, math, os, pickle
+import platform, re, shutil, signal, socket, sys, tarfile, time, warnings, zipfile
 import urllib.request
 
 import numpy as np
@@ -1211,7 +1211,15 @@ def setup_device(name="auto"):
         dist.init_process_group("nccl" if device != "cpu" else "gloo", timeout=DIST_TIMEOUT,
                                 device_id=torch.device(device) if device != "cpu" else None)
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+        atexit.register(_end_group)
     return device
+
+def _end_group():
+    """At exit, this rank's end of a group that cli did not close (a script of one's own): left to the
+    interpreter's shutdown, gloo's threads were destroyed while running and a rank aborted (SIGABRT, CI)."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 def stop_with_launcher():
     """A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so a
