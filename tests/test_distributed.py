@@ -238,7 +238,6 @@ def test_a_run_on_one_process_resumes_on_two_ranks(tmp_path):
 SAMPLE = """
 import sys
 sys.path[:0] = [{root!r}, {tools!r}]
-import runtime as R
 import sample
 out = sys.argv[1]
 teacher = ["--model", {teacher!r}, "--steps", "3", "--skip", "linspace", "--device", "cpu"]
@@ -248,8 +247,6 @@ sample.main(teacher + ["--sampler", "ancestral", "--seeds", "0-9", "--outdir", o
 sample.main(teacher + ["--sampler", "ddim", "--seeds", "0-6", "--npz", out + "_ddim.npz", "--batch", "2"])
 sample.main(teacher + ["--sampler", "ancestral", "--seeds", "0-6", "--npz", out + "_ancestral.npz",
                        "--batch", "8"])  # one process: one batch of 7; two ranks: 4 and 3
-if R.world_size() > 1:
-    R.dist.destroy_process_group()
 """
 
 def test_sample_folders_written_by_two_ranks_are_those_of_one(tmp_path):
