@@ -255,38 +255,38 @@ QUICK = dict(data="shapes", image_size=16, steps=16, updates=100, batch=16, ema=
 
 def start(cfg, model, ema, peak, ckpt, device):
     """Adam (table 3), fp16's loss scaler, the generator of the global batch's draws (the same on every rank)
-    and the view of `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, gen,
-    trained); the scaler rides on opt (opt.scaler)."""
+    and the view of `model` that trains (DDP, compiled), all restored from `ckpt` when resuming: (opt, scaler,
+    gen, trained)."""
     opt = torch.optim.Adam(model.net.parameters(), lr=peak, betas=(cfg.beta1, cfg.beta2),
                            weight_decay=cfg.weight_decay, fused=device != "cpu")
-    gen, opt.scaler = torch.Generator(device).manual_seed(cfg.seed), R.grad_scaler(device, cfg.dtype)
+    gen, scaler = torch.Generator(device).manual_seed(cfg.seed), R.grad_scaler(device, cfg.dtype)
     if ckpt is not None:
         model.net.load_state_dict(ckpt["model"]), ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"]), opt.scaler.load_state_dict(ckpt.get("scaler", {}))
+        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt.get("scaler", {}))
         R.restore_generator(gen, ckpt["gen"], ckpt["step"])
-    return opt, gen, R.compiled(R.data_parallel(model), cfg.compile)
+    return opt, scaler, gen, R.compiled(R.data_parallel(model), cfg.compile)
 
-def update(cfg, model, ema, opt, loss, decay, lr):
+def update(cfg, model, ema, opt, scaler, loss, decay, lr):
     """One optimiser step at learning rate lr: gradients (fp16: loss-scaled) clipped at --grad-clip, Adam,
     the EMA."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
+    scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
-        opt.scaler.unscale_(opt)
+        scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.scaler.step(opt)
-    opt.scaler.update()
+    scaler.step(opt)
+    scaler.update()
     ema_update(ema.net, model.net, decay)
 
-def save(cfg, model, ema, opt, gen, meter, step, z=None, teacher=None, y=None):
+def save(cfg, model, ema, opt, scaler, gen, meter, step, z=None, teacher=None, y=None):
     """OUT/ckpt.pt: all the resume state (z, y: every rank's trajectories and their labels; teacher: TSD's
     current one), never after a non-finite loss (meter.check)."""
     meter.check()
     R.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), **model.state(), ema=ema.net.state_dict(),
                       method="self_distill", variant=cfg.variant, config=dataclasses.asdict(cfg),
-                      optimizer=opt.state_dict(), scaler=opt.scaler.state_dict(), step=step,
+                      optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
                       gen=R.generator_state(gen),
                       z=None if z is None else R.gather(z), y=None if y is None else R.gather(y),
                       elapsed=meter.now(), teacher=teacher)
@@ -299,7 +299,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
     sequence = [(n, k) for n, trajectories, _ in depths for _ in range(trajectories) for k in range(n // 2)]
     total, warmup = len(sequence), round(cfg.warmup * len(sequence))
     full_updates = {n: p for n, _, p in plan(cfg.variant, cfg.steps, R.full_config(cfg).updates)}
-    opt, gen, trained = start(cfg, model, ema, cfg.lr, ckpt, device)
+    opt, scaler, gen, trained = start(cfg, model, ema, cfg.lr, ckpt, device)
     teacher, w_range = den0 if cfg.variant == "tsd" else None, parse_range(cfg.guidance)
     fast = functools.lru_cache(maxsize=1)(lambda den: R.compiled(den, cfg.compile))  # a view per TSD teacher
     step, z, y, elapsed = (ckpt["step"], ckpt["z"], ckpt.get("y"), ckpt["elapsed"]) if ckpt else \
@@ -327,7 +327,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
             loss, z = dsd_loss(student, z, times[2 * k], times[2 * k + 1], alpha[j], sigma[j], cfg.weighting,
                                cfg.target, guide, clipped(cfg, model), y)
         lr = learning_rate(step, cfg.lr, warmup, total, cfg.lr_end)
-        update(cfg, model, ema, opt, loss, cfg.ema, lr)
+        update(cfg, model, ema, opt, scaler, loss, cfg.ema, lr)
         step += 1
         meter.add(loss)
         stop = R.preempted()
@@ -335,7 +335,7 @@ def fine_tune(cfg, depths, model, ema, den0, shape, device, ckpt):
             meter.log(step, {"stage": cfg.variant, "update": step, "steps": n, "lr": lr},
                       phase=f"{cfg.variant} N = {n}", full_total=full_updates[n], preempted=stop)
         if step % cfg.ckpt_every == 0 or step == total or stop:
-            save(cfg, model, ema, opt, gen, meter, step, z,
+            save(cfg, model, ema, opt, scaler, gen, meter, step, z,
                  None if teacher in (None, den0) else teacher.net.state_dict(), y)
         if stop:
             raise R.Preempted(f"update {step}")
@@ -344,7 +344,7 @@ def train_dsd(cfg, model, ema, data, labels, device, ckpt):
     """Training DSD (sec. 4.2, eq. 1) from scratch on the data (and labels: --class-cond): `model` and its
     EMA trained in place, resumable at any update."""
     total = cfg.train_updates
-    opt, gen, trained = start(cfg, model, ema, cfg.train_lr, ckpt, device)
+    opt, scaler, gen, trained = start(cfg, model, ema, cfg.train_lr, ckpt, device)
     step, elapsed = (ckpt["step"], ckpt["elapsed"]) if ckpt else (0, 0.0)
     meter = R.Meter(cfg.out, step, total, elapsed, device, phase="training DSD",
                     full_total=R.full_config(cfg).train_updates)
@@ -353,14 +353,14 @@ def train_dsd(cfg, model, ema, data, labels, device, ckpt):
         with autocast(device, cfg.dtype):
             loss = training_dsd_loss(trained, x, gen, cfg.distill_steps, cfg.v_weight, cfg.distill_weight, y)
         lr = learning_rate(step, cfg.train_lr, cfg.train_warmup, total, 1.0)  # warm-up, then constant
-        update(cfg, model, ema, opt, loss, cfg.train_ema, lr)
+        update(cfg, model, ema, opt, scaler, loss, cfg.train_ema, lr)
         step += 1
         meter.add(loss)
         stop = R.preempted()
         if step % cfg.log_every == 0 or step == total or stop:
             meter.log(step, {"stage": cfg.variant, "update": step, "lr": lr}, preempted=stop)
         if step % cfg.ckpt_every == 0 or step == total or stop:
-            save(cfg, model, ema, opt, gen, meter, step)
+            save(cfg, model, ema, opt, scaler, gen, meter, step)
         if stop:
             raise R.Preempted(f"update {step}")
 
