@@ -241,8 +241,9 @@ def test_self_distill_with_fid_rehearsed(cache, tmp_path):
 
 def test_self_distill_quick_fid_on_two_ranks_equals_one_process(cache, tmp_path):
     """The issue's check: --quick --fid-samples 16 on 2 ranks ends with one process's FID (an Inception
-    stand-in at the default path, no --inception)."""
-    argv = ["--quick", "--fid-samples", "16", "--eval-samples", "16", "--device", "cpu"]
+    stand-in at the default path, no --inception); a quarter of the updates, one step count scored."""
+    argv = ["--quick", "--fid-samples", "16", "--eval-samples", "16", "--updates", "24", "--eval-steps", "2",
+            "--device", "cpu"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run(cache, "self_distill.py", [*argv, "--out", one], ranks=0)
     _run(cache, "self_distill.py", [*argv, "--out", two])
