@@ -87,3 +87,22 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, flags, mes
     with pytest.raises(ValueError, match=None) as e:
         sample.main(["--model", _teacher_file(tmp_path / "t.pt"), "--device", "cpu", *flags])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+def test_fid_refuses_a_folder_holding_other_seeds(tmp_path, monkeypatch):
+    """FID scores the whole --outdir: a folder with images of other seeds (an earlier call's) would be scored
+    with them, so it is refused in one line before any work; the seeds it holds pass."""
+    monkeypatch.setattr(R, "sample_to_folder", None)  # any sampling would fail otherwise
+    folder = tmp_path / "s"
+    os.makedirs(folder)
+    for s in (0, 1, 7):
+        R.save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(folder / f"{s:06d}.png"))
+    argv = ["--model", _teacher_file(tmp_path / "t.pt"), "--steps", "2", "--outdir", str(folder), "--fid",
+            "true", "--device", "cpu"]
+    with pytest.raises(ValueError) as e:
+        sample.main([*argv, "--seeds", "0-1"])
+    assert "holds 1 besides --seeds 0-1 (e.g. 000007.png)" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(R, "prepare_fid", lambda *args: None)
+    monkeypatch.setattr(R, "reference_pngs", lambda *args, **kwargs: None)
+    monkeypatch.setattr(R, "fid_is", lambda folder, *args: {"fid": 2.0, "is": 3.0, "folder": folder})
+    monkeypatch.setattr(R, "sample_to_folder", lambda *args, **kwargs: None)  # every seed is written
+    assert sample.main([*argv, "--seeds", "0,1,7"])["folder"] == str(folder)

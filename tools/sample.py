@@ -39,7 +39,7 @@ class Config:
     outdir: str = R.field("", "folder of PNGs, one per seed (resumable)")
     npz: str = R.field("", ".npz file: arr_0 uint8 (N, H, W, 3) in seed order, arr_1 the labels if any")
     grid: str = R.field("", "PNG grid of the first 64 seeds' samples")
-    fid: bool = R.field(False, "FID/IS of the --outdir samples (runtime.fid_is)")
+    fid: bool = R.field(False, "FID/IS of the --outdir samples, a folder of these seeds alone (runtime.fid_is)")
     data: str = R.field("cifar10", f"FID reference dataset ({R.DATASETS})")
     fid_stats: str = R.field("", "FID statistics .npz (mu and sigma, or images arr_0)")
     inception: str = R.field("", "Inception weights for FID/IS ('' = download once)")
@@ -81,7 +81,15 @@ def check(cfg):
     for flag, path in (("--fid-stats", cfg.fid_stats), ("--inception", cfg.inception)):
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
-    return parse_seeds(cfg.seeds)
+    seeds = parse_seeds(cfg.seeds)
+    if cfg.fid and os.path.isdir(cfg.outdir):  # FID scores the whole folder: only these seeds' images
+        names = {f"{s:06d}.png" for s in seeds}
+        other = [f for f in R.image_files(cfg.outdir) if os.path.relpath(f, cfg.outdir) not in names]
+        if other:
+            raise ValueError(f"--fid true scores every image in --outdir {cfg.outdir}, which holds {len(other)} "
+                             f"besides --seeds {cfg.seeds} (e.g. {os.path.relpath(other[0], cfg.outdir)}): "
+                             "pass another --outdir, or the seeds it holds")
+    return seeds
 
 def sample_fn(cfg, den, classes):
     """fn(z, seeds) -> images in [-1, 1]: the student's recorded sampler, or the teacher's --sampler over
