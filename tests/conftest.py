@@ -22,15 +22,18 @@ if WORKER:
 
 @pytest.fixture(scope="session", autouse=True)
 def teachers_side_by_side(worker_id):
-    """The cached teachers take half the suite's time. Under pytest -n 2 worker gw0 trains the shared eps
-    teacher, gw1 progressive's --quick base model and then the class-conditional eps teacher, side by side; a
-    test of the other worker that needs one before it is done waits on the cache's lock (runtime.cached_teacher)."""
+    """The cached teachers take a third of a fresh clone's suite. Under pytest -n 2 worker gw0 trains the shared
+    eps teacher, gw1 the class-conditional eps teacher and then progressive's --quick base model, side by side;
+    a test of the other worker that needs one before it is done waits on the cache's lock
+    (runtime.cached_teacher). The order follows --dist worksteal's split, the first half of the tests to gw0:
+    test_conditional comes early in it, test_progressive's --quick run (the base model's one user) in gw1's
+    half (base model first, gw0 waited about 150 s for the conditional teacher)."""
     if worker_id == "gw0":
         R.cached_teacher()
     elif worker_id == "gw1":
         import progressive as P
-        R.cached_teacher(P.base_config(R.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
         R.cached_teacher(R.TeacherConfig(class_cond=True))
+        R.cached_teacher(P.base_config(R.parse_config(P.Config, ["--quick"], quick=P.QUICK)))
 
 @pytest.fixture
 def kill_on_call(monkeypatch):
