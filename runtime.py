@@ -747,6 +747,15 @@ def batched(seeds, batch_size):
     b = max(1, min(batch_size, -(-len(seeds) // world_size())))
     return [seeds[i:i + b] for i in range(0, len(seeds), b)]
 
+def sample_seeds(sample_fn, seeds, shape, device, size):
+    """sample_fn(z, seeds) over the seeds' own noise. A batch shorter than `size` is padded with copies of its
+    last seed, whose images are dropped (a sample depends on its seed alone), so that every call of a phase has
+    one shape: cuDNN autotunes once and a compiled sampler (dynamic=False) is not compiled again for the last
+    batch. Off the CPU only: there the padding would be work for nothing."""
+    pad = size - len(seeds) if torch.device(device).type != "cpu" else 0
+    padded = list(seeds) + [seeds[-1]] * pad
+    return sample_fn(seeded_noise(padded, shape, device), padded)[:len(seeds)]
+
 @torch.no_grad()
 def generate(sample_fn, seeds, shape, batch_size, device, what="sampling", full=None):
     """Run sample_fn(z, seeds) -> images in [-1, 1] over per-seed noise in batches, the batches shared out
@@ -758,7 +767,7 @@ def generate(sample_fn, seeds, shape, batch_size, device, what="sampling", full=
     for first in range(0, len(batches), world_size()):  # rounds of a batch per rank
         stop_if_preempted(what)
         if (i := first + rank()) < len(batches):
-            ours[i] = sample_fn(seeded_noise(batches[i], shape, device), batches[i]).float().cpu()
+            ours[i] = sample_seeds(sample_fn, batches[i], shape, device, len(batches[0])).float().cpu()
         done += sum(map(len, batches[first:first + world_size()]))
         progress(what, min(done, len(seeds)), len(seeds), t0, " images/s")
     if world_size() > 1:
@@ -805,7 +814,7 @@ def sample_to_folder(sample_fn, n, folder, shape, batch_size, device, seed0=0, f
         stop_if_preempted(f"sampling {os.path.basename(folder)}")
         seeds = batches[first + rank()] if first + rank() < len(batches) else []
         if seeds:
-            for s, im in zip(seeds, to_uint8(sample_fn(seeded_noise(seeds, shape, device), seeds))):
+            for s, im in zip(seeds, to_uint8(sample_seeds(sample_fn, seeds, shape, device, len(batches[0])))):
                 save_png(im, os.path.join(folder, f"{s:06d}.png"))
         done += sum(map(len, batches[first:first + world_size()]))
         progress(f"sampling {os.path.basename(folder)}", min(done, len(todo)), len(todo), t0, " images/s")

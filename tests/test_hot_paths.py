@@ -218,6 +218,31 @@ def test_seeded_noise_is_per_seed_on_the_device_whatever_the_batch():
     assert all(torch.equal(a, b) for a, b in draws) and not torch.equal(draws[0][0], draws[1][0])
     assert not torch.equal(draws[0][0], C.seeded_noise([5], shape)[0])  # streams 0 and 1 differ
 
+@pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "meta"])
+def test_the_last_sampling_batch_is_padded_off_the_cpu(device, monkeypatch, tmp_path):
+    """generate and sample_to_folder call the sampler at one batch size off the CPU (the short last batch
+    padded with copies of its last seed, their images dropped): one cuDNN search, one compiled graph. Each
+    seed's image is the one it gets unpadded. Without CUDA, 'meta' stands for a device (noise and sampler on
+    the CPU); on the CPU itself nothing is padded."""
+    if device == "meta":
+        seeded_noise = R.seeded_noise
+        monkeypatch.setattr(R, "seeded_noise", lambda seeds, shape, device: seeded_noise(seeds, shape))
+    sizes, den = [], C.Denoiser(Scaled(), C.Schedule("linear"), "eps")
+    times = C.sampler_times(den.schedule, 3, "unit")
+
+    def sample(z, seeds):  # the per-seed ancestral noise too
+        sizes.append(len(seeds))
+        return C.ancestral_sample(den, z, times, seeds)
+    seeds, shape = list(range(10, 21)), (3, 8, 8)  # 11 seeds at batch 4: 4, 4, 3
+    images = R.generate(sample, seeds, shape, 4, device)
+    R.sample_to_folder(sample, 11, str(tmp_path), shape, 4, device, seed0=10)
+    assert sizes == [4] * 6 and images.shape == (11, *shape)
+    last = sample(R.seeded_noise(seeds[8:], shape, device), seeds[8:]).cpu()  # the last batch, unpadded
+    assert torch.equal(images[8:], last)  # exact: the network is elementwise, no sum depends on the batch
+    assert torch.equal(R.load_dataset(f"folder:{tmp_path}", 8)[8:], C.to_uint8(last))
+    R.generate(sample, seeds, shape, 4, "cpu")
+    assert sizes[7:] == [4, 4, 3]
+
 class Scaled(nn.Module):
     """A network in one op (x times its time), to compile in a moment."""
 
