@@ -144,11 +144,17 @@ class Denoiser(nn.Module):
         self.guidance = None
 
     @property
+    def noise_shape(self):
+        """(C, H, W) of its input x_T: the images', or a latent model's latents'."""
+        c = self.net.config
+        return c.in_channels, c.image_size, c.image_size
+
+    @property
     def image_shape(self):
         """(C, H, W) of the images it makes: its input's, or a latent model's decoder's."""
         c = self.net.config
         if self.autoencoder is None:
-            return c.in_channels, c.image_size, c.image_size
+            return self.noise_shape
         a = self.autoencoder.config
         return a.out_ch, c.image_size << len(a.ch_mult) - 1, c.image_size << len(a.ch_mult) - 1
 

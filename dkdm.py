@@ -352,8 +352,7 @@ def make_student(cfg, teacher):
 def train(cfg, spec, teacher, chain_t, ckpt, device):
     """Alg. 1 (or the data-free baseline) from scratch or from the checkpoint `ckpt`; returns the EMA
     student."""
-    c = teacher.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)
+    shape = teacher.noise_shape
     student = make_student(cfg, teacher).to(device)
     trained, ema = R.compiled(R.data_parallel(student), cfg.compile), student.copy().freeze()
     fast_teacher = R.compiled(teacher, cfg.compile)
@@ -439,8 +438,7 @@ def train(cfg, spec, teacher, chain_t, ckpt, device):
 def evaluate_student(cfg, teacher, ema, chain_t, device):
     """The metrics rows: the EMA student and the same student at initialisation against the teacher (its
     FID/IS with --fid-teacher), and samples.png."""
-    c = teacher.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)
+    shape = teacher.noise_shape
     ref = teacher_reference(cfg, teacher, chain_t, shape, device)
     initial = make_student(cfg, teacher).to(device).freeze()
     rows = evaluate(cfg, "student_init", initial, ref, chain_t, shape, device)[0]
@@ -494,8 +492,7 @@ def snapshots(cfg):
 def evaluate_snapshots(cfg, chosen, teacher, chain_t, device):
     """Evaluation only: every chosen snapshot against the teacher (as the end of a run evaluates the student),
     rows with their update into OUT/snapshots.json; returns the rows."""
-    c = teacher.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)
+    shape = teacher.noise_shape
     ref = teacher_reference(cfg, teacher, chain_t, shape, device)
     rows = []
     for update, path in chosen.items():

@@ -489,7 +489,7 @@ def main(argv=None):
         if cfg.image_size not in (0, size):
             raise ValueError(f"the teacher works at {size}x{size}; pass --image-size {size} or 0")
         model, ema = den0.copy().eval(), den0.copy().freeze()  # fine-tuning without dropout (it trains)
-        shape = (net_config(den0.net)["in_channels"], size, size)
+        shape = den0.noise_shape
         if cfg.fid_samples and cfg.data != "cifar10" and not cfg.fid_stats:
             data = R.load_dataset(cfg.data, den0.image_shape[-1], seed=cfg.seed)  # decoded, if latent
     R.eval_classes(cfg.classes, model)

@@ -120,8 +120,7 @@ def evaluate(cfg, teacher, models, device):
     """Rows of the table: the teacher's DDIM and DPM-Solver++(2M) at each --nfe, then every model
     ({(method, name): Denoiser with a recorded sampler}), as RMSE to the teacher's --reference-steps DDIM from
     the same seeds; FID/IS with --fid-samples."""
-    c = teacher.net.config
-    seeds, shape = range(cfg.eval_samples), (c.in_channels, c.image_size, c.image_size)
+    seeds, shape = range(cfg.eval_samples), teacher.noise_shape
     clip = teacher.param == "eps"  # an eps model's x explodes as alpha -> 0 (the method files clip it too)
     full = R.full_config(cfg)  # the full run's counts, under --rehearse
     label = lambda z, seeds: C.seeded_labels(seeds, teacher.num_classes, z.device)  # a conditional teacher's

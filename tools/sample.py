@@ -125,8 +125,7 @@ def main(argv=None):
     den = R.load_teacher(cfg.model, device)
     classes = R.eval_classes(cfg.classes, den)
     fn = sample_fn(cfg, den, classes)
-    c = den.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)  # the noise: a latent model's latents
+    shape = den.noise_shape  # a latent model's latents
     if cfg.outdir:
         for first, n in runs(seeds):
             R.sample_to_folder(fn, n, cfg.outdir, shape, cfg.batch, device, seed0=first)
