@@ -25,10 +25,10 @@ def teachers_side_by_side(worker_id):
     """The cached teachers take a third of a fresh clone's suite. Under pytest -n 2 worker gw0 trains the shared
     eps teacher, gw1 the class-conditional eps teacher and then progressive's --quick base model, side by side;
     a test of the other worker that needs one before it is done waits on the cache's lock
-    (runtime.cached_teacher). The order follows --dist worksteal's split, the first half of the tests to gw0:
-    test_conditional comes early in it, test_progressive's --quick run (the base model's one user) in gw1's
-    half. With the base model first, gw0 waited for the conditional teacher: a fresh clone's suite took 1038 s,
-    in this order 868 s (one run each, 2 cores)."""
+    (runtime.cached_teacher). The order follows --dist worksteal's split into two contiguous halves:
+    test_conditional comes early in the first, test_progressive's --quick run (the base model's one user) in
+    the second. With the base model first, a worker waited for the conditional teacher: a fresh clone's suite
+    took 1038 s, in this order 868 s and 824 s (2 cores)."""
     if worker_id == "gw0":
         R.cached_teacher()
     elif worker_id == "gw1":
