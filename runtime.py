@@ -1008,15 +1008,20 @@ def _scored(files, det, mode, splits, batch_size, device, is_count=None):
     is_count files (None: all)."""
     from cleanfid import fid as cleanfid
     ours = np.array_split(np.arange(len(files)), world_size())[rank()]
-    width = []
+    width, chunk = [], 8 * batch_size  # between chunks every rank reads the preemption flag
 
     def fn(x):  # clean-fid's batches of uint8 values as float (B, 3, H, W): features, then the IS's p(y|x)
         f = det.features(x.float(), mode)
         width[:] = [f.shape[1]]
         return torch.cat([f, det.probs(x.float())], 1) if splits else f
-    out = cleanfid.get_files_features([files[i] for i in ours], model=fn, num_workers=0, mode=mode,
-                                      batch_size=batch_size, device=torch.device(device), verbose=False) \
-        if len(ours) else None
+    parts = []
+    for first in range(0, -(-len(files) // world_size()), chunk):  # the largest share's chunks, on every rank
+        stop_if_preempted("FID/IS scoring")
+        if len(part := ours[first:first + chunk]):
+            parts.append(cleanfid.get_files_features([files[i] for i in part], model=fn, num_workers=0,
+                                                     mode=mode, batch_size=batch_size,
+                                                     device=torch.device(device), verbose=False))
+    out = np.concatenate(parts) if parts else None
     d = broadcast_object(width[0] if width else None)  # the feature width (a rank may have had no files)
     f = out[:, :d].astype(np.float64) if out is not None else np.zeros((0, d))
     n, s1, s2 = sum_over_ranks(np.float64(len(f)), f.sum(0), f.T @ f)
@@ -1625,7 +1630,8 @@ def write_metrics(out_dir, method, dataset, teacher, reference, results, finishe
 # The signal only sets a flag. Each training loop asks preempted() once per update, after the update: every
 # rank then logs a 'preempted' row, writes the checkpoint of that update and raises Preempted, which cli ends
 # with PREEMPTED_STATUS; the next start resumes from that update. Sampling phases ask once per round of
-# batches (stop_if_preempted): what they wrote (PNGs per seed, pairs per chunk) is kept.
+# batches, FID/IS scoring once per chunk of 8 batches (stop_if_preempted): what they wrote (PNGs per seed,
+# pairs per chunk) is kept.
 PREEMPTED_STATUS = 75  # EX_TEMPFAIL (sysexits.h): "try again later", for a job script to requeue on
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _PREEMPT = [False]  # set by the signal handler, read by preempted()

@@ -1,7 +1,8 @@
 """Preemption on one process, with the real signal handler: a SIGTERM during the Denoising Student's pair
 generation stops it at the next chunk (the pairs made are kept, resumed from there), one in mid-training
 stops it at the end of that update with its checkpoint and a 'preempted' row, one in DKDM's shuffle denoise
-after the teacher call under way, saved; the resumed run equals an uninterrupted one. Two ranks:
+after the teacher call under way, saved, one in FID/IS scoring at the next chunk of images; the resumed run
+equals an uninterrupted one. Two ranks:
 tests/test_distributed.py; the exit status: tests/test_inputs.py."""
 import json
 import os
@@ -14,6 +15,7 @@ import common
 import dkdm
 import runtime as R
 import luhman_kd as kd
+from test_data_eval import StandIn, _write_pngs
 from test_luhman_kd import make_pairs, random_teacher, small_cfg
 
 @pytest.fixture
@@ -87,3 +89,24 @@ def test_sigterm_in_dkdm_shuffle_denoise_saves_and_resumes_to_the_same_set(sched
     gen.set_state(state)
     resumed = dkdm.shuffle_denoise(teacher, grid, kset, 4, True, gen)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+def test_sigterm_in_fid_scoring_stops_at_the_next_chunk(tmp_path, scheduler):
+    """FID/IS scoring reads the flag between chunks of 8 batches, every rank the same number of times (the
+    largest share's): a SIGTERM during the first chunk stops it after that chunk. Scoring in chunks gives the
+    numbers of one chunk."""
+    shapes = R.make_shapes(60, 16, seed=0)
+    _write_pngs(tmp_path / "ref", shapes[:30])
+    _write_pngs(tmp_path / "ours", shapes[30:])
+    det, calls = StandIn(), []
+    features = det.features
+    det.features = lambda x, mode: calls.append(len(x)) or features(x, mode)
+    score = lambda batch: R.fid_is(str(tmp_path / "ours"), "shapes", inception=det,
+                                   ref_folder=str(tmp_path / "ref"), batch_size=batch)
+    chunked, one = score(2), score(30)  # 15 batches in 2 chunks (the reference then cached), and one batch
+    for key in one:  # float32 features at another batch size: ~1e-8 relative here
+        assert chunked[key] == pytest.approx(one[key], rel=1e-6), key
+    calls.clear()
+    scheduler(det, "features", 2)
+    with pytest.raises(R.Preempted, match="FID/IS scoring"):
+        score(2)
+    assert calls == [2] * 8  # the first chunk, of the first mode
